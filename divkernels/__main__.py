@@ -1,0 +1,56 @@
+"""``python -m divkernels info``: versions, device and which backends can run, and why not."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> str:
+    """The report that ``python -m divkernels info`` prints."""
+    from divkernels import __version__
+    from divkernels.backend import backend_report
+
+    lines = [
+        f"divkernels {__version__}",
+        f"python     {platform.python_version()} ({sys.platform}, {platform.machine()})",
+        f"torch      {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"triton     {_version('triton')}",
+    ]
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.insert(0, torch.device("cuda"))
+        lines.append(f"device     {torch.cuda.get_device_name()} (capability "
+                     f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        lines.append("device     no CUDA device; CPU only")
+    for device in devices:
+        lines.append(f"backends on {device.type}:")
+        for name, reason in backend_report(device).items():
+            lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m divkernels", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, device and available backends")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

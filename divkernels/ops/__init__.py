@@ -1,0 +1,1 @@
+"""One module per op: kernels, launcher, ``autograd.Function`` and the public function."""

@@ -1,0 +1,68 @@
+"""Partition diversity (DARLING, SPEC 2): share of the group not equivalent to each response."""
+
+from __future__ import annotations
+
+import torch
+
+from divkernels import reference
+from divkernels.backend import resolve_backend
+from divkernels.validation import (
+    DataChecks,
+    check_emb_and_mask,
+    check_mask,
+    check_partition,
+    check_same_device,
+    check_scalar,
+)
+
+
+def partition_diversity(
+    emb: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    tau: float = 0.9,
+    partition: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """``div_i = 1/(n-1) * #{j != i valid : i and j not equivalent}``.
+
+    Two responses are equivalent when their cosine similarity is ``>= tau`` or, with
+    ``partition`` labels (e.g. from DARLING's learned classifier), when their labels are equal.
+    Give exactly one of ``emb`` and ``partition``.
+
+    Args:
+        emb: ``[B, G, D]`` embeddings, or None with ``partition``.
+        mask: ``[B, G]`` bool or None.
+        tau: cosine threshold of equivalence.
+        partition: ``[B, G]`` integer labels, or None with ``emb``.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        check_inputs: check for NaN/inf and groups with fewer than 2 valid responses.
+
+    Returns:
+        ``[B, G]`` in [0, 1], float32 (float64 for float64 ``emb``), 0 at padding; no gradient.
+    """
+    if (emb is None) == (partition is None):
+        raise ValueError("partition_diversity needs exactly one of emb (thresholded similarity) "
+                         "and partition (labels)")
+    check_scalar("tau", tau)
+    if emb is not None:
+        emb, mask = check_emb_and_mask(emb, mask)
+        batch, group, device = emb.shape[0], emb.shape[1], emb.device
+    else:
+        if not isinstance(partition, torch.Tensor) or partition.dim() != 2:
+            raise ValueError("partition must be a [B, G] tensor of integer labels")
+        batch, group = partition.shape
+        partition = check_partition(partition, batch, group)
+        mask = check_mask(mask, batch, group)
+        device = check_same_device(partition=partition, mask=mask)
+        if group < 2:
+            raise ValueError(f"partition must hold G >= 2 responses per group, got G={group}")
+    resolve_backend(backend, op="partition_diversity", device=device, group_size=group)
+    valid = reference.valid_mask(mask, batch, group, device)
+    checks = DataChecks(check_inputs)
+    checks.finite("emb", emb, valid)
+    checks.group_size(valid, "partition_diversity")
+    div = reference.partition_diversity(emb, valid, tau, partition)
+    checks.raise_if_failed()
+    return div

@@ -1,0 +1,596 @@
+"""The specification (``SPEC.md`` sections 1-4) in plain PyTorch.
+
+Every op of the package is defined here first, as batched tensor code with no Python loop over
+groups. These functions are the CPU fallback (``backend="reference"``) and the ground truth that
+every kernel is tested against. They validate nothing: the public functions in ``divkernels.ops``
+check their inputs once and then call either these or a kernel.
+
+Shapes: ``B`` groups (one per prompt), ``G`` responses per group (padded to the largest group),
+``D`` embedding size. ``valid`` is the ``[B, G]`` bool mask of real responses. Padded entries of
+any input may hold anything (NaN included): they are replaced by finite placeholders before any
+arithmetic, so they change no value and no gradient.
+
+Precision: similarities are accumulated in float32 (float64 for float64 inputs) without TF32; the
+``G x G`` linear algebra (Cholesky, inverse, eigenvalues) runs in float64 for every input dtype.
+It is ``B * G^2`` numbers, so this costs little, and it makes the fp64 retry that SPEC 2 asks for
+on a failed fp32 Cholesky unnecessary: every group is factored as the retry would factor it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from divkernels.types import LossOutput
+
+# Floor on embedding norms in cosine similarity, as torch.nn.functional.normalize uses.
+NORM_FLOOR = 1e-12
+# Added to the group std of GRPO advantages, as TRL's GRPOTrainer does.
+ADVANTAGE_STD_EPS = 1e-4
+# Finite stand-in for padded log-probs: any value < 0 keeps log(1 - exp(pi)) finite.
+PADDED_LOGP = -1.0
+LN2 = 0.6931471805599453
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for an input dtype: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def valid_mask(mask: torch.Tensor | None, batch: int, group: int, device: torch.device) -> torch.Tensor:
+    """``[B, G]`` bool mask of real responses; ``None`` means every response is real."""
+    if mask is None:
+        return torch.ones(batch, group, dtype=torch.bool, device=device)
+    return mask
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul(x: torch.Tensor) -> Iterator[None]:
+    """Keeps float32 CUDA matmuls off TF32 (SPEC numerics: TF32 Gram -> logdet errors ~5e-2)."""
+    if x.is_cuda and x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        yield
+
+
+def _pair_valid(valid: torch.Tensor) -> torch.Tensor:
+    return valid[:, :, None] & valid[:, None, :]
+
+
+def _eye(group: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(group, dtype=torch.bool, device=like.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Pairwise similarity
+# ---------------------------------------------------------------------------------------------
+
+
+def pairwise_similarity(
+    emb: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    kernel: str = "cosine",
+    gamma: float | None = None,
+) -> torch.Tensor:
+    """Pairwise similarity ``S`` of the responses in each group (SPEC 1).
+
+    Args:
+        emb: ``[B, G, D]`` embeddings, any float dtype and strides.
+        mask: ``[B, G]`` bool, True for real responses; None means all real.
+        kernel: ``"cosine"`` (``<e_i, e_j> / (max(|e_i|, tiny) max(|e_j|, tiny))``, diagonal exactly
+            1), ``"dot"`` (``<e_i, e_j>``) or ``"rbf"`` (``exp(-gamma |e_i - e_j|^2)``).
+        gamma: RBF bandwidth, default ``1 / D``.
+
+    Returns:
+        ``[B, G, G]`` in float32 (float64 for float64 ``emb``); padded rows and columns are those
+        of the identity. Differentiable w.r.t. ``emb``.
+    """
+    batch, group, dim = emb.shape
+    valid = valid_mask(mask, batch, group, emb.device)
+    x = torch.where(valid[..., None], emb.to(compute_dtype(emb.dtype)), 0.0)
+    with _ieee_fp32_matmul(x):
+        gram = x @ x.mT
+    eye = _eye(group, x)
+    force_unit_diagonal = True
+    if kernel == "cosine":
+        norms = torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_FLOOR)
+        sim = gram / (norms[:, :, None] * norms[:, None, :])
+    elif kernel == "dot":
+        sim = gram
+        force_unit_diagonal = False
+    elif kernel == "rbf":
+        gamma = 1.0 / dim if gamma is None else gamma
+        sq_norms = gram.diagonal(dim1=-2, dim2=-1)
+        sq_dist = (sq_norms[:, :, None] + sq_norms[:, None, :] - 2.0 * gram).clamp_min(0.0)
+        sim = torch.exp(-gamma * sq_dist)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    # The diagonal of cosine and RBF is exactly 1 (SPEC numerics: not the rounded Gram diagonal).
+    keep = _pair_valid(valid) & ~eye if force_unit_diagonal else _pair_valid(valid)
+    return torch.where(keep, sim, eye.to(sim.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Diversity measures
+# ---------------------------------------------------------------------------------------------
+
+
+def group_sizes(valid: torch.Tensor) -> torch.Tensor:
+    """``[B]`` number of real responses per group, in float32."""
+    return valid.sum(-1, dtype=torch.float32)
+
+
+def deviation_from_similarity(sim: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``dev_i = 1/(n-1) sum_{j != i, valid} (1 - S_ij)`` from a cosine ``S`` with unit diagonal.
+
+    With ``S_ii = 1`` the sum over ``j != i`` equals ``n - sum_{valid j} S_ij``.
+    """
+    n = group_sizes(valid).to(sim.dtype)
+    row_sum = (sim * valid[:, None, :]).sum(-1)
+    dev = (n[:, None] - row_sum) / (n[:, None] - 1.0).clamp_min(1.0)
+    return torch.where(valid, dev, 0.0)
+
+
+def deviation(emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Deviation of each response from the rest of its group (DDPO/DORPO, Chung et al. 2025).
+
+    ``dev_i = 1/(n-1) * sum_{j != i, valid} (1 - S_ij)`` with cosine ``S``; range [0, 2].
+
+    Args:
+        emb: ``[B, G, D]``. mask: ``[B, G]`` bool or None.
+
+    Returns:
+        ``[B, G]`` float32 (float64 for float64 ``emb``), 0 at padding. Differentiable.
+    """
+    valid = valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
+    return deviation_from_similarity(pairwise_similarity(emb, valid, "cosine"), valid)
+
+
+def kernel_matrix(sim: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+    """``K = S + eps I`` on the valid block; padded rows and columns stay exactly the identity."""
+    return sim + eps * torch.diag_embed(valid.to(sim.dtype))
+
+
+def logdet_and_inverse(kernel_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-determinant and inverse of SPD ``[B, G, G]`` matrices by a float64 Cholesky.
+
+    Returns ``(logdet [B], inverse [B, G, G], failed [B] bool)`` in the input dtype. ``cholesky_ex``
+    reports failure without a host sync; a group whose factorization fails even in float64 (only
+    for a matrix that is not positive definite: NaN input or eps <= 0) gets NaN, never a number.
+    """
+    chol, info = torch.linalg.cholesky_ex(kernel_mat.to(torch.float64))
+    failed = info != 0
+    logdet = 2.0 * torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    inverse = torch.cholesky_inverse(chol)
+    logdet = torch.where(failed, torch.nan, logdet)
+    inverse = torch.where(failed[:, None, None], torch.nan, inverse)
+    return logdet.to(kernel_mat.dtype), inverse.to(kernel_mat.dtype), failed
+
+
+def logdet_diversity(
+    emb: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    eps: float = 1e-4,
+    kernel: str = "cosine",
+    return_gains: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """DPP log-determinant diversity of each group (DQO) and leave-one-out gains.
+
+    ``K = S + eps I`` over the valid responses (padding: identity), ``logdet_b = log det K_b``;
+    ``gain_i = logdet(K) - logdet(K without i) = -log (K^{-1})_ii``, 0 at padding.
+
+    Args:
+        emb: ``[B, G, D]``. mask: ``[B, G]`` bool or None. eps: ridge, > 0.
+        kernel: similarity kernel (see :func:`pairwise_similarity`).
+        return_gains: also return the ``[B, G]`` leave-one-out gains.
+
+    Returns:
+        ``logdet [B]`` or ``(logdet [B], gains [B, G])``, float32 (float64 for float64 ``emb``).
+        Differentiable: ``d logdet / dK = K^{-1}``.
+    """
+    valid = valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
+    sim = pairwise_similarity(emb, valid, kernel)
+    logdet, inverse, _ = logdet_and_inverse(kernel_matrix(sim, valid, eps))
+    if not return_gains:
+        return logdet
+    return logdet, gains_from_inverse(inverse)
+
+
+def gains_from_inverse(inverse: torch.Tensor) -> torch.Tensor:
+    """``gain_i = -log (K^{-1})_ii``: the log residual variance of response i given its group."""
+    return -torch.log(inverse.diagonal(dim1=-2, dim2=-1))
+
+
+def partition_diversity(
+    emb: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    tau: float = 0.9,
+    partition: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Partition diversity (DARLING, Li et al. 2025): the share of the group not equivalent to i.
+
+    ``i ~ j`` when cosine ``S_ij >= tau``, or, when ``partition`` labels ``[B, G]`` are given, when
+    their labels are equal. ``div_i = 1/(n-1) * #{j != i valid : not i ~ j}``.
+
+    Returns:
+        ``[B, G]`` in ``dtype`` (default float32, float64 for float64 ``emb``), 0 at padding.
+        Not differentiable (detached).
+    """
+    if dtype is None:
+        dtype = torch.float32 if emb is None else compute_dtype(emb.dtype)
+    with torch.no_grad():
+        if partition is not None:
+            batch, group = partition.shape
+            valid = valid_mask(mask, batch, group, partition.device)
+            equivalent = partition[:, :, None] == partition[:, None, :]
+        else:
+            batch, group = emb.shape[:2]
+            valid = valid_mask(mask, batch, group, emb.device)
+            equivalent = pairwise_similarity(emb, valid, "cosine") >= tau
+        others = _pair_valid(valid) & ~_eye(group, valid)
+        distinct = (others & ~equivalent).sum(-1, dtype=dtype)
+        n = group_sizes(valid).to(dtype)
+        div = distinct / (n[:, None] - 1.0).clamp_min(1.0)
+        return torch.where(valid, div, 0.0)
+
+
+def vendi_score(emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Vendi score of each group: ``exp(-sum_k lambda_k log lambda_k)``, ``lambda = eig(S / n)``.
+
+    The effective number of distinct responses (1 for all-duplicates, n for orthogonal ones).
+    Padded rows and columns are zeroed (not the identity) so they add no eigenvalue.
+
+    Returns:
+        ``[B]`` float32 (float64 for float64 ``emb``); a metric, not differentiable.
+    """
+    with torch.no_grad():
+        valid = valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
+        sim = pairwise_similarity(emb, valid, "cosine")
+        sim = torch.where(_pair_valid(valid), sim, 0.0).to(torch.float64)
+        n = group_sizes(valid).to(torch.float64).clamp_min(1.0)
+        eigenvalues = torch.linalg.eigvalsh(sim / n[:, None, None]).clamp_min(0.0)
+        entropy = -torch.special.xlogy(eigenvalues, eigenvalues).sum(-1)
+        return torch.exp(entropy).to(compute_dtype(emb.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Group-wise preference losses
+# ---------------------------------------------------------------------------------------------
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for large ``|x|`` (Maechler 2012).
+
+    Each branch gets its input clamped to its own domain so that the branch ``where`` discards
+    has a finite gradient too (a NaN there would leak through ``0 * NaN``).
+    """
+    near_zero = x > -LN2
+    small = torch.log(-torch.expm1(torch.where(near_zero, x, -LN2)))
+    large = torch.log1p(-torch.exp(torch.where(near_zero, -LN2, x)))
+    return torch.where(near_zero, small, large)
+
+
+def pair_counts_all(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``C_bij = 1`` for every valid pair with ``r_i > r_j`` (ties give no pair)."""
+    better = rewards[:, :, None] > rewards[:, None, :]
+    return (better & _pair_valid(valid)).to(rewards.dtype)
+
+
+def _one_hot_pair(chosen: torch.Tensor, rejected: torch.Tensor, exists: torch.Tensor, group: int) -> torch.Tensor:
+    rows = F.one_hot(chosen, group)
+    cols = F.one_hot(rejected, group)
+    counts = rows[:, :, None] * cols[:, None, :]
+    return counts.to(torch.float32) * exists[:, None, None]
+
+
+def pair_counts_best_worst(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One pair per group: (argmax r, argmin r) over valid responses, first index on ties.
+
+    A group whose valid rewards are all equal has no pair.
+    """
+    best_value, best = torch.where(valid, rewards, -torch.inf).max(-1)
+    worst_value, worst = torch.where(valid, rewards, torch.inf).min(-1)
+    return _one_hot_pair(best, worst, (best_value > worst_value).to(rewards.dtype), rewards.shape[1])
+
+
+def quality_threshold(rewards: torch.Tensor, valid: torch.Tensor, quality_quantile: float) -> torch.Tensor:
+    """``[B]`` reward at quantile ``1 - quality_quantile`` of each group's valid rewards.
+
+    Linear interpolation between order statistics, as ``torch.quantile`` does.
+    """
+    n = valid.sum(-1)
+    ordered = torch.where(valid, rewards, torch.inf).sort(-1).values
+    position = (1.0 - quality_quantile) * (n - 1).clamp_min(0).to(rewards.dtype)
+    lower = position.floor().long()
+    upper = position.ceil().long()
+    low_value = ordered.gather(-1, lower[:, None])[:, 0]
+    high_value = ordered.gather(-1, upper[:, None])[:, 0]
+    return low_value + (position - lower) * torch.where(upper > lower, high_value - low_value, 0.0)
+
+
+def pair_counts_divpo(
+    rewards: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor, quality_quantile: float
+) -> torch.Tensor:
+    """DivPO pair selection (Lanchantin et al. 2025).
+
+    Responses with reward at or above the group's ``1 - quality_quantile`` quantile form the
+    chosen pool; the chosen response is the one of them with the highest diversity score. The
+    rejected response is the lowest-scoring of the rest. A group with an empty pool has no pair;
+    rewards of the two pools differ strictly, so ties never make a pair.
+    """
+    threshold = quality_threshold(rewards, valid, quality_quantile)
+    top = valid & (rewards >= threshold[:, None])
+    rest = valid & ~top
+    chosen = torch.where(top, scores, -torch.inf).argmax(-1)
+    rejected = torch.where(rest, scores, torch.inf).argmin(-1)
+    exists = (top.any(-1) & rest.any(-1)).to(rewards.dtype)
+    return _one_hot_pair(chosen, rejected, exists, rewards.shape[1])
+
+
+def pair_counts_explicit(pair_index: torch.Tensor, group: int) -> torch.Tensor:
+    """``C_bij`` = how often (chosen i, rejected j) appears in ``pair_index [B, P, 2]``.
+
+    Rows with a negative index are padding and give no pair.
+    """
+    batch = pair_index.shape[0]
+    chosen, rejected = pair_index[..., 0], pair_index[..., 1]
+    real = (chosen >= 0) & (rejected >= 0)
+    flat = torch.where(real, chosen * group + rejected, 0)
+    counts = torch.zeros(batch, group * group, dtype=torch.float32, device=pair_index.device)
+    counts.scatter_add_(1, flat, real.to(torch.float32))
+    return counts.view(batch, group, group)
+
+
+def pair_losses(
+    loss: str,
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    beta: float,
+    orpo_lambda: float,
+    simpo_gamma: float,
+) -> torch.Tensor:
+    """``[B, G, G]`` loss ``l_ij`` of every ordered pair (i chosen, j rejected), SPEC 3.
+
+    ``h_ij = beta ((pi_i - ref_i) - (pi_j - ref_j))``;
+    dpo: ``-log sigmoid(h)``; ipo: ``(h / beta - 1 / (2 beta))^2``;
+    orpo: ``-pi_i + lambda * -log sigmoid(log_odds_i - log_odds_j)``, ``log_odds = pi - log(1 - e^pi)``;
+    simpo: ``-log sigmoid(beta (pi_i - pi_j) - gamma)``.
+    """
+    if loss in ("dpo", "ipo"):
+        logratio = policy - ref
+        diff = logratio[:, :, None] - logratio[:, None, :]
+        if loss == "dpo":
+            return -F.logsigmoid(beta * diff)
+        return (diff - 1.0 / (2.0 * beta)) ** 2
+    if loss == "orpo":
+        log_odds = policy - log1mexp(policy)
+        odds_ratio = log_odds[:, :, None] - log_odds[:, None, :]
+        return -policy[:, :, None] - orpo_lambda * F.logsigmoid(odds_ratio)
+    if loss == "simpo":
+        diff = policy[:, :, None] - policy[:, None, :]
+        return -F.logsigmoid(beta * diff - simpo_gamma)
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def implicit_rewards(
+    loss: str, policy: torch.Tensor, ref: torch.Tensor, beta: float, orpo_lambda: float
+) -> torch.Tensor:
+    """Per-response implicit reward that TRL logs as ``rewards/chosen`` and ``rewards/rejected``.
+
+    DPO/IPO: ``beta (pi - ref)`` (DPOTrainer); ORPO: ``lambda * pi`` (ORPOTrainer, whose ``beta``
+    is our ``orpo_lambda``); SimPO: ``beta * pi`` (CPOTrainer).
+    """
+    if loss in ("dpo", "ipo"):
+        return beta * (policy - ref)
+    if loss == "orpo":
+        return orpo_lambda * policy
+    return beta * policy
+
+
+def normalized_weights(raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``w_i = raw_i / mean_{valid k} raw_k``; a group whose raw values are all 0 gets weight 1."""
+    n = group_sizes(valid).to(raw.dtype).clamp_min(1.0)
+    mean = (raw * valid).sum(-1) / n
+    safe_mean = torch.where(mean > 0, mean, 1.0)
+    return torch.where((mean > 0)[:, None], raw / safe_mean[:, None], 1.0)
+
+
+def mean_offdiagonal_similarity(sim: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``S_ij`` over valid ``i != j`` per group, averaged over groups with two or more."""
+    others = _pair_valid(valid) & ~_eye(sim.shape[-1], valid)
+    count = others.sum((-2, -1))
+    per_group = torch.where(others, sim, 0.0).sum((-2, -1)) / count.clamp_min(1)
+    has_pairs = count > 0
+    return (per_group * has_pairs).sum() / has_pairs.sum().clamp_min(1)
+
+
+def group_preference_loss(
+    policy_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    emb: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    loss: str = "dpo",
+    diversity: str = "none",
+    pairs: str = "all",
+    pair_index: torch.Tensor | None = None,
+    beta: float = 0.1,
+    orpo_lambda: float = 0.1,
+    simpo_gamma: float = 0.5,
+    deviation_norm: str = "mean",
+    min_deviation: float = 0.0,
+    diversity_alpha: float = 0.0,
+    eps: float = 1e-4,
+    quality_quantile: float = 0.5,
+    divpo_scores: torch.Tensor | None = None,
+) -> LossOutput:
+    """Diversity-weighted group-wise preference loss (SPEC 3): DPO/IPO/ORPO/SimPO x DDPO/DQO.
+
+    ``loss = sum_b sum_(i, j) w_bi l_bij / #pairs - diversity_alpha * mean_b logdet_b``.
+
+    Args:
+        policy_logps, rewards: ``[B, G]``; ``ref_logps`` ``[B, G]`` or None (reference-free: 0).
+        emb: ``[B, G, D]`` or None; needed for diversity weights, DivPO and the regularizer.
+        mask: ``[B, G]`` bool or None.
+        loss, diversity, pairs, ...: as in SPEC 3 and :func:`divkernels.group_preference_loss`.
+
+    Returns:
+        :class:`LossOutput` with the scalar loss and the SPEC 7 metrics.
+    """
+    batch, group = policy_logps.shape
+    valid = valid_mask(mask, batch, group, policy_logps.device)
+    dtype = compute_dtype(policy_logps.dtype)
+    policy = torch.where(valid, policy_logps.to(dtype), PADDED_LOGP)
+    ref = torch.zeros_like(policy) if ref_logps is None else torch.where(valid, ref_logps.to(dtype), PADDED_LOGP)
+    quality = torch.where(valid, rewards.to(dtype), 0.0)
+    metrics: dict[str, torch.Tensor] = {}
+
+    sim = dev = logdet = inverse = None
+    needs_logdet = diversity == "logdet_gain" or diversity_alpha > 0
+    if emb is not None:
+        sim = pairwise_similarity(emb, valid, "cosine")
+        dev = deviation_from_similarity(sim, valid)
+        if needs_logdet:
+            logdet, inverse, _ = logdet_and_inverse(kernel_matrix(sim, valid, eps))
+
+    if pair_index is not None:
+        counts = pair_counts_explicit(pair_index, group)
+    elif pairs == "all":
+        counts = pair_counts_all(quality, valid)
+    elif pairs == "best_worst":
+        counts = pair_counts_best_worst(quality, valid)
+    else:
+        scores = dev.detach() if divpo_scores is None else divpo_scores.to(dtype)
+        counts = pair_counts_divpo(quality, valid, scores, quality_quantile)
+    counts = counts.to(dtype)
+
+    if diversity == "none":
+        weights = torch.ones_like(policy)
+    elif diversity == "deviation":
+        weights = normalized_weights(dev.detach(), valid) if deviation_norm == "mean" else dev.detach()
+        weights = weights.clamp_min(min_deviation)
+    else:
+        weights = normalized_weights(torch.exp(gains_from_inverse(inverse.detach())), valid)
+    weights = weights.to(dtype)
+
+    losses = pair_losses(loss, policy, ref, beta, orpo_lambda, simpo_gamma)
+    num_pairs = counts.sum()
+    total = (counts * weights[:, :, None] * losses).sum() / num_pairs.clamp_min(1.0)
+    if diversity_alpha > 0:
+        total = total - diversity_alpha * logdet.to(dtype).mean()
+
+    with torch.no_grad():
+        implicit = implicit_rewards(loss, policy, ref, beta, orpo_lambda)
+        per_pair = num_pairs.clamp_min(1.0)
+        chosen = (counts * implicit[:, :, None]).sum() / per_pair
+        rejected = (counts * implicit[:, None, :]).sum() / per_pair
+        correct = (implicit[:, :, None] > implicit[:, None, :]).to(dtype)
+        metrics["loss"] = total.detach()
+        metrics["pairs"] = num_pairs
+        metrics["groups_without_pairs"] = (counts.sum((-2, -1)) == 0).sum().to(dtype)
+        metrics["rewards/chosen"] = chosen
+        metrics["rewards/rejected"] = rejected
+        metrics["rewards/margins"] = chosen - rejected
+        metrics["rewards/accuracies"] = (counts * correct).sum() / per_pair
+        if sim is not None:
+            metrics["diversity/mean_similarity"] = mean_offdiagonal_similarity(sim, valid)
+            metrics["diversity/deviation"] = dev.sum() / valid.sum().clamp_min(1)
+        if logdet is not None:
+            metrics["diversity/logdet"] = logdet.mean()
+        metrics = {name: value.detach().to(torch.float32) for name, value in metrics.items()}
+    return LossOutput(loss=total, metrics=metrics, logdet=None if logdet is None else logdet.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Group advantages for RL (GRPO family)
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    emb: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    diversity: str = "none",
+    alpha: float = 0.1,
+    tau: float = 0.9,
+    eps: float = 1e-4,
+    scale: str = "std",
+    partition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Diversity-aware GRPO advantages (SPEC 4).
+
+    ``r'`` is ``r`` (none), ``minmax(r) * div_i`` (darling: partition diversity; rewards min-max
+    normalized over the batch's valid responses, all-equal rewards -> 1), ``r + alpha gain_i``
+    (dqo) or ``r + alpha dev_i`` (deviation). Then ``A = (r' - mean) / (std + 1e-4)`` per group
+    (unbiased std over valid responses, as TRL's GRPO), or ``r' - mean`` for ``scale="none"``.
+
+    Args:
+        rewards: ``[B, G]``. emb: ``[B, G, D]`` (not needed for none, or darling with partition).
+        partition: ``[B, G]`` integer labels for darling instead of thresholded similarity.
+
+    Returns:
+        ``[B, G]`` float32 (float64 for float64 rewards) advantages, 0 at padding; no grad.
+    """
+    with torch.no_grad():
+        batch, group = rewards.shape
+        valid = valid_mask(mask, batch, group, rewards.device)
+        dtype = compute_dtype(rewards.dtype)
+        shaped = torch.where(valid, rewards.to(dtype), 0.0)
+        if diversity == "darling":
+            low = torch.where(valid, shaped, torch.inf).min()
+            high = torch.where(valid, shaped, -torch.inf).max()
+            spread = high - low
+            quality = torch.where(spread > 0, (shaped - low) / torch.where(spread > 0, spread, 1.0), 1.0)
+            div = partition_diversity(emb, valid, tau, partition, dtype)
+            shaped = quality * div
+        elif diversity == "dqo":
+            _, gains = logdet_diversity(emb, valid, eps, "cosine", return_gains=True)
+            shaped = shaped + alpha * gains.to(dtype)
+        elif diversity == "deviation":
+            shaped = shaped + alpha * deviation(emb, valid).to(dtype)
+        shaped = torch.where(valid, shaped, 0.0)
+        n = group_sizes(valid).to(dtype)
+        mean = shaped.sum(-1) / n.clamp_min(1.0)
+        centered = torch.where(valid, shaped - mean[:, None], 0.0)
+        if scale == "std":
+            std = torch.sqrt((centered**2).sum(-1) / (n - 1.0).clamp_min(1.0))
+            centered = centered / (std[:, None] + ADVANTAGE_STD_EPS)
+        return centered
+
+
+def policy_gradient_loss(
+    policy_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logps: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    clip: float = 0.2,
+) -> torch.Tensor:
+    """Sequence-level clipped-ratio policy-gradient loss, mean over valid responses.
+
+    ``ratio = exp(pi - pi_old)``, ``l_i = -min(ratio A_i, clip(ratio, 1 - clip, 1 + clip) A_i)``.
+    Without ``old_logps`` the ratio is ``exp(pi - pi.detach())`` (value 1, gradient of REINFORCE),
+    as TRL's GRPOTrainer does for a single update per generation.
+
+    Returns:
+        Scalar, float32 (float64 for float64 ``policy_logps``).
+    """
+    batch, group = policy_logps.shape
+    valid = valid_mask(mask, batch, group, policy_logps.device)
+    dtype = compute_dtype(policy_logps.dtype)
+    policy = torch.where(valid, policy_logps.to(dtype), 0.0)
+    old = policy.detach() if old_logps is None else torch.where(valid, old_logps.to(dtype), 0.0)
+    adv = torch.where(valid, advantages.to(dtype), 0.0).detach()
+    ratio = torch.exp(policy - old)
+    objective = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
+    return -torch.where(valid, objective, 0.0).sum() / valid.sum().clamp_min(1)

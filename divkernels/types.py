@@ -1,0 +1,39 @@
+"""Result types and the names that the public API accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+LOSSES = ("dpo", "ipo", "orpo", "simpo")
+DIVERSITIES = ("none", "deviation", "logdet_gain")
+PAIR_MODES = ("all", "best_worst", "divpo", "explicit")
+ADVANTAGE_DIVERSITIES = ("none", "darling", "dqo", "deviation")
+ADVANTAGE_SCALES = ("std", "none")
+DEVIATION_NORMS = ("mean", "none")
+KERNELS = ("cosine", "dot", "rbf")
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+@dataclass
+class LossOutput:
+    """What :func:`divkernels.group_preference_loss` returns.
+
+    Attributes:
+        loss: scalar tensor to call ``backward()`` on.
+        metrics: detached float32 scalars named as TRL logs them (``rewards/chosen``, ...) plus
+            ``pairs``, ``groups_without_pairs`` and the ``diversity/*`` metrics (SPEC 7).
+        logdet: ``[B]`` detached per-group ``log det(S + eps I)`` when the loss computed it
+            (``diversity="logdet_gain"`` or ``diversity_alpha > 0``), else None.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    logdet: torch.Tensor | None = None
+
+    def log_dict(self, prefix: str = "") -> dict[str, float]:
+        """Metrics as Python floats for a logger (one host sync for all of them)."""
+        names = list(self.metrics)
+        values = torch.stack([self.metrics[name] for name in names]).tolist() if names else []
+        return {prefix + name: value for name, value in zip(names, values, strict=True)}

@@ -1,0 +1,43 @@
+"""Test helpers: random response groups, ragged masks and per-dtype tolerances."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative tolerances by dtype (the project standard): fp64 near rounding, fp32 ~1e-5, bf16 ~1e-2.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def ragged_mask(batch: int, group: int, generator: torch.Generator, min_size: int = 2) -> torch.Tensor:
+    """``[B, G]`` bool mask with between ``min_size`` and ``G`` real responses per group, at random
+    positions (not a prefix), and group 0 always full."""
+    sizes = torch.randint(min_size, group + 1, (batch,), generator=generator)
+    sizes[0] = group
+    order = torch.rand(batch, group, generator=generator).argsort(-1)
+    ranks = order.argsort(-1)
+    return ranks < sizes[:, None]
+
+
+def random_groups(batch: int, group: int, dim: int, generator: torch.Generator, *,
+                  dtype: torch.dtype = torch.float64, ragged: bool = True,
+                  poison_padding: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``emb [B, G, D]`` and mask; padded rows hold NaN so any leak shows."""
+    emb = torch.randn(batch, group, dim, generator=generator, dtype=torch.float64)
+    mask = ragged_mask(batch, group, generator) if ragged else torch.ones(batch, group, dtype=torch.bool)
+    if poison_padding:
+        emb = torch.where(mask[..., None], emb, torch.nan)
+    return emb.to(dtype), mask
+
+
+def random_logps(batch: int, group: int, generator: torch.Generator, dtype: torch.dtype = torch.float64,
+                 scale: float = 5.0) -> torch.Tensor:
+    """Negative log-probs in (-scale, 0)."""
+    return -torch.rand(batch, group, generator=generator, dtype=torch.float64).mul(scale).add(1e-3).to(dtype)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 rtol: float | None = None, atol: float | None = None) -> None:
+    """``|actual - expected| <= atol + rtol |expected|`` with the tolerance of ``dtype``."""
+    rtol = RTOL[dtype or expected.dtype] if rtol is None else rtol
+    atol = rtol if atol is None else atol
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol)
