@@ -33,6 +33,8 @@ ADVANTAGE_STD_EPS = 1e-4
 # Finite stand-in for padded log-probs: any value < 0 keeps log(1 - exp(pi)) finite.
 PADDED_LOGP = -1.0
 LN2 = 0.6931471805599453
+# DivPO diversity scores this close (relative) to the pool's extreme are ties: first index wins.
+DIVPO_TIE_RTOL = 1e-5
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -153,25 +155,24 @@ def deviation(emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return deviation_from_similarity(pairwise_similarity(emb, valid, "cosine"), valid)
 
 
-def kernel_matrix(sim: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
-    """``K = S + eps I`` on the valid block; padded rows and columns stay exactly the identity."""
-    return sim + eps * torch.diag_embed(valid.to(sim.dtype))
+def logdet_and_inverse(
+    sim: torch.Tensor, valid: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-determinant and inverse of ``K = S + eps I`` (valid block; padding stays the identity).
 
-
-def logdet_and_inverse(kernel_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-determinant and inverse of SPD ``[B, G, G]`` matrices by a float64 Cholesky.
-
-    Returns ``(logdet [B], inverse [B, G, G], failed [B] bool)`` in the input dtype. ``cholesky_ex``
-    reports failure without a host sync; a group whose factorization fails even in float64 (only
-    for a matrix that is not positive definite: NaN input or eps <= 0) gets NaN, never a number.
+    ``K`` is formed and factored (Cholesky) in float64, whatever ``S``'s dtype. Returns
+    ``(logdet [B], inverse [B, G, G], failed [B] bool)`` in ``S``'s dtype. ``cholesky_ex`` reports
+    failure without a host sync; a group that cannot be factored even in float64 (K not positive
+    definite: NaN input or eps too small for the rounding of S) gets NaN, never a number.
     """
-    chol, info = torch.linalg.cholesky_ex(kernel_mat.to(torch.float64))
+    kernel_mat = sim.to(torch.float64) + eps * torch.diag_embed(valid.to(torch.float64))
+    chol, info = torch.linalg.cholesky_ex(kernel_mat)
     failed = info != 0
     logdet = 2.0 * torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
     inverse = torch.cholesky_inverse(chol)
     logdet = torch.where(failed, torch.nan, logdet)
     inverse = torch.where(failed[:, None, None], torch.nan, inverse)
-    return logdet.to(kernel_mat.dtype), inverse.to(kernel_mat.dtype), failed
+    return logdet.to(sim.dtype), inverse.to(sim.dtype), failed
 
 
 def logdet_diversity(
@@ -197,7 +198,7 @@ def logdet_diversity(
     """
     valid = valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
     sim = pairwise_similarity(emb, valid, kernel)
-    logdet, inverse, _ = logdet_and_inverse(kernel_matrix(sim, valid, eps))
+    logdet, inverse, _ = logdet_and_inverse(sim, valid, eps)
     if not return_gains:
         return logdet
     return logdet, gains_from_inverse(inverse)
@@ -224,22 +225,23 @@ def partition_diversity(
         ``[B, G]`` in ``dtype`` (default float32, float64 for float64 ``emb``), 0 at padding.
         Not differentiable (detached).
     """
-    if dtype is None:
-        dtype = torch.float32 if emb is None else compute_dtype(emb.dtype)
     with torch.no_grad():
         if partition is not None:
             batch, group = partition.shape
             valid = valid_mask(mask, batch, group, partition.device)
             equivalent = partition[:, :, None] == partition[:, None, :]
-        else:
-            batch, group = emb.shape[:2]
-            valid = valid_mask(mask, batch, group, emb.device)
-            equivalent = pairwise_similarity(emb, valid, "cosine") >= tau
-        others = _pair_valid(valid) & ~_eye(group, valid)
-        distinct = (others & ~equivalent).sum(-1, dtype=dtype)
-        n = group_sizes(valid).to(dtype)
-        div = distinct / (n[:, None] - 1.0).clamp_min(1.0)
-        return torch.where(valid, div, 0.0)
+            return partition_from_equivalence(equivalent, valid, dtype or torch.float32)
+        valid = valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
+        equivalent = pairwise_similarity(emb, valid, "cosine") >= tau
+        return partition_from_equivalence(equivalent, valid, dtype or compute_dtype(emb.dtype))
+
+
+def partition_from_equivalence(equivalent: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``div_i = 1/(n-1) #{j != i valid : not equivalent_ij}`` from a ``[B, G, G]`` bool relation."""
+    others = _pair_valid(valid) & ~_eye(valid.shape[1], valid)
+    distinct = (others & ~equivalent).sum(-1, dtype=dtype)
+    n = group_sizes(valid).to(dtype)
+    return torch.where(valid, distinct / (n[:, None] - 1.0).clamp_min(1.0), 0.0)
 
 
 def vendi_score(emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -316,6 +318,15 @@ def quality_threshold(rewards: torch.Tensor, valid: torch.Tensor, quality_quanti
     return low_value + (position - lower) * torch.where(upper > lower, high_value - low_value, 0.0)
 
 
+def _first_near_extreme(scores: torch.Tensor, pool: torch.Tensor, largest: bool) -> torch.Tensor:
+    """``[B]`` first index in ``pool`` whose score is within ``DIVPO_TIE_RTOL`` of the pool's extreme."""
+    sign = 1.0 if largest else -1.0
+    signed = torch.where(pool, sign * scores, -torch.inf)
+    best = signed.max(-1, keepdim=True).values
+    near = pool & (signed >= best - DIVPO_TIE_RTOL * best.abs().clamp_min(1.0))
+    return near.to(torch.int8).argmax(-1)
+
+
 def pair_counts_divpo(
     rewards: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor, quality_quantile: float
 ) -> torch.Tensor:
@@ -324,13 +335,15 @@ def pair_counts_divpo(
     Responses with reward at or above the group's ``1 - quality_quantile`` quantile form the
     chosen pool; the chosen response is the one of them with the highest diversity score. The
     rejected response is the lowest-scoring of the rest. A group with an empty pool has no pair;
-    rewards of the two pools differ strictly, so ties never make a pair.
+    rewards of the two pools differ strictly, so ties never make a pair. Scores within a relative
+    ``DIVPO_TIE_RTOL`` of the extreme count as tied and the first index wins: duplicated responses
+    have equal deviation, and rounding must not decide between them.
     """
     threshold = quality_threshold(rewards, valid, quality_quantile)
     top = valid & (rewards >= threshold[:, None])
     rest = valid & ~top
-    chosen = torch.where(top, scores, -torch.inf).argmax(-1)
-    rejected = torch.where(rest, scores, torch.inf).argmin(-1)
+    chosen = _first_near_extreme(scores, top, largest=True)
+    rejected = _first_near_extreme(scores, rest, largest=False)
     exists = (top.any(-1) & rest.any(-1)).to(rewards.dtype)
     return _one_hot_pair(chosen, rejected, exists, rewards.shape[1])
 
@@ -460,7 +473,7 @@ def group_preference_loss(
         sim = pairwise_similarity(emb, valid, "cosine")
         dev = deviation_from_similarity(sim, valid)
         if needs_logdet:
-            logdet, inverse, _ = logdet_and_inverse(kernel_matrix(sim, valid, eps))
+            logdet, inverse, _ = logdet_and_inverse(sim, valid, eps)
 
     if pair_index is not None:
         counts = pair_counts_explicit(pair_index, group)
@@ -542,30 +555,42 @@ def group_advantages(
         ``[B, G]`` float32 (float64 for float64 rewards) advantages, 0 at padding; no grad.
     """
     with torch.no_grad():
-        batch, group = rewards.shape
-        valid = valid_mask(mask, batch, group, rewards.device)
+        valid = valid_mask(mask, rewards.shape[0], rewards.shape[1], rewards.device)
         dtype = compute_dtype(rewards.dtype)
-        shaped = torch.where(valid, rewards.to(dtype), 0.0)
+        measure = None
         if diversity == "darling":
-            low = torch.where(valid, shaped, torch.inf).min()
-            high = torch.where(valid, shaped, -torch.inf).max()
-            spread = high - low
-            quality = torch.where(spread > 0, (shaped - low) / torch.where(spread > 0, spread, 1.0), 1.0)
-            div = partition_diversity(emb, valid, tau, partition, dtype)
-            shaped = quality * div
+            measure = partition_diversity(emb, valid, tau, partition, dtype)
         elif diversity == "dqo":
-            _, gains = logdet_diversity(emb, valid, eps, "cosine", return_gains=True)
-            shaped = shaped + alpha * gains.to(dtype)
+            measure = logdet_diversity(emb, valid, eps, "cosine", return_gains=True)[1]
         elif diversity == "deviation":
-            shaped = shaped + alpha * deviation(emb, valid).to(dtype)
-        shaped = torch.where(valid, shaped, 0.0)
-        n = group_sizes(valid).to(dtype)
-        mean = shaped.sum(-1) / n.clamp_min(1.0)
-        centered = torch.where(valid, shaped - mean[:, None], 0.0)
-        if scale == "std":
-            std = torch.sqrt((centered**2).sum(-1) / (n - 1.0).clamp_min(1.0))
-            centered = centered / (std[:, None] + ADVANTAGE_STD_EPS)
-        return centered
+            measure = deviation(emb, valid)
+        return advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale)
+
+
+def advantages_from_diversity(rewards: torch.Tensor, valid: torch.Tensor, diversity: str,
+                              measure: torch.Tensor | None, alpha: float, scale: str) -> torch.Tensor:
+    """Shape rewards with a per-response diversity ``measure`` ``[B, G]`` and normalize per group.
+
+    ``measure`` is the partition diversity (darling), the logdet gain (dqo) or the deviation.
+    """
+    dtype = compute_dtype(rewards.dtype)
+    shaped = torch.where(valid, rewards.to(dtype), 0.0)
+    if diversity == "darling":
+        low = torch.where(valid, shaped, torch.inf).min()
+        high = torch.where(valid, shaped, -torch.inf).max()
+        spread = high - low
+        quality = torch.where(spread > 0, (shaped - low) / torch.where(spread > 0, spread, 1.0), 1.0)
+        shaped = quality * measure.to(dtype)
+    elif diversity in ("dqo", "deviation"):
+        shaped = shaped + alpha * measure.to(dtype)
+    shaped = torch.where(valid, shaped, 0.0)
+    n = group_sizes(valid).to(dtype)
+    mean = shaped.sum(-1) / n.clamp_min(1.0)
+    centered = torch.where(valid, shaped - mean[:, None], 0.0)
+    if scale == "std":
+        std = torch.sqrt((centered**2).sum(-1) / (n - 1.0).clamp_min(1.0))
+        centered = centered / (std[:, None] + ADVANTAGE_STD_EPS)
+    return centered
 
 
 def policy_gradient_loss(

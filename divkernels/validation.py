@@ -143,11 +143,14 @@ class DataChecks:
             self._messages.append(message)
 
     def finite(self, name: str, value: torch.Tensor | None, valid: torch.Tensor) -> None:
-        """``value`` must hold no NaN/inf in valid responses."""
+        """``value`` (``[B, G]`` or ``[B, G, D]``) must hold no NaN/inf in valid responses."""
         if value is not None:
-            self.require(nonfinite_groups(value, valid),
-                         lambda groups: f"{name} has NaN or inf in valid responses of groups {groups} "
-                                        "(check_inputs=False skips this check)")
+            self.nonfinite(name, nonfinite_groups(value, valid))
+
+    def nonfinite(self, name: str, bad_groups: torch.Tensor) -> None:
+        """``bad_groups`` ``[B]``: groups where ``name`` has NaN/inf (e.g. flagged by a kernel)."""
+        self.require(bad_groups, lambda groups: f"{name} has NaN or inf in valid responses of groups {groups} "
+                                                "(check_inputs=False skips this check)")
 
     def group_size(self, valid: torch.Tensor, reason: str) -> None:
         """Every group needs at least two valid responses (deviation and logdet need a pair)."""

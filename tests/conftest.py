@@ -12,6 +12,8 @@ import torch
 # reads this when a kernel is defined, so it is set before any test imports divkernels' kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
+os.environ.setdefault("DIVKERNELS_POISON_OUTPUTS", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

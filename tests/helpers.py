@@ -41,3 +41,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     rtol = RTOL[dtype or expected.dtype] if rtol is None else rtol
     atol = rtol if atol is None else atol
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0) -> None:
+    """``max|actual - expected| <= rtol * max|expected| + atol`` (the norm-wise relative error of
+    METHOD.md), with NaN/inf in exactly the same places; NaN never passes by accident. ``atol`` is
+    for quantities that are 0 in exact arithmetic, where both sides are rounding noise."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), finite), "non-finite values differ (unwritten output?)"
+    if not finite.any():
+        return
+    scale = expected[finite].abs().max().clamp_min(1e-30)
+    error = (actual[finite] - expected[finite]).abs().max()
+    assert error <= rtol * scale + atol, f"relative error {(error / scale).item():.3e} > {rtol:.1e}"

@@ -155,6 +155,16 @@ def test_divpo_selection() -> None:
     assert threshold.item() == pytest.approx(torch.quantile(rewards[0], 0.5).item())
 
 
+def test_divpo_duplicates_tie_and_the_first_index_wins() -> None:
+    # e0 and e3 = 2 e0 are duplicates with the top rewards and equal (largest) deviation: rounding
+    # must not pick between them, index 0 wins. Of the rest, e2 is the less diverse.
+    emb = torch.tensor([[[-1.0, 0.0], [1.0, 0.0], [1.0, 0.1], [-2.0, 0.0]]])
+    rewards = torch.tensor([[0.9, 0.1, 0.2, 0.8]])
+    policy = torch.tensor([[-1.0, -2.0, -3.0, -5.0]])
+    out = dk.group_preference_loss(policy, rewards, emb, pairs="divpo", beta=1.0)
+    assert out.loss.item() == pytest.approx(softplus_neg(-1.0 - -3.0), rel=1e-6)
+
+
 def test_quality_threshold_matches_torch_quantile(generator: torch.Generator) -> None:
     rewards = torch.randn(6, 9, generator=generator, dtype=torch.float64)
     mask = torch.ones(6, 9, dtype=torch.bool)

@@ -1,4 +1,9 @@
-"""Diversity-aware GRPO advantages and the policy-gradient loss (SPEC 4)."""
+"""Diversity-aware GRPO advantages and the policy-gradient loss (SPEC 4).
+
+On the Triton backend the per-response diversity (deviation, logdet gains, partition) comes from
+the forward kernels of those ops, one read of ``emb``; shaping and the per-group normalization
+are ``O(B G)`` tensor ops shared with the reference.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
-from divkernels.ops.logdet import check_factorization
+from divkernels.ops.common import contiguous_mask
+from divkernels.ops.deviation import deviation_forward
+from divkernels.ops.logdet import check_factorization, logdet_forward
+from divkernels.ops.similarity import similarity_forward
 from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES
 from divkernels.validation import (
     DataChecks,
@@ -18,6 +26,7 @@ from divkernels.validation import (
     check_partition,
     check_same_device,
     check_scalar,
+    nonfinite_groups,
 )
 
 
@@ -81,22 +90,40 @@ def group_advantages(
         raise ValueError(f"diversity={diversity!r} needs emb [B, G, D]"
                          + (" or partition labels" if diversity == "darling" else ""))
     device = check_same_device(rewards=rewards, emb=emb, mask=mask, partition=partition)
-    resolve_backend(backend, op="group_advantages", device=device, group_size=group)
-    if diversity == "none":
-        emb = None
+    uses_emb = diversity != "none" and partition is None
+    chosen = resolve_backend(backend, op="group_advantages", device=device, group_size=group, kernels=("triton",))
 
     valid = reference.valid_mask(mask, batch, group, device)
     checks = DataChecks(check_inputs)
     checks.finite("rewards", rewards, valid)
-    checks.finite("emb", emb, valid)
     if diversity != "none":
         checks.group_size(valid, f"diversity={diversity!r}")
-    advantages = reference.group_advantages(rewards, emb, valid, diversity=diversity, alpha=alpha, tau=tau,
-                                            eps=eps, scale=scale, partition=partition)
+    if chosen == "triton" and uses_emb:
+        measure, norms = _diversity_measure(emb, contiguous_mask(mask), valid, diversity, tau, eps)
+        checks.nonfinite("emb", nonfinite_groups(norms, valid))
+        advantages = reference.advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale)
+    else:
+        checks.finite("emb", emb if uses_emb else None, valid)
+        advantages = reference.group_advantages(rewards, emb if uses_emb else None, valid, diversity=diversity,
+                                                alpha=alpha, tau=tau, eps=eps, scale=scale, partition=partition)
     if diversity == "dqo":
         check_factorization(checks, advantages.isnan().any(-1))
     checks.raise_if_failed()
     return advantages
+
+
+def _diversity_measure(emb: torch.Tensor, mask: torch.Tensor | None, valid: torch.Tensor, diversity: str,
+                       tau: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-response diversity [B, G], norms [B, G])`` from the Triton forward kernels."""
+    with torch.no_grad():
+        if diversity == "deviation":
+            dev, _, norms = deviation_forward(emb, mask)
+            return dev, norms
+        if diversity == "dqo":
+            _, gains, _, _, norms = logdet_forward(emb, mask, eps)
+            return gains, norms
+        sim, norms = similarity_forward(emb, mask)
+        return reference.partition_from_equivalence(sim >= tau, valid, sim.dtype), norms
 
 
 def policy_gradient_loss(

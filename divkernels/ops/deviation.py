@@ -1,4 +1,9 @@
-"""Deviation of each response from the rest of its group (DDPO/DORPO, SPEC 2)."""
+"""Deviation of each response from the rest of its group (DDPO/DORPO, SPEC 2).
+
+``dev_i = 1/(n-1) sum_{j != i, valid} (1 - S_ij) = (n - sum_{valid j} S_ij) / (n - 1)`` with cosine
+``S`` (unit diagonal). Forward: one program per group (Gram -> S -> row sums). Backward:
+``dL/dS_ij = -g_i / (n - 1)`` for valid ``i, j``, then the shared similarity backward.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,83 @@ import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
-from divkernels.validation import DataChecks, check_emb_and_mask
+from divkernels.ops.common import (
+    accumulation_dtype,
+    contiguous_mask,
+    dot_precision,
+    embedding_block,
+    group_block,
+    new_output,
+    num_warps_for,
+    tl,
+    triton,
+    triton_dtype,
+)
+from divkernels.ops.similarity import (
+    gram_matrix,
+    load_valid_rows,
+    similarity_backward,
+    similarity_from_gram,
+    store_square,
+)
+from divkernels.validation import DataChecks, check_emb_and_mask, nonfinite_groups
+
+
+@triton.jit
+def deviation_from_similarity(sim, valid):
+    """``[BLOCK_G]`` deviation of each valid response (0 at padding) from a cosine ``S`` tile."""
+    n = tl.sum(valid.to(sim.dtype), axis=0)
+    row_sums = tl.sum(tl.where(valid[None, :], sim, 0.0), axis=1)
+    return tl.where(valid, (n - row_sums) / tl.maximum(n - 1.0, 1.0), 0.0)
+
+
+@triton.jit
+def _deviation_forward_kernel(emb_ptr, mask_ptr, dev_ptr, sim_ptr, norms_ptr, G, D, stride_b, stride_g, stride_d,
+                              HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                              ACC: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_G)
+    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+    gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+    sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
+    tl.store(dev_ptr + b * G + offs, deviation_from_similarity(sim, valid), mask=offs < G)
+    store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+    tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
+
+
+def deviation_forward(emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Launch the forward kernel: ``(dev [B, G], S [B, G, G], norms [B, G])``, accumulation dtype."""
+    batch, group, dim = emb.shape
+    acc = accumulation_dtype(emb.dtype)
+    dev = new_output((batch, group), acc, emb.device)
+    sim = new_output((batch, group, group), acc, emb.device)
+    norms = new_output((batch, group), acc, emb.device)
+    block_g = group_block(group)
+    _deviation_forward_kernel[(batch,)](
+        emb, mask, dev, sim, norms, group, dim, *emb.stride(), HAS_MASK=mask is not None, BLOCK_G=block_g,
+        BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype),
+        num_warps=num_warps_for(block_g))
+    return dev, sim, norms
+
+
+class DeviationFunction(torch.autograd.Function):
+    """Deviation with the Triton forward and the shared similarity backward."""
+
+    @staticmethod
+    def forward(ctx, emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        dev, sim, norms = deviation_forward(emb, mask)
+        ctx.save_for_backward(emb, mask, sim, norms)
+        ctx.mark_non_differentiable(norms)
+        return dev, norms
+
+    @staticmethod
+    def backward(ctx, grad_dev: torch.Tensor, _grad_norms: torch.Tensor):
+        emb, mask, sim, norms = ctx.saved_tensors
+        valid = reference.valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
+        n = reference.group_sizes(valid).to(sim.dtype)
+        per_row = torch.where(valid, grad_dev.to(sim.dtype), 0.0) / (n[:, None] - 1.0).clamp_min(1.0)
+        grad_sim = (-per_row)[:, :, None].expand_as(sim)
+        return similarity_backward(grad_sim, sim, norms, emb, mask), None
 
 
 def deviation(
@@ -28,11 +109,15 @@ def deviation(
     """
     emb, mask = check_emb_and_mask(emb, mask)
     batch, group, _ = emb.shape
-    resolve_backend(backend, op="deviation", device=emb.device, group_size=group)
+    chosen = resolve_backend(backend, op="deviation", device=emb.device, group_size=group, kernels=("triton",))
     valid = reference.valid_mask(mask, batch, group, emb.device)
     checks = DataChecks(check_inputs)
-    checks.finite("emb", emb, valid)
     checks.group_size(valid, "deviation")
-    dev = reference.deviation(emb, valid)
+    if chosen == "triton":
+        dev, norms = DeviationFunction.apply(emb, contiguous_mask(mask))
+        checks.nonfinite("emb", nonfinite_groups(norms, valid))
+    else:
+        checks.finite("emb", emb, valid)
+        dev = reference.deviation(emb, valid)
     checks.raise_if_failed()
     return dev

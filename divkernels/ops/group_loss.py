@@ -1,12 +1,53 @@
-"""Group-wise preference loss with diversity weights (SPEC 3): DPO/IPO/ORPO/SimPO x DDPO/DQO."""
+"""Group-wise preference loss with diversity weights (SPEC 3): DPO/IPO/ORPO/SimPO x DDPO/DQO.
+
+The fused op. Forward, one program per group, in one launch: stream ``emb[b]`` once for the Gram
+matrix, form cosine ``S`` and deviation, sweep ``K = S + eps I`` for logdet and ``K^{-1}`` (when
+``logdet_gain`` weights or the regularizer need them), select the pairs (all / best-worst / DivPO
+/ explicit counts), weight them, and reduce the group's pair losses, their gradient w.r.t. the
+log-probs and the metric partial sums. The batch total is one ``sum`` over ``[B, NUM_STATS]``.
+
+With ``C_ij`` the pair counts, ``w_i`` the (constant) weights and ``u_ij`` the pair logit
+(``beta (z_i - z_j)`` for DPO with ``z = pi - ref``, ...), the loss is
+``sum C w l(u) / #pairs - alpha mean_b logdet_b``, so
+``d/d pi_k = slope_k (sum_j M_kj - sum_i M_ik) / #pairs`` with ``M = C w dl/du`` and
+``slope = du_ij / d pi_i`` (``beta``, 1, ``d log_odds / d pi = 1 / (1 - e^pi)``), plus ``-sum_j C_kj w_k``
+for ORPO's NLL term. The kernel writes this per-response gradient unscaled; backward only
+multiplies by ``grad_loss / #pairs``. The regularizer's gradient reaches ``emb`` through
+``dL/dS = -alpha / B * K^{-1}`` and the shared similarity backward, which reads ``emb`` once more.
+Saved for backward: ``O(B G)`` gradients, plus ``S``, ``K^{-1}`` and norms (``O(B G^2)``) only
+when ``emb`` needs a gradient.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
-from divkernels.ops.logdet import check_factorization
+from divkernels.ops.common import (
+    accumulation_dtype,
+    contiguous_mask,
+    dot_precision,
+    embedding_block,
+    group_block,
+    new_output,
+    num_warps_for,
+    tl,
+    triton,
+    triton_dtype,
+)
+from divkernels.ops.deviation import deviation_from_similarity
+from divkernels.ops.logdet import check_factorization, diagonal, logdet_and_inverse
+from divkernels.ops.similarity import (
+    gram_matrix,
+    load_square,
+    load_valid_rows,
+    similarity_backward,
+    similarity_from_gram,
+    store_square,
+)
 from divkernels.types import DEVIATION_NORMS, DIVERSITIES, LOSSES, PAIR_MODES, LossOutput
 from divkernels.validation import (
     DataChecks,
@@ -19,6 +60,356 @@ from divkernels.validation import (
     check_same_device,
     check_scalar,
 )
+
+# Columns of the per-group partial sums the kernel writes.
+STATS = ("weighted_loss", "pairs", "chosen_reward", "rejected_reward", "correct", "no_pairs", "deviation",
+         "mean_similarity", "has_similarity", "logdet", "valid", "emb_nonfinite")
+STAT = {name: index for index, name in enumerate(STATS)}
+LN2 = tl.constexpr(reference.LN2)
+DIVPO_TIE_RTOL = tl.constexpr(reference.DIVPO_TIE_RTOL)
+
+
+@triton.jit
+def softplus(x):
+    """``log(1 + e^x)`` without overflow; ``-log sigmoid(u) = softplus(-u)``."""
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def expm1(x):
+    """``e^x - 1`` accurate near 0 from exp and log alone (Kahan): ``(u - 1) x / log u``."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(u)))
+
+
+@triton.jit
+def log1mexp(x):
+    """``log(1 - e^x)`` for ``x < 0`` (Maechler 2012), as ``reference.log1mexp``."""
+    return tl.where(x > -LN2, tl.log(-expm1(x)), tl.log(1.0 - tl.exp(x)))
+
+
+@triton.jit
+def pair_loss_terms(policy, ref, beta, orpo_lambda, simpo_gamma, LOSS: tl.constexpr):
+    """Per pair (i chosen, j rejected) of one group: ``(l_ij, dl/du_ij, slope_i, implicit reward_i)``.
+
+    ``slope_k = du_kj / d pi_k`` (``du_ik / d pi_k`` is its negative); ``implicit`` is what TRL
+    logs as rewards/chosen and rewards/rejected.
+    """
+    if LOSS == 0 or LOSS == 1:
+        margin = policy - ref
+        diff = margin[:, None] - margin[None, :]
+        if LOSS == 0:
+            u = beta * diff
+            loss = softplus(-u)
+            dloss = -sigmoid(-u)
+            slope = tl.full(policy.shape, beta, policy.dtype)
+        else:
+            u = diff - 0.5 / beta
+            loss = u * u
+            dloss = 2.0 * u
+            slope = tl.full(policy.shape, 1.0, policy.dtype)
+        implicit = beta * margin
+    elif LOSS == 2:
+        log_odds = policy - log1mexp(policy)
+        u = log_odds[:, None] - log_odds[None, :]
+        loss = orpo_lambda * softplus(-u) - policy[:, None]
+        dloss = -orpo_lambda * sigmoid(-u)
+        slope = -1.0 / expm1(policy)
+        implicit = orpo_lambda * policy
+    else:
+        u = beta * (policy[:, None] - policy[None, :]) - simpo_gamma
+        loss = softplus(-u)
+        dloss = -sigmoid(-u)
+        slope = tl.full(policy.shape, beta, policy.dtype)
+        implicit = beta * policy
+    return loss, dloss, slope, implicit
+
+
+@triton.jit
+def first_near_extreme(score, pool, sign, BLOCK_G: tl.constexpr):
+    """First index in ``pool`` whose ``sign * score`` is within ``DIVPO_TIE_RTOL`` of the pool's
+    maximum (``reference._first_near_extreme``): near-ties are ties, whatever the rounding."""
+    offs = tl.arange(0, BLOCK_G)
+    signed = tl.where(pool, sign * score, -float("inf"))
+    best = tl.max(signed, axis=0)
+    near = pool & (signed >= best - DIVPO_TIE_RTOL * tl.maximum(tl.abs(best), 1.0))
+    return tl.min(tl.where(near, offs, BLOCK_G), axis=0)
+
+
+@triton.jit
+def divpo_pair(reward, score, valid, quality_quantile, BLOCK_G: tl.constexpr):
+    """DivPO's one pair as a ``[BLOCK_G, BLOCK_G]`` 0/1 tile (see ``reference.pair_counts_divpo``).
+
+    The quality threshold is the ``1 - quality_quantile`` quantile of the valid rewards, linearly
+    interpolated between order statistics; order statistics come from ranks (ties broken by index).
+    """
+    offs = tl.arange(0, BLOCK_G)
+    rows = offs[:, None]
+    cols = offs[None, :]
+    n = tl.sum(valid.to(reward.dtype), axis=0)
+    before = (reward[None, :] < reward[:, None]) | ((reward[None, :] == reward[:, None]) & (cols < rows))
+    rank = tl.sum(tl.where(before & valid[None, :], 1.0, 0.0), axis=1)
+    position = (1.0 - quality_quantile) * tl.maximum(n - 1.0, 0.0)
+    lower = tl.floor(position)
+    upper = tl.ceil(position)
+    low_value = tl.sum(tl.where(valid & (rank == lower), reward, 0.0), axis=0)
+    high_value = tl.sum(tl.where(valid & (rank == upper), reward, 0.0), axis=0)
+    threshold = low_value + (position - lower) * tl.where(upper > lower, high_value - low_value, 0.0)
+    top = valid & (reward >= threshold)
+    rest = valid & (reward < threshold)
+    chosen = first_near_extreme(score, top, 1.0, BLOCK_G)
+    rejected = first_near_extreme(score, rest, -1.0, BLOCK_G)
+    exists = (tl.sum(top.to(tl.int32), axis=0) > 0) & (tl.sum(rest.to(tl.int32), axis=0) > 0)
+    return tl.where(exists, tl.where((rows == chosen) & (cols == rejected), 1.0, 0.0), 0.0)
+
+
+@triton.jit
+def best_worst_pair(reward, valid, BLOCK_G: tl.constexpr):
+    """(argmax r, argmin r) over valid responses, first index on ties; none if all r are equal."""
+    offs = tl.arange(0, BLOCK_G)
+    best_value = tl.max(tl.where(valid, reward, -float("inf")), axis=0)
+    worst_value = tl.min(tl.where(valid, reward, float("inf")), axis=0)
+    best = tl.argmax(tl.where(valid, reward, -float("inf")), axis=0, tie_break_left=True)
+    worst = tl.argmin(tl.where(valid, reward, float("inf")), axis=0, tie_break_left=True)
+    pair = tl.where((offs[:, None] == best) & (offs[None, :] == worst), 1.0, 0.0)
+    return tl.where(best_value > worst_value, pair, 0.0)
+
+
+@triton.jit
+def normalize_to_mean_one(raw, valid):
+    """``raw / mean_valid(raw)``; 1 where the group's mean is not positive."""
+    n = tl.sum(valid.to(raw.dtype), axis=0)
+    mean = tl.sum(tl.where(valid, raw, 0.0), axis=0) / tl.maximum(n, 1.0)
+    return tl.where(mean > 0.0, raw / tl.where(mean > 0.0, mean, 1.0), 1.0)
+
+
+@triton.jit
+def _group_loss_forward_kernel(
+    emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, counts_ptr, scores_ptr,
+    stats_ptr, grad_policy_ptr, sim_ptr, norms_ptr, inverse_ptr,
+    G, D, stride_b, stride_g, stride_d,
+    beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
+    LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORMALIZE_DEVIATION: tl.constexpr,
+    HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, HAS_SCORES: tl.constexpr,
+    NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    RETRY_FP64: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_G)
+    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+    pair_valid = valid[:, None] & valid[None, :]
+    # Padded log-probs get a finite stand-in (< 0 keeps log(1 - e^pi) finite); they meet no pair.
+    policy = tl.load(policy_ptr + b * G + offs, mask=valid, other=-1.0).to(ACC)
+    if HAS_REF:
+        ref = tl.load(ref_ptr + b * G + offs, mask=valid, other=-1.0).to(ACC)
+    else:
+        ref = tl.zeros([BLOCK_G], dtype=ACC)
+    reward = tl.load(rewards_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
+
+    # -- diversity of the group
+    dev = tl.zeros([BLOCK_G], dtype=ACC)
+    residual = tl.full([BLOCK_G], 1.0, ACC)
+    logdet = tl.sum(dev, axis=0)
+    mean_similarity = logdet
+    has_similarity = logdet
+    emb_nonfinite = logdet
+    if HAS_EMB:
+        gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+        sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
+        dev = deviation_from_similarity(sim, valid)
+        others = pair_valid & (offs[:, None] != offs[None, :])
+        other_count = tl.sum(tl.sum(others.to(ACC), axis=1), axis=0)
+        mean_similarity = tl.sum(tl.sum(tl.where(others, sim, 0.0), axis=1), axis=0) / tl.maximum(other_count, 1.0)
+        has_similarity = tl.where(other_count > 0.0, 1.0, 0.0)
+        finite = (norms == norms) & (norms < float("inf"))
+        emb_nonfinite = tl.sum(tl.where(valid & ~finite, 1.0, 0.0), axis=0)
+        if NEED_LOGDET:
+            logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, RETRY_FP64)
+            residual = 1.0 / diagonal(inverse, BLOCK_G)
+            if STORE_STATE:
+                store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
+        if STORE_STATE:
+            store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+            tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
+
+    # -- pairs: C_ij = how often (i chosen, j rejected) is a pair
+    if PAIRS == 0:
+        counts = tl.where(pair_valid & (reward[:, None] > reward[None, :]), 1.0, 0.0)
+    elif PAIRS == 1:
+        counts = best_worst_pair(reward, valid, BLOCK_G)
+    elif PAIRS == 2:
+        if HAS_SCORES:
+            score = tl.load(scores_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
+        else:
+            score = dev
+        counts = divpo_pair(reward, score, valid, quality_quantile, BLOCK_G)
+    else:
+        counts = load_square(counts_ptr + b * G * G, G, BLOCK_G, ACC)
+
+    # -- diversity weight of each chosen response (constants for the gradient)
+    if WEIGHTS == 0:
+        weight = tl.full([BLOCK_G], 1.0, ACC)
+    elif WEIGHTS == 1:
+        if NORMALIZE_DEVIATION:
+            weight = normalize_to_mean_one(dev, valid)
+        else:
+            weight = dev
+        weight = tl.maximum(weight, min_deviation)
+    else:
+        weight = normalize_to_mean_one(residual, valid)
+
+    # -- pair losses, their gradient w.r.t. the log-probs, and the metric partial sums
+    loss, dloss, slope, implicit = pair_loss_terms(policy, ref, beta, orpo_lambda, simpo_gamma, LOSS)
+    weighted = counts * weight[:, None]
+    paired = counts > 0.0
+    loss_sum = tl.sum(tl.sum(tl.where(paired, weighted * loss, 0.0), axis=1), axis=0)
+    per_pair = tl.where(paired, weighted * dloss, 0.0)
+    grad = slope * (tl.sum(per_pair, axis=1) - tl.sum(per_pair, axis=0))
+    if LOSS == 2:
+        grad -= tl.sum(weighted, axis=1)
+    tl.store(grad_policy_ptr + b * G + offs, tl.where(valid, grad, 0.0), mask=offs < G)
+
+    num_pairs = tl.sum(tl.sum(counts, axis=1), axis=0)
+    stats = stats_ptr + b * NUM_STATS
+    tl.store(stats + 0, loss_sum)
+    tl.store(stats + 1, num_pairs)
+    tl.store(stats + 2, tl.sum(tl.sum(counts * implicit[:, None], axis=1), axis=0))
+    tl.store(stats + 3, tl.sum(tl.sum(counts * implicit[None, :], axis=1), axis=0))
+    correct = tl.where(implicit[:, None] > implicit[None, :], counts, 0.0)
+    tl.store(stats + 4, tl.sum(tl.sum(correct, axis=1), axis=0))
+    tl.store(stats + 5, tl.where(num_pairs == 0.0, 1.0, 0.0))
+    tl.store(stats + 6, tl.sum(dev, axis=0))
+    tl.store(stats + 7, mean_similarity)
+    tl.store(stats + 8, has_similarity)
+    tl.store(stats + 9, logdet)
+    tl.store(stats + 10, tl.sum(valid.to(ACC), axis=0))
+    tl.store(stats + 11, emb_nonfinite)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The non-tensor arguments of the fused loss (hashable, passed through autograd)."""
+
+    loss: str
+    diversity: str
+    pairs: str
+    beta: float
+    orpo_lambda: float
+    simpo_gamma: float
+    deviation_norm: str
+    min_deviation: float
+    diversity_alpha: float
+    eps: float
+    quality_quantile: float
+
+    @property
+    def needs_logdet(self) -> bool:
+        return self.diversity == "logdet_gain" or self.diversity_alpha > 0
+
+
+def group_loss_forward(policy: torch.Tensor, ref: torch.Tensor | None, rewards: torch.Tensor,
+                       emb: torch.Tensor | None, mask: torch.Tensor | None, counts: torch.Tensor | None,
+                       scores: torch.Tensor | None, config: LossConfig, store_state: bool) -> tuple[torch.Tensor, ...]:
+    """Launch the fused forward: ``(stats [B, NUM_STATS], d loss_sum / d policy [B, G], S, norms, K^-1)``.
+
+    ``S``, norms and ``K^-1`` are only written (and allocated) with ``store_state``.
+    """
+    batch, group = policy.shape
+    dim = emb.shape[2] if emb is not None else 1
+    dtypes = (policy.dtype,) + ((emb.dtype,) if emb is not None else ())
+    acc = accumulation_dtype(*dtypes)
+    device = policy.device
+    stats = new_output((batch, len(STATS)), acc, device)
+    grad_policy = new_output((batch, group), acc, device)
+    sim = norms = inverse = None
+    if store_state:
+        sim = new_output((batch, group, group), acc, device)
+        norms = new_output((batch, group), acc, device)
+        inverse = new_output((batch, group, group), acc, device) if config.needs_logdet else None
+    block_g = group_block(group)
+    _group_loss_forward_kernel[(batch,)](
+        emb, mask, policy.contiguous(), None if ref is None else ref.contiguous(), rewards.contiguous(), counts,
+        None if scores is None else scores.contiguous(), stats, grad_policy, sim, norms, inverse,
+        group, dim, *(emb.stride() if emb is not None else (0, 0, 0)),
+        config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
+        config.quality_quantile,
+        LOSS=LOSSES.index(config.loss), PAIRS=PAIR_MODES.index(config.pairs),
+        WEIGHTS=DIVERSITIES.index(config.diversity), NORMALIZE_DEVIATION=config.deviation_norm == "mean",
+        HAS_EMB=emb is not None, HAS_MASK=mask is not None, HAS_REF=ref is not None, HAS_SCORES=scores is not None,
+        NEED_LOGDET=config.needs_logdet and emb is not None, STORE_STATE=store_state, NUM_STATS=len(STATS),
+        BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc),
+        PRECISION=dot_precision(emb.dtype if emb is not None else acc), RETRY_FP64=acc == torch.float32,
+        num_warps=num_warps_for(block_g))
+    return stats, grad_policy, sim, norms, inverse
+
+
+class GroupPreferenceLossFunction(torch.autograd.Function):
+    """``(loss, per-group stats, batch totals)``: loss differentiable w.r.t. policy, ref and emb."""
+
+    @staticmethod
+    def forward(ctx, policy: torch.Tensor, ref: torch.Tensor | None, emb: torch.Tensor | None,
+                rewards: torch.Tensor, mask: torch.Tensor | None, counts: torch.Tensor | None,
+                scores: torch.Tensor | None, config: LossConfig) -> tuple[torch.Tensor, ...]:
+        store_state = emb is not None and ctx.needs_input_grad[2] and config.diversity_alpha > 0
+        stats, grad_policy, sim, norms, inverse = group_loss_forward(policy, ref, rewards, emb, mask, counts,
+                                                                     scores, config, store_state)
+        totals = stats.sum(0)
+        num_pairs = totals[STAT["pairs"]].clamp_min(1.0)
+        loss = totals[STAT["weighted_loss"]] / num_pairs
+        if config.diversity_alpha > 0:
+            loss = loss - config.diversity_alpha * totals[STAT["logdet"]] / policy.shape[0]
+        ctx.save_for_backward(grad_policy, num_pairs, emb if store_state else None, mask, sim, norms, inverse)
+        ctx.config, ctx.policy_dtype = config, policy.dtype
+        ctx.ref_dtype = None if ref is None else ref.dtype
+        ctx.mark_non_differentiable(stats, totals)
+        return loss.to(reference.compute_dtype(policy.dtype)), stats, totals
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor, _grad_totals: torch.Tensor):
+        grad_policy_sum, num_pairs, emb, mask, sim, norms, inverse = ctx.saved_tensors
+        config = ctx.config
+        scaled = grad_policy_sum * (grad_loss.to(grad_policy_sum.dtype) / num_pairs)
+        grad_policy = scaled.to(ctx.policy_dtype) if ctx.needs_input_grad[0] else None
+        grad_ref = None
+        if ctx.needs_input_grad[1] and config.loss in ("dpo", "ipo"):
+            grad_ref = (-scaled).to(ctx.ref_dtype)
+        grad_emb = None
+        if emb is not None:
+            batch = grad_policy_sum.shape[0]
+            grad_sim = inverse * (-config.diversity_alpha / batch * grad_loss.to(inverse.dtype))
+            grad_emb = similarity_backward(grad_sim, sim, norms, emb, mask)
+        return grad_policy, grad_ref, grad_emb, None, None, None, None, None
+
+
+def _metrics_from_totals(totals: torch.Tensor, batch: int, loss: torch.Tensor, config: LossConfig,
+                         has_emb: bool) -> dict[str, torch.Tensor]:
+    """SPEC 7 metrics from the batch totals of the per-group partial sums (device ops, no sync)."""
+    pairs = totals[STAT["pairs"]]
+    per_pair = pairs.clamp_min(1.0)
+    chosen = totals[STAT["chosen_reward"]] / per_pair
+    rejected = totals[STAT["rejected_reward"]] / per_pair
+    metrics = {
+        "loss": loss.detach(),
+        "pairs": pairs,
+        "groups_without_pairs": totals[STAT["no_pairs"]],
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "rewards/accuracies": totals[STAT["correct"]] / per_pair,
+    }
+    if has_emb:
+        metrics["diversity/mean_similarity"] = (totals[STAT["mean_similarity"]]
+                                                / totals[STAT["has_similarity"]].clamp_min(1.0))
+        metrics["diversity/deviation"] = totals[STAT["deviation"]] / totals[STAT["valid"]].clamp_min(1.0)
+        if config.needs_logdet:
+            metrics["diversity/logdet"] = totals[STAT["logdet"]] / batch
+    return {name: value.detach().to(torch.float32) for name, value in metrics.items()}
 
 
 def _check_pair_index(checks: DataChecks, pair_index: torch.Tensor, valid: torch.Tensor) -> None:
@@ -92,8 +483,8 @@ def group_preference_loss(
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        :class:`LossOutput`: ``.loss`` scalar (float32, float64 for float64 logps) and
-        ``.metrics`` (SPEC 7).
+        :class:`LossOutput`: ``.loss`` scalar (float32, float64 for float64 logps),
+        ``.metrics`` (SPEC 7) and ``.logdet`` (``[B]`` when computed).
     """
     check_choice("loss", loss, LOSSES)
     check_choice("diversity", diversity, DIVERSITIES)
@@ -127,10 +518,11 @@ def group_preference_loss(
         if pairs not in ("all", "explicit"):
             raise ValueError(f"pair_index gives the pairs explicitly; it cannot be combined with pairs={pairs!r}")
         pair_index = check_index_tensor("pair_index", pair_index, batch)
+        pairs = "explicit"
     needs_emb = {
         f"diversity={diversity!r}": diversity != "none",
         "diversity_alpha > 0": diversity_alpha > 0,
-        "pairs='divpo' without divpo_scores": pair_index is None and pairs == "divpo" and divpo_scores is None,
+        "pairs='divpo' without divpo_scores": pairs == "divpo" and divpo_scores is None,
     }
     missing = [reason for reason, needed in needs_emb.items() if needed]
     if missing and emb is None:
@@ -139,12 +531,13 @@ def group_preference_loss(
         raise ValueError("divpo_scores is only used with pairs='divpo'")
     device = check_same_device(policy_logps=policy_logps, rewards=rewards, emb=emb, ref_logps=ref_logps,
                                mask=mask, pair_index=pair_index, divpo_scores=divpo_scores)
-    resolve_backend(backend, op="group_preference_loss", device=device, group_size=group)
+    chosen = resolve_backend(backend, op="group_preference_loss", device=device, group_size=group,
+                             kernels=("triton",))
 
     valid = reference.valid_mask(mask, batch, group, device)
     checks = DataChecks(check_inputs)
     for name, value in (("policy_logps", policy_logps), ("rewards", rewards), ("ref_logps", ref_logps),
-                        ("divpo_scores", divpo_scores), ("emb", emb)):
+                        ("divpo_scores", divpo_scores)):
         checks.finite(name, value, valid)
     if missing:
         checks.group_size(valid, missing[0])
@@ -155,13 +548,24 @@ def group_preference_loss(
     if pair_index is not None:
         _check_pair_index(checks, pair_index, valid)
 
-    output = reference.group_preference_loss(
-        policy_logps, rewards, emb, ref_logps, valid, loss=loss, diversity=diversity, pairs=pairs,
-        pair_index=pair_index, beta=beta, orpo_lambda=orpo_lambda, simpo_gamma=simpo_gamma,
-        deviation_norm=deviation_norm, min_deviation=min_deviation, diversity_alpha=diversity_alpha,
-        eps=eps, quality_quantile=quality_quantile, divpo_scores=divpo_scores)
+    config = LossConfig(loss, diversity, pairs, beta, orpo_lambda, simpo_gamma, deviation_norm, min_deviation,
+                        diversity_alpha, eps, quality_quantile)
+    if chosen == "triton":
+        counts = None if pair_index is None else reference.pair_counts_explicit(pair_index, group)
+        total, stats, totals = GroupPreferenceLossFunction.apply(
+            policy_logps, ref_logps, emb, rewards, contiguous_mask(mask), counts, divpo_scores, config)
+        logdet = stats[:, STAT["logdet"]].to(reference.compute_dtype(emb.dtype)) if config.needs_logdet else None
+        output = LossOutput(total, _metrics_from_totals(totals, batch, total, config, emb is not None), logdet)
+        if emb is not None:
+            checks.nonfinite("emb", stats[:, STAT["emb_nonfinite"]] > 0)
+    else:
+        checks.finite("emb", emb, valid)
+        output = reference.group_preference_loss(
+            policy_logps, rewards, emb, ref_logps, valid, loss=loss, diversity=diversity, pairs=pairs,
+            pair_index=pair_index, beta=beta, orpo_lambda=orpo_lambda, simpo_gamma=simpo_gamma,
+            deviation_norm=deviation_norm, min_deviation=min_deviation, diversity_alpha=diversity_alpha,
+            eps=eps, quality_quantile=quality_quantile, divpo_scores=divpo_scores)
     if output.logdet is not None:
         check_factorization(checks, torch.isnan(output.logdet))
     checks.raise_if_failed()
     return output
-

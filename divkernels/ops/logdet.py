@@ -1,4 +1,17 @@
-"""Log-determinant (DPP) diversity of each group and leave-one-out gains (DQO, SPEC 2)."""
+"""Log-determinant (DPP) diversity of each group and leave-one-out gains (DQO, SPEC 2).
+
+Forward, one program per group: Gram -> ``S`` -> ``K = S + eps I`` (padding: identity) ->
+Gauss-Jordan sweep of ``K`` in registers. Without pivoting on an SPD matrix the sweep's pivots are
+the ``d_k`` of ``K = L D L^T`` (``d_k = L_kk^2`` of the Cholesky factor), so
+``logdet = sum_k log d_k``, and the swept matrix is ``K^{-1}``; the gains
+``-log (K^{-1})_ii`` follow. A non-positive pivot (``K`` numerically indefinite in fp32) sets a
+device-side flag and the group is swept again in fp64 inside the same program; if that fails
+too, its logdet and inverse are NaN (no host sync either way).
+
+Backward: ``d logdet / dK = K^{-1}`` and ``d gain_i / dK = k_i k_i^T / (K^{-1})_ii`` (``k_i`` the
+i-th column of ``K^{-1}``), so ``dL/dS = g K^{-1} + K^{-1} diag(g_gain / diag K^{-1}) K^{-1}``,
+then the shared similarity backward.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +19,153 @@ import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
+from divkernels.ops.common import (
+    KERNEL_IDS,
+    accumulation_dtype,
+    contiguous_mask,
+    dot_precision,
+    embedding_block,
+    group_block,
+    new_output,
+    num_warps_for,
+    tl,
+    triton,
+    triton_dtype,
+)
+from divkernels.ops.similarity import (
+    default_gamma,
+    gram_matrix,
+    load_valid_rows,
+    similarity_backward,
+    similarity_from_gram,
+    store_square,
+)
 from divkernels.types import KERNELS
-from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar
+from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar, nonfinite_groups
+
+
+@triton.jit
+def gauss_jordan_inverse(matrix, G, BLOCK_G: tl.constexpr):
+    """Sweep an SPD tile: ``(sum of log pivots, inverse, number of non-positive pivots)``.
+
+    Step k divides row k by the pivot ``p = A_kk`` and eliminates column k from every other row;
+    after G steps the tile holds the inverse. Rows past G are the identity's and are not swept.
+    """
+    offs = tl.arange(0, BLOCK_G)
+    rows = offs[:, None]
+    cols = offs[None, :]
+    logdet = tl.sum(tl.zeros([BLOCK_G], dtype=matrix.dtype), axis=0)
+    bad_pivots = tl.sum(tl.zeros([BLOCK_G], dtype=tl.int32), axis=0)
+    for k in range(0, G):
+        row = tl.sum(tl.where(rows == k, matrix, 0.0), axis=0)
+        col = tl.sum(tl.where(cols == k, matrix, 0.0), axis=1)
+        pivot = tl.sum(tl.where(offs == k, row, 0.0), axis=0)
+        bad_pivots += tl.where(pivot > 0.0, 0, 1)
+        logdet += tl.log(pivot)
+        scaled_row = tl.where(offs == k, 1.0 / pivot, row / pivot)
+        matrix = tl.where(cols == k, 0.0, matrix)
+        matrix = tl.where(rows == k, scaled_row[None, :], matrix - col[:, None] * scaled_row[None, :])
+    return logdet, matrix, bad_pivots
+
+
+@triton.jit
+def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, RETRY_FP64: tl.constexpr):
+    """``(log det K, K^{-1})`` of ``K = S + eps I`` on the valid rows, NaN if K cannot be swept."""
+    offs = tl.arange(0, BLOCK_G)
+    ridge = tl.where((offs[:, None] == offs[None, :]) & valid[:, None], eps, 0.0)
+    logdet, inverse, bad_pivots = gauss_jordan_inverse(sim + ridge, G, BLOCK_G)
+    if RETRY_FP64:
+        if bad_pivots > 0:
+            logdet64, inverse64, bad_pivots = gauss_jordan_inverse(sim.to(tl.float64) + ridge.to(tl.float64), G,
+                                                                   BLOCK_G)
+            logdet = logdet64.to(logdet.dtype)
+            inverse = inverse64.to(inverse.dtype)
+    logdet = tl.where(bad_pivots > 0, float("nan"), logdet)
+    inverse = tl.where(bad_pivots > 0, float("nan"), inverse)
+    return logdet, inverse
+
+
+@triton.jit
+def diagonal(tile, BLOCK_G: tl.constexpr):
+    """``[BLOCK_G]`` diagonal of a square tile."""
+    offs = tl.arange(0, BLOCK_G)
+    return tl.sum(tl.where(offs[:, None] == offs[None, :], tile, 0.0), axis=1)
+
+
+@triton.jit
+def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr, sim_ptr, norms_ptr, G, D, eps,
+                           gamma, stride_b, stride_g, stride_d, KERNEL: tl.constexpr, HAS_MASK: tl.constexpr,
+                           BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                           PRECISION: tl.constexpr, RETRY_FP64: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_G)
+    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+    gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+    sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
+    logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, RETRY_FP64)
+    tl.store(logdet_ptr + b, logdet)
+    tl.store(gains_ptr + b * G + offs, tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0), mask=offs < G)
+    store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
+    store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+    tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
+
+
+def logdet_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str = "cosine",
+                   gamma: float | None = None) -> tuple[torch.Tensor, ...]:
+    """Launch the forward kernel: ``(logdet [B], gains [B, G], K^-1, S [B, G, G], norms [B, G])``."""
+    batch, group, dim = emb.shape
+    acc = accumulation_dtype(emb.dtype)
+    logdet = new_output((batch,), acc, emb.device)
+    gains = new_output((batch, group), acc, emb.device)
+    inverse = new_output((batch, group, group), acc, emb.device)
+    sim = new_output((batch, group, group), acc, emb.device)
+    norms = new_output((batch, group), acc, emb.device)
+    block_g = group_block(group)
+    _logdet_forward_kernel[(batch,)](
+        emb, mask, logdet, gains, inverse, sim, norms, group, dim, eps, default_gamma(kernel, gamma, dim),
+        *emb.stride(), KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
+        BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype),
+        RETRY_FP64=acc == torch.float32, num_warps=num_warps_for(block_g))
+    return logdet, gains, inverse, sim, norms
+
+
+def logdet_grad_sim(inverse: torch.Tensor, grad_logdet: torch.Tensor | None,
+                    grad_gains: torch.Tensor | None) -> torch.Tensor:
+    """``dL/dS`` ``[B, G, G]`` from the upstream gradients of logdet ``[B]`` and gains ``[B, G]``."""
+    grad = torch.zeros_like(inverse)
+    if grad_logdet is not None:
+        grad = grad + grad_logdet.to(inverse.dtype)[:, None, None] * inverse
+    if grad_gains is not None:
+        per_column = grad_gains.to(inverse.dtype) / inverse.diagonal(dim1=-2, dim2=-1)
+        grad = grad + (inverse * per_column[:, None, :]) @ inverse
+    return grad
+
+
+class LogdetFunction(torch.autograd.Function):
+    """``(logdet, gains)`` with the Triton forward and the shared similarity backward."""
+
+    @staticmethod
+    def forward(ctx, emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str,
+                gamma: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet, gains, inverse, sim, norms = logdet_forward(emb, mask, eps, kernel, gamma)
+        ctx.save_for_backward(emb, mask, inverse, sim, norms)
+        ctx.kernel, ctx.gamma = kernel, gamma
+        ctx.mark_non_differentiable(norms)
+        return logdet, gains, norms
+
+    @staticmethod
+    def backward(ctx, grad_logdet: torch.Tensor | None, grad_gains: torch.Tensor | None,
+                 _grad_norms: torch.Tensor | None):
+        emb, mask, inverse, sim, norms = ctx.saved_tensors
+        grad_sim = logdet_grad_sim(inverse, grad_logdet, grad_gains)
+        grad_emb = similarity_backward(grad_sim, sim, norms, emb, mask, ctx.kernel, ctx.gamma)
+        return grad_emb, None, None, None, None
 
 
 def check_factorization(checks: DataChecks, failed: torch.Tensor) -> None:
     """Name the groups (``failed`` ``[B]`` bool) whose ``K = S + eps I`` could not be factored."""
     checks.require(failed,
-                   lambda groups: f"the Cholesky factorization of K = S + eps*I failed even in float64 for "
+                   lambda groups: f"the factorization of K = S + eps*I failed even in float64 for "
                                   f"groups {groups}; K is not positive definite there (raise eps)")
 
 
@@ -47,12 +199,17 @@ def logdet_diversity(
     check_scalar("eps", eps, low=0.0, low_open=True)
     check_choice("kernel", kernel, KERNELS)
     batch, group, _ = emb.shape
-    resolve_backend(backend, op="logdet_diversity", device=emb.device, group_size=group)
+    chosen = resolve_backend(backend, op="logdet_diversity", device=emb.device, group_size=group,
+                             kernels=("triton",))
     valid = reference.valid_mask(mask, batch, group, emb.device)
     checks = DataChecks(check_inputs)
-    checks.finite("emb", emb, valid)
     checks.group_size(valid, "logdet_diversity")
-    result = reference.logdet_diversity(emb, valid, eps, kernel, return_gains)
-    check_factorization(checks, torch.isnan(result[0] if return_gains else result))
+    if chosen == "triton":
+        logdet, gains, norms = LogdetFunction.apply(emb, contiguous_mask(mask), eps, kernel, None)
+        checks.nonfinite("emb", nonfinite_groups(norms, valid))
+    else:
+        checks.finite("emb", emb, valid)
+        logdet, gains = reference.logdet_diversity(emb, valid, eps, kernel, return_gains=True)
+    check_factorization(checks, torch.isnan(logdet))
     checks.raise_if_failed()
-    return result
+    return (logdet, gains) if return_gains else logdet

@@ -1,4 +1,8 @@
-"""Partition diversity (DARLING, SPEC 2): share of the group not equivalent to each response."""
+"""Partition diversity (DARLING, SPEC 2): share of the group not equivalent to each response.
+
+No gradient. On the Triton backend the similarity forward kernel computes ``S`` (one read of
+``emb``); thresholding and counting are ``O(B G^2)`` tensor ops on ``S``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
+from divkernels.ops.common import contiguous_mask
+from divkernels.ops.similarity import similarity_forward
 from divkernels.validation import (
     DataChecks,
     check_emb_and_mask,
@@ -13,6 +19,7 @@ from divkernels.validation import (
     check_partition,
     check_same_device,
     check_scalar,
+    nonfinite_groups,
 )
 
 
@@ -58,11 +65,18 @@ def partition_diversity(
         device = check_same_device(partition=partition, mask=mask)
         if group < 2:
             raise ValueError(f"partition must hold G >= 2 responses per group, got G={group}")
-    resolve_backend(backend, op="partition_diversity", device=device, group_size=group)
+    chosen = resolve_backend(backend, op="partition_diversity", device=device, group_size=group,
+                             kernels=("triton",))
     valid = reference.valid_mask(mask, batch, group, device)
     checks = DataChecks(check_inputs)
-    checks.finite("emb", emb, valid)
     checks.group_size(valid, "partition_diversity")
-    div = reference.partition_diversity(emb, valid, tau, partition)
+    if chosen == "triton" and emb is not None:
+        with torch.no_grad():
+            sim, norms = similarity_forward(emb, contiguous_mask(mask))
+        checks.nonfinite("emb", nonfinite_groups(norms, valid))
+        div = reference.partition_from_equivalence(sim >= tau, valid, sim.dtype)
+    else:
+        checks.finite("emb", emb, valid)
+        div = reference.partition_diversity(emb, valid, tau, partition)
     checks.raise_if_failed()
     return div

@@ -1,4 +1,24 @@
-"""Pairwise similarity of the responses in each group (SPEC 1)."""
+"""Pairwise similarity of the responses in each group (SPEC 1): the two passes over ``emb``.
+
+Forward: one program per group streams ``emb[b]`` through in ``[BLOCK_G, BLOCK_D]`` tiles and
+accumulates the Gram matrix ``E E^T`` in fp32 (``gram_matrix``); ``similarity_from_gram`` turns it
+into ``S`` (cosine, dot or RBF) and the row norms. Every other op's forward kernel starts with
+these two device functions.
+
+Backward: every op ends its backward in ``similarity_backward``. Whatever the op, its gradient
+reaches ``emb`` through ``S``, and for all three kernels ``dL/dE = A E`` with a ``G x G`` matrix
+``A`` built from ``G_S = dL/dS`` and the saved ``S`` and norms (``Gsym = G_S + G_S^T``, diagonal
+and padding zeroed where ``S`` is constant there):
+
+* cosine ``S_ij = <e_i, e_j> / (n_i n_j)``: ``dE_i = sum_j Gsym_ij e_j / (n_i n_j) - c_i e_i / n_i^2``
+  with ``c_i = sum_j Gsym_ij S_ij``, the projection of ``d e_hat_i`` on ``e_hat_i`` (dropped when
+  ``|e_i|`` is below the norm floor, where the normalization is a constant scale);
+* dot: ``A = Gsym``;
+* RBF ``S_ij = exp(-gamma |e_i - e_j|^2)``: with ``M = Gsym * S``, ``A = 2 gamma (M - diag(rowsum M))``.
+
+So the backward launch reads ``emb`` once and writes ``d emb`` once, one program per
+(group, slice of D).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +26,202 @@ import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
+from divkernels.ops.common import (
+    KERNEL_IDS,
+    accumulation_dtype,
+    contiguous_mask,
+    dot_precision,
+    embedding_block,
+    group_block,
+    new_output,
+    num_warps_for,
+    tl,
+    triton,
+    triton_dtype,
+)
 from divkernels.types import KERNELS
-from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar
+from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar, nonfinite_groups
+
+NORM_FLOOR = tl.constexpr(reference.NORM_FLOOR)
+
+
+@triton.jit
+def load_valid_rows(mask_ptr, b, G, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``[BLOCK_G]`` bool: row is a real response of group ``b`` (inside G and not masked out)."""
+    offs = tl.arange(0, BLOCK_G)
+    inside = offs < G
+    if HAS_MASK:
+        return inside & (tl.load(mask_ptr + b * G + offs, mask=inside, other=0) != 0)
+    return inside
+
+
+@triton.jit
+def load_square(ptr, G, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+    """A contiguous ``[G, G]`` matrix as a ``[BLOCK_G, BLOCK_G]`` tile, 0 outside."""
+    offs = tl.arange(0, BLOCK_G)
+    inside = (offs[:, None] < G) & (offs[None, :] < G)
+    return tl.load(ptr + offs[:, None] * G + offs[None, :], mask=inside, other=0.0).to(ACC)
+
+
+@triton.jit
+def store_square(ptr, tile, G, BLOCK_G: tl.constexpr):
+    """Write the ``[G, G]`` part of a tile to a contiguous matrix."""
+    offs = tl.arange(0, BLOCK_G)
+    inside = (offs[:, None] < G) & (offs[None, :] < G)
+    tl.store(ptr + offs[:, None] * G + offs[None, :], tile.to(ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def gram_matrix(emb_ptr, stride_g, stride_d, valid, D, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``E E^T`` of one group (``emb_ptr`` at its first element), accumulated in ``ACC`` over D.
+
+    Padded rows are never loaded, so NaN there cannot leak in. Each element is read once.
+    """
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    gram = tl.zeros([BLOCK_G, BLOCK_G], dtype=ACC)
+    for start in range(0, D, BLOCK_D):
+        cols = start + offs_d
+        ptrs = emb_ptr + offs_g[:, None] * stride_g + cols[None, :] * stride_d
+        rows = tl.load(ptrs, mask=valid[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
+        gram += tl.dot(rows, tl.trans(rows), input_precision=PRECISION, out_dtype=ACC)
+    return gram
+
+
+@triton.jit
+def similarity_from_gram(gram, valid, gamma, KERNEL: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``(S, norms)`` from a group's Gram matrix.
+
+    ``S``: cosine (``gram_ij / (max(n_i, floor) max(n_j, floor))``), dot, or RBF
+    (``exp(-gamma (n_i^2 + n_j^2 - 2 gram_ij))``); the cosine and RBF diagonal is exactly 1 (SPEC
+    numerics) and padded rows/columns are the identity's. ``norms``: raw ``|e_i|``.
+    """
+    offs = tl.arange(0, BLOCK_G)
+    eye = offs[:, None] == offs[None, :]
+    squared_rows = tl.sum(tl.where(eye, gram, 0.0), axis=1)
+    squared_cols = tl.sum(tl.where(eye, gram, 0.0), axis=0)
+    norms = tl.sqrt(squared_rows)
+    keep = valid[:, None] & valid[None, :]
+    if KERNEL == 0:
+        row_norms = tl.maximum(norms, NORM_FLOOR)
+        col_norms = tl.maximum(tl.sqrt(squared_cols), NORM_FLOOR)
+        sim = gram / (row_norms[:, None] * col_norms[None, :])
+        keep = keep & ~eye
+    elif KERNEL == 1:
+        sim = gram
+    else:
+        squared_distance = tl.maximum(squared_rows[:, None] + squared_cols[None, :] - 2.0 * gram, 0.0)
+        sim = tl.exp(-gamma * squared_distance)
+        keep = keep & ~eye
+    sim = tl.where(keep, sim, tl.where(eye, 1.0, 0.0))
+    return sim, norms
+
+
+@triton.jit
+def _similarity_forward_kernel(emb_ptr, mask_ptr, sim_ptr, norms_ptr, G, D, gamma,
+                               stride_b, stride_g, stride_d,
+                               KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
+                               BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_G)
+    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+    gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+    sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
+    store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+    tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
+
+
+@triton.jit
+def _similarity_backward_kernel(grad_sim_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr, grad_emb_ptr, G, D, gamma,
+                                stride_sb, stride_si, stride_sj, stride_eb, stride_eg, stride_ed,
+                                KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
+                                BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * BLOCK_D
+    offs = tl.arange(0, BLOCK_G)
+    offs_d = start + tl.arange(0, BLOCK_D)
+    eye = offs[:, None] == offs[None, :]
+    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+    pair = valid[:, None] & valid[None, :]
+    grad_base = grad_sim_ptr + b * stride_sb
+    grad = tl.load(grad_base + offs[:, None] * stride_si + offs[None, :] * stride_sj, mask=pair, other=0.0)
+    grad_t = tl.load(grad_base + offs[None, :] * stride_si + offs[:, None] * stride_sj, mask=pair, other=0.0)
+    grad_sym = grad.to(ACC) + grad_t.to(ACC)
+    if KERNEL == 0:
+        grad_sym = tl.where(eye, 0.0, grad_sym)
+        sim = load_square(sim_ptr + b * G * G, G, BLOCK_G, ACC)
+        raw = tl.load(norms_ptr + b * G + offs, mask=valid, other=1.0).to(ACC)
+        norms = tl.maximum(raw, NORM_FLOOR)
+        projection = tl.where(raw >= NORM_FLOOR, tl.sum(grad_sym * sim, axis=1), 0.0)
+        a = grad_sym / (norms[:, None] * norms[None, :]) - tl.where(eye, (projection / (norms * norms))[:, None], 0.0)
+    elif KERNEL == 1:
+        a = grad_sym
+    else:
+        grad_sym = tl.where(eye, 0.0, grad_sym)
+        weighted = grad_sym * load_square(sim_ptr + b * G * G, G, BLOCK_G, ACC)
+        a = 2.0 * gamma * (weighted - tl.where(eye, tl.sum(weighted, axis=1)[:, None], 0.0))
+    rows = tl.load(emb_ptr + b * stride_eb + offs[:, None] * stride_eg + offs_d[None, :] * stride_ed,
+                   mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
+    grad_rows = tl.dot(a, rows, input_precision=PRECISION, out_dtype=ACC)
+    out = grad_emb_ptr + b * G * D + offs[:, None] * D + offs_d[None, :]
+    tl.store(out, grad_rows.to(grad_emb_ptr.dtype.element_ty), mask=(offs[:, None] < G) & (offs_d[None, :] < D))
+
+
+def default_gamma(kernel: str, gamma: float | None, dim: int) -> float:
+    """RBF bandwidth (``1 / D`` unless given); unused by the other kernels."""
+    return (1.0 / dim if gamma is None else gamma) if kernel == "rbf" else 0.0
+
+
+def similarity_forward(emb: torch.Tensor, mask: torch.Tensor | None, kernel: str = "cosine",
+                       gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: ``(S [B, G, G], raw norms [B, G])`` in the accumulation dtype."""
+    batch, group, dim = emb.shape
+    acc = accumulation_dtype(emb.dtype)
+    sim = new_output((batch, group, group), acc, emb.device)
+    norms = new_output((batch, group), acc, emb.device)
+    block_g = group_block(group)
+    _similarity_forward_kernel[(batch,)](
+        emb, mask, sim, norms, group, dim, default_gamma(kernel, gamma, dim), *emb.stride(),
+        KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
+        BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype),
+        num_warps=num_warps_for(block_g))
+    return sim, norms
+
+
+def similarity_backward(grad_sim: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, emb: torch.Tensor,
+                        mask: torch.Tensor | None, kernel: str = "cosine", gamma: float | None = None) -> torch.Tensor:
+    """``dL/d emb`` ``[B, G, D]`` (emb's dtype, contiguous) from ``dL/dS`` ``[B, G, G]`` (any strides)."""
+    batch, group, dim = emb.shape
+    acc = accumulation_dtype(emb.dtype)
+    grad_emb = new_output((batch, group, dim), emb.dtype, emb.device)
+    block_g = group_block(group)
+    block_d = embedding_block(block_g, dim)
+    grid = (batch, triton.cdiv(dim, block_d))
+    _similarity_backward_kernel[grid](
+        grad_sim, sim, norms, mask, emb, grad_emb, group, dim, default_gamma(kernel, gamma, dim),
+        *grad_sim.stride(), *emb.stride(),
+        KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g, BLOCK_D=block_d,
+        ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype), num_warps=num_warps_for(block_g))
+    return grad_emb
+
+
+class SimilarityFunction(torch.autograd.Function):
+    """``S = similarity(emb)`` with the Triton forward and backward; saves ``S`` and the norms."""
+
+    @staticmethod
+    def forward(ctx, emb: torch.Tensor, mask: torch.Tensor | None, kernel: str,
+                gamma: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        sim, norms = similarity_forward(emb, mask, kernel, gamma)
+        ctx.save_for_backward(emb, mask, sim, norms)
+        ctx.kernel, ctx.gamma = kernel, gamma
+        ctx.mark_non_differentiable(norms)
+        return sim, norms
+
+    @staticmethod
+    def backward(ctx, grad_sim: torch.Tensor, _grad_norms: torch.Tensor):
+        emb, mask, sim, norms = ctx.saved_tensors
+        return similarity_backward(grad_sim, sim, norms, emb, mask, ctx.kernel, ctx.gamma), None, None, None
 
 
 def pairwise_similarity(
@@ -38,10 +252,15 @@ def pairwise_similarity(
     if gamma is not None:
         check_scalar("gamma", gamma, low=0.0, low_open=True)
     batch, group, _ = emb.shape
-    resolve_backend(backend, op="pairwise_similarity", device=emb.device, group_size=group)
+    chosen = resolve_backend(backend, op="pairwise_similarity", device=emb.device, group_size=group,
+                             kernels=("triton",))
     valid = reference.valid_mask(mask, batch, group, emb.device)
     checks = DataChecks(check_inputs)
-    checks.finite("emb", emb, valid)
-    sim = reference.pairwise_similarity(emb, valid, kernel, gamma)
+    if chosen == "triton":
+        sim, norms = SimilarityFunction.apply(emb, contiguous_mask(mask), kernel, gamma)
+        checks.nonfinite("emb", nonfinite_groups(norms, valid))
+    else:
+        checks.finite("emb", emb, valid)
+        sim = reference.pairwise_similarity(emb, valid, kernel, gamma)
     checks.raise_if_failed()
     return sim

@@ -1,0 +1,58 @@
+"""Benchmarks of the fused group preference loss (SPEC 3): DDPO + logdet regularizer and variants."""
+
+from __future__ import annotations
+
+import torch
+
+import divkernels as dk
+from divkernels import reference
+from divkernels.benchmarks.harness import Case, element_bytes, embeddings
+
+# The fused pipeline the kernel issue's targets are stated for.
+DDPO_LOGDET = {"loss": "dpo", "diversity": "deviation", "diversity_alpha": 0.1}
+VARIANTS = {
+    "ddpo+logdet": DDPO_LOGDET,
+    "dpo": {"loss": "dpo", "diversity": "none"},
+    "dorpo": {"loss": "orpo", "diversity": "deviation"},
+    "dqo-weights": {"loss": "dpo", "diversity": "logdet_gain"},
+    "divpo": {"loss": "dpo", "diversity": "none", "pairs": "divpo"},
+}
+
+
+def _reference_loss(policy, rewards, emb, ref, **options):
+    return reference.group_preference_loss(policy, rewards, emb, ref, **options).loss
+
+
+def _public_loss(policy, rewards, emb, ref, *, backend, **options):
+    return dk.group_preference_loss(policy, rewards, emb, ref, backend=backend, check_inputs=False, **options).loss
+
+
+def cases(shapes: list[tuple[int, int, int]], dtypes: list[torch.dtype], backward_passes: list[bool],
+          variants: list[str]) -> list[Case]:
+    result = []
+    for name in variants:
+        options = VARIANTS[name]
+        needs_emb_grad = options.get("diversity_alpha", 0.0) > 0
+        for batch, group, dim in shapes:
+            for dtype in dtypes:
+                for backward in backward_passes:
+                    emb_bytes = batch * group * dim * element_bytes(dtype)
+                    # forward reads emb once; backward reads it again and writes d emb
+                    floor = emb_bytes * (3 if backward and needs_emb_grad else 1) + 4 * batch * group * 4
+
+                    def make_inputs(device: torch.device, batch=batch, group=group, dim=dim, dtype=dtype,
+                                    backward=backward, needs_emb_grad=needs_emb_grad) -> dict:
+                        policy = -torch.rand(batch, group, device=device) * 50
+                        return {"policy": policy.requires_grad_(backward),
+                                "rewards": torch.randn(batch, group, device=device),
+                                "emb": embeddings(batch, group, dim, dtype, device, backward and needs_emb_grad),
+                                "ref": policy.detach() - torch.rand(batch, group, device=device)}
+
+                    def run(op, inputs: dict, backward=backward, options=options) -> None:
+                        loss = op(inputs["policy"], inputs["rewards"], inputs["emb"], inputs["ref"], **options)
+                        if backward:
+                            loss.backward()
+
+                    result.append(Case("group_loss", name, batch, group, dim, dtype, backward, floor, make_inputs,
+                                       run, _public_loss, _reference_loss))
+    return result

@@ -1,0 +1,225 @@
+"""``python -m divkernels.benchmarks``: fused kernels vs eager PyTorch vs ``torch.compile``.
+
+Suites:
+  fused  the kernel issue's targets: fused DDPO + logdet regularizer, bf16 emb, at
+         (B, G, D) = (256, 16, 4096) and (4096, 16, 2048), forward and forward+backward
+  full   every op family over the shapes of the benchmark issue, bf16 and fp32
+  smoke  tiny shapes, to check the runner itself (CPU is fine)
+
+Each (case, provider) row gets the median time, peak extra memory, the memory floor (bytes that
+must move over the measured copy bandwidth) and the ratio to it. Results go to
+``<out>/<device>-<date>.json`` and ``.csv`` with the device name, versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from divkernels.backend import MAX_KERNEL_GROUP, backend_unavailable_reason
+from divkernels.benchmarks import advantages, diversity, group_loss
+from divkernels.benchmarks.harness import Case, copy_bandwidth, input_sets, measure
+
+PROVIDERS = ("triton", "cuda", "eager", "compile")
+MAIN_SHAPES = [(8, 8, 384), (1024, 8, 1024), (256, 16, 4096), (64, 64, 4096), (4096, 16, 2048)]
+GROUP_SWEEP = [(256, group, 1024) for group in (2, 4, 8, 16, 32, 64, 128)]
+TARGET_SHAPES = [(256, 16, 4096), (4096, 16, 2048)]
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def suite_cases(suite: str) -> list[Case]:
+    """The cases of a suite."""
+    both_passes = [False, True]
+    if suite == "fused":
+        return group_loss.cases(TARGET_SHAPES, [torch.bfloat16], both_passes, ["ddpo+logdet"])
+    if suite == "smoke":
+        shapes = [(4, 8, 32)]
+        return (group_loss.cases(shapes, [torch.float32], both_passes, ["ddpo+logdet", "dpo"])
+                + diversity.cases(shapes, [torch.float32], [True], ["similarity", "logdet+gains"])
+                + advantages.cases(shapes, [torch.float32], ["dqo"]))
+    if suite == "full":
+        dtypes = [torch.bfloat16, torch.float32]
+        shapes = MAIN_SHAPES + [shape for shape in GROUP_SWEEP if shape not in MAIN_SHAPES]
+        return (group_loss.cases(shapes, dtypes, both_passes, list(group_loss.VARIANTS))
+                + diversity.cases(shapes, dtypes, both_passes, list(diversity.OPS))
+                + advantages.cases(shapes, dtypes, ["darling", "dqo", "deviation"]))
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+def provider_skip_reason(provider: str, case: Case, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run ``case`` here (None when it can)."""
+    if provider in ("triton", "cuda"):
+        reason = backend_unavailable_reason(provider, device)
+        if reason is None and case.group > MAX_KERNEL_GROUP:
+            reason = f"G={case.group} exceeds the in-kernel limit {MAX_KERNEL_GROUP}"
+        return reason
+    if provider == "compile" and device.type != "cuda":
+        return "torch.compile is timed on CUDA devices only"
+    return None
+
+
+def provider_op(provider: str, case: Case, compiled: dict[int, Callable]) -> Callable:
+    """The callable a provider runs: the public op on a backend, the reference, or compiled reference."""
+    if provider in ("triton", "cuda"):
+        return functools.partial(case.public_op, backend=provider)
+    if provider == "eager":
+        return case.reference_op
+    key = id(case.reference_op)
+    if key not in compiled:
+        compiled[key] = torch.compile(case.reference_op)
+    return compiled[key]
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    """Device, versions and commit recorded with every result file."""
+    def version(module: str) -> str:
+        try:
+            return __import__(module).__version__
+        except ImportError:
+            return "not installed"
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("DIVKERNELS_COMMIT", "unknown")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": version("triton"),
+            "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_suite(cases: list[Case], providers: list[str], device: torch.device, repeats: int, warmup: int,
+              log: Callable[[str], None]) -> tuple[list[dict], float | None]:
+    bandwidth = copy_bandwidth(device)
+    if bandwidth:
+        log(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
+    compiled: dict[int, Callable] = {}
+    announced: set[tuple[str, str]] = set()
+    rows = []
+    for case in cases:
+        for provider in providers:
+            reason = provider_skip_reason(provider, case, device)
+            if reason is not None:
+                if (provider, reason) not in announced:
+                    announced.add((provider, reason))
+                    log(f"skipping {provider}: {reason}")
+                continue
+            op = provider_op(provider, case, compiled)
+            row = {"family": case.family, "op": case.name, "B": case.batch, "G": case.group, "D": case.dim,
+                   "dtype": str(case.dtype).removeprefix("torch."),
+                   "pass": "fwd+bwd" if case.backward else "fwd", "provider": provider}
+            try:
+                probe = case.make_inputs(device)
+                per_set = sum(t.numel() * t.element_size() for t in probe.values())
+                sets = input_sets(lambda case=case: case.make_inputs(device), per_set)
+                result = measure(lambda inputs, op=op, case=case: case.run(op, inputs), sets, device,
+                                 warmup=warmup, repeats=repeats)
+                floor_ms = case.floor_bytes / bandwidth * 1e3 if bandwidth else None
+                row.update(median_ms=result.median_ms, peak_extra_mib=result.peak_extra_mib, floor_ms=floor_ms,
+                           floor_ratio=result.median_ms / floor_ms if floor_ms else None, error=None)
+            except Exception as error:  # a provider that fails on a case is reported, not fatal
+                row.update(median_ms=None, peak_extra_mib=None, floor_ms=None, floor_ratio=None,
+                           error=f"{type(error).__name__}: {error}"[:300])
+            rows.append(row)
+            log(_row_line(row))
+            sets = probe = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows, bandwidth
+
+
+def _row_line(row: dict) -> str:
+    where = f"{row['family']}/{row['op']} ({row['B']},{row['G']},{row['D']}) {row['dtype']} {row['pass']}"
+    if row["error"]:
+        return f"{where:<58} {row['provider']:<8} FAILED {row['error']}"
+    memory = f"{row['peak_extra_mib']:9.1f} MiB" if row["peak_extra_mib"] is not None else ""
+    floor = f" {row['floor_ratio']:6.2f}x floor" if row["floor_ratio"] else ""
+    return f"{where:<58} {row['provider']:<8} {row['median_ms']:9.4f} ms {memory}{floor}"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Per case: each provider's time, and the fused kernel's speed-up over eager and compile."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        key = (row["family"], row["op"], row["B"], row["G"], row["D"], row["dtype"], row["pass"])
+        cases.setdefault(key, {})[row["provider"]] = row
+    lines = ["| case | provider | ms | extra MiB | x floor | vs eager | vs compile |", "|---|---|---|---|---|---|---|"]
+    for key, by_provider in cases.items():
+        label = f"{key[0]}/{key[1]} ({key[2]},{key[3]},{key[4]}) {key[5]} {key[6]}"
+        eager = by_provider.get("eager", {}).get("median_ms")
+        compiled = by_provider.get("compile", {}).get("median_ms")
+        for provider, row in by_provider.items():
+            ms = row["median_ms"]
+            if ms is None:
+                lines.append(f"| {label} | {provider} | failed | | | | |")
+                continue
+            fmt = lambda value: f"{value:.2f}" if value is not None else ""  # noqa: E731
+            speed_eager = f"{eager / ms:.1f}x" if eager and provider in ("triton", "cuda") else ""
+            speed_compile = f"{compiled / ms:.1f}x" if compiled and provider in ("triton", "cuda") else ""
+            lines.append(f"| {label} | {provider} | {ms:.4f} | {fmt(row['peak_extra_mib'])} | "
+                         f"{fmt(row['floor_ratio'])} | {speed_eager} | {speed_compile} |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], env: dict, bandwidth: float | None, out: Path, suite: str) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(env["device"])).strip("-").lower() or "device"
+    stem = f"{slug}-{suite}-{env['date'][:10]}"
+    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
+    json_path.write_text(json.dumps({**env, "suite": suite, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows},
+                                    indent=1))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["device", "commit", *rows[0]] if rows else ["device"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"device": env["device"], "commit": env["commit"], **row})
+    return json_path, csv_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m divkernels.benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("fused", "full", "smoke"), default="fused")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON/CSV results")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    providers = [name for name in args.providers.split(",") if name]
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown:
+        parser.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    device = torch.device(args.device)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    env = environment(device)
+    log(f"divkernels benchmarks, suite {args.suite}, on {env['device']} (torch {env['torch']}, "
+        f"triton {env['triton']}, commit {str(env['commit'])[:12]})")
+    rows, bandwidth = run_suite(suite_cases(args.suite), providers, device, args.repeats, args.warmup, log)
+    json_path, csv_path = write_results(rows, env, bandwidth, args.out, args.suite)
+    log("\n" + summary_table(rows))
+    log(f"\nwrote {json_path} and {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

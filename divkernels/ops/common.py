@@ -1,0 +1,70 @@
+"""What every Triton op shares: the triton import, block sizes, dtypes and output allocation."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference backend works without Triton; backend.py says why Triton cannot run
+    triton = SimpleNamespace(jit=lambda fn=None, **_: fn if fn is not None else (lambda f: f))
+    tl = SimpleNamespace(constexpr=lambda value=None: value)
+
+# Ids of the similarity kernels inside the Triton kernels (tl.constexpr).
+KERNEL_IDS = {"cosine": 0, "dot": 1, "rbf": 2}
+# Smallest tile side tl.dot accepts.
+MIN_BLOCK = 16
+# Register budget of one program's [BLOCK_G, BLOCK_D] embedding tile (elements).
+TILE_ELEMENTS = 8192
+ENV_POISON = "DIVKERNELS_POISON_OUTPUTS"
+
+
+def group_block(group: int) -> int:
+    """Padded group size inside the kernels: a power of two >= 16."""
+    return max(MIN_BLOCK, triton.next_power_of_2(group))
+
+
+def embedding_block(block_g: int, dim: int) -> int:
+    """Width of the slice of D that one loop step loads: the tile stays within the budget."""
+    return max(MIN_BLOCK, min(TILE_ELEMENTS // block_g, 128, triton.next_power_of_2(dim)))
+
+
+def num_warps_for(block_g: int) -> int:
+    """More warps for larger ``G x G`` tiles, so each thread holds a bounded share of them."""
+    return 4 if block_g <= 32 else 8 if block_g <= 64 else 16
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64 (tests), otherwise float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def triton_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Precision of ``tl.dot`` on upcast inputs.
+
+    bf16/fp16 values are exact in TF32, so TF32 tensor cores lose nothing; float32 must not go
+    through TF32 (SPEC numerics: logdet errors ~5e-2 at cond ~1e6), float64 stays float64.
+    """
+    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer for a kernel to fill; NaN-poisoned when ``DIVKERNELS_POISON_OUTPUTS=1``
+    so that tests see any element a kernel failed to write."""
+    if os.environ.get(ENV_POISON, "0") not in ("", "0"):
+        fill = torch.nan if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def contiguous_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernels index the ``[B, G]`` mask as ``b * G + g``; None means every response is real."""
+    return None if mask is None else mask.contiguous()

@@ -1,0 +1,41 @@
+"""The benchmark runner runs end to end and writes its result files (numbers are not asserted)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from divkernels.benchmarks import runner
+
+
+def test_smoke_suite_writes_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert runner.main(["--suite", "smoke", "--providers", "eager,compile", "--repeats", "2", "--warmup", "1",
+                        "--device", "cpu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipping compile: torch.compile is timed on CUDA devices only" in printed
+    (json_file,) = tmp_path.glob("*.json")
+    (csv_file,) = tmp_path.glob("*.csv")
+    result = json.loads(json_file.read_text())
+    for key in ("device", "torch", "triton", "commit", "date", "rows"):
+        assert key in result
+    assert {row["family"] for row in result["rows"]} == {"group_loss", "diversity", "advantages"}
+    assert all(row["provider"] == "eager" and row["error"] is None and row["median_ms"] > 0 for row in result["rows"])
+    assert len(list(csv.DictReader(csv_file.open()))) == len(result["rows"])
+
+
+@pytest.mark.triton
+def test_triton_provider_runs_a_case(tmp_path: Path) -> None:
+    cases = runner.suite_cases("smoke")[:1]
+    rows, _ = runner.run_suite(cases, ["triton"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None)
+    assert rows[0]["provider"] == "triton" and rows[0]["error"] is None
+
+
+def test_every_suite_builds_its_cases() -> None:
+    for suite in ("fused", "full", "smoke"):
+        assert runner.suite_cases(suite)
+    fused = runner.suite_cases("fused")
+    assert {(case.batch, case.group, case.dim) for case in fused} == {(256, 16, 4096), (4096, 16, 2048)}

@@ -1,0 +1,298 @@
+"""Triton backend vs the reference: every op, value and gradient.
+
+On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest) on
+small shapes; tests marked ``gpu`` repeat the sweep at real sizes and in bf16/fp16 on a CUDA
+device. Outputs are NaN-poisoned before the kernels write them (``DIVKERNELS_POISON_OUTPUTS``),
+so an unwritten element fails ``assert_matches``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from helpers import assert_matches, random_groups, random_logps
+
+import divkernels as dk
+from divkernels.backend import backend_unavailable_reason
+from divkernels.ops.common import ENV_POISON, new_output
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(backend_unavailable_reason("triton", DEVICE) is not None,
+                       reason=f"Triton cannot run here: {backend_unavailable_reason('triton', DEVICE)}"),
+]
+# Triton passes Python floats as fp32: hyperparameters exact in fp32 let fp64 runs agree to ~1e-12.
+EXACT = {"beta": 0.25, "orpo_lambda": 0.125, "simpo_gamma": 0.5, "eps": 2.0**-10}
+RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+LOSS_CONFIGS = [{"loss": loss, "diversity": diversity, "pairs": pairs}
+                for loss, diversity, pairs in itertools.product(("dpo", "ipo", "orpo", "simpo"),
+                                                                ("none", "deviation", "logdet_gain"),
+                                                                ("all", "best_worst", "divpo"))]
+
+
+def compare_backends(op: Callable[..., tuple[torch.Tensor, ...]], tensors: dict[str, torch.Tensor],
+                     differentiable: tuple[str, ...], rtol: float, generator: torch.Generator,
+                     atol: float = 0.0) -> None:
+    """Run ``op(backend=..., **tensors)`` on both backends; compare every output and the gradient
+    of a random linear functional of the outputs w.r.t. each name in ``differentiable``."""
+    results = {}
+    weights: list[torch.Tensor] | None = None
+    for backend in ("triton", "reference"):
+        leaves = {name: value.detach().clone().requires_grad_(name in differentiable) if value is not None else None
+                  for name, value in tensors.items()}
+        outputs = op(backend=backend, **leaves)
+        if weights is None:
+            weights = [torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
+                       for out in outputs]
+        grads: tuple[torch.Tensor, ...] = ()
+        scored = [(out.double() * w).sum() for out, w in zip(outputs, weights, strict=True) if out.requires_grad]
+        if scored and differentiable:
+            grads = torch.autograd.grad(sum(scored), [leaves[name] for name in differentiable], allow_unused=True)
+        results[backend] = (outputs, grads)
+    for got, want in zip(results["triton"][0], results["reference"][0], strict=True):
+        assert_matches(got, want, rtol, atol)
+    for got, want in zip(results["triton"][1], results["reference"][1], strict=True):
+        if want is None:
+            assert got is None or (got == 0).all()
+        else:
+            assert got is not None and got.dtype == want.dtype
+            assert_matches(got, want, rtol, atol)
+
+
+def groups_on_device(batch: int, group: int, dim: int, generator: torch.Generator, dtype: torch.dtype,
+                     layout: str = "contiguous") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random groups (NaN in padded rows) on DEVICE; ``layout="strided"`` gives non-contiguous emb."""
+    emb, mask = random_groups(batch, group, dim, generator, dtype=dtype)
+    if layout == "strided":
+        wide = torch.zeros(group, batch, 2 * dim, dtype=dtype)
+        wide[..., ::2] = emb.transpose(0, 1)
+        emb = wide[..., ::2].transpose(0, 1)
+        assert not emb.is_contiguous() and emb.stride(-1) == 2
+    return emb.to(DEVICE), mask.to(DEVICE)
+
+
+# ----------------------------------------------------------------------------- diversity ops
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("group", [2, 3, 8, 17, 64])
+def test_diversity_ops_match_reference(group: int, dtype: torch.dtype, layout: str,
+                                       generator: torch.Generator) -> None:
+    emb, mask = groups_on_device(3, group, group + 5, generator, dtype, layout)
+    rtol = RTOL[dtype]
+    for kernel in ("cosine", "dot", "rbf"):
+        compare_backends(lambda backend, emb, k=kernel: (dk.pairwise_similarity(emb, mask, kernel=k, backend=backend),),
+                         {"emb": emb}, ("emb",), rtol, generator)
+        compare_backends(lambda backend, emb, k=kernel: dk.logdet_diversity(emb, mask, eps=EXACT["eps"], kernel=k,
+                                                                              return_gains=True, backend=backend),
+                         {"emb": emb}, ("emb",), rtol * 10, generator)
+    compare_backends(lambda backend, emb: (dk.deviation(emb, mask, backend=backend),), {"emb": emb}, ("emb",), rtol,
+                     generator)
+    compare_backends(lambda backend, emb: (dk.partition_diversity(emb, mask, tau=0.1, backend=backend),),
+                     {"emb": emb}, (), 0.0, generator)
+
+
+def test_largest_in_kernel_group(generator: torch.Generator) -> None:
+    """G = 128, the in-kernel limit: the sweep runs over a full 128 x 128 tile."""
+    emb, mask = groups_on_device(2, 128, 140, generator, torch.float64)
+    compare_backends(lambda backend, emb: dk.logdet_diversity(emb, mask, eps=EXACT["eps"], return_gains=True,
+                                                              backend=backend),
+                     {"emb": emb}, ("emb",), 1e-8, generator)
+
+
+@pytest.mark.parametrize("diversity", ["none", "darling", "dqo", "deviation"])
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_group_advantages_match_reference(diversity: str, scale: str, generator: torch.Generator) -> None:
+    emb, mask = groups_on_device(4, 8, 12, generator, torch.float64)
+    rewards = torch.randn(4, 8, generator=generator, dtype=torch.float64).to(DEVICE)
+    compare_backends(lambda backend, rewards: (dk.group_advantages(rewards, emb, mask, diversity=diversity,
+                                                                   scale=scale, tau=0.1, eps=EXACT["eps"],
+                                                                   backend=backend),),
+                     {"rewards": rewards}, (), RTOL[torch.float64], generator)
+
+
+# ----------------------------------------------------------------------------- fused loss
+
+
+def _loss_outputs(output: dk.LossOutput) -> tuple[torch.Tensor, ...]:
+    extra = () if output.logdet is None else (output.logdet,)
+    return (output.loss, *(output.metrics[name] for name in sorted(output.metrics)), *extra)
+
+
+def _loss_inputs(batch: int, group: int, dim: int, generator: torch.Generator,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    emb, mask = groups_on_device(batch, group, dim, generator, dtype)
+    valid = mask.cpu()
+    return {
+        "emb": emb,
+        "mask": mask,
+        "policy_logps": torch.where(valid, random_logps(batch, group, generator, dtype), torch.nan).to(DEVICE),
+        "ref_logps": torch.where(valid, random_logps(batch, group, generator, dtype), torch.nan).to(DEVICE),
+        "rewards": torch.where(valid, torch.randn(batch, group, generator=generator, dtype=dtype),
+                               torch.nan).to(DEVICE),
+    }
+
+
+def _compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rtol: float,
+                  generator: torch.Generator, atol: float = 0.0) -> None:
+    mask, rewards = inputs["mask"], inputs["rewards"]
+
+    def op(backend: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+           emb: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        return _loss_outputs(dk.group_preference_loss(policy_logps, rewards, emb, ref_logps, mask, backend=backend,
+                                                      **options))
+
+    tensors = {name: inputs.get(name) for name in ("policy_logps", "ref_logps", "emb")}
+    differentiable = tuple(name for name, value in tensors.items() if value is not None)
+    compare_backends(op, tensors, differentiable, rtol, generator, atol)
+
+
+@pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda c: "-".join(c.values()))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_group_loss_matches_reference(config: dict[str, str], dtype: torch.dtype,
+                                      generator: torch.Generator) -> None:
+    inputs = _loss_inputs(4, 8, 12, generator, dtype)
+    options = {**config, "diversity_alpha": 0.5, "beta": EXACT["beta"], "orpo_lambda": EXACT["orpo_lambda"],
+               "simpo_gamma": EXACT["simpo_gamma"], "eps": EXACT["eps"]}
+    _compare_loss(inputs, options, RTOL[dtype] * 10, generator)
+
+
+@pytest.mark.parametrize("group", [2, 3, 17, 64])
+def test_group_loss_group_sizes(group: int, generator: torch.Generator) -> None:
+    inputs = _loss_inputs(3, group, group + 3, generator, torch.float64)
+    for config in ({"loss": "dpo", "diversity": "deviation", "pairs": "all"},
+                   {"loss": "orpo", "diversity": "logdet_gain", "pairs": "divpo"}):
+        _compare_loss(inputs, {**config, "diversity_alpha": 0.25, **EXACT}, 1e-8, generator)
+
+
+def test_group_loss_variants(generator: torch.Generator) -> None:
+    """Explicit pairs, DivPO scores, no reference model, no emb, raw/floored deviation weights."""
+    inputs = _loss_inputs(3, 6, 10, generator, torch.float64)
+    valid = inputs["mask"].cpu()
+    chosen = torch.multinomial(valid.double(), 4, replacement=True, generator=generator)
+    rejected = torch.multinomial(valid.double(), 4, replacement=True, generator=generator)
+    rejected = torch.where(rejected == chosen, -1, rejected)
+    chosen = torch.where(rejected < 0, -1, chosen)
+    pair_index = torch.stack([chosen, rejected], -1).to(DEVICE)
+    scores = torch.randn(3, 6, generator=generator, dtype=torch.float64).to(DEVICE)
+    variants = [
+        {"pair_index": pair_index, "diversity": "deviation"},
+        {"pairs": "divpo", "divpo_scores": scores, "quality_quantile": 0.25},
+        {"deviation_norm": "none", "min_deviation": 0.75, "diversity": "deviation"},
+        {"diversity": "logdet_gain", "diversity_alpha": 0.0},
+    ]
+    for options in variants:
+        _compare_loss(inputs, {**EXACT, **options}, 1e-9, generator)
+    _compare_loss({**inputs, "ref_logps": None}, dict(EXACT), 1e-9, generator)
+    _compare_loss({**inputs, "emb": None}, dict(EXACT), 1e-9, generator)
+
+
+# ----------------------------------------------------------------------------- degenerate groups
+
+
+def test_degenerate_groups_match_reference(generator: torch.Generator) -> None:
+    """Duplicated responses (singular S), n > D, G = 2, all-equal rewards."""
+    duplicates = torch.randn(2, 1, 6, generator=generator, dtype=torch.float64).expand(2, 5, 6).contiguous()
+    low_rank = torch.randn(2, 17, 3, generator=generator, dtype=torch.float64)
+    pair = torch.randn(4, 2, 5, generator=generator, dtype=torch.float64)
+    # At exact duplicates every gradient w.r.t. emb is 0 (cosine at its maximum): both backends give
+    # rounding noise, amplified by |K^-1| ~ 1/eps for logdet; those cases get an absolute floor.
+    for emb, atol in ((duplicates, 1e-9), (low_rank, 0.0), (pair, 0.0)):
+        emb = emb.to(DEVICE)
+        batch, group = emb.shape[:2]
+        compare_backends(lambda backend, emb: dk.logdet_diversity(emb, eps=EXACT["eps"], return_gains=True,
+                                                                  backend=backend),
+                         {"emb": emb}, ("emb",), 1e-8, generator, atol=atol)
+        compare_backends(lambda backend, emb: (dk.deviation(emb, backend=backend),), {"emb": emb}, ("emb",), 1e-9,
+                         generator, atol=atol)
+        inputs = {"emb": emb, "mask": None, "policy_logps": random_logps(batch, group, generator).to(DEVICE),
+                  "ref_logps": random_logps(batch, group, generator).to(DEVICE),
+                  "rewards": torch.ones(batch, group, dtype=torch.float64, device=DEVICE)}
+        _compare_loss(inputs, {"diversity": "logdet_gain", "diversity_alpha": 0.5, **EXACT}, 1e-8, generator, atol)
+
+
+def test_fp32_duplicates_stay_close_to_fp64() -> None:
+    """fp32 sweep on exact duplicates (cond ~ 1/eps) stays finite and within the SPEC's measured error."""
+    emb = torch.randn(3, 1, 16).expand(3, 8, 16).contiguous().to(DEVICE)
+    logdet, gains = dk.logdet_diversity(emb, return_gains=True, backend="triton")
+    ref_logdet, ref_gains = dk.logdet_diversity(emb.double(), return_gains=True, backend="reference")
+    assert torch.isfinite(logdet).all() and torch.isfinite(gains).all()
+    assert_matches(logdet, ref_logdet, 2e-3)
+    assert_matches(gains, ref_gains, 2e-3)
+
+
+# The interpreter's numpy warns on the fp32 sweep's log(0) that the fp64 retry then replaces.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_fp64_retry_rescues_a_group_fp32_cannot_factor() -> None:
+    """eps = 1e-9 vanishes next to 1 in fp32: duplicates make K exactly singular there. The kernel's
+    device-side flag re-sweeps that group in fp64; the other group keeps its fp32 result."""
+    emb = torch.zeros(2, 2, 4, device=DEVICE)
+    emb[0, :, 0] = 1.0  # exact duplicates: S = [[1, 1], [1, 1]] exactly
+    emb[1, 0, 0] = 1.0
+    emb[1, 1, 1] = 1.0  # orthogonal
+    logdet = dk.logdet_diversity(emb, eps=1e-9, backend="triton")
+    assert torch.isfinite(logdet).all()
+    assert logdet[0].item() == pytest.approx(math.log(2e-9), rel=1e-6)
+    assert logdet[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_nan_input_is_reported_by_the_kernel_flags() -> None:
+    emb = torch.randn(3, 4, 5, device=DEVICE)
+    emb[1, 2, 0] = torch.nan
+    rewards = torch.randn(3, 4, device=DEVICE)
+    policy = -torch.rand(3, 4, device=DEVICE)
+    calls = [
+        lambda: dk.pairwise_similarity(emb, backend="triton"),
+        lambda: dk.deviation(emb, backend="triton"),
+        lambda: dk.logdet_diversity(emb, backend="triton"),
+        lambda: dk.partition_diversity(emb, backend="triton"),
+        lambda: dk.group_advantages(rewards, emb, diversity="dqo", backend="triton"),
+        lambda: dk.group_preference_loss(policy, rewards, emb, diversity="deviation", backend="triton"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"emb has NaN or inf in valid responses of groups \[1\]"):
+            call()
+    unchecked = dk.logdet_diversity(emb, backend="triton", check_inputs=False)
+    assert torch.isnan(unchecked[1]) and torch.isfinite(unchecked[[0, 2]]).all()
+
+
+def test_poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_POISON, "1")
+    assert torch.isnan(new_output((2, 3), torch.float32, DEVICE)).all()
+    monkeypatch.setenv(ENV_POISON, "0")
+    assert new_output((2, 3), torch.float32, DEVICE).shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------- GPU sweep
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("batch", "group", "dim"), [(64, 16, 1024), (16, 64, 512), (4, 128, 256), (256, 2, 384)])
+def test_gpu_sweep(batch: int, group: int, dim: int, dtype: torch.dtype, generator: torch.Generator) -> None:
+    emb, mask = groups_on_device(batch, group, dim, generator, dtype)
+    rtol = RTOL[dtype]
+    compare_backends(lambda backend, emb: (dk.pairwise_similarity(emb, mask, backend=backend),), {"emb": emb},
+                     ("emb",), rtol, generator)
+    compare_backends(lambda backend, emb: (dk.deviation(emb, mask, backend=backend),), {"emb": emb}, ("emb",),
+                     rtol, generator)
+    compare_backends(lambda backend, emb: dk.logdet_diversity(emb, mask, eps=1e-2, return_gains=True,
+                                                              backend=backend),
+                     {"emb": emb}, ("emb",), max(rtol, 1e-3), generator)
+    inputs = _loss_inputs(batch, group, dim, generator, torch.float32)
+    inputs["emb"] = emb
+    inputs["mask"] = mask
+    for config in LOSS_CONFIGS[::4]:
+        _compare_loss(inputs, {**config, "diversity_alpha": 0.1, "eps": 1e-2}, max(rtol, 1e-3), generator)
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_cuda() -> None:
+    emb = torch.randn(2, 4, 8, device="cuda", requires_grad=True)
+    assert "Function" in type(dk.pairwise_similarity(emb).grad_fn).__name__
