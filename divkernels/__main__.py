@@ -1,4 +1,5 @@
-"""``python -m divkernels info``: versions, device and which backends can run, and why not."""
+"""``python -m divkernels``: ``info`` (versions, device, which backends can run and why not) and
+``demo`` (diversity-aware preference training of a tiny LM on CPU; ``demo --help``)."""
 
 from __future__ import annotations
 
@@ -43,12 +44,17 @@ def info() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":
+        from divkernels.integration.demo import main as demo
+
+        return demo(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m divkernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device and available backends")
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info())
+    commands.add_parser("demo", help="diversity-aware preference training of a tiny LM (see demo --help)")
+    parser.parse_args(argv)
+    print(info())
     return 0
 
 

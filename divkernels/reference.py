@@ -567,6 +567,16 @@ def group_advantages(
         return advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale)
 
 
+def darling_rewards(rewards: torch.Tensor, valid: torch.Tensor, partition_div: torch.Tensor) -> torch.Tensor:
+    """DARLING's shaped reward ``minmax(r) * div``: quality min-max normalized to [0, 1] over the
+    batch's valid responses (all equal: 1), times partition diversity; 0 at padding."""
+    low = torch.where(valid, rewards, torch.inf).min()
+    high = torch.where(valid, rewards, -torch.inf).max()
+    spread = high - low
+    quality = torch.where(spread > 0, (rewards - low) / torch.where(spread > 0, spread, 1.0), 1.0)
+    return torch.where(valid, quality * partition_div, 0.0)
+
+
 def advantages_from_diversity(rewards: torch.Tensor, valid: torch.Tensor, diversity: str,
                               measure: torch.Tensor | None, alpha: float, scale: str) -> torch.Tensor:
     """Shape rewards with a per-response diversity ``measure`` ``[B, G]`` and normalize per group.
@@ -576,11 +586,7 @@ def advantages_from_diversity(rewards: torch.Tensor, valid: torch.Tensor, divers
     dtype = compute_dtype(rewards.dtype)
     shaped = torch.where(valid, rewards.to(dtype), 0.0)
     if diversity == "darling":
-        low = torch.where(valid, shaped, torch.inf).min()
-        high = torch.where(valid, shaped, -torch.inf).max()
-        spread = high - low
-        quality = torch.where(spread > 0, (shaped - low) / torch.where(spread > 0, spread, 1.0), 1.0)
-        shaped = quality * measure.to(dtype)
+        shaped = darling_rewards(shaped, valid, measure.to(dtype))
     elif diversity in ("dqo", "deviation"):
         shaped = shaped + alpha * measure.to(dtype)
     shaped = torch.where(valid, shaped, 0.0)

@@ -1,0 +1,38 @@
+"""Hugging Face / TRL integration of divkernels (installed as ``divkernels.integration``).
+
+* :class:`DiversityPreferenceTrainer` + :class:`DiversityPreferenceConfig`: DDPO / DORPO / DivPO /
+  logdet-regularized preference training on groups of responses; :func:`pairs_to_groups` for
+  TRL's chosen/rejected datasets.
+* :class:`DarlingReward`, :class:`DiversityBonusReward`: reward functions for TRL's ``GRPOTrainer``.
+* :class:`DiversityCallback`: diversity / pass@k tracking for any ``Trainer``.
+* :class:`SentenceEncoder`, :func:`pool_hidden_states`: embedding sources.
+
+Needs the ``train`` extra (transformers, trl, accelerate, sentence-transformers).
+"""
+
+from divkernels.integration.callback import DiversityCallback, diversity_metrics, sample_completions
+from divkernels.integration.embeddings import SentenceEncoder, pool_hidden_states
+from divkernels.integration.models import attention_implementation, load_causal_lm
+from divkernels.integration.preference import (
+    DiversityPreferenceConfig,
+    DiversityPreferenceTrainer,
+    GroupPreferenceCollator,
+    pairs_to_groups,
+)
+from divkernels.integration.rewards import DarlingReward, DiversityBonusReward
+
+__all__ = [
+    "DarlingReward",
+    "DiversityBonusReward",
+    "DiversityCallback",
+    "DiversityPreferenceConfig",
+    "DiversityPreferenceTrainer",
+    "GroupPreferenceCollator",
+    "SentenceEncoder",
+    "attention_implementation",
+    "diversity_metrics",
+    "load_causal_lm",
+    "pairs_to_groups",
+    "pool_hidden_states",
+    "sample_completions",
+]

