@@ -45,7 +45,7 @@ def _cuda_extensions() -> tuple[list, dict]:
     if CUDA_HOME is None:
         return skip("nvcc / CUDA_HOME not found")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    extension = CUDAExtension("divkernels._C", sources)
+    extension = CUDAExtension("divkernels._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -63,6 +63,8 @@ def provider_skip_reason(provider: str, case: Case, device: torch.device) -> str
     """Why ``provider`` cannot run ``case`` here (None when it can)."""
     if provider in ("triton", "cuda"):
         reason = backend_unavailable_reason(provider, device)
+        if reason is None and provider == "cuda" and case.family != "group_loss":
+            reason = "the CUDA extension implements the fused group loss only"
         if reason is None and case.group > MAX_KERNEL_GROUP:
             reason = f"G={case.group} exceeds the in-kernel limit {MAX_KERNEL_GROUP}"
         return reason

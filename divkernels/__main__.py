@@ -20,7 +20,7 @@ def _version(package: str) -> str:
 
 def info() -> str:
     """The report that ``python -m divkernels info`` prints."""
-    from divkernels import __version__
+    from divkernels import __version__, _cuda
     from divkernels.backend import backend_report
 
     lines = [
@@ -39,7 +39,10 @@ def info() -> str:
     for device in devices:
         lines.append(f"backends on {device.type}:")
         for name, reason in backend_report(device).items():
-            lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+            status = "available" if reason is None else "unavailable: " + reason
+            if name == "cuda":
+                status = _cuda.describe(device)
+            lines.append(f"  {name:<10} {status}")
     return "\n".join(lines)
 
 

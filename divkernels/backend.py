@@ -57,9 +57,9 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
             return "Triton kernels need a CUDA device; on CPU they run only under TRITON_INTERPRET=1"
         return f"Triton kernels need a CUDA device, got {device.type}"
     if backend == "cuda":
-        if device.type != "cuda":
-            return f"the CUDA extension needs a CUDA device, got {device.type}"
-        return "the CUDA extension (divkernels._C) is not part of this version"
+        from divkernels import _cuda
+
+        return _cuda.unavailable_reason(device)
     raise ValueError(f"unknown backend {backend!r}")
 
 

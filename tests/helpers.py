@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # Relative tolerances by dtype (the project standard): fp64 near rounding, fp32 ~1e-5, bf16 ~1e-2.
@@ -56,3 +58,32 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, rtol: float, at
     scale = expected[finite].abs().max().clamp_min(1e-30)
     error = (actual[finite] - expected[finite]).abs().max()
     assert error <= rtol * scale + atol, f"relative error {(error / scale).item():.3e} > {rtol:.1e}"
+
+
+def compare_backends(op: Callable[..., tuple[torch.Tensor, ...]], tensors: dict[str, torch.Tensor],
+                     differentiable: tuple[str, ...], rtol: float, generator: torch.Generator,
+                     atol: float = 0.0, backend: str = "triton", against: str = "reference") -> None:
+    """Run ``op(backend=..., **tensors)`` with ``backend`` and ``against``; compare every output and
+    the gradient of a random linear functional of the outputs w.r.t. each name in ``differentiable``."""
+    results = {}
+    weights: list[torch.Tensor] | None = None
+    for which in (backend, against):
+        leaves = {name: value.detach().clone().requires_grad_(name in differentiable) if value is not None else None
+                  for name, value in tensors.items()}
+        outputs = op(backend=which, **leaves)
+        if weights is None:
+            weights = [torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
+                       for out in outputs]
+        grads: tuple[torch.Tensor, ...] = ()
+        scored = [(out.double() * w).sum() for out, w in zip(outputs, weights, strict=True) if out.requires_grad]
+        if scored and differentiable:
+            grads = torch.autograd.grad(sum(scored), [leaves[name] for name in differentiable], allow_unused=True)
+        results[which] = (outputs, grads)
+    for got, want in zip(results[backend][0], results[against][0], strict=True):
+        assert_matches(got, want, rtol, atol)
+    for got, want in zip(results[backend][1], results[against][1], strict=True):
+        if want is None:
+            assert got is None or (got == 0).all()
+        else:
+            assert got is not None and got.dtype == want.dtype
+            assert_matches(got, want, rtol, atol)

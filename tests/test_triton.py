@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import assert_matches, random_groups, random_logps
+from helpers import assert_matches, compare_backends, random_groups, random_logps
 
 import divkernels as dk
 from divkernels.backend import backend_unavailable_reason
@@ -33,35 +32,6 @@ LOSS_CONFIGS = [{"loss": loss, "diversity": diversity, "pairs": pairs}
                 for loss, diversity, pairs in itertools.product(("dpo", "ipo", "orpo", "simpo"),
                                                                 ("none", "deviation", "logdet_gain"),
                                                                 ("all", "best_worst", "divpo"))]
-
-
-def compare_backends(op: Callable[..., tuple[torch.Tensor, ...]], tensors: dict[str, torch.Tensor],
-                     differentiable: tuple[str, ...], rtol: float, generator: torch.Generator,
-                     atol: float = 0.0) -> None:
-    """Run ``op(backend=..., **tensors)`` on both backends; compare every output and the gradient
-    of a random linear functional of the outputs w.r.t. each name in ``differentiable``."""
-    results = {}
-    weights: list[torch.Tensor] | None = None
-    for backend in ("triton", "reference"):
-        leaves = {name: value.detach().clone().requires_grad_(name in differentiable) if value is not None else None
-                  for name, value in tensors.items()}
-        outputs = op(backend=backend, **leaves)
-        if weights is None:
-            weights = [torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
-                       for out in outputs]
-        grads: tuple[torch.Tensor, ...] = ()
-        scored = [(out.double() * w).sum() for out, w in zip(outputs, weights, strict=True) if out.requires_grad]
-        if scored and differentiable:
-            grads = torch.autograd.grad(sum(scored), [leaves[name] for name in differentiable], allow_unused=True)
-        results[backend] = (outputs, grads)
-    for got, want in zip(results["triton"][0], results["reference"][0], strict=True):
-        assert_matches(got, want, rtol, atol)
-    for got, want in zip(results["triton"][1], results["reference"][1], strict=True):
-        if want is None:
-            assert got is None or (got == 0).all()
-        else:
-            assert got is not None and got.dtype == want.dtype
-            assert_matches(got, want, rtol, atol)
 
 
 def groups_on_device(batch: int, group: int, dim: int, generator: torch.Generator, dtype: torch.dtype,

@@ -56,10 +56,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"
 
 
+def poison_outputs() -> bool:
+    """``DIVKERNELS_POISON_OUTPUTS=1``: kernel outputs start as NaN (the CUDA launchers read it too)."""
+    return os.environ.get(ENV_POISON, "0") not in ("", "0")
+
+
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An output buffer for a kernel to fill; NaN-poisoned when ``DIVKERNELS_POISON_OUTPUTS=1``
     so that tests see any element a kernel failed to write."""
-    if os.environ.get(ENV_POISON, "0") not in ("", "0"):
+    if poison_outputs():
         fill = torch.nan if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

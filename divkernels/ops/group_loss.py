@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from divkernels import reference
+from divkernels import _cuda, reference
 from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     accumulation_dtype,
@@ -34,6 +34,7 @@ from divkernels.ops.common import (
     group_block,
     new_output,
     num_warps_for,
+    poison_outputs,
     tl,
     triton,
     triton_dtype,
@@ -307,6 +308,7 @@ class LossConfig:
     diversity_alpha: float
     eps: float
     quality_quantile: float
+    kernel_backend: str = "triton"  # "triton" or "cuda"
 
     @property
     def needs_logdet(self) -> bool:
@@ -332,6 +334,8 @@ def group_loss_forward(policy: torch.Tensor, ref: torch.Tensor | None, rewards: 
         sim = new_output((batch, group, group), acc, device)
         norms = new_output((batch, group), acc, device)
         inverse = new_output((batch, group, group), acc, device) if config.needs_logdet else None
+    if config.kernel_backend == "cuda":
+        return _cuda_group_loss_forward(policy, ref, rewards, emb, mask, counts, scores, config, store_state, acc)
     block_g = group_block(group)
     _group_loss_forward_kernel[(batch,)](
         emb, mask, policy.contiguous(), None if ref is None else ref.contiguous(), rewards.contiguous(), counts,
@@ -347,6 +351,30 @@ def group_loss_forward(policy: torch.Tensor, ref: torch.Tensor | None, rewards: 
         PRECISION=dot_precision(emb.dtype if emb is not None else acc), RETRY_FP64=acc == torch.float32,
         num_warps=num_warps_for(block_g))
     return stats, grad_policy, sim, norms, inverse
+
+
+def _cuda_group_loss_forward(policy: torch.Tensor, ref: torch.Tensor | None, rewards: torch.Tensor,
+                             emb: torch.Tensor | None, mask: torch.Tensor | None, counts: torch.Tensor | None,
+                             scores: torch.Tensor | None, config: LossConfig, store_state: bool,
+                             acc: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The same launch through the CUDA extension (``csrc/group_loss.cu``); same outputs."""
+    def small(tensor: torch.Tensor | None) -> torch.Tensor | None:  # [B, G] inputs: acc dtype, contiguous
+        return None if tensor is None else tensor.detach().to(acc).contiguous()
+
+    stats, grad_policy, sim, norms, inverse = _cuda.extension(policy.device).group_loss_forward(
+        None if emb is None else emb.detach(), mask, small(policy), small(ref), small(rewards), small(counts),
+        small(scores), LOSSES.index(config.loss), PAIR_MODES.index(config.pairs),
+        DIVERSITIES.index(config.diversity), config.deviation_norm == "mean", config.needs_logdet, store_state,
+        config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
+        config.quality_quantile, poison_outputs())
+    return stats, grad_policy, sim, norms, inverse
+
+
+def cuda_similarity_backward(grad_sim: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, emb: torch.Tensor,
+                             mask: torch.Tensor | None) -> torch.Tensor:
+    """``dL/d emb`` through the CUDA extension (``csrc/similarity_backward.cu``), cosine kernel."""
+    return _cuda.extension(emb.device).similarity_backward(grad_sim.to(sim.dtype), sim, norms, emb.detach(), mask,
+                                                           poison_outputs())
 
 
 class GroupPreferenceLossFunction(torch.autograd.Function):
@@ -383,7 +411,10 @@ class GroupPreferenceLossFunction(torch.autograd.Function):
         if emb is not None:
             batch = grad_policy_sum.shape[0]
             grad_sim = inverse * (-config.diversity_alpha / batch * grad_loss.to(inverse.dtype))
-            grad_emb = similarity_backward(grad_sim, sim, norms, emb, mask)
+            if config.kernel_backend == "cuda":
+                grad_emb = cuda_similarity_backward(grad_sim, sim, norms, emb, mask)
+            else:
+                grad_emb = similarity_backward(grad_sim, sim, norms, emb, mask)
         return grad_policy, grad_ref, grad_emb, None, None, None, None, None
 
 
@@ -532,7 +563,7 @@ def group_preference_loss(
     device = check_same_device(policy_logps=policy_logps, rewards=rewards, emb=emb, ref_logps=ref_logps,
                                mask=mask, pair_index=pair_index, divpo_scores=divpo_scores)
     chosen = resolve_backend(backend, op="group_preference_loss", device=device, group_size=group,
-                             kernels=("triton",))
+                             kernels=("triton", "cuda"))
 
     valid = reference.valid_mask(mask, batch, group, device)
     checks = DataChecks(check_inputs)
@@ -549,8 +580,8 @@ def group_preference_loss(
         _check_pair_index(checks, pair_index, valid)
 
     config = LossConfig(loss, diversity, pairs, beta, orpo_lambda, simpo_gamma, deviation_norm, min_deviation,
-                        diversity_alpha, eps, quality_quantile)
-    if chosen == "triton":
+                        diversity_alpha, eps, quality_quantile, chosen)
+    if chosen in ("triton", "cuda"):
         counts = None if pair_index is None else reference.pair_counts_explicit(pair_index, group)
         total, stats, totals = GroupPreferenceLossFunction.apply(
             policy_logps, ref_logps, emb, rewards, contiguous_mask(mask), counts, divpo_scores, config)

@@ -1,0 +1,80 @@
+// Host build of the CUDA extension's math, for tests on machines without a GPU.
+//
+// Same arguments, same outputs, same group_math.h code as group_loss.cu and
+// similarity_backward.cu; each group runs with BlockPar's host schedule (plain loops) instead of
+// a thread block, its workspace on the heap instead of shared memory. divkernels/_cuda.py builds
+// it with torch.utils.cpp_extension.load when DIVKERNELS_CUDA_HOST_EMULATION=1.
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "../group_math.h"
+#include "../launch.h"
+
+namespace divkernels {
+
+std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
+                                           const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
+                                           const OptTensor& scores, int64_t loss, int64_t pairs, int64_t weights,
+                                           bool normalize_deviation, bool need_logdet, bool store_state, double beta,
+                                           double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
+                                           double quality_quantile, bool poison) {
+  TORCH_CHECK(policy.is_cpu(), "the host build takes CPU tensors, got ", policy.device());
+  ForwardArgs a = prepare_forward(emb, mask, policy, ref, rewards, counts, scores, loss, pairs, weights,
+                                  normalize_deviation, need_logdet, store_state, beta, orpo_lambda, simpo_gamma,
+                                  min_deviation, eps, quality_quantile, poison);
+  const auto emb_type = emb ? emb->scalar_type() : a.acc;
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "group_loss_forward_acc", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb_type, "group_loss_forward_emb", [&] {
+      using E = scalar_t;
+      std::vector<T> workspace(size_t(workspace_elements(int(a.G))), T(NAN));
+      int picks[2];
+      const auto strides = emb ? emb->strides() : at::IntArrayRef{};
+      for (int64_t b = 0; b < a.B; ++b) {
+        Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
+        group_forward(BlockPar{}, ws, b, int(a.G), a.D, emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0,
+                      emb ? strides[1] : 0, emb ? strides[2] : 0, data_or_null<bool>(mask), policy.data_ptr<T>(),
+                      data_or_null<T>(ref), rewards.data_ptr<T>(), data_or_null<T>(counts), data_or_null<T>(scores),
+                      a.params, a.outputs[0].data_ptr<T>(), a.outputs[1].data_ptr<T>(),
+                      data_or_null<T>(a.outputs[2]), data_or_null<T>(a.outputs[3]), data_or_null<T>(a.outputs[4]));
+      }
+    });
+  });
+  return a.outputs;
+}
+
+at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
+                               const at::Tensor& emb, const OptTensor& mask, bool poison) {
+  TORCH_CHECK(emb.is_cpu(), "the host build takes CPU tensors, got ", emb.device());
+  BackwardArgs a = prepare_backward(grad_sim, sim, norms, emb, mask, poison);
+  constexpr int kWidth = 128;  // as kBackwardWidth in similarity_backward.cu
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "similarity_backward_acc", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "similarity_backward_emb", [&] {
+      using E = scalar_t;
+      std::vector<T> workspace(size_t(workspace_elements(int(a.G))), T(NAN));
+      int picks[2];
+      for (int64_t b = 0; b < a.B; ++b) {
+        for (int64_t d0 = 0; d0 < a.D; d0 += kWidth) {
+          Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
+          cosine_backward_matrix(BlockPar{}, ws, b, int(a.G), data_or_null<bool>(mask), mask.has_value(),
+                                 grad_sim.data_ptr<T>(), grad_sim.stride(0), grad_sim.stride(1), grad_sim.stride(2),
+                                 sim.data_ptr<T>(), norms.data_ptr<T>());
+          apply_backward_matrix(BlockPar{}, ws, b, int(a.G), a.D, d0, kWidth, emb.data_ptr<E>(), emb.stride(0),
+                                emb.stride(1), emb.stride(2), a.grad_emb.data_ptr<E>());
+        }
+      }
+    });
+  });
+  return a.grad_emb;
+}
+
+}  // namespace divkernels
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Host build of the divkernels CUDA math (tests without a GPU)";
+  m.attr("platform") = "host";
+  m.def("group_loss_forward", &divkernels::group_loss_forward);
+  m.def("similarity_backward", &divkernels::similarity_backward);
+}

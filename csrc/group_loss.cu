@@ -1,0 +1,82 @@
+// Fused group preference loss, forward (SPEC 5): one thread block per group.
+//
+// The block stages emb[b] through shared memory kChunk columns at a time (coalesced along D) to
+// accumulate the Gram matrix, then runs the group math of group_math.h on the G x G workspace in
+// shared memory: cosine S, deviation, Cholesky of S + eps I with logdet and K^{-1}, pair
+// selection, diversity weights, pair losses, d loss / d policy and the metric partial sums.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ATen.h>
+
+#include "group_math.h"
+#include "launch.h"
+
+namespace divkernels {
+
+template <class T, class E>
+__global__ void group_loss_forward_kernel(const E* __restrict__ emb, int64_t stride_b, int64_t stride_g,
+                                          int64_t stride_d, const bool* __restrict__ mask,
+                                          const T* __restrict__ policy, const T* __restrict__ ref,
+                                          const T* __restrict__ rewards, const T* __restrict__ counts,
+                                          const T* __restrict__ scores, int G, int64_t D, LossParams params,
+                                          T* stats, T* grad_policy, T* sim, T* norms, T* inverse) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  __shared__ int picks[2];
+  Workspace<T> ws = carve_workspace(reinterpret_cast<T*>(shared), picks, G);
+  group_forward(BlockPar{}, ws, int64_t(blockIdx.x), G, D, emb, stride_b, stride_g, stride_d, mask, policy, ref,
+                rewards, counts, scores, params, stats, grad_policy, sim, norms, inverse);
+}
+
+inline int threads_for(int64_t G) { return G <= 32 ? 64 : (G <= 64 ? 128 : 256); }
+
+// Dynamic shared memory for a group of G, raised above 48 KiB where the device allows it.
+template <class Kernel>
+size_t shared_bytes(Kernel kernel, int64_t G, size_t element) {
+  const size_t bytes = size_t(workspace_elements(int(G))) * element;
+  const int device = c10::cuda::current_device();
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= size_t(optin), "the CUDA group kernel needs ", bytes, " bytes of shared memory for G=", G,
+              " in this dtype but the device allows ", optin, "; use backend='triton' or 'reference'");
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  }
+  return bytes;
+}
+
+std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
+                                           const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
+                                           const OptTensor& scores, int64_t loss, int64_t pairs, int64_t weights,
+                                           bool normalize_deviation, bool need_logdet, bool store_state, double beta,
+                                           double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
+                                           double quality_quantile, bool poison) {
+  TORCH_CHECK(policy.is_cuda(), "the CUDA extension needs CUDA tensors, got ", policy.device());
+  const c10::cuda::CUDAGuard guard(policy.device());
+  ForwardArgs a = prepare_forward(emb, mask, policy, ref, rewards, counts, scores, loss, pairs, weights,
+                                  normalize_deviation, need_logdet, store_state, beta, orpo_lambda, simpo_gamma,
+                                  min_deviation, eps, quality_quantile, poison);
+  if (a.B == 0) return a.outputs;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto emb_type = emb ? emb->scalar_type() : a.acc;
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "group_loss_forward_acc", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb_type, "group_loss_forward_emb", [&] {
+      using E = scalar_t;
+      auto kernel = group_loss_forward_kernel<T, E>;
+      const size_t bytes = shared_bytes(kernel, a.G, sizeof(T));
+      const auto strides = emb ? emb->strides() : at::IntArrayRef{};
+      kernel<<<unsigned(a.B), threads_for(a.G), bytes, stream>>>(
+          emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0, emb ? strides[1] : 0, emb ? strides[2] : 0,
+          data_or_null<bool>(mask), policy.data_ptr<T>(), data_or_null<T>(ref), rewards.data_ptr<T>(),
+          data_or_null<T>(counts), data_or_null<T>(scores), int(a.G), a.D, a.params, a.outputs[0].data_ptr<T>(),
+          a.outputs[1].data_ptr<T>(), data_or_null<T>(a.outputs[2]), data_or_null<T>(a.outputs[3]),
+          data_or_null<T>(a.outputs[4]));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return a.outputs;
+}
+
+}  // namespace divkernels

@@ -1,0 +1,578 @@
+// Device math of the fused group op (SPEC 5), shared by the CUDA kernels and a host build.
+//
+// Every function works on ONE group of G <= 128 responses held in a small workspace (shared memory
+// on the GPU, heap memory on the host) and is written against a "parallel schedule" `Par`:
+//   par.for_each(n, f)  runs f(0..n-1), each index writing only its own outputs;
+//   par.sync()          makes those writes visible to every later step.
+// On the GPU `BlockPar` strides the indices over the threads of a block and syncs with
+// __syncthreads(); on the host `BlockPar` compiles to a plain loop. The kernels in
+// group_loss.cu / similarity_backward.cu and the CPU build in cpu/group_math_cpu.cpp therefore run
+// the same code, which is how the math is tested on a machine without a GPU.
+//
+// T is the accumulation type (float, or double for float64 inputs); E the embedding element type.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DK_HD __host__ __device__ __forceinline__
+#else
+#define DK_HD inline
+#endif
+
+namespace divkernels {
+
+using std::ceil;
+using std::exp;
+using std::expm1;
+using std::fabs;
+using std::floor;
+using std::log;
+using std::log1p;
+using std::sqrt;
+
+constexpr int kMaxGroup = 128;
+constexpr int kChunk = 32;             // embedding columns per Gram step
+constexpr double kNormFloor = 1e-12;   // reference.NORM_FLOOR
+constexpr double kDivpoTieRtol = 1e-5; // reference.DIVPO_TIE_RTOL
+constexpr double kLn2 = 0.6931471805599453;
+
+// Loss, pair and weight modes: the order of divkernels.types.LOSSES / PAIR_MODES / DIVERSITIES.
+enum Loss : int { kDpo = 0, kIpo = 1, kOrpo = 2, kSimpo = 3 };
+enum Pairs : int { kAll = 0, kBestWorst = 1, kDivpo = 2, kExplicit = 3 };
+enum Weights : int { kNone = 0, kDeviation = 1, kLogdetGain = 2 };
+
+// Columns of the per-group partial sums (divkernels.ops.group_loss.STATS).
+enum Stat : int {
+  kWeightedLoss = 0, kPairs, kChosenReward, kRejectedReward, kCorrect, kNoPairs, kDeviationSum,
+  kMeanSimilarity, kHasSimilarity, kLogdet, kValid, kEmbNonfinite, kNumStats
+};
+
+struct BlockPar {
+  template <class F>
+  DK_HD void for_each(int n, F f) const {
+#if defined(__CUDA_ARCH__)
+    for (int i = threadIdx.x; i < n; i += blockDim.x) f(i);
+#else
+    for (int i = 0; i < n; ++i) f(i);
+#endif
+  }
+  DK_HD void sync() const {
+#if defined(__CUDA_ARCH__)
+    __syncthreads();
+#endif
+  }
+};
+
+// Scalar settings of one launch (the Python LossConfig plus what the inputs hold).
+struct LossParams {
+  int loss, pairs, weights;
+  bool normalize_deviation, has_emb, has_mask, has_ref, has_scores, need_logdet, store_state;
+  double beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile;
+};
+
+// Per-group workspace. S: G x G; W: G x max(G, kChunk + 1) (embedding tile, then Cholesky factor);
+// vectors of G entries; a few integer scalars.
+template <class T>
+struct Workspace {
+  T *S, *W;
+  T *valid, *norms, *dev, *weight, *policy, *ref, *reward, *score, *implicit, *slope, *rank;
+  T *row_loss, *row_dsum, *col_dsum, *row_chosen, *row_rejected, *row_correct, *row_count, *row_weighted, *row_sim;
+  T *scalars;  // [0] n, [1] failed (0/1), [2] logdet
+  int *picks;  // [0] chosen, [1] rejected (best-worst / DivPO), -1 for none
+};
+constexpr int kNumVectors = 20;
+constexpr int kNumScalars = 4;
+
+DK_HD int tile_ld(int G) { return (G > kChunk + 1 ? G : kChunk + 1); }
+
+// Workspace floats for a group of G (the kernels size their dynamic shared memory with it).
+DK_HD int64_t workspace_elements(int G) {
+  return int64_t(G) * G + int64_t(G) * tile_ld(G) + int64_t(kNumVectors) * G + kNumScalars;
+}
+
+template <class T>
+DK_HD Workspace<T> carve_workspace(T* base, int* picks, int G) {
+  Workspace<T> ws;
+  ws.S = base;
+  ws.W = ws.S + G * G;
+  T* v = ws.W + G * tile_ld(G);
+  T** vectors[kNumVectors] = {&ws.valid, &ws.norms, &ws.dev, &ws.weight, &ws.policy, &ws.ref, &ws.reward,
+                              &ws.score, &ws.implicit, &ws.slope, &ws.rank, &ws.row_loss, &ws.row_dsum,
+                              &ws.col_dsum, &ws.row_chosen, &ws.row_rejected, &ws.row_correct, &ws.row_count,
+                              &ws.row_weighted, &ws.row_sim};
+  for (int k = 0; k < kNumVectors; ++k) *vectors[k] = v + k * G;
+  ws.scalars = v + kNumVectors * G;
+  ws.picks = picks;
+  return ws;
+}
+
+// ------------------------------------------------------------------ small scalar functions
+
+template <class T>
+DK_HD T softplus(T x) {  // log(1 + e^x); -log sigmoid(u) = softplus(-u)
+  return (x > T(0) ? x : T(0)) + log1p(exp(-fabs(x)));
+}
+template <class T>
+DK_HD T sigmoid(T x) { return T(1) / (T(1) + exp(-x)); }
+template <class T>
+DK_HD T log1mexp(T x) {  // log(1 - e^x) for x < 0 (Maechler 2012)
+  return x > T(-kLn2) ? log(-expm1(x)) : log1p(-exp(x));
+}
+
+// ------------------------------------------------------------------ loading
+
+// valid_i, n, and the [B, G] per-response inputs of group b (already in T, contiguous).
+template <class T, class Par>
+DK_HD void load_group_inputs(const Par& par, Workspace<T> ws, int64_t b, int G, const bool* mask, const T* policy,
+                             const T* ref, const T* rewards, const T* scores, const LossParams& p) {
+  par.for_each(G, [&](int i) {
+    const bool v = p.has_mask ? mask[b * G + i] : true;
+    ws.valid[i] = v ? T(1) : T(0);
+    // Padded log-probs get a finite stand-in (< 0 keeps log(1 - e^pi) finite); they meet no pair.
+    ws.policy[i] = v ? policy[b * G + i] : T(-1);
+    ws.ref[i] = (v && p.has_ref) ? ref[b * G + i] : (p.has_ref ? T(-1) : T(0));
+    ws.reward[i] = v ? rewards[b * G + i] : T(0);
+    ws.score[i] = (v && p.has_scores) ? scores[b * G + i] : T(0);
+  });
+  par.sync();
+  par.for_each(1, [&](int) {
+    T n = 0;
+    for (int i = 0; i < G; ++i) n += ws.valid[i];
+    ws.scalars[0] = n;
+    ws.scalars[1] = 0;
+    ws.scalars[2] = 0;
+  });
+  par.sync();
+}
+
+// ------------------------------------------------------------------ Gram matrix and similarity
+
+// S = E E^T over the valid rows of emb[b] (fp32/fp64 accumulation), kChunk columns at a time: the
+// chunk is staged in W (row stride tile_ld, padded against bank conflicts), then every (i <= j)
+// entry adds its dot product. Padded rows read as 0.
+template <class T, class E, class Par>
+DK_HD void gram_matrix(const Par& par, Workspace<T> ws, const E* emb, int64_t stride_g, int64_t stride_d, int G,
+                       int64_t D) {
+  const int ld = tile_ld(G);
+  par.for_each(G * G, [&](int k) { ws.S[k] = T(0); });
+  for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+    par.sync();
+    par.for_each(G * kChunk, [&](int k) {
+      const int i = k / kChunk, c = k % kChunk;
+      const int64_t d = d0 + c;
+      ws.W[i * ld + c] = (ws.valid[i] != T(0) && d < D) ? static_cast<T>(emb[i * stride_g + d * stride_d]) : T(0);
+    });
+    par.sync();
+    par.for_each(G * G, [&](int k) {
+      const int i = k / G, j = k % G;
+      if (i > j) return;
+      T acc = 0;
+      for (int c = 0; c < kChunk; ++c) acc += ws.W[i * ld + c] * ws.W[j * ld + c];
+      ws.S[k] += acc;
+    });
+  }
+  par.sync();
+  par.for_each(G * G, [&](int k) {
+    const int i = k / G, j = k % G;
+    if (i > j) ws.S[k] = ws.S[j * G + i];
+  });
+  par.sync();
+}
+
+// Cosine similarity from the Gram matrix in place: S_ij = g_ij / (max(n_i, floor) max(n_j, floor)),
+// diagonal exactly 1, padded rows/columns the identity's; norms = raw |e_i|.
+template <class T, class Par>
+DK_HD void cosine_from_gram(const Par& par, Workspace<T> ws, int G) {
+  par.for_each(G, [&](int i) { ws.norms[i] = sqrt(ws.S[i * G + i]); });
+  par.sync();
+  par.for_each(G * G, [&](int k) {
+    const int i = k / G, j = k % G;
+    const bool keep = ws.valid[i] != T(0) && ws.valid[j] != T(0) && i != j;
+    const T ni = ws.norms[i] > T(kNormFloor) ? ws.norms[i] : T(kNormFloor);
+    const T nj = ws.norms[j] > T(kNormFloor) ? ws.norms[j] : T(kNormFloor);
+    ws.S[k] = keep ? ws.S[k] / (ni * nj) : (i == j ? T(1) : T(0));
+  });
+  par.sync();
+}
+
+// dev_i = (n - sum_{valid j} S_ij) / max(n - 1, 1) (S_ii = 1), 0 at padding; row sums of the
+// off-diagonal valid similarities for the mean-similarity metric.
+template <class T, class Par>
+DK_HD void deviation_from_similarity(const Par& par, Workspace<T> ws, int G) {
+  const T n = ws.scalars[0];
+  par.for_each(G, [&](int i) {
+    T row = 0, off = 0;
+    for (int j = 0; j < G; ++j) {
+      if (ws.valid[j] == T(0)) continue;
+      row += ws.S[i * G + j];
+      if (j != i) off += ws.S[i * G + j];
+    }
+    const bool v = ws.valid[i] != T(0);
+    ws.dev[i] = v ? (n - row) / (n - T(1) > T(1) ? n - T(1) : T(1)) : T(0);
+    ws.row_sim[i] = v ? off : T(0);
+  });
+  par.sync();
+}
+
+// ------------------------------------------------------------------ logdet and inverse
+
+// K = S + eps I on the valid block (padding: identity). Cholesky K = L L^T in W (lower triangle,
+// left-looking, one column per step, dot products in double), logdet = 2 sum log L_kk, and
+// K^{-1} column by column (L y = e_j, then L^T x = y) written over S. A non-positive or NaN pivot
+// marks the group failed: logdet and K^{-1} are NaN (the checked Python call raises).
+template <class T, class Par>
+DK_HD void logdet_and_inverse(const Par& par, Workspace<T> ws, int G, double eps) {
+  par.for_each(G * G, [&](int k) {
+    const int i = k / G, j = k % G;
+    ws.W[k] = ws.S[k] + ((i == j && ws.valid[i] != T(0)) ? T(eps) : T(0));
+  });
+  par.sync();
+  for (int k = 0; k < G; ++k) {
+    par.for_each(1, [&](int) {
+      double d = double(ws.W[k * G + k]);
+      for (int m = 0; m < k; ++m) d -= double(ws.W[k * G + m]) * double(ws.W[k * G + m]);
+      if (!(d > 0.0)) {
+        ws.scalars[1] = T(1);
+        d = 1.0;  // keep the remaining steps finite; the result is discarded
+      }
+      ws.W[k * G + k] = T(sqrt(d));
+    });
+    par.sync();
+    par.for_each(G - k - 1, [&](int t) {
+      const int i = k + 1 + t;
+      double s = double(ws.W[i * G + k]);
+      for (int m = 0; m < k; ++m) s -= double(ws.W[i * G + m]) * double(ws.W[k * G + m]);
+      ws.W[i * G + k] = T(s / double(ws.W[k * G + k]));
+    });
+    par.sync();
+  }
+  par.for_each(1, [&](int) {
+    T logdet = 0;
+    for (int k = 0; k < G; ++k) logdet += T(2) * log(ws.W[k * G + k]);
+    ws.scalars[2] = ws.scalars[1] != T(0) ? T(NAN) : logdet;
+  });
+  par.for_each(G, [&](int j) {  // column j of K^{-1}, in place in column j of S
+    for (int i = 0; i < G; ++i) {
+      if (i < j) { ws.S[i * G + j] = T(0); continue; }
+      T s = i == j ? T(1) : T(0);
+      for (int m = j; m < i; ++m) s -= ws.W[i * G + m] * ws.S[m * G + j];
+      ws.S[i * G + j] = s / ws.W[i * G + i];
+    }
+    for (int i = G - 1; i >= 0; --i) {
+      T s = ws.S[i * G + j];
+      for (int m = i + 1; m < G; ++m) s -= ws.W[m * G + i] * ws.S[m * G + j];
+      ws.S[i * G + j] = ws.scalars[1] != T(0) ? T(NAN) : s / ws.W[i * G + i];
+    }
+  });
+  par.sync();
+}
+
+// ------------------------------------------------------------------ pairs and weights
+
+// First index of `pool` whose sign * score is within kDivpoTieRtol of the pool's maximum
+// (reference._first_near_extreme); -1 for an empty pool.
+template <class T>
+DK_HD int first_near_extreme(const T* score, const bool* pool, T sign, int G) {
+  bool any = false;
+  T best = 0;
+  for (int i = 0; i < G; ++i) {
+    if (pool[i] && (!any || sign * score[i] > best)) best = sign * score[i];
+    any = any || pool[i];
+  }
+  if (!any) return -1;
+  const T scale = fabs(best) > T(1) ? fabs(best) : T(1);
+  for (int i = 0; i < G; ++i)
+    if (pool[i] && sign * score[i] >= best - T(kDivpoTieRtol) * scale) return i;
+  return -1;
+}
+
+// picks = (chosen, rejected) for best-worst (argmax / argmin reward, first index on ties; none if
+// all rewards are equal) and DivPO (reference.pair_counts_divpo: chosen pool = rewards at or above
+// the linearly interpolated (1 - q) quantile, chosen = most diverse there, rejected = least
+// diverse of the rest).
+template <class T, class Par>
+DK_HD void select_pair(const Par& par, Workspace<T> ws, int G, const LossParams& p) {
+  if (p.pairs == kDivpo) {
+    par.for_each(G, [&](int i) {  // rank of reward i among the valid rewards, ties by index
+      T r = 0;
+      for (int j = 0; j < G; ++j)
+        if (ws.valid[j] != T(0) && (ws.reward[j] < ws.reward[i] || (ws.reward[j] == ws.reward[i] && j < i))) r += 1;
+      ws.rank[i] = r;
+    });
+    par.sync();
+  }
+  par.for_each(1, [&](int) {
+    int chosen = -1, rejected = -1;
+    if (p.pairs == kBestWorst) {
+      for (int i = 0; i < G; ++i) {
+        if (ws.valid[i] == T(0)) continue;
+        if (chosen < 0 || ws.reward[i] > ws.reward[chosen]) chosen = i;
+        if (rejected < 0 || ws.reward[i] < ws.reward[rejected]) rejected = i;
+      }
+      if (chosen < 0 || !(ws.reward[chosen] > ws.reward[rejected])) chosen = rejected = -1;
+    } else if (p.pairs == kDivpo) {
+      const T n = ws.scalars[0];
+      const T position = T(1.0 - p.quality_quantile) * (n - T(1) > T(0) ? n - T(1) : T(0));
+      const T lower = floor(position), upper = ceil(position);
+      T low_value = 0, high_value = 0;
+      for (int i = 0; i < G; ++i) {
+        if (ws.valid[i] == T(0)) continue;
+        if (ws.rank[i] == lower) low_value = ws.reward[i];
+        if (ws.rank[i] == upper) high_value = ws.reward[i];
+      }
+      const T threshold = low_value + (position - lower) * (upper > lower ? high_value - low_value : T(0));
+      bool top[kMaxGroup], rest[kMaxGroup];
+      for (int i = 0; i < G; ++i) {
+        top[i] = ws.valid[i] != T(0) && ws.reward[i] >= threshold;
+        rest[i] = ws.valid[i] != T(0) && ws.reward[i] < threshold;
+      }
+      const T* score = p.has_scores ? ws.score : ws.dev;
+      chosen = first_near_extreme(score, top, T(1), G);
+      rejected = first_near_extreme(score, rest, T(-1), G);
+      if (chosen < 0 || rejected < 0) chosen = rejected = -1;
+    }
+    ws.picks[0] = chosen;
+    ws.picks[1] = rejected;
+  });
+  par.sync();
+}
+
+// C_ij: how often (i chosen, j rejected) is a pair of group b.
+template <class T>
+DK_HD T pair_count(const Workspace<T>& ws, const T* counts, int64_t b, int i, int j, int G, int pairs) {
+  switch (pairs) {
+    case kAll:
+      return (ws.valid[i] != T(0) && ws.valid[j] != T(0) && ws.reward[i] > ws.reward[j]) ? T(1) : T(0);
+    case kExplicit:
+      return counts[(b * G + i) * G + j];
+    default:
+      return (i == ws.picks[0] && j == ws.picks[1]) ? T(1) : T(0);
+  }
+}
+
+// raw / mean_valid(raw); 1 where the group's mean is not positive.
+template <class T>
+DK_HD T mean_one(const Workspace<T>& ws, const T* raw, int i, int G) {
+  T sum = 0;
+  for (int j = 0; j < G; ++j) sum += ws.valid[j] != T(0) ? raw[j] : T(0);
+  const T n = ws.scalars[0];
+  const T mean = sum / (n > T(1) ? n : T(1));
+  return mean > T(0) ? raw[i] / mean : T(1);
+}
+
+// Per response: diversity weight w_i (a constant for the gradient), the slope du_ij / d pi_i and the
+// implicit reward that TRL logs as rewards/chosen and rewards/rejected. For the weights,
+// dev holds deviation and weight holds the residual variance 1 / (K^{-1})_ii (logdet_gain).
+template <class T, class Par>
+DK_HD void response_terms(const Par& par, Workspace<T> ws, int G, const LossParams& p) {
+  par.for_each(G, [&](int i) {
+    T w = T(1);
+    if (p.weights == kDeviation) {
+      w = p.normalize_deviation ? mean_one(ws, ws.dev, i, G) : ws.dev[i];
+      w = w > T(p.min_deviation) ? w : T(p.min_deviation);
+    } else if (p.weights == kLogdetGain) {
+      w = mean_one(ws, ws.weight, i, G);
+    }
+    ws.row_weighted[i] = w;  // staged: weight is read by mean_one above until the sync
+    const T pi = ws.policy[i];
+    switch (p.loss) {
+      case kDpo: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
+      case kIpo: ws.slope[i] = T(1); ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
+      case kOrpo: ws.slope[i] = T(-1) / expm1(pi); ws.implicit[i] = T(p.orpo_lambda) * pi; break;
+      default: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * pi; break;
+    }
+  });
+  par.sync();
+  par.for_each(G, [&](int i) { ws.weight[i] = ws.row_weighted[i]; });
+  par.sync();
+}
+
+// Pair loss l(u_ij) and dl/du for chosen i, rejected j (SPEC 3).
+template <class T>
+DK_HD void pair_loss(const Workspace<T>& ws, int i, int j, const LossParams& p, T* loss, T* dloss) {
+  const T pi = ws.policy[i], pj = ws.policy[j];
+  if (p.loss == kDpo || p.loss == kIpo) {
+    const T diff = (pi - ws.ref[i]) - (pj - ws.ref[j]);
+    if (p.loss == kDpo) {
+      const T u = T(p.beta) * diff;
+      *loss = softplus(-u);
+      *dloss = -sigmoid(-u);
+    } else {
+      const T u = diff - T(0.5 / p.beta);
+      *loss = u * u;
+      *dloss = T(2) * u;
+    }
+  } else if (p.loss == kOrpo) {
+    const T u = (pi - log1mexp(pi)) - (pj - log1mexp(pj));
+    *loss = T(p.orpo_lambda) * softplus(-u) - pi;
+    *dloss = -T(p.orpo_lambda) * sigmoid(-u);
+  } else {
+    const T u = T(p.beta) * (pi - pj) - T(p.simpo_gamma);
+    *loss = softplus(-u);
+    *dloss = -sigmoid(-u);
+  }
+}
+
+// Row k: its pairs as chosen (loss, metric sums, sum_j M_kj) and as rejected (sum_i M_ik), with
+// M_ij = C_ij w_i dl/du_ij; then d loss_sum / d pi_k = slope_k (sum_j M_kj - sum_i M_ik) (minus
+// sum_j C_kj w_k for ORPO's NLL term), 0 at padding.
+template <class T, class Par>
+DK_HD void pair_sums(const Par& par, Workspace<T> ws, const T* counts, int64_t b, int G, const LossParams& p,
+                     T* grad_policy) {
+  par.for_each(G, [&](int k) {
+    T loss_sum = 0, dsum = 0, dcol = 0, chosen = 0, rejected = 0, correct = 0, count = 0, weighted = 0;
+    for (int j = 0; j < G; ++j) {
+      const T c = pair_count(ws, counts, b, k, j, G, p.pairs);
+      if (c > T(0)) {
+        T l, dl;
+        pair_loss(ws, k, j, p, &l, &dl);
+        const T w = c * ws.weight[k];
+        loss_sum += w * l;
+        dsum += w * dl;
+        weighted += w;
+        count += c;
+        chosen += c * ws.implicit[k];
+        rejected += c * ws.implicit[j];
+        correct += ws.implicit[k] > ws.implicit[j] ? c : T(0);
+      }
+      const T c_in = pair_count(ws, counts, b, j, k, G, p.pairs);
+      if (c_in > T(0)) {
+        T l, dl;
+        pair_loss(ws, j, k, p, &l, &dl);
+        dcol += c_in * ws.weight[j] * dl;
+      }
+    }
+    T grad = ws.slope[k] * (dsum - dcol);
+    if (p.loss == kOrpo) grad -= weighted;
+    grad_policy[b * G + k] = ws.valid[k] != T(0) ? grad : T(0);
+    ws.row_loss[k] = loss_sum;
+    ws.row_count[k] = count;
+    ws.row_chosen[k] = chosen;
+    ws.row_rejected[k] = rejected;
+    ws.row_correct[k] = correct;
+  });
+  par.sync();
+}
+
+// The group's partial sums, one row of the [B, kNumStats] output.
+template <class T, class Par>
+DK_HD void write_stats(const Par& par, Workspace<T> ws, int G, const LossParams& p, T* stats) {
+  par.for_each(1, [&](int) {
+    T sums[kNumStats] = {};
+    T nonfinite = 0;
+    for (int i = 0; i < G; ++i) {
+      sums[kWeightedLoss] += ws.row_loss[i];
+      sums[kPairs] += ws.row_count[i];
+      sums[kChosenReward] += ws.row_chosen[i];
+      sums[kRejectedReward] += ws.row_rejected[i];
+      sums[kCorrect] += ws.row_correct[i];
+      sums[kDeviationSum] += ws.dev[i];
+      sums[kMeanSimilarity] += ws.row_sim[i];
+      const T norm = ws.norms[i];
+      if (p.has_emb && ws.valid[i] != T(0) && !(norm == norm && norm < T(INFINITY))) nonfinite += 1;
+    }
+    const T n = ws.scalars[0];
+    const T others = n * (n - T(1));
+    sums[kNoPairs] = sums[kPairs] == T(0) ? T(1) : T(0);
+    sums[kMeanSimilarity] = (p.has_emb && others > T(0)) ? sums[kMeanSimilarity] / others : T(0);
+    sums[kHasSimilarity] = (p.has_emb && others > T(0)) ? T(1) : T(0);
+    sums[kLogdet] = (p.has_emb && p.need_logdet) ? ws.scalars[2] : T(0);
+    sums[kValid] = n;
+    sums[kEmbNonfinite] = nonfinite;
+    for (int s = 0; s < kNumStats; ++s) stats[s] = sums[s];
+  });
+}
+
+// ------------------------------------------------------------------ the fused forward of one group
+
+// Outputs for group b: stats [B, kNumStats], grad_policy [B, G] (d loss_sum / d policy, unscaled)
+// and, with store_state, S / norms / K^{-1} for the backward pass.
+template <class T, class E, class Par>
+DK_HD void group_forward(const Par& par, Workspace<T> ws, int64_t b, int G, int64_t D, const E* emb,
+                         int64_t stride_b, int64_t stride_g, int64_t stride_d, const bool* mask, const T* policy,
+                         const T* ref, const T* rewards, const T* counts, const T* scores, const LossParams& p,
+                         T* stats, T* grad_policy, T* sim_out, T* norms_out, T* inverse_out) {
+  load_group_inputs(par, ws, b, G, mask, policy, ref, rewards, scores, p);
+  par.for_each(G, [&](int i) {
+    ws.dev[i] = T(0);
+    ws.row_sim[i] = T(0);
+    ws.norms[i] = T(0);
+    ws.weight[i] = T(1);
+  });
+  par.sync();
+  if (p.has_emb) {
+    gram_matrix(par, ws, emb + b * stride_b, stride_g, stride_d, G, D);
+    cosine_from_gram(par, ws, G);
+    deviation_from_similarity(par, ws, G);
+    if (p.store_state) {
+      par.for_each(G * G, [&](int k) { sim_out[b * G * G + k] = ws.S[k]; });
+      par.for_each(G, [&](int i) { norms_out[b * G + i] = ws.norms[i]; });
+    }
+    if (p.need_logdet) {
+      par.sync();
+      logdet_and_inverse(par, ws, G, p.eps);
+      par.for_each(G, [&](int i) { ws.weight[i] = T(1) / ws.S[i * G + i]; });  // residual variance
+      if (p.store_state) par.for_each(G * G, [&](int k) { inverse_out[b * G * G + k] = ws.S[k]; });
+      par.sync();
+    }
+  }
+  select_pair(par, ws, G, p);
+  response_terms(par, ws, G, p);
+  pair_sums(par, ws, counts, b, G, p, grad_policy);
+  write_stats(par, ws, G, p, stats + b * kNumStats);
+}
+
+// ------------------------------------------------------------------ similarity backward (cosine)
+
+// A = dL/dE_i contribution matrix of group b, in W: with Gs = dS + dS^T off the diagonal (valid
+// pairs), A_ij = Gs_ij / (n_i n_j) - [i = j] (sum_k Gs_ik S_ik) / n_i^2 (n = max(|e|, floor); no
+// projection term where |e_i| < floor), so that dL/dE = A E.
+template <class T, class Par>
+DK_HD void cosine_backward_matrix(const Par& par, Workspace<T> ws, int64_t b, int G, const bool* mask, bool has_mask,
+                                  const T* grad_sim, int64_t gs_b, int64_t gs_i, int64_t gs_j, const T* sim,
+                                  const T* norms) {
+  par.for_each(G, [&](int i) { ws.valid[i] = (!has_mask || mask[b * G + i]) ? T(1) : T(0); });
+  par.sync();
+  par.for_each(G * G, [&](int k) {
+    const int i = k / G, j = k % G;
+    const bool pair = ws.valid[i] != T(0) && ws.valid[j] != T(0) && i != j;
+    ws.S[k] = pair ? grad_sim[b * gs_b + i * gs_i + j * gs_j] + grad_sim[b * gs_b + j * gs_i + i * gs_j] : T(0);
+  });
+  par.sync();
+  par.for_each(G, [&](int i) {
+    const T raw = ws.valid[i] != T(0) ? norms[b * G + i] : T(1);
+    T projection = 0;
+    for (int k = 0; k < G; ++k) projection += ws.S[i * G + k] * sim[(b * G + i) * G + k];
+    ws.norms[i] = raw > T(kNormFloor) ? raw : T(kNormFloor);
+    ws.dev[i] = raw >= T(kNormFloor) ? projection : T(0);
+  });
+  par.sync();
+  par.for_each(G * G, [&](int k) {
+    const int i = k / G, j = k % G;
+    T a = ws.S[k] / (ws.norms[i] * ws.norms[j]);
+    if (i == j) a -= ws.dev[i] / (ws.norms[i] * ws.norms[i]);
+    ws.W[k] = a;
+  });
+  par.sync();
+}
+
+// grad_emb[b, i, d0 : d0 + width] = sum_j A_ij E[b, j, d] (padded rows of E read as 0).
+template <class T, class E, class Par>
+DK_HD void apply_backward_matrix(const Par& par, Workspace<T> ws, int64_t b, int G, int64_t D, int64_t d0, int width,
+                                 const E* emb, int64_t stride_b, int64_t stride_g, int64_t stride_d, E* grad_emb) {
+  par.for_each(G * width, [&](int k) {
+    const int i = k / width;
+    const int64_t d = d0 + k % width;
+    if (d >= D) return;
+    T acc = 0;
+    for (int j = 0; j < G; ++j) {
+      if (ws.valid[j] == T(0)) continue;
+      acc += ws.W[i * G + j] * static_cast<T>(emb[b * stride_b + j * stride_g + d * stride_d]);
+    }
+    grad_emb[(b * G + i) * D + d] = static_cast<E>(acc);
+  });
+}
+
+}  // namespace divkernels

@@ -1,0 +1,139 @@
+// Argument checks and output allocation shared by the CUDA launchers (group_loss.cu,
+// similarity_backward.cu) and their host build (cpu/group_math_cpu.cpp): both take the same
+// arguments and return the same tensors, so the Python side calls either the same way.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <vector>
+
+#include "group_math.h"
+
+namespace divkernels {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options, bool poison) {
+  // Poisoned outputs (NaN) make an element a kernel fails to write fail the tests.
+  return poison ? at::full(shape, NAN, options) : at::empty(shape, options);
+}
+
+// A [B, G] tensor in the accumulation dtype, contiguous (the Python side converts them).
+inline void check_group_tensor(const char* name, const at::Tensor& t, int64_t B, int64_t G, at::ScalarType acc,
+                               const at::Device& device) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == G, name, " must be [B, G] = [", B, ", ", G, "], got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc, name, " must be ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but policy_logps on ", device);
+}
+
+struct ForwardArgs {
+  LossParams params;
+  int64_t B, G, D;
+  at::ScalarType acc;
+  std::vector<at::Tensor> outputs;  // stats, grad_policy, sim, norms, inverse (undefined when not stored)
+};
+
+// Checks every input of the fused forward and allocates its outputs.
+inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
+                                   const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
+                                   const OptTensor& scores, int64_t loss, int64_t pairs, int64_t weights,
+                                   bool normalize_deviation, bool need_logdet, bool store_state, double beta,
+                                   double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
+                                   double quality_quantile, bool poison) {
+  ForwardArgs a;
+  TORCH_CHECK(policy.dim() == 2, "policy_logps must be [B, G], got ", policy.sizes());
+  a.B = policy.size(0);
+  a.G = policy.size(1);
+  a.acc = policy.scalar_type();
+  TORCH_CHECK(a.acc == at::kFloat || a.acc == at::kDouble, "policy_logps must be float32 or float64 here, got ",
+              a.acc);
+  TORCH_CHECK(a.G >= 2 && a.G <= kMaxGroup, "the CUDA kernels take 2 <= G <= ", kMaxGroup, ", got G=", a.G);
+  const auto device = policy.device();
+  check_group_tensor("policy_logps", policy, a.B, a.G, a.acc, device);
+  check_group_tensor("rewards", rewards, a.B, a.G, a.acc, device);
+  if (ref) check_group_tensor("ref_logps", *ref, a.B, a.G, a.acc, device);
+  if (scores) check_group_tensor("divpo_scores", *scores, a.B, a.G, a.acc, device);
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 &&
+                    mask->size(0) == a.B && mask->size(1) == a.G,
+                "mask must be a contiguous bool [B, G] tensor");
+    TORCH_CHECK(mask->device() == device, "mask is on ", mask->device(), " but policy_logps on ", device);
+  }
+  a.D = 1;
+  if (emb) {
+    TORCH_CHECK(emb->dim() == 3 && emb->size(0) == a.B && emb->size(1) == a.G, "emb must be [B, G, D] with [B, G] = [",
+                a.B, ", ", a.G, "], got ", emb->sizes());
+    const auto t = emb->scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                "emb must be float32/float64/float16/bfloat16, got ", t);
+    TORCH_CHECK(emb->device() == device, "emb is on ", emb->device(), " but policy_logps on ", device);
+    a.D = emb->size(2);
+    TORCH_CHECK(a.D >= 1, "emb must have D >= 1");
+  }
+  TORCH_CHECK(pairs != kExplicit || counts, "pairs='explicit' needs the pair counts");
+  if (counts) {
+    TORCH_CHECK(counts->dim() == 3 && counts->size(0) == a.B && counts->size(1) == a.G && counts->size(2) == a.G &&
+                    counts->scalar_type() == a.acc && counts->is_contiguous() && counts->device() == device,
+                "counts must be a contiguous [B, G, G] tensor of policy_logps' dtype and device");
+  }
+  TORCH_CHECK(loss >= 0 && loss <= 3 && pairs >= 0 && pairs <= 3 && weights >= 0 && weights <= 2,
+              "unknown loss / pairs / weights mode");
+  a.params = LossParams{int(loss), int(pairs), int(weights), normalize_deviation, emb.has_value(), mask.has_value(),
+                        ref.has_value(), scores.has_value(), need_logdet && emb.has_value(),
+                        store_state && emb.has_value(), beta, orpo_lambda, simpo_gamma, min_deviation, eps,
+                        quality_quantile};
+  const auto options = policy.options();
+  a.outputs.push_back(new_output({a.B, kNumStats}, options, poison));
+  a.outputs.push_back(new_output({a.B, a.G}, options, poison));
+  for (int k = 0; k < 3; ++k) a.outputs.emplace_back();
+  if (a.params.store_state) {
+    a.outputs[2] = new_output({a.B, a.G, a.G}, options, poison);
+    a.outputs[3] = new_output({a.B, a.G}, options, poison);
+    if (a.params.need_logdet) a.outputs[4] = new_output({a.B, a.G, a.G}, options, poison);
+  }
+  return a;
+}
+
+template <class T>
+T* data_or_null(const OptTensor& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+template <class T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+struct BackwardArgs {
+  int64_t B, G, D;
+  at::ScalarType acc;
+  at::Tensor grad_emb;
+};
+
+// dL/d emb [B, G, D] (emb's dtype, contiguous) from dL/dS [B, G, G] (any strides, acc dtype), the
+// saved S [B, G, G] and raw norms [B, G] (contiguous, acc dtype).
+inline BackwardArgs prepare_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
+                                     const at::Tensor& emb, const OptTensor& mask, bool poison) {
+  BackwardArgs a;
+  TORCH_CHECK(emb.dim() == 3, "emb must be [B, G, D]");
+  a.B = emb.size(0);
+  a.G = emb.size(1);
+  a.D = emb.size(2);
+  a.acc = sim.scalar_type();
+  TORCH_CHECK(a.G >= 2 && a.G <= kMaxGroup, "the CUDA kernels take 2 <= G <= ", kMaxGroup, ", got G=", a.G);
+  TORCH_CHECK(a.acc == at::kFloat || a.acc == at::kDouble, "S must be float32 or float64");
+  for (const auto* t : {&grad_sim, &sim}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == a.B && t->size(1) == a.G && t->size(2) == a.G,
+                "dL/dS and S must be [B, G, G]");
+  }
+  TORCH_CHECK(grad_sim.scalar_type() == a.acc, "dL/dS must have S's dtype");
+  TORCH_CHECK(sim.is_contiguous() && norms.is_contiguous() && norms.scalar_type() == a.acc, "S and norms must be "
+              "contiguous and of one dtype");
+  if (mask) TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous(), "mask must be contiguous bool");
+  a.grad_emb = new_output({a.B, a.G, a.D}, emb.options(), poison);
+  return a;
+}
+
+}  // namespace divkernels

@@ -1,0 +1,239 @@
+"""The CUDA extension's math (csrc/) against the reference.
+
+On a GPU these run the real kernels. Without one, ``DIVKERNELS_CUDA_HOST_EMULATION=1`` (set
+here) makes ``backend="cuda"`` run on CPU tensors through the host build of the same
+``csrc/group_math.h`` code (``csrc/cpu/group_math_cpu.cpp``, JIT-compiled on first use): every
+step the kernels run per group (Gram, cosine, deviation, Cholesky, logdet, K^-1, pair selection,
+weights, pair losses, gradients, metric sums, the similarity backward) is checked here; what the
+host build cannot check is the GPU schedule itself (threads, shared memory, synchronization),
+which the ``gpu`` tests and compute-sanitizer cover on a GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from helpers import assert_matches, compare_backends, random_groups, random_logps
+
+import divkernels as dk
+from divkernels import _cuda
+from divkernels.backend import BackendUnavailableError, backend_unavailable_reason
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+pytestmark = pytest.mark.cuda_ext
+LOSS_CONFIGS = [{"loss": loss, "diversity": diversity, "pairs": pairs}
+                for loss, diversity, pairs in itertools.product(("dpo", "ipo", "orpo", "simpo"),
+                                                                ("none", "deviation", "logdet_gain"),
+                                                                ("all", "best_worst", "divpo"))]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cuda_backend() -> Iterator[None]:
+    """The real extension on a GPU; its host build on CPU (skips if it cannot be built here)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if DEVICE.type == "cpu":
+            patch.setenv(_cuda.ENV_HOST_EMULATION, "1")
+        reason = backend_unavailable_reason("cuda", DEVICE)
+        if reason is not None:
+            pytest.skip(f"backend='cuda' cannot run here: {reason}")
+        yield
+
+
+def loss_inputs(batch: int, group: int, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float64,
+                emb_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    emb, mask = random_groups(batch, group, dim, generator, dtype=emb_dtype or dtype)
+    return {
+        "emb": emb.to(DEVICE),
+        "mask": mask.to(DEVICE),
+        "policy_logps": torch.where(mask, random_logps(batch, group, generator, dtype), torch.nan).to(DEVICE),
+        "ref_logps": torch.where(mask, random_logps(batch, group, generator, dtype), torch.nan).to(DEVICE),
+        "rewards": torch.where(mask, torch.randn(batch, group, generator=generator, dtype=dtype), torch.nan).to(DEVICE),
+    }
+
+
+def outputs_of(output: dk.LossOutput) -> tuple[torch.Tensor, ...]:
+    extra = () if output.logdet is None else (output.logdet,)
+    return (output.loss, *(output.metrics[name] for name in sorted(output.metrics)), *extra)
+
+
+def compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rtol: float, generator: torch.Generator,
+                 atol: float = 0.0, against: str = "reference") -> None:
+    mask, rewards = inputs["mask"], inputs["rewards"]
+
+    def op(backend: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+           emb: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        return outputs_of(dk.group_preference_loss(policy_logps, rewards, emb, ref_logps, mask, backend=backend,
+                                                   **options))
+
+    tensors = {name: inputs.get(name) for name in ("policy_logps", "ref_logps", "emb")}
+    differentiable = tuple(name for name, value in tensors.items() if value is not None)
+    compare_backends(op, tensors, differentiable, rtol, generator, atol, backend="cuda", against=against)
+
+
+@pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda c: "-".join(c.values()))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_loss_matches_reference(config: dict[str, str], dtype: torch.dtype, generator: torch.Generator) -> None:
+    inputs = loss_inputs(4, 8, 37, generator, dtype)  # D = 37: a partial last chunk of 32 columns
+    options = {**config, "diversity_alpha": 0.5, "beta": 0.3, "orpo_lambda": 0.2, "simpo_gamma": 0.4, "eps": 1e-3}
+    compare_loss(inputs, options, RTOL[dtype] * 10, generator)
+
+
+@pytest.mark.parametrize("group", [2, 3, 8, 17, 64, 128])
+def test_group_sizes(group: int, generator: torch.Generator) -> None:
+    inputs = loss_inputs(3, group, 20, generator)
+    for config in ({"loss": "dpo", "diversity": "deviation", "pairs": "all"},
+                   {"loss": "orpo", "diversity": "logdet_gain", "pairs": "divpo"},
+                   {"loss": "simpo", "diversity": "none", "pairs": "best_worst"}):
+        compare_loss(inputs, {**config, "diversity_alpha": 0.25, "eps": 1e-2}, 1e-8, generator)
+
+
+def test_variants(generator: torch.Generator) -> None:
+    """Explicit pairs, DivPO scores, no reference model, no emb, raw/floored deviation weights."""
+    inputs = loss_inputs(3, 6, 10, generator)
+    valid = inputs["mask"].cpu()
+    chosen = torch.multinomial(valid.double(), 4, replacement=True, generator=generator)
+    rejected = torch.multinomial(valid.double(), 4, replacement=True, generator=generator)
+    rejected = torch.where(rejected == chosen, -1, rejected)
+    chosen = torch.where(rejected < 0, -1, chosen)
+    pair_index = torch.stack([chosen, rejected], -1).to(DEVICE)
+    scores = torch.randn(3, 6, generator=generator, dtype=torch.float64).to(DEVICE)
+    for options in ({"pair_index": pair_index, "diversity": "deviation"},
+                    {"pair_index": pair_index, "loss": "orpo", "diversity": "logdet_gain"},
+                    {"pairs": "divpo", "divpo_scores": scores, "quality_quantile": 0.25},
+                    {"deviation_norm": "none", "min_deviation": 0.75, "diversity": "deviation"},
+                    {"diversity": "logdet_gain", "diversity_alpha": 0.0}):
+        compare_loss(inputs, options, 1e-9, generator)
+    compare_loss({**inputs, "ref_logps": None}, {"diversity": "deviation"}, 1e-9, generator)
+    compare_loss({**inputs, "emb": None}, {}, 1e-9, generator)
+
+
+def test_degenerate_groups(generator: torch.Generator) -> None:
+    """Duplicated responses (singular S), n > D, G = 2, all-equal rewards (no pairs)."""
+    duplicates = torch.randn(2, 1, 6, generator=generator, dtype=torch.float64).expand(2, 5, 6).contiguous()
+    low_rank = torch.randn(2, 17, 3, generator=generator, dtype=torch.float64)
+    pair = torch.randn(4, 2, 5, generator=generator, dtype=torch.float64)
+    # At exact duplicates the gradient w.r.t. emb is 0 in exact arithmetic; both sides are noise
+    # amplified by |K^-1| ~ 1/eps there.
+    for emb, atol in ((duplicates, 1e-8), (low_rank, 0.0), (pair, 0.0)):
+        batch, group = emb.shape[:2]
+        for rewards in (torch.randn(batch, group, generator=generator, dtype=torch.float64),
+                        torch.ones(batch, group, dtype=torch.float64)):
+            inputs = {"emb": emb.to(DEVICE), "mask": None, "rewards": rewards.to(DEVICE),
+                      "policy_logps": random_logps(batch, group, generator).to(DEVICE),
+                      "ref_logps": random_logps(batch, group, generator).to(DEVICE)}
+            compare_loss(inputs, {"diversity": "logdet_gain", "diversity_alpha": 0.5, "eps": 1e-3}, 1e-7, generator,
+                         atol)
+    out = dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], inputs["emb"], backend="cuda")
+    assert out.metrics["pairs"].item() == 0 and out.loss.item() == 0
+
+
+def test_strided_emb_and_half_precision(generator: torch.Generator) -> None:
+    """Non-contiguous emb is read through its strides; bf16/fp16 emb accumulates in fp32."""
+    inputs = loss_inputs(3, 8, 24, generator, torch.float32)
+    wide = torch.zeros(8, 3, 48, dtype=torch.float32, device=DEVICE)
+    wide[..., ::2] = inputs["emb"].transpose(0, 1)
+    strided = wide[..., ::2].transpose(0, 1)
+    assert not strided.is_contiguous()
+    options = {"diversity": "deviation", "diversity_alpha": 0.5, "eps": 1e-2}
+    compare_loss({**inputs, "emb": strided}, options, 2e-4, generator)
+    for dtype in (torch.bfloat16, torch.float16):
+        emb = inputs["emb"].to(dtype)
+        out = dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], emb, inputs["ref_logps"],
+                                       inputs["mask"], backend="cuda", **options)
+        # The reference on the same (rounded) values, upcast: only accumulation order differs.
+        want = dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], emb.float(), inputs["ref_logps"],
+                                        inputs["mask"], backend="reference", **options)
+        assert_matches(out.loss, want.loss, 1e-4)
+        leaf = emb.detach().requires_grad_()
+        dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], leaf, inputs["ref_logps"], inputs["mask"],
+                                 backend="cuda", **options).loss.backward()
+        assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad[inputs["mask"]]).all()
+
+
+def test_matches_triton(generator: torch.Generator) -> None:
+    if backend_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip("Triton cannot run here")
+    inputs = loss_inputs(3, 8, 16, generator)
+    compare_loss(inputs, {"loss": "dpo", "diversity": "logdet_gain", "diversity_alpha": 0.5, "beta": 0.25,
+                          "eps": 2.0**-10}, 1e-8, generator, against="triton")
+
+
+def test_nan_emb_and_unfactorable_groups_raise() -> None:
+    emb = torch.randn(3, 4, 5, dtype=torch.float64, device=DEVICE)
+    emb[1, 2, 0] = torch.nan
+    rewards = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
+    policy = -torch.rand(3, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"emb has NaN or inf in valid responses of groups \[1\]"):
+        dk.group_preference_loss(policy, rewards, emb, diversity="deviation", backend="cuda")
+    out = dk.group_preference_loss(policy, rewards, emb, diversity="logdet_gain", backend="cuda", check_inputs=False)
+    assert torch.isnan(out.logdet[1]) and torch.isfinite(out.logdet[[0, 2]]).all()
+
+
+def test_backend_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+    emb = torch.randn(1, 129, 4, device=DEVICE)
+    rewards = torch.randn(1, 129, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="G=129 exceeds"):
+        dk.group_preference_loss(-torch.rand(1, 129, device=DEVICE), rewards, emb, backend="cuda")
+    module = _cuda.extension(DEVICE)
+    policy = -torch.rand(2, 4, device=DEVICE)
+    with pytest.raises(RuntimeError, match="rewards must be"):
+        module.group_loss_forward(None, None, policy, None, policy.double(), None, None, 0, 0, 0, True, False, False,
+                                  0.1, 0.1, 0.5, 0.0, 1e-4, 0.5, False)
+    with pytest.raises(RuntimeError, match="G <= 128"):
+        module.group_loss_forward(None, None, -torch.rand(2, 130, device=DEVICE), None, torch.rand(2, 130,
+                                  device=DEVICE), None, None, 0, 0, 0, True, False, False, 0.1, 0.1, 0.5, 0.0, 1e-4,
+                                  0.5, False)
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv(_cuda.ENV_HOST_EMULATION, "0")
+        with pytest.raises(BackendUnavailableError, match="needs a CUDA device.*DIVKERNELS_CUDA_HOST_EMULATION"):
+            dk.group_preference_loss(policy, rewards[:, :4].expand(2, 4), backend="cuda")
+
+
+def test_poisoned_outputs_are_all_written(generator: torch.Generator) -> None:
+    """conftest poisons outputs: the launch returns none of the NaN it started with."""
+    assert os.environ.get("DIVKERNELS_POISON_OUTPUTS") == "1"
+    inputs = loss_inputs(2, 5, 7, generator)
+    stats, grad, sim, norms, inverse = _cuda.extension(DEVICE).group_loss_forward(
+        inputs["emb"], inputs["mask"], inputs["policy_logps"], inputs["ref_logps"], inputs["rewards"], None, None,
+        0, 0, 2, True, True, True, 0.1, 0.1, 0.5, 0.0, 1e-3, 0.5, True)
+    for tensor in (stats, grad, sim, norms, inverse):
+        assert torch.isfinite(tensor).all()
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("batch", "group", "dim"), [(64, 16, 1024), (16, 64, 512), (4, 128, 256), (256, 2, 384)])
+def test_gpu_sweep(batch: int, group: int, dim: int, dtype: torch.dtype, generator: torch.Generator) -> None:
+    inputs = loss_inputs(batch, group, dim, generator, torch.float32, emb_dtype=dtype)
+    for config in LOSS_CONFIGS[::4]:
+        options = {**config, "diversity_alpha": 0.1, "eps": 1e-2}
+        compare_loss(inputs, options, max(RTOL[dtype], 1e-3), generator)
+        compare_loss(inputs, options, max(RTOL[dtype], 1e-3), generator, against="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer_clean(tool: str) -> None:
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    script = ("import torch, divkernels as dk\n"
+              "e = torch.randn(3, 17, 40, device='cuda', requires_grad=True)\n"
+              "m = torch.ones(3, 17, dtype=torch.bool, device='cuda'); m[1, 9:] = False\n"
+              "p = -torch.rand(3, 17, device='cuda'); r = torch.randn(3, 17, device='cuda')\n"
+              "o = dk.group_preference_loss(p, r, e, p * 0.9, m, diversity='logdet_gain', diversity_alpha=0.5,"
+              " backend='cuda'); o.loss.backward(); torch.cuda.synchronize()\n")
+    result = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=9", sys.executable, "-c", script],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
