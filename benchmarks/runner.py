@@ -18,6 +18,7 @@ import csv
 import datetime
 import functools
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -30,12 +31,15 @@ from pathlib import Path
 import torch
 
 from divkernels.backend import MAX_KERNEL_GROUP, backend_unavailable_reason
-from divkernels.benchmarks import advantages, diversity, group_loss
+from divkernels.benchmarks import advantages, diversity, group_loss, plots
 from divkernels.benchmarks.harness import Case, copy_bandwidth, input_sets, measure
 
-PROVIDERS = ("triton", "cuda", "eager", "compile")
+PROVIDERS = ("triton", "cuda", "eager", "compile", "liger")
+KERNEL_PROVIDERS = ("triton", "cuda")
 MAIN_SHAPES = [(8, 8, 384), (1024, 8, 1024), (256, 16, 4096), (64, 64, 4096), (4096, 16, 2048)]
 GROUP_SWEEP = [(256, group, 1024) for group in (2, 4, 8, 16, 32, 64, 128)]
+DIM_SWEEP = [(256, 16, dim) for dim in (256, 1024, 2048, 4096, 8192)]
+PAIR_SHAPES = [(16384, 2, 1), (262144, 2, 1)]  # plain DPO on (chosen, rejected) pairs: vs Liger
 TARGET_SHAPES = [(256, 16, 4096), (4096, 16, 2048)]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -52,8 +56,9 @@ def suite_cases(suite: str) -> list[Case]:
                 + advantages.cases(shapes, [torch.float32], ["dqo"]))
     if suite == "full":
         dtypes = [torch.bfloat16, torch.float32]
-        shapes = MAIN_SHAPES + [shape for shape in GROUP_SWEEP if shape not in MAIN_SHAPES]
+        shapes = MAIN_SHAPES + [shape for shape in GROUP_SWEEP + DIM_SWEEP if shape not in MAIN_SHAPES]
         return (group_loss.cases(shapes, dtypes, both_passes, list(group_loss.VARIANTS))
+                + group_loss.cases(PAIR_SHAPES, [torch.float32], both_passes, ["dpo"])
                 + diversity.cases(shapes, dtypes, both_passes, list(diversity.OPS))
                 + advantages.cases(shapes, dtypes, ["darling", "dqo", "deviation"]))
     raise ValueError(f"unknown suite {suite!r}")
@@ -70,6 +75,11 @@ def provider_skip_reason(provider: str, case: Case, device: torch.device) -> str
         return reason
     if provider == "compile" and device.type != "cuda":
         return "torch.compile is timed on CUDA devices only"
+    if provider == "liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel is not installed (pip install liger-kernel)"
+        if case.family != "group_loss" or case.name != "dpo" or case.group != 2:
+            return "Liger-Kernel computes the same loss only for plain DPO on (chosen, rejected) pairs (G = 2)"
     return None
 
 
@@ -79,6 +89,8 @@ def provider_op(provider: str, case: Case, compiled: dict[int, Callable]) -> Cal
         return functools.partial(case.public_op, backend=provider)
     if provider == "eager":
         return case.reference_op
+    if provider == "liger":
+        return group_loss.liger_dpo_loss
     key = id(case.reference_op)
     if key not in compiled:
         compiled[key] = torch.compile(case.reference_op)
@@ -126,7 +138,7 @@ def run_suite(cases: list[Case], providers: list[str], device: torch.device, rep
                    "pass": "fwd+bwd" if case.backward else "fwd", "provider": provider}
             try:
                 probe = case.make_inputs(device)
-                per_set = sum(t.numel() * t.element_size() for t in probe.values())
+                per_set = sum(t.numel() * t.element_size() for t in probe.values() if t is not None)
                 sets = input_sets(lambda case=case: case.make_inputs(device), per_set)
                 result = measure(lambda inputs, op=op, case=case: case.run(op, inputs), sets, device,
                                  warmup=warmup, repeats=repeats)
@@ -171,8 +183,9 @@ def summary_table(rows: list[dict]) -> str:
                 lines.append(f"| {label} | {provider} | failed | | | | |")
                 continue
             fmt = lambda value: f"{value:.2f}" if value is not None else ""  # noqa: E731
-            speed_eager = f"{eager / ms:.1f}x" if eager and provider in ("triton", "cuda") else ""
-            speed_compile = f"{compiled / ms:.1f}x" if compiled and provider in ("triton", "cuda") else ""
+            fused = provider in KERNEL_PROVIDERS
+            speed_eager = f"{eager / ms:.1f}x" if eager and fused else ""
+            speed_compile = f"{compiled / ms:.1f}x" if compiled and fused else ""
             lines.append(f"| {label} | {provider} | {ms:.4f} | {fmt(row['peak_extra_mib'])} | "
                          f"{fmt(row['floor_ratio'])} | {speed_eager} | {speed_compile} |")
     return "\n".join(lines)
@@ -220,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     json_path, csv_path = write_results(rows, env, bandwidth, args.out, args.suite)
     log("\n" + summary_table(rows))
     log(f"\nwrote {json_path} and {csv_path}")
+    try:
+        pictures = plots.plot_results(rows, env, json_path.with_suffix(""))
+    except ImportError:
+        log("plots skipped: matplotlib is not installed")
+    else:
+        log("plots: " + (", ".join(str(path) for path in pictures) or "none (no case of the suite has a sweep)"))
     return 0
 
 

@@ -39,3 +39,35 @@ def test_every_suite_builds_its_cases() -> None:
         assert runner.suite_cases(suite)
     fused = runner.suite_cases("fused")
     assert {(case.batch, case.group, case.dim) for case in fused} == {(256, 16, 4096), (4096, 16, 2048)}
+
+
+def test_liger_provider_is_skipped_or_matches_our_dpo(tmp_path: Path) -> None:
+    """Liger's DPO loss on (chosen, rejected) log-probs equals ours with diversity='none' at G = 2,
+    so the benchmark compares the same computation; without liger-kernel the provider is skipped."""
+    from divkernels.benchmarks import group_loss
+
+    (case,) = group_loss.cases([(64, 2, 1)], [torch.float32], [True], ["dpo"])
+    reason = runner.provider_skip_reason("liger", case, torch.device("cpu"))
+    if reason is not None:
+        assert "not installed" in reason
+        pytest.skip(reason)
+    inputs = case.make_inputs(torch.device("cpu"))
+    assert inputs["emb"] is None  # plain DPO is timed without embeddings
+    ours = group_loss._public_loss(inputs["policy"], inputs["rewards"], None, inputs["ref"], backend="reference",
+                                   loss="dpo", diversity="none", beta=0.1)
+    liger = group_loss.liger_dpo_loss(inputs["policy"], inputs["rewards"], None, inputs["ref"], beta=0.1)
+    torch.testing.assert_close(liger, ours)
+    (other,) = group_loss.cases([(4, 8, 16)], [torch.float32], [True], ["dpo"])
+    assert "G = 2" in runner.provider_skip_reason("liger", other, torch.device("cpu"))
+
+
+def test_plots_from_a_cpu_sweep(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from divkernels.benchmarks import group_loss, plots
+
+    cases = group_loss.cases([(256, 2, 1024), (256, 4, 1024), (256, 16, 256), (256, 16, 1024)], [torch.float32],
+                             [True], ["ddpo+logdet"])
+    rows, _ = runner.run_suite(cases, ["eager"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None)
+    written = plots.plot_results(rows, {"device": "cpu"}, tmp_path / "run")
+    assert [path.name for path in written] == ["run-sweeps-float32.png"]
+    assert written[0].stat().st_size > 10_000
