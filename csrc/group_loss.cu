@@ -1,9 +1,10 @@
 // Fused group preference loss, forward (SPEC 5): one thread block per group.
 //
-// The block stages emb[b] through shared memory kChunk columns at a time (coalesced along D) to
-// accumulate the Gram matrix, then runs the group math of group_math.h on the G x G workspace in
-// shared memory: cosine S, deviation, Cholesky of S + eps I with logdet and K^{-1}, pair
-// selection, diversity weights, pair losses, d loss / d policy and the metric partial sums.
+// The block stages emb[b] through shared memory kChunk columns at a time (coalesced along D,
+// 16-byte loads when the rows are contiguous and aligned) to accumulate the Gram matrix, then runs
+// the group math of group_math.h on the G x G workspace in shared memory: cosine S, deviation,
+// Cholesky of S + eps I with logdet and K^{-1}, pair selection, diversity weights, pair losses,
+// d loss / d policy and the metric partial sums.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -60,21 +61,19 @@ std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor
   if (a.B == 0) return a.outputs;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto emb_type = emb ? emb->scalar_type() : a.acc;
-  AT_DISPATCH_FLOATING_TYPES(a.acc, "group_loss_forward_acc", [&] {
-    using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb_type, "group_loss_forward_emb", [&] {
-      using E = scalar_t;
-      auto kernel = group_loss_forward_kernel<T, E>;
-      const size_t bytes = shared_bytes(kernel, a.G, sizeof(T));
-      const auto strides = emb ? emb->strides() : at::IntArrayRef{};
-      kernel<<<unsigned(a.B), threads_for(a.G), bytes, stream>>>(
-          emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0, emb ? strides[1] : 0, emb ? strides[2] : 0,
-          data_or_null<bool>(mask), policy.data_ptr<T>(), data_or_null<T>(ref), rewards.data_ptr<T>(),
-          data_or_null<T>(counts), data_or_null<T>(scores), int(a.G), a.D, a.params, a.outputs[0].data_ptr<T>(),
-          a.outputs[1].data_ptr<T>(), data_or_null<T>(a.outputs[2]), data_or_null<T>(a.outputs[3]),
-          data_or_null<T>(a.outputs[4]));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  dispatch_types(a.acc, emb_type, [&](auto acc_tag, auto emb_tag) {
+    using T = decltype(acc_tag);
+    using E = decltype(emb_tag);
+    auto kernel = group_loss_forward_kernel<T, E>;
+    const size_t bytes = shared_bytes(kernel, a.G, sizeof(T));
+    const auto strides = emb ? emb->strides() : at::IntArrayRef{};
+    kernel<<<unsigned(a.B), threads_for(a.G), bytes, stream>>>(
+        emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0, emb ? strides[1] : 0, emb ? strides[2] : 0,
+        data_or_null<bool>(mask), policy.data_ptr<T>(), data_or_null<T>(ref), rewards.data_ptr<T>(),
+        data_or_null<T>(counts), data_or_null<T>(scores), int(a.G), a.D, a.params, a.outputs[0].data_ptr<T>(),
+        a.outputs[1].data_ptr<T>(), data_or_null<T>(a.outputs[2]), data_or_null<T>(a.outputs[3]),
+        data_or_null<T>(a.outputs[4]));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return a.outputs;
 }

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define DK_HD __host__ __device__ __forceinline__
@@ -70,7 +71,21 @@ struct LossParams {
   int loss, pairs, weights;
   bool normalize_deviation, has_emb, has_mask, has_ref, has_scores, need_logdet, store_state;
   double beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile;
+  bool vector_loads;  // emb rows are contiguous and 16-byte aligned: load 16 bytes at a time
 };
+
+// 16 bytes: one vectorized load (LDG.128 on the GPU).
+struct alignas(16) Vec16 {
+  uint32_t words[4];
+};
+
+// True when every emb row start is 16-byte aligned and D is contiguous, so the Gram tile can be
+// loaded 16 bytes at a time (the launchers decide it once per launch).
+DK_HD bool can_vector_load(const void* emb, int64_t stride_b, int64_t stride_g, int64_t stride_d, int element_size) {
+  const int64_t per_vector = 16 / element_size;
+  return emb != nullptr && stride_d == 1 && stride_g % per_vector == 0 && stride_b % per_vector == 0 &&
+         reinterpret_cast<uintptr_t>(emb) % 16 == 0;
+}
 
 // Per-group workspace. S: G x G; W: G x max(G, kChunk + 1) (embedding tile, then Cholesky factor);
 // vectors of G entries; a few integer scalars.
@@ -154,16 +169,34 @@ DK_HD void load_group_inputs(const Par& par, Workspace<T> ws, int64_t b, int G, 
 // entry adds its dot product. Padded rows read as 0.
 template <class T, class E, class Par>
 DK_HD void gram_matrix(const Par& par, Workspace<T> ws, const E* emb, int64_t stride_g, int64_t stride_d, int G,
-                       int64_t D) {
+                       int64_t D, bool vector_loads) {
   const int ld = tile_ld(G);
+  constexpr int kPerVector = 16 / int(sizeof(E));  // elements per 16-byte load
+  constexpr int kVectors = kChunk / kPerVector;     // 16-byte loads per tile row
   par.for_each(G * G, [&](int k) { ws.S[k] = T(0); });
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
     par.sync();
-    par.for_each(G * kChunk, [&](int k) {
-      const int i = k / kChunk, c = k % kChunk;
-      const int64_t d = d0 + c;
-      ws.W[i * ld + c] = (ws.valid[i] != T(0) && d < D) ? static_cast<T>(emb[i * stride_g + d * stride_d]) : T(0);
-    });
+    if (vector_loads) {
+      par.for_each(G * kVectors, [&](int k) {
+        const int i = k / kVectors, c = (k % kVectors) * kPerVector;
+        const int64_t d = d0 + c;
+        E values[kPerVector];
+        if (ws.valid[i] != T(0) && d + kPerVector <= D) {
+          const Vec16 raw = *reinterpret_cast<const Vec16*>(emb + i * stride_g + d);
+          memcpy(values, &raw, sizeof(raw));
+        } else {
+          for (int v = 0; v < kPerVector; ++v)
+            values[v] = (ws.valid[i] != T(0) && d + v < D) ? emb[i * stride_g + d + v] : E(0);
+        }
+        for (int v = 0; v < kPerVector; ++v) ws.W[i * ld + c + v] = static_cast<T>(values[v]);
+      });
+    } else {
+      par.for_each(G * kChunk, [&](int k) {
+        const int i = k / kChunk, c = k % kChunk;
+        const int64_t d = d0 + c;
+        ws.W[i * ld + c] = (ws.valid[i] != T(0) && d < D) ? static_cast<T>(emb[i * stride_g + d * stride_d]) : T(0);
+      });
+    }
     par.sync();
     par.for_each(G * G, [&](int k) {
       const int i = k / G, j = k % G;
@@ -503,7 +536,7 @@ DK_HD void group_forward(const Par& par, Workspace<T> ws, int64_t b, int G, int6
   });
   par.sync();
   if (p.has_emb) {
-    gram_matrix(par, ws, emb + b * stride_b, stride_g, stride_d, G, D);
+    gram_matrix(par, ws, emb + b * stride_b, stride_g, stride_d, G, D, p.vector_loads);
     cosine_from_gram(par, ws, G);
     deviation_from_similarity(par, ws, G);
     if (p.store_state) {

@@ -84,7 +84,11 @@ inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, 
   a.params = LossParams{int(loss), int(pairs), int(weights), normalize_deviation, emb.has_value(), mask.has_value(),
                         ref.has_value(), scores.has_value(), need_logdet && emb.has_value(),
                         store_state && emb.has_value(), beta, orpo_lambda, simpo_gamma, min_deviation, eps,
-                        quality_quantile};
+                        quality_quantile, false};
+  if (emb) {
+    a.params.vector_loads = can_vector_load(emb->data_ptr(), emb->stride(0), emb->stride(1), emb->stride(2),
+                                            int(emb->element_size()));
+  }
   const auto options = policy.options();
   a.outputs.push_back(new_output({a.B, kNumStats}, options, poison));
   a.outputs.push_back(new_output({a.B, a.G}, options, poison));
@@ -95,6 +99,25 @@ inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, 
     if (a.params.need_logdet) a.outputs[4] = new_output({a.B, a.G, a.G}, options, poison);
   }
   return a;
+}
+
+// Calls f(T{}, E{}) for the instantiated (accumulation, embedding) type pairs: float with
+// float/half/bfloat16 emb, double with double emb (the Python side upcasts emb for float64 runs),
+// which keeps the build to five instantiations per kernel.
+template <class F>
+void dispatch_types(at::ScalarType acc, at::ScalarType emb, const F& f) {
+  if (acc == at::kDouble) {
+    TORCH_CHECK(emb == at::kDouble, "float64 accumulation needs float64 emb, got ", emb);
+    f(double{}, double{});
+  } else if (acc == at::kFloat && emb == at::kFloat) {
+    f(float{}, float{});
+  } else if (acc == at::kFloat && emb == at::kHalf) {
+    f(float{}, c10::Half{});
+  } else if (acc == at::kFloat && emb == at::kBFloat16) {
+    f(float{}, c10::BFloat16{});
+  } else {
+    TORCH_CHECK(false, "unsupported dtypes: accumulation ", acc, ", emb ", emb);
+  }
 }
 
 template <class T>

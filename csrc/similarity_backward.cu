@@ -38,22 +38,20 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
   BackwardArgs a = prepare_backward(grad_sim, sim, norms, emb, mask, poison);
   if (a.B == 0 || a.D == 0) return a.grad_emb;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(a.acc, "similarity_backward_acc", [&] {
-    using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "similarity_backward_emb", [&] {
-      using E = scalar_t;
-      auto kernel = similarity_backward_kernel<T, E>;
-      const size_t bytes = size_t(workspace_elements(int(a.G))) * sizeof(T);
-      if (bytes > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-      }
-      const dim3 grid(unsigned(a.B), unsigned((a.D + kBackwardWidth - 1) / kBackwardWidth));
-      kernel<<<grid, 256, bytes, stream>>>(grad_sim.data_ptr<T>(), grad_sim.stride(0), grad_sim.stride(1),
-                                           grad_sim.stride(2), sim.data_ptr<T>(), norms.data_ptr<T>(),
-                                           data_or_null<bool>(mask), emb.data_ptr<E>(), emb.stride(0), emb.stride(1),
-                                           emb.stride(2), int(a.G), a.D, a.grad_emb.data_ptr<E>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  dispatch_types(a.acc, emb.scalar_type(), [&](auto acc_tag, auto emb_tag) {
+    using T = decltype(acc_tag);
+    using E = decltype(emb_tag);
+    auto kernel = similarity_backward_kernel<T, E>;
+    const size_t bytes = size_t(workspace_elements(int(a.G))) * sizeof(T);
+    if (bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    }
+    const dim3 grid(unsigned(a.B), unsigned((a.D + kBackwardWidth - 1) / kBackwardWidth));
+    kernel<<<grid, 256, bytes, stream>>>(grad_sim.data_ptr<T>(), grad_sim.stride(0), grad_sim.stride(1),
+                                         grad_sim.stride(2), sim.data_ptr<T>(), norms.data_ptr<T>(),
+                                         data_or_null<bool>(mask), emb.data_ptr<E>(), emb.stride(0), emb.stride(1),
+                                         emb.stride(2), int(a.G), a.D, a.grad_emb.data_ptr<E>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return a.grad_emb;
 }

@@ -80,8 +80,11 @@ def compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rt
 
 @pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda c: "-".join(c.values()))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_loss_matches_reference(config: dict[str, str], dtype: torch.dtype, generator: torch.Generator) -> None:
-    inputs = loss_inputs(4, 8, 37, generator, dtype)  # D = 37: a partial last chunk of 32 columns
+@pytest.mark.parametrize("dim", [37, 72], ids=["D37-scalar-loads", "D72-16-byte-loads"])
+def test_fused_loss_matches_reference(config: dict[str, str], dtype: torch.dtype, dim: int,
+                                      generator: torch.Generator) -> None:
+    # D = 37: rows not 16-byte aligned, element loads; D = 72: 16-byte loads, partial last chunk.
+    inputs = loss_inputs(4, 8, dim, generator, dtype)
     options = {**config, "diversity_alpha": 0.5, "beta": 0.3, "orpo_lambda": 0.2, "simpo_gamma": 0.4, "eps": 1e-3}
     compare_loss(inputs, options, RTOL[dtype] * 10, generator)
 
@@ -156,6 +159,14 @@ def test_strided_emb_and_half_precision(generator: torch.Generator) -> None:
         dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], leaf, inputs["ref_logps"], inputs["mask"],
                                  backend="cuda", **options).loss.backward()
         assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad[inputs["mask"]]).all()
+
+
+def test_float64_logps_with_float32_emb(generator: torch.Generator) -> None:
+    """Float64 log-probs make the op accumulate in float64; emb is upcast for the extension. The
+    reference forms S in emb's float32 there, so the two agree to float32 rounding."""
+    inputs = loss_inputs(3, 6, 16, generator, torch.float64, emb_dtype=torch.float32)
+    compare_loss(inputs, {"diversity": "logdet_gain", "diversity_alpha": 0.5, "eps": 1e-3}, RTOL[torch.float32],
+                 generator)
 
 
 def test_matches_triton(generator: torch.Generator) -> None:

@@ -24,22 +24,20 @@ std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor
                                   normalize_deviation, need_logdet, store_state, beta, orpo_lambda, simpo_gamma,
                                   min_deviation, eps, quality_quantile, poison);
   const auto emb_type = emb ? emb->scalar_type() : a.acc;
-  AT_DISPATCH_FLOATING_TYPES(a.acc, "group_loss_forward_acc", [&] {
-    using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb_type, "group_loss_forward_emb", [&] {
-      using E = scalar_t;
-      std::vector<T> workspace(size_t(workspace_elements(int(a.G))), T(NAN));
-      int picks[2];
-      const auto strides = emb ? emb->strides() : at::IntArrayRef{};
-      for (int64_t b = 0; b < a.B; ++b) {
-        Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
-        group_forward(BlockPar{}, ws, b, int(a.G), a.D, emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0,
-                      emb ? strides[1] : 0, emb ? strides[2] : 0, data_or_null<bool>(mask), policy.data_ptr<T>(),
-                      data_or_null<T>(ref), rewards.data_ptr<T>(), data_or_null<T>(counts), data_or_null<T>(scores),
-                      a.params, a.outputs[0].data_ptr<T>(), a.outputs[1].data_ptr<T>(),
-                      data_or_null<T>(a.outputs[2]), data_or_null<T>(a.outputs[3]), data_or_null<T>(a.outputs[4]));
-      }
-    });
+  dispatch_types(a.acc, emb_type, [&](auto acc_tag, auto emb_tag) {
+    using T = decltype(acc_tag);
+    using E = decltype(emb_tag);
+    std::vector<T> workspace(size_t(workspace_elements(int(a.G))), T(NAN));
+    int picks[2];
+    const auto strides = emb ? emb->strides() : at::IntArrayRef{};
+    for (int64_t b = 0; b < a.B; ++b) {
+      Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
+      group_forward(BlockPar{}, ws, b, int(a.G), a.D, emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0,
+                    emb ? strides[1] : 0, emb ? strides[2] : 0, data_or_null<bool>(mask), policy.data_ptr<T>(),
+                    data_or_null<T>(ref), rewards.data_ptr<T>(), data_or_null<T>(counts), data_or_null<T>(scores),
+                    a.params, a.outputs[0].data_ptr<T>(), a.outputs[1].data_ptr<T>(),
+                    data_or_null<T>(a.outputs[2]), data_or_null<T>(a.outputs[3]), data_or_null<T>(a.outputs[4]));
+    }
   });
   return a.outputs;
 }
@@ -49,23 +47,21 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
   TORCH_CHECK(emb.is_cpu(), "the host build takes CPU tensors, got ", emb.device());
   BackwardArgs a = prepare_backward(grad_sim, sim, norms, emb, mask, poison);
   constexpr int kWidth = 128;  // as kBackwardWidth in similarity_backward.cu
-  AT_DISPATCH_FLOATING_TYPES(a.acc, "similarity_backward_acc", [&] {
-    using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "similarity_backward_emb", [&] {
-      using E = scalar_t;
-      std::vector<T> workspace(size_t(workspace_elements(int(a.G))), T(NAN));
-      int picks[2];
-      for (int64_t b = 0; b < a.B; ++b) {
-        for (int64_t d0 = 0; d0 < a.D; d0 += kWidth) {
-          Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
-          cosine_backward_matrix(BlockPar{}, ws, b, int(a.G), data_or_null<bool>(mask), mask.has_value(),
-                                 grad_sim.data_ptr<T>(), grad_sim.stride(0), grad_sim.stride(1), grad_sim.stride(2),
-                                 sim.data_ptr<T>(), norms.data_ptr<T>());
-          apply_backward_matrix(BlockPar{}, ws, b, int(a.G), a.D, d0, kWidth, emb.data_ptr<E>(), emb.stride(0),
-                                emb.stride(1), emb.stride(2), a.grad_emb.data_ptr<E>());
-        }
+  dispatch_types(a.acc, emb.scalar_type(), [&](auto acc_tag, auto emb_tag) {
+    using T = decltype(acc_tag);
+    using E = decltype(emb_tag);
+    std::vector<T> workspace(size_t(workspace_elements(int(a.G))), T(NAN));
+    int picks[2];
+    for (int64_t b = 0; b < a.B; ++b) {
+      for (int64_t d0 = 0; d0 < a.D; d0 += kWidth) {
+        Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
+        cosine_backward_matrix(BlockPar{}, ws, b, int(a.G), data_or_null<bool>(mask), mask.has_value(),
+                               grad_sim.data_ptr<T>(), grad_sim.stride(0), grad_sim.stride(1), grad_sim.stride(2),
+                               sim.data_ptr<T>(), norms.data_ptr<T>());
+        apply_backward_matrix(BlockPar{}, ws, b, int(a.G), a.D, d0, kWidth, emb.data_ptr<E>(), emb.stride(0),
+                              emb.stride(1), emb.stride(2), a.grad_emb.data_ptr<E>());
       }
-    });
+    }
   });
   return a.grad_emb;
 }

@@ -361,8 +361,10 @@ def _cuda_group_loss_forward(policy: torch.Tensor, ref: torch.Tensor | None, rew
     def small(tensor: torch.Tensor | None) -> torch.Tensor | None:  # [B, G] inputs: acc dtype, contiguous
         return None if tensor is None else tensor.detach().to(acc).contiguous()
 
+    if emb is not None:  # the extension pairs float64 accumulation with float64 emb only
+        emb = emb.detach().to(torch.float64) if acc == torch.float64 else emb.detach()
     stats, grad_policy, sim, norms, inverse = _cuda.extension(policy.device).group_loss_forward(
-        None if emb is None else emb.detach(), mask, small(policy), small(ref), small(rewards), small(counts),
+        emb, mask, small(policy), small(ref), small(rewards), small(counts),
         small(scores), LOSSES.index(config.loss), PAIR_MODES.index(config.pairs),
         DIVERSITIES.index(config.diversity), config.deviation_norm == "mean", config.needs_logdet, store_state,
         config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
@@ -373,8 +375,10 @@ def _cuda_group_loss_forward(policy: torch.Tensor, ref: torch.Tensor | None, rew
 def cuda_similarity_backward(grad_sim: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, emb: torch.Tensor,
                              mask: torch.Tensor | None) -> torch.Tensor:
     """``dL/d emb`` through the CUDA extension (``csrc/similarity_backward.cu``), cosine kernel."""
-    return _cuda.extension(emb.device).similarity_backward(grad_sim.to(sim.dtype), sim, norms, emb.detach(), mask,
+    rows = emb.detach().to(sim.dtype) if sim.dtype == torch.float64 else emb.detach()
+    grad = _cuda.extension(emb.device).similarity_backward(grad_sim.to(sim.dtype), sim, norms, rows, mask,
                                                            poison_outputs())
+    return grad.to(emb.dtype)
 
 
 class GroupPreferenceLossFunction(torch.autograd.Function):
