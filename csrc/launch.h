@@ -159,4 +159,14 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_sim, const at::Tenso
   return a;
 }
 
+// The launchers: group_loss.cu / similarity_backward.cu on CUDA, cpu/group_math_cpu.cpp on the host.
+std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
+                                           const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
+                                           const OptTensor& scores, int64_t loss, int64_t pairs, int64_t weights,
+                                           bool normalize_deviation, bool need_logdet, bool store_state, double beta,
+                                           double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
+                                           double quality_quantile, bool poison);
+at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
+                               const at::Tensor& emb, const OptTensor& mask, bool poison);
+
 }  // namespace divkernels

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+import divkernels as dk
+
 # Relative tolerances by dtype (the project standard): fp64 near rounding, fp32 ~1e-5, bf16 ~1e-2.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -35,6 +37,16 @@ def random_logps(batch: int, group: int, generator: torch.Generator, dtype: torc
                  scale: float = 5.0) -> torch.Tensor:
     """Negative log-probs in (-scale, 0)."""
     return -torch.rand(batch, group, generator=generator, dtype=torch.float64).mul(scale).add(1e-3).to(dtype)
+
+
+def random_pair_index(valid: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``[B, count, 2]`` (chosen, rejected) indices of valid responses; ``(-1, -1)`` padding rows
+    where the draw picked the same response twice."""
+    chosen = torch.multinomial(valid.double(), count, replacement=True, generator=generator)
+    rejected = torch.multinomial(valid.double(), count, replacement=True, generator=generator)
+    rejected = torch.where(rejected == chosen, -1, rejected)
+    chosen = torch.where(rejected < 0, -1, chosen)
+    return torch.stack([chosen, rejected], -1)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
@@ -87,3 +99,25 @@ def compare_backends(op: Callable[..., tuple[torch.Tensor, ...]], tensors: dict[
         else:
             assert got is not None and got.dtype == want.dtype
             assert_matches(got, want, rtol, atol)
+
+
+def loss_outputs(output: dk.LossOutput) -> tuple[torch.Tensor, ...]:
+    """The loss, every metric (sorted by name) and the logdet of a :class:`LossOutput`."""
+    extra = () if output.logdet is None else (output.logdet,)
+    return (output.loss, *(output.metrics[name] for name in sorted(output.metrics)), *extra)
+
+
+def compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rtol: float,
+                 generator: torch.Generator, atol: float = 0.0, backend: str = "triton",
+                 against: str = "reference") -> None:
+    """``group_preference_loss`` on two backends: outputs and gradients w.r.t. the log-probs and emb."""
+    mask, rewards = inputs["mask"], inputs["rewards"]
+
+    def op(backend: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+           emb: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        return loss_outputs(dk.group_preference_loss(policy_logps, rewards, emb, ref_logps, mask, backend=backend,
+                                                     **options))
+
+    tensors = {name: inputs.get(name) for name in ("policy_logps", "ref_logps", "emb")}
+    differentiable = tuple(name for name, value in tensors.items() if value is not None)
+    compare_backends(op, tensors, differentiable, rtol, generator, atol, backend=backend, against=against)

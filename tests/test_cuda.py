@@ -20,7 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import assert_matches, compare_backends, random_groups, random_logps
+from helpers import assert_matches, random_groups, random_logps, random_pair_index
+from helpers import compare_loss as compare_group_loss
 
 import divkernels as dk
 from divkernels import _cuda
@@ -59,23 +60,9 @@ def loss_inputs(batch: int, group: int, dim: int, generator: torch.Generator, dt
     }
 
 
-def outputs_of(output: dk.LossOutput) -> tuple[torch.Tensor, ...]:
-    extra = () if output.logdet is None else (output.logdet,)
-    return (output.loss, *(output.metrics[name] for name in sorted(output.metrics)), *extra)
-
-
 def compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rtol: float, generator: torch.Generator,
                  atol: float = 0.0, against: str = "reference") -> None:
-    mask, rewards = inputs["mask"], inputs["rewards"]
-
-    def op(backend: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
-           emb: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        return outputs_of(dk.group_preference_loss(policy_logps, rewards, emb, ref_logps, mask, backend=backend,
-                                                   **options))
-
-    tensors = {name: inputs.get(name) for name in ("policy_logps", "ref_logps", "emb")}
-    differentiable = tuple(name for name, value in tensors.items() if value is not None)
-    compare_backends(op, tensors, differentiable, rtol, generator, atol, backend="cuda", against=against)
+    compare_group_loss(inputs, options, rtol, generator, atol, backend="cuda", against=against)
 
 
 @pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda c: "-".join(c.values()))
@@ -102,11 +89,7 @@ def test_variants(generator: torch.Generator) -> None:
     """Explicit pairs, DivPO scores, no reference model, no emb, raw/floored deviation weights."""
     inputs = loss_inputs(3, 6, 10, generator)
     valid = inputs["mask"].cpu()
-    chosen = torch.multinomial(valid.double(), 4, replacement=True, generator=generator)
-    rejected = torch.multinomial(valid.double(), 4, replacement=True, generator=generator)
-    rejected = torch.where(rejected == chosen, -1, rejected)
-    chosen = torch.where(rejected < 0, -1, chosen)
-    pair_index = torch.stack([chosen, rejected], -1).to(DEVICE)
+    pair_index = random_pair_index(valid, 4, generator).to(DEVICE)
     scores = torch.randn(3, 6, generator=generator, dtype=torch.float64).to(DEVICE)
     for options in ({"pair_index": pair_index, "diversity": "deviation"},
                     {"pair_index": pair_index, "loss": "orpo", "diversity": "logdet_gain"},

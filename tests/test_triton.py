@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_matches, compare_backends, random_groups, random_logps
+from helpers import assert_matches, compare_backends, compare_loss, random_groups, random_logps, random_pair_index
 
 import divkernels as dk
 from divkernels.backend import backend_unavailable_reason
@@ -90,11 +90,6 @@ def test_group_advantages_match_reference(diversity: str, scale: str, generator:
 # ----------------------------------------------------------------------------- fused loss
 
 
-def _loss_outputs(output: dk.LossOutput) -> tuple[torch.Tensor, ...]:
-    extra = () if output.logdet is None else (output.logdet,)
-    return (output.loss, *(output.metrics[name] for name in sorted(output.metrics)), *extra)
-
-
 def _loss_inputs(batch: int, group: int, dim: int, generator: torch.Generator,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
     emb, mask = groups_on_device(batch, group, dim, generator, dtype)
@@ -109,20 +104,6 @@ def _loss_inputs(batch: int, group: int, dim: int, generator: torch.Generator,
     }
 
 
-def _compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rtol: float,
-                  generator: torch.Generator, atol: float = 0.0) -> None:
-    mask, rewards = inputs["mask"], inputs["rewards"]
-
-    def op(backend: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
-           emb: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        return _loss_outputs(dk.group_preference_loss(policy_logps, rewards, emb, ref_logps, mask, backend=backend,
-                                                      **options))
-
-    tensors = {name: inputs.get(name) for name in ("policy_logps", "ref_logps", "emb")}
-    differentiable = tuple(name for name, value in tensors.items() if value is not None)
-    compare_backends(op, tensors, differentiable, rtol, generator, atol)
-
-
 @pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda c: "-".join(c.values()))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_group_loss_matches_reference(config: dict[str, str], dtype: torch.dtype,
@@ -130,7 +111,7 @@ def test_group_loss_matches_reference(config: dict[str, str], dtype: torch.dtype
     inputs = _loss_inputs(4, 8, 12, generator, dtype)
     options = {**config, "diversity_alpha": 0.5, "beta": EXACT["beta"], "orpo_lambda": EXACT["orpo_lambda"],
                "simpo_gamma": EXACT["simpo_gamma"], "eps": EXACT["eps"]}
-    _compare_loss(inputs, options, RTOL[dtype] * 10, generator)
+    compare_loss(inputs, options, RTOL[dtype] * 10, generator)
 
 
 @pytest.mark.parametrize("group", [2, 3, 17, 64])
@@ -138,18 +119,14 @@ def test_group_loss_group_sizes(group: int, generator: torch.Generator) -> None:
     inputs = _loss_inputs(3, group, group + 3, generator, torch.float64)
     for config in ({"loss": "dpo", "diversity": "deviation", "pairs": "all"},
                    {"loss": "orpo", "diversity": "logdet_gain", "pairs": "divpo"}):
-        _compare_loss(inputs, {**config, "diversity_alpha": 0.25, **EXACT}, 1e-8, generator)
+        compare_loss(inputs, {**config, "diversity_alpha": 0.25, **EXACT}, 1e-8, generator)
 
 
 def test_group_loss_variants(generator: torch.Generator) -> None:
     """Explicit pairs, DivPO scores, no reference model, no emb, raw/floored deviation weights."""
     inputs = _loss_inputs(3, 6, 10, generator, torch.float64)
     valid = inputs["mask"].cpu()
-    chosen = torch.multinomial(valid.double(), 4, replacement=True, generator=generator)
-    rejected = torch.multinomial(valid.double(), 4, replacement=True, generator=generator)
-    rejected = torch.where(rejected == chosen, -1, rejected)
-    chosen = torch.where(rejected < 0, -1, chosen)
-    pair_index = torch.stack([chosen, rejected], -1).to(DEVICE)
+    pair_index = random_pair_index(valid, 4, generator).to(DEVICE)
     scores = torch.randn(3, 6, generator=generator, dtype=torch.float64).to(DEVICE)
     variants = [
         {"pair_index": pair_index, "diversity": "deviation"},
@@ -158,9 +135,9 @@ def test_group_loss_variants(generator: torch.Generator) -> None:
         {"diversity": "logdet_gain", "diversity_alpha": 0.0},
     ]
     for options in variants:
-        _compare_loss(inputs, {**EXACT, **options}, 1e-9, generator)
-    _compare_loss({**inputs, "ref_logps": None}, dict(EXACT), 1e-9, generator)
-    _compare_loss({**inputs, "emb": None}, dict(EXACT), 1e-9, generator)
+        compare_loss(inputs, {**EXACT, **options}, 1e-9, generator)
+    compare_loss({**inputs, "ref_logps": None}, dict(EXACT), 1e-9, generator)
+    compare_loss({**inputs, "emb": None}, dict(EXACT), 1e-9, generator)
 
 
 # ----------------------------------------------------------------------------- degenerate groups
@@ -184,7 +161,7 @@ def test_degenerate_groups_match_reference(generator: torch.Generator) -> None:
         inputs = {"emb": emb, "mask": None, "policy_logps": random_logps(batch, group, generator).to(DEVICE),
                   "ref_logps": random_logps(batch, group, generator).to(DEVICE),
                   "rewards": torch.ones(batch, group, dtype=torch.float64, device=DEVICE)}
-        _compare_loss(inputs, {"diversity": "logdet_gain", "diversity_alpha": 0.5, **EXACT}, 1e-8, generator, atol)
+        compare_loss(inputs, {"diversity": "logdet_gain", "diversity_alpha": 0.5, **EXACT}, 1e-8, generator, atol)
 
 
 def test_fp32_duplicates_stay_close_to_fp64() -> None:
@@ -259,7 +236,7 @@ def test_gpu_sweep(batch: int, group: int, dim: int, dtype: torch.dtype, generat
     inputs["emb"] = emb
     inputs["mask"] = mask
     for config in LOSS_CONFIGS[::4]:
-        _compare_loss(inputs, {**config, "diversity_alpha": 0.1, "eps": 1e-2}, max(rtol, 1e-3), generator)
+        compare_loss(inputs, {**config, "diversity_alpha": 0.1, "eps": 1e-2}, max(rtol, 1e-3), generator)
 
 
 @pytest.mark.gpu
