@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", default=None, metavar="REGEX",
+                        help="run only the cases whose label matches, e.g. 'group_loss/dpo' or 'G=2 ' "
+                             "(to split a long suite over several device calls)")
     args = parser.parse_args(argv)
     providers = [name for name in args.providers.split(",") if name]
     unknown = sorted(set(providers) - set(PROVIDERS))
@@ -229,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     log(f"divkernels benchmarks, suite {args.suite}, on {env['device']} (torch {env['torch']}, "
         f"triton {env['triton']}, commit {str(env['commit'])[:12]})")
-    rows, bandwidth = run_suite(suite_cases(args.suite), providers, device, args.repeats, args.warmup, log)
+    cases = suite_cases(args.suite)
+    if args.only:
+        pattern = re.compile(args.only)
+        cases = [case for case in cases if pattern.search(case.label)]
+        if not cases:
+            parser.error(f"--only {args.only!r} matches no case of suite {args.suite!r}")
+    rows, bandwidth = run_suite(cases, providers, device, args.repeats, args.warmup, log)
     json_path, csv_path = write_results(rows, env, bandwidth, args.out, args.suite)
     log("\n" + summary_table(rows))
     log(f"\nwrote {json_path} and {csv_path}")

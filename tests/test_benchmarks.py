@@ -71,3 +71,13 @@ def test_plots_from_a_cpu_sweep(tmp_path: Path) -> None:
     written = plots.plot_results(rows, {"device": "cpu"}, tmp_path / "run")
     assert [path.name for path in written] == ["run-sweeps-float32.png"]
     assert written[0].stat().st_size > 10_000
+
+
+def test_only_filters_cases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert runner.main(["--suite", "smoke", "--providers", "eager", "--repeats", "1", "--warmup", "0",
+                        "--device", "cpu", "--out", str(tmp_path), "--only", "group_loss/dpo "]) == 0
+    (json_file,) = tmp_path.glob("*.json")
+    rows = json.loads(json_file.read_text())["rows"]
+    assert {(row["family"], row["op"]) for row in rows} == {("group_loss", "dpo")} and len(rows) == 2
+    with pytest.raises(SystemExit):
+        runner.main(["--suite", "smoke", "--device", "cpu", "--out", str(tmp_path), "--only", "no-such-case"])
