@@ -36,7 +36,7 @@ def liger_dpo_loss(policy, rewards, emb, ref, *, beta: float = 0.1, **_):
     """
     from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
 
-    first = (rewards[:, 0] > rewards[:, 1])
+    first = rewards[:, 0] > rewards[:, 1]
     chosen, rejected = torch.where(first, policy[:, 0], policy[:, 1]), torch.where(first, policy[:, 1], policy[:, 0])
     ref_chosen, ref_rejected = torch.where(first, ref[:, 0], ref[:, 1]), torch.where(first, ref[:, 1], ref[:, 0])
     target = policy.new_empty(2 * policy.shape[0], 1)  # Liger reads only its length (2 x pairs)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 # Bytes the rotating input sets must exceed (H100/H200 L2 is 50-60 MB).
+# Providers that run divkernels' fused kernels (their speed-ups over eager/compile are reported).
+KERNEL_PROVIDERS = ("triton", "cuda")
 ROTATION_BYTES = 256 * 2**20
 MAX_INPUT_SETS = 8
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from divkernels.benchmarks.harness import KERNEL_PROVIDERS
+
 # The sweeps of the full suite (runner.GROUP_SWEEP / DIM_SWEEP) for the fused DDPO + logdet loss.
 FOCUS = {"family": "group_loss", "op": "ddpo+logdet", "pass": "fwd+bwd"}
 GROUP_SWEEP_AT = {"B": 256, "D": 1024}
@@ -64,7 +66,7 @@ def plot_results(rows: list[dict], env: dict, stem: Path) -> list[Path]:
     eager = {_key(row): row["median_ms"] for row in rows if row["provider"] == "eager" and row["median_ms"]}
     bars = [(f"{row['op']} ({row['B']},{row['G']},{row['D']}) {row['dtype']} {row['pass']}", row["provider"],
              eager[_key(row)] / row["median_ms"]) for row in rows
-            if row["provider"] in ("triton", "cuda") and row["median_ms"] and _key(row) in eager]
+            if row["provider"] in KERNEL_PROVIDERS and row["median_ms"] and _key(row) in eager]
     if bars:
         labels = list(dict.fromkeys(label for label, _, _ in bars))
         providers = list(dict.fromkeys(provider for _, provider, _ in bars))

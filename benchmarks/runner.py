@@ -32,10 +32,9 @@ import torch
 
 from divkernels.backend import MAX_KERNEL_GROUP, backend_unavailable_reason
 from divkernels.benchmarks import advantages, diversity, group_loss, plots
-from divkernels.benchmarks.harness import Case, copy_bandwidth, input_sets, measure
+from divkernels.benchmarks.harness import KERNEL_PROVIDERS, Case, copy_bandwidth, input_sets, measure
 
-PROVIDERS = ("triton", "cuda", "eager", "compile", "liger")
-KERNEL_PROVIDERS = ("triton", "cuda")
+PROVIDERS = (*KERNEL_PROVIDERS, "eager", "compile", "liger")
 MAIN_SHAPES = [(8, 8, 384), (1024, 8, 1024), (256, 16, 4096), (64, 64, 4096), (4096, 16, 2048)]
 GROUP_SWEEP = [(256, group, 1024) for group in (2, 4, 8, 16, 32, 64, 128)]
 DIM_SWEEP = [(256, 16, dim) for dim in (256, 1024, 2048, 4096, 8192)]
@@ -66,7 +65,7 @@ def suite_cases(suite: str) -> list[Case]:
 
 def provider_skip_reason(provider: str, case: Case, device: torch.device) -> str | None:
     """Why ``provider`` cannot run ``case`` here (None when it can)."""
-    if provider in ("triton", "cuda"):
+    if provider in KERNEL_PROVIDERS:
         reason = backend_unavailable_reason(provider, device)
         if reason is None and provider == "cuda" and case.family != "group_loss":
             reason = "the CUDA extension implements the fused group loss only"
@@ -85,7 +84,7 @@ def provider_skip_reason(provider: str, case: Case, device: torch.device) -> str
 
 def provider_op(provider: str, case: Case, compiled: dict[int, Callable]) -> Callable:
     """The callable a provider runs: the public op on a backend, the reference, or compiled reference."""
-    if provider in ("triton", "cuda"):
+    if provider in KERNEL_PROVIDERS:
         return functools.partial(case.public_op, backend=provider)
     if provider == "eager":
         return case.reference_op

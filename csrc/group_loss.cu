@@ -5,8 +5,6 @@
 // the group math of group_math.h on the G x G workspace in shared memory: cosine S, deviation,
 // Cholesky of S + eps I with logdet and K^{-1}, pair selection, diversity weights, pair losses,
 // d loss / d policy and the metric partial sums.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ATen.h>
@@ -31,21 +29,6 @@ __global__ void group_loss_forward_kernel(const E* __restrict__ emb, int64_t str
 }
 
 inline int threads_for(int64_t G) { return G <= 32 ? 64 : (G <= 64 ? 128 : 256); }
-
-// Dynamic shared memory for a group of G, raised above 48 KiB where the device allows it.
-template <class Kernel>
-size_t shared_bytes(Kernel kernel, int64_t G, size_t element) {
-  const size_t bytes = size_t(workspace_elements(int(G))) * element;
-  const int device = c10::cuda::current_device();
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= size_t(optin), "the CUDA group kernel needs ", bytes, " bytes of shared memory for G=", G,
-              " in this dtype but the device allows ", optin, "; use backend='triton' or 'reference'");
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  }
-  return bytes;
-}
 
 std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
                                            const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,

@@ -98,7 +98,7 @@ struct Workspace {
   int *picks;  // [0] chosen, [1] rejected (best-worst / DivPO), -1 for none
 };
 constexpr int kNumVectors = 20;
-constexpr int kNumScalars = 4;
+constexpr int kNumScalars = 3;
 
 DK_HD int tile_ld(int G) { return (G > kChunk + 1 ? G : kChunk + 1); }
 
@@ -563,10 +563,10 @@ DK_HD void group_forward(const Par& par, Workspace<T> ws, int64_t b, int G, int6
 // pairs), A_ij = Gs_ij / (n_i n_j) - [i = j] (sum_k Gs_ik S_ik) / n_i^2 (n = max(|e|, floor); no
 // projection term where |e_i| < floor), so that dL/dE = A E.
 template <class T, class Par>
-DK_HD void cosine_backward_matrix(const Par& par, Workspace<T> ws, int64_t b, int G, const bool* mask, bool has_mask,
+DK_HD void cosine_backward_matrix(const Par& par, Workspace<T> ws, int64_t b, int G, const bool* mask,
                                   const T* grad_sim, int64_t gs_b, int64_t gs_i, int64_t gs_j, const T* sim,
                                   const T* norms) {
-  par.for_each(G, [&](int i) { ws.valid[i] = (!has_mask || mask[b * G + i]) ? T(1) : T(0); });
+  par.for_each(G, [&](int i) { ws.valid[i] = (mask == nullptr || mask[b * G + i]) ? T(1) : T(0); });
   par.sync();
   par.for_each(G * G, [&](int k) {
     const int i = k / G, j = k % G;

@@ -4,6 +4,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#if defined(__CUDACC__)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <cmath>
 #include <vector>
@@ -158,6 +162,23 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_sim, const at::Tenso
   a.grad_emb = new_output({a.B, a.G, a.D}, emb.options(), poison);
   return a;
 }
+
+#if defined(__CUDACC__)
+// Dynamic shared memory for a group of G, raised above 48 KiB where the device allows it.
+template <class Kernel>
+size_t shared_bytes(Kernel kernel, int64_t G, size_t element) {
+  const size_t bytes = size_t(workspace_elements(int(G))) * element;
+  const int device = c10::cuda::current_device();
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= size_t(optin), "the CUDA group kernel needs ", bytes, " bytes of shared memory for G=", G,
+              " in this dtype but the device allows ", optin, "; use backend='triton' or 'reference'");
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  }
+  return bytes;
+}
+#endif
 
 // The launchers: group_loss.cu / similarity_backward.cu on CUDA, cpu/group_math_cpu.cpp on the host.
 std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,

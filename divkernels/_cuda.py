@@ -123,7 +123,8 @@ def _load(kind: str) -> tuple[ModuleType | None, str]:
 def unavailable_reason(device: torch.device) -> str | None:
     """Why ``backend="cuda"`` cannot run on ``device`` (None when it can). May build the extension."""
     if device.type == "cpu" and host_emulation_enabled():
-        return _load("host")[1] if _load("host")[0] is None else None
+        module, how = _load("host")
+        return None if module is not None else how
     if device.type != "cuda":
         hint = f" (or set {ENV_HOST_EMULATION}=1 to run its math on CPU, for tests)" if device.type == "cpu" else ""
         return f"the CUDA extension needs a CUDA device, got {device.type}{hint}"

@@ -20,10 +20,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _row_counts(rows: int, device: torch.device) -> list[int]:
+def row_counts(rows: int, device: torch.device) -> list[int]:
+    """Every process's number of rows, in rank order (one collective, one host sync)."""
+    if not is_distributed():
+        return [rows]
     counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, torch.tensor([rows], dtype=torch.int64, device=device))
-    return [int(count.item()) for count in counts]
+    return torch.cat(counts).tolist()
 
 
 class _GatherRows(torch.autograd.Function):
@@ -43,15 +46,18 @@ class _GatherRows(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
-def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
+def gather_rows(tensor: torch.Tensor, counts: list[int] | None = None) -> tuple[torch.Tensor, slice]:
     """Concatenate ``tensor`` along dim 0 over all processes (rank order).
 
-    Processes may hold different numbers of rows. Returns the gathered tensor and the slice of
-    this process's rows in it; autograd-aware. Without a process group: ``(tensor, all rows)``.
+    Processes may hold different numbers of rows; ``counts`` (from :func:`row_counts`) saves the
+    exchange when several tensors with the same rows are gathered. Returns the gathered tensor and
+    the slice of this process's rows in it; autograd-aware. Without a process group:
+    ``(tensor, all rows)``.
     """
     if not is_distributed():
         return tensor, slice(0, tensor.shape[0])
-    counts = _row_counts(tensor.shape[0], tensor.device)
+    if counts is None:
+        counts = row_counts(tensor.shape[0], tensor.device)
     most = max(counts)
     padded = torch.nn.functional.pad(tensor, (0,) * (2 * (tensor.dim() - 1)) + (0, most - tensor.shape[0]))
     gathered = _GatherRows.apply(padded)
@@ -71,13 +77,13 @@ def pad_dim(tensor: torch.Tensor, dim: int, size: int, value: float | bool = 0) 
     return torch.cat([tensor, tensor.new_full(shape, value)], dim)
 
 
-def max_over_processes(value: int, device: torch.device) -> int:
-    """The largest ``value`` over all processes (e.g. the padded group size)."""
+def max_over_processes(values: list[int], device: torch.device) -> list[int]:
+    """The largest of each of ``values`` over all processes (e.g. padded sizes), in one all-reduce."""
     if not is_distributed():
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return tensor.tolist()
 
 
 def gather_objects(items: list[Any]) -> list[Any]:

@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 import divkernels as dk
-from divkernels.integration.distributed import gather_rows, is_distributed, max_over_processes, pad_dim
+from divkernels.integration.distributed import gather_rows, is_distributed, max_over_processes, pad_dim, row_counts
 from divkernels.integration.embeddings import SentenceEncoder, pool_hidden_states
 from divkernels.integration.models import load_causal_lm
 from divkernels.types import DEVIATION_NORMS, DIVERSITIES, LOSSES, PAIR_MODES
@@ -247,23 +247,26 @@ class DiversityPreferenceTrainer(Trainer):
         if from_policy:
             groups["emb"] = to_groups(pooled, mask)
         elif self.encoder is not None:
-            groups["emb"] = to_groups(self.encoder(inputs["completion_texts"], device=logps.device), mask)
+            groups["emb"] = to_groups(self.encoder(inputs["completion_texts"]).to(logps.device), mask)
         return groups
 
     @staticmethod
     def _gather_groups(groups: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
         """Every process's groups, padded to a common G (and P), in rank order; autograd-aware."""
-        device = groups["mask"].device
-        size = max_over_processes(groups["mask"].shape[1], device)
+        mask, pair_index = groups["mask"], groups["pair_index"]
+        device = mask.device
+        sizes = max_over_processes([mask.shape[1], 0 if pair_index is None else pair_index.shape[1]], device)
+        counts = row_counts(mask.shape[0], device)
         gathered: dict[str, torch.Tensor | None] = {}
         for name, tensor in groups.items():
             if tensor is None:
                 gathered[name] = None
-            elif name == "pair_index":
-                tensor = pad_dim(tensor, 1, max_over_processes(tensor.shape[1], device), -1)
-                gathered[name] = gather_rows(tensor)[0]
+                continue
+            if name == "pair_index":
+                tensor = pad_dim(tensor, 1, sizes[1], -1)
             else:
-                gathered[name] = gather_rows(pad_dim(tensor, 1, size, False if name == "mask" else 0))[0]
+                tensor = pad_dim(tensor, 1, sizes[0], False if name == "mask" else 0)
+            gathered[name] = gather_rows(tensor, counts)[0]
         return gathered
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,

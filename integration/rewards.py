@@ -23,7 +23,7 @@ import torch
 
 import divkernels as dk
 from divkernels import reference
-from divkernels.integration.distributed import gather_objects, gather_rows
+from divkernels.integration.distributed import gather_objects, gather_rows, row_counts
 from divkernels.integration.embeddings import SentenceEncoder, completion_text
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]
@@ -39,10 +39,12 @@ class _GroupDiversity:
         self.embed = embed if embed is not None else SentenceEncoder()
         self.backend = backend
 
-    def groups(self, prompts: Sequence[Any], completions: Sequence[Any]) -> tuple[torch.Tensor, slice]:
-        """``(emb [B, G, D] of the global batch, slice of this process's rows in B * G)``."""
+    def groups(self, prompts: Sequence[Any], completions: Sequence[Any]) -> tuple[torch.Tensor, slice, list[int]]:
+        """``(emb [B, G, D] of the global batch, slice of this process's rows in B * G, every
+        process's row count)``."""
         local = self.embed([completion_text(completion) for completion in completions]).to(torch.float32)
-        emb, rows = gather_rows(local)
+        counts = row_counts(local.shape[0], local.device)
+        emb, rows = gather_rows(local, counts)
         keys = gather_objects([repr(prompt) for prompt in prompts])
         size = self.num_generations
         if emb.shape[0] % size:
@@ -53,7 +55,7 @@ class _GroupDiversity:
                 raise ValueError(f"completions {start}..{start + size - 1} do not share one prompt: TRL lays "
                                  f"out each prompt's num_generations={size} completions consecutively; check "
                                  "num_generations")
-        return emb.view(-1, size, emb.shape[-1]), rows
+        return emb.view(-1, size, emb.shape[-1]), rows, counts
 
 
 def _log(kwargs: dict[str, Any], name: str, value: torch.Tensor) -> None:
@@ -82,8 +84,8 @@ class DarlingReward(_GroupDiversity):
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         quality = self.quality_func(prompts=prompts, completions=completions, **kwargs)
-        emb, rows = self.groups(prompts, completions)
-        quality, _ = gather_rows(torch.as_tensor(quality, dtype=torch.float32, device=emb.device))
+        emb, rows, counts = self.groups(prompts, completions)
+        quality, _ = gather_rows(torch.as_tensor(quality, dtype=torch.float32, device=emb.device), counts)
         div = dk.partition_diversity(emb, tau=self.tau, backend=self.backend)
         valid = torch.ones_like(div, dtype=torch.bool)
         shaped = reference.darling_rewards(quality.view_as(div), valid, div)
@@ -112,7 +114,7 @@ class DiversityBonusReward(_GroupDiversity):
         self.__name__ = f"{kind}_bonus"
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
-        emb, rows = self.groups(prompts, completions)
+        emb, rows, _ = self.groups(prompts, completions)
         if self.kind == "dqo":
             logdet, measure = dk.logdet_diversity(emb, eps=self.eps, return_gains=True, backend=self.backend)
             _log(kwargs, "diversity/logdet", logdet)

@@ -73,7 +73,9 @@ def test_fused_loss_matches_reference(config: dict[str, str], dtype: torch.dtype
     # D = 37: rows not 16-byte aligned, element loads; D = 72: 16-byte loads, partial last chunk.
     inputs = loss_inputs(4, 8, dim, generator, dtype)
     options = {**config, "diversity_alpha": 0.5, "beta": 0.3, "orpo_lambda": 0.2, "simpo_gamma": 0.4, "eps": 1e-3}
-    compare_loss(inputs, options, RTOL[dtype] * 10, generator)
+    # Metrics such as the mean similarity of random embeddings are ~0: their fp32 rounding
+    # (~1e-8 on a cosine scale of 1) gets an absolute floor instead of a relative bound.
+    compare_loss(inputs, options, RTOL[dtype] * 10, generator, atol=1e-6 if dtype == torch.float32 else 0.0)
 
 
 @pytest.mark.parametrize("group", [2, 3, 8, 17, 64, 128])

@@ -111,7 +111,9 @@ def test_group_loss_matches_reference(config: dict[str, str], dtype: torch.dtype
     inputs = _loss_inputs(4, 8, 12, generator, dtype)
     options = {**config, "diversity_alpha": 0.5, "beta": EXACT["beta"], "orpo_lambda": EXACT["orpo_lambda"],
                "simpo_gamma": EXACT["simpo_gamma"], "eps": EXACT["eps"]}
-    compare_loss(inputs, options, RTOL[dtype] * 10, generator)
+    # Metrics such as the mean similarity of random embeddings are ~0: their fp32 rounding
+    # (~1e-8 on a cosine scale of 1) gets an absolute floor instead of a relative bound.
+    compare_loss(inputs, options, RTOL[dtype] * 10, generator, atol=1e-6 if dtype == torch.float32 else 0.0)
 
 
 @pytest.mark.parametrize("group", [2, 3, 17, 64])
