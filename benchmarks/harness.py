@@ -17,11 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-# Bytes the rotating input sets must exceed (H100/H200 L2 is 50-60 MB).
 # Providers that run divkernels' fused kernels (their speed-ups over eager/compile are reported).
 KERNEL_PROVIDERS = ("triton", "cuda")
+# Bytes the rotating input sets must exceed (H100/H200 L2 is 50-60 MB).
 ROTATION_BYTES = 256 * 2**20
 MAX_INPUT_SETS = 8
+# Timed runs per row: ``repeats``, fewer for slow steps so one row takes about BUDGET_MS (never
+# fewer than MIN_REPEATS): a slow eager case must not eat a device call's 10 minutes.
+BUDGET_MS = 400.0
+MIN_REPEATS = 5
 
 
 @dataclass
@@ -36,13 +40,29 @@ def input_sets(make: Callable[[], object], bytes_per_set: int) -> list[object]:
     return [make() for _ in range(count)]
 
 
+def timed_repeats(step_ms: float, repeats: int, budget_ms: float = BUDGET_MS) -> int:
+    """``repeats``, or fewer so that they take about ``budget_ms``, but at least MIN_REPEATS."""
+    if step_ms <= 0:
+        return repeats
+    return max(min(repeats, MIN_REPEATS), min(repeats, int(budget_ms / step_ms)))
+
+
 def measure(step: Callable[[object], object], sets: list[object], device: torch.device, *, warmup: int = 5,
-            repeats: int = 30) -> Measurement:
-    """Median time of ``step(inputs)`` over rotating input sets, and the peak extra memory of one step."""
-    for index in range(warmup):
+            repeats: int = 30, budget_ms: float = BUDGET_MS) -> Measurement:
+    """Median time of ``step(inputs)`` over rotating input sets, and the peak extra memory of one step.
+
+    The last warm-up step is timed on its own to cut ``repeats`` for slow steps (:func:`timed_repeats`).
+    """
+    for index in range(max(warmup - 1, 0)):
         step(sets[index % len(sets)])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step(sets[(warmup - 1) % len(sets)])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    repeats = timed_repeats((time.perf_counter() - start) * 1e3, repeats, budget_ms)
+    if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         for index in range(repeats):

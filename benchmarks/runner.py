@@ -25,6 +25,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,7 @@ DIM_SWEEP = [(256, 16, dim) for dim in (256, 1024, 2048, 4096, 8192)]
 PAIR_SHAPES = [(16384, 2, 1), (262144, 2, 1)]  # plain DPO on (chosen, rejected) pairs: vs Liger
 TARGET_SHAPES = [(256, 16, 4096), (4096, 16, 2048)]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+CHECKPOINT_ROWS = 10  # rows between partial writes of the result files
 
 
 def suite_cases(suite: str) -> list[Case]:
@@ -82,7 +84,23 @@ def provider_skip_reason(provider: str, case: Case, device: torch.device) -> str
     return None
 
 
-def provider_op(provider: str, case: Case, compiled: dict[int, Callable]) -> Callable:
+# Dynamo keeps compiled graphs per code object: all variants, dtypes and passes of one reference
+# function share one cache, and past the default limit (8) it would silently run eager, which the
+# table would then report as torch.compile. The runner raises the limits and makes a hit an error.
+COMPILE_LIMITS = {"recompile_limit": 512, "accumulated_recompile_limit": 8192, "fail_on_recompile_limit_hit": True}
+
+
+def configure_compile() -> None:
+    """Dynamo settings for timing many specializations of the same reference functions."""
+    import torch._dynamo
+
+    for name, value in COMPILE_LIMITS.items():
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, value)
+
+
+def provider_op(provider: str, case: Case, compiled: dict[tuple, Callable], compile_backend: str = "inductor"
+                ) -> Callable:
     """The callable a provider runs: the public op on a backend, the reference, or compiled reference."""
     if provider in KERNEL_PROVIDERS:
         return functools.partial(case.public_op, backend=provider)
@@ -90,9 +108,10 @@ def provider_op(provider: str, case: Case, compiled: dict[int, Callable]) -> Cal
         return case.reference_op
     if provider == "liger":
         return group_loss.liger_dpo_loss
-    key = id(case.reference_op)
+    # one compiled callable per variant, dtype and pass; shapes recompile once, then run dynamic
+    key = (id(case.reference_op), case.family, case.name, case.dtype, case.backward)
     if key not in compiled:
-        compiled[key] = torch.compile(case.reference_op)
+        compiled[key] = torch.compile(case.reference_op, backend=compile_backend)
     return compiled[key]
 
 
@@ -115,15 +134,34 @@ def environment(device: torch.device) -> dict[str, object]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def row_key(row: dict) -> tuple:
+    """What identifies a measurement: the case and the provider."""
+    return (row["family"], row["op"], row["B"], row["G"], row["D"], row["dtype"], row["pass"], row["provider"])
+
+
 def run_suite(cases: list[Case], providers: list[str], device: torch.device, repeats: int, warmup: int,
-              log: Callable[[str], None]) -> tuple[list[dict], float | None]:
+              log: Callable[[str], None], *, done: set[tuple] = frozenset(), deadline: float | None = None,
+              checkpoint: Callable[[list[dict], float | None], None] | None = None, compile_backend: str = "inductor",
+              ) -> tuple[list[dict], float | None, bool]:
+    """Time every (case, provider) not in ``done``; stop starting cases at ``deadline`` (``time.monotonic``).
+
+    Returns ``(rows, copy bandwidth, whether every case was reached)``. ``checkpoint(rows, bandwidth)``
+    is called every few rows and at the end, so a run cut off by a time limit keeps what it measured.
+    """
     bandwidth = copy_bandwidth(device)
     if bandwidth:
         log(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s")
-    compiled: dict[int, Callable] = {}
+    if "compile" in providers:
+        configure_compile()
+    compiled: dict[tuple, Callable] = {}
     announced: set[tuple[str, str]] = set()
-    rows = []
-    for case in cases:
+    rows: list[dict] = []
+    complete = True
+    for number, case in enumerate(cases):
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"time budget reached: {number} of {len(cases)} cases run; the next was {case.label}")
+            complete = False
+            break
         for provider in providers:
             reason = provider_skip_reason(provider, case, device)
             if reason is not None:
@@ -131,11 +169,13 @@ def run_suite(cases: list[Case], providers: list[str], device: torch.device, rep
                     announced.add((provider, reason))
                     log(f"skipping {provider}: {reason}")
                 continue
-            op = provider_op(provider, case, compiled)
             row = {"family": case.family, "op": case.name, "B": case.batch, "G": case.group, "D": case.dim,
                    "dtype": str(case.dtype).removeprefix("torch."),
                    "pass": "fwd+bwd" if case.backward else "fwd", "provider": provider}
+            if row_key(row) in done:
+                continue
             try:
+                op = provider_op(provider, case, compiled, compile_backend)
                 probe = case.make_inputs(device)
                 per_set = sum(t.numel() * t.element_size() for t in probe.values() if t is not None)
                 sets = input_sets(lambda case=case: case.make_inputs(device), per_set)
@@ -153,7 +193,11 @@ def run_suite(cases: list[Case], providers: list[str], device: torch.device, rep
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return rows, bandwidth
+            if checkpoint is not None and len(rows) % CHECKPOINT_ROWS == 0:
+                checkpoint(rows, bandwidth)
+    if checkpoint is not None:
+        checkpoint(rows, bandwidth)
+    return rows, bandwidth, complete
 
 
 def _row_line(row: dict) -> str:
@@ -190,19 +234,34 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], env: dict, bandwidth: float | None, out: Path, suite: str) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
+def result_path(env: dict, out: Path, suite: str) -> Path:
+    """``<out>/<device>-<suite>-<date>.json`` (the CSV and plots sit next to it)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", str(env["device"])).strip("-").lower() or "device"
-    stem = f"{slug}-{suite}-{env['date'][:10]}"
-    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
-    json_path.write_text(json.dumps({**env, "suite": suite, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows},
-                                    indent=1))
+    return out / f"{slug}-{suite}-{env['date'][:10]}.json"
+
+
+def write_results(rows: list[dict], env: dict, bandwidth: float | None, json_path: Path, suite: str,
+                  complete: bool = True) -> tuple[Path, Path]:
+    """The JSON (environment + rows) and the CSV (one line per row, with device and commit)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    csv_path = json_path.with_suffix(".csv")
+    json_path.write_text(json.dumps({**env, "suite": suite, "complete": complete,
+                                     "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, indent=1))
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["device", "commit", *rows[0]] if rows else ["device"])
         writer.writeheader()
         for row in rows:
             writer.writerow({"device": env["device"], "commit": env["commit"], **row})
     return json_path, csv_path
+
+
+def load_resume(path: Path, env: dict, suite: str) -> list[dict]:
+    """The rows of an earlier run of the same suite on the same device, to continue it."""
+    data = json.loads(path.read_text())
+    for key, value in (("device", env["device"]), ("suite", suite)):
+        if data.get(key) != value:
+            raise SystemExit(f"--resume {path}: it is a run of {key} {data.get(key)!r}, not {value!r}")
+    return list(data["rows"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, metavar="REGEX",
                         help="run only the cases whose label matches, e.g. 'group_loss/dpo' or 'G=2 ' "
                              "(to split a long suite over several device calls)")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                        help="start no new case after this many seconds (results so far are kept; "
+                             "continue with --resume)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="JSON",
+                        help="continue an earlier run of the same suite and device: skip what it measured, "
+                             "add the rest to that file")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile provider")
     args = parser.parse_args(argv)
     providers = [name for name in args.providers.split(",") if name]
     unknown = sorted(set(providers) - set(PROVIDERS))
@@ -237,8 +303,23 @@ def main(argv: list[str] | None = None) -> int:
         cases = [case for case in cases if pattern.search(case.label)]
         if not cases:
             parser.error(f"--only {args.only!r} matches no case of suite {args.suite!r}")
-    rows, bandwidth = run_suite(cases, providers, device, args.repeats, args.warmup, log)
-    json_path, csv_path = write_results(rows, env, bandwidth, args.out, args.suite)
+    started = time.monotonic()
+    previous = load_resume(args.resume, env, args.suite) if args.resume else []
+    json_path = args.resume or result_path(env, args.out, args.suite)
+    done = {row_key(row) for row in previous}
+    if previous:
+        log(f"resuming {json_path}: {len(previous)} rows measured before")
+
+    def checkpoint(new_rows: list[dict], bandwidth: float | None) -> None:
+        write_results(previous + new_rows, env, bandwidth, json_path, args.suite, complete=False)
+
+    new_rows, bandwidth, complete = run_suite(
+        cases, providers, device, args.repeats, args.warmup, log, done=done, compile_backend=args.compile_backend,
+        deadline=started + args.budget_s if args.budget_s is not None else None, checkpoint=checkpoint)
+    rows = previous + new_rows
+    json_path, csv_path = write_results(rows, env, bandwidth, json_path, args.suite, complete)
+    if not complete:
+        log(f"incomplete: continue with --resume {json_path}")
     log("\n" + summary_table(rows))
     log(f"\nwrote {json_path} and {csv_path}")
     try:

@@ -117,7 +117,16 @@ def _load(kind: str) -> tuple[ModuleType | None, str]:
     try:
         return _jit_build("divkernels_C", "cuda"), "JIT-built from csrc/ (torch.utils.cpp_extension.load)"
     except Exception as error:
-        return None, prebuilt_error + f"the JIT build failed: {error}"
+        return None, prebuilt_error + _jit_failure(error, CUDA_HOME)
+
+
+def _jit_failure(error: Exception, cuda_home: str) -> str:
+    """A JIT build error in a few lines: the compiler's last words and the toolkit torch used."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    tail = "\n    ".join(lines[-6:])
+    hint = (f" (torch used CUDA_HOME={cuda_home}; if libcudart is not found there, set CUDA_HOME to the "
+            f"CUDA toolkit's root)") if "cudart" in str(error) else ""
+    return f"the JIT build failed{hint}:\n    {tail}"
 
 
 def unavailable_reason(device: torch.device) -> str | None:

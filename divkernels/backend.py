@@ -1,7 +1,9 @@
 """Backend choice: ``reference`` (PyTorch, any device), ``triton`` and ``cuda`` (CUDA devices).
 
-``backend="auto"`` picks a kernel backend on CUDA tensors and the reference elsewhere; the
-environment variable ``DIVKERNELS_BACKEND`` overrides what ``auto`` picks. Asking explicitly for a
+``backend="auto"`` picks a kernel backend on CUDA tensors and the reference elsewhere. Where an op
+has both kernels, it takes the one measured faster for the device and shape class
+(:mod:`divkernels.dispatch`), else Triton. The environment variable ``DIVKERNELS_BACKEND``
+overrides what ``auto`` picks. Asking explicitly for a
 backend that cannot run raises :class:`BackendUnavailableError` with the reason.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from divkernels import dispatch
 from divkernels.types import BACKENDS
 from divkernels.validation import check_choice
 
@@ -70,7 +73,7 @@ def _warn_large_group(group_size: int) -> None:
 
 
 def resolve_backend(requested: str, *, op: str, device: torch.device, group_size: int,
-                    kernels: Sequence[str] = ()) -> str:
+                    kernels: Sequence[str] = (), dim: int | None = None, emb_dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op``.
 
     Args:
@@ -78,19 +81,27 @@ def resolve_backend(requested: str, *, op: str, device: torch.device, group_size
         op: public op name, for messages.
         device: device of the inputs.
         group_size: padded group size ``G``.
-        kernels: kernel backends that ``op`` has (besides the reference).
+        kernels: kernel backends that ``op`` has (besides the reference), in default order.
+        dim, emb_dtype: embedding width and dtype (None without embeddings), for the measured
+            choice between two kernels (:func:`divkernels.dispatch.measured_backend`).
     """
     check_choice("backend", requested, BACKENDS)
     if requested == "auto":
         override = os.environ.get(ENV_BACKEND, "auto")
         check_choice(ENV_BACKEND, override, BACKENDS)
         if override != "auto":
-            return resolve_backend(override, op=op, device=device, group_size=group_size, kernels=kernels)
+            return resolve_backend(override, op=op, device=device, group_size=group_size, kernels=kernels,
+                                   dim=dim, emb_dtype=emb_dtype)
         if device.type != "cuda":
             return "reference"
         if group_size > MAX_KERNEL_GROUP and kernels:
             _warn_large_group(group_size)
             return "reference"
+        if len(kernels) > 1:
+            # only a measured choice probes the second kernel (probing CUDA may JIT-build it)
+            measured = dispatch.measured_backend(op, device, group_size, dim, emb_dtype)
+            if measured in kernels and backend_unavailable_reason(measured, device) is None:
+                return measured
         for candidate in kernels:
             if backend_unavailable_reason(candidate, device) is None:
                 return candidate

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from divkernels.benchmarks import runner
+from divkernels.benchmarks import group_loss, runner
 
 
 def test_smoke_suite_writes_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,7 +30,7 @@ def test_smoke_suite_writes_json_and_csv(tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.triton
 def test_triton_provider_runs_a_case(tmp_path: Path) -> None:
     cases = runner.suite_cases("smoke")[:1]
-    rows, _ = runner.run_suite(cases, ["triton"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None)
+    rows, _, _ = runner.run_suite(cases, ["triton"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None)
     assert rows[0]["provider"] == "triton" and rows[0]["error"] is None
 
 
@@ -67,7 +67,7 @@ def test_plots_from_a_cpu_sweep(tmp_path: Path) -> None:
 
     cases = group_loss.cases([(256, 2, 1024), (256, 4, 1024), (256, 16, 256), (256, 16, 1024)], [torch.float32],
                              [True], ["ddpo+logdet"])
-    rows, _ = runner.run_suite(cases, ["eager"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None)
+    rows, _, _ = runner.run_suite(cases, ["eager"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None)
     written = plots.plot_results(rows, {"device": "cpu"}, tmp_path / "run")
     assert [path.name for path in written] == ["run-sweeps-float32.png"]
     assert written[0].stat().st_size > 10_000
@@ -81,3 +81,60 @@ def test_only_filters_cases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert {(row["family"], row["op"]) for row in rows} == {("group_loss", "dpo")} and len(rows) == 2
     with pytest.raises(SystemExit):
         runner.main(["--suite", "smoke", "--device", "cpu", "--out", str(tmp_path), "--only", "no-such-case"])
+
+
+def test_budget_stops_and_resume_completes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--suite", "smoke", "--providers", "eager", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+    assert runner.main([*common, "--out", str(tmp_path / "full")]) == 0
+    (full_file,) = (tmp_path / "full").glob("*.json")
+    full = json.loads(full_file.read_text())
+    assert full["complete"] and full["rows"]
+
+    assert runner.main([*common, "--out", str(tmp_path / "cut"), "--budget-s", "0"]) == 0
+    printed = capsys.readouterr().out
+    (cut_file,) = (tmp_path / "cut").glob("*.json")
+    assert "time budget reached: 0 of" in printed and f"--resume {cut_file}" in printed
+    assert json.loads(cut_file.read_text())["complete"] is False
+
+    assert runner.main([*common, "--resume", str(cut_file)]) == 0
+    resumed = json.loads(cut_file.read_text())
+    assert resumed["complete"]
+    assert sorted(map(runner.row_key, resumed["rows"])) == sorted(map(runner.row_key, full["rows"]))
+    assert runner.main([*common, "--resume", str(cut_file)]) == 0  # nothing left: no row twice
+    assert len(json.loads(cut_file.read_text())["rows"]) == len(full["rows"])
+    with pytest.raises(SystemExit, match="a run of suite 'smoke', not 'fused'"):
+        runner.main(["--suite", "fused", "--device", "cpu", "--resume", str(cut_file)])
+
+
+def test_slow_steps_get_fewer_repeats() -> None:
+    from divkernels.benchmarks.harness import MIN_REPEATS, timed_repeats
+
+    assert timed_repeats(0.01, 30, budget_ms=400) == 30
+    assert timed_repeats(40.0, 30, budget_ms=400) == 10
+    assert timed_repeats(1000.0, 30, budget_ms=400) == MIN_REPEATS
+    assert timed_repeats(1000.0, 2, budget_ms=400) == 2  # never more than asked
+
+
+def test_compile_provider_never_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many specializations of one reference function: past Dynamo's default limit of 8 it would
+    silently run eager; the runner raises the limit and turns a hit into a reported failure."""
+    import torch._dynamo
+
+    for name in runner.COMPILE_LIMITS:
+        if hasattr(torch._dynamo.config, name):
+            monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
+    monkeypatch.setattr(runner, "provider_skip_reason", lambda provider, case, device: None)
+    cases = group_loss.cases([(2, 4, 8), (3, 5, 8)], [torch.float32], [False, True], list(group_loss.VARIANTS))
+    torch._dynamo.reset()
+    rows, _, _ = runner.run_suite(cases, ["compile"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None,
+                                  compile_backend="eager")
+    assert torch._dynamo.config.fail_on_recompile_limit_hit
+    assert len(rows) == 20 and [row["error"] for row in rows] == [None] * 20
+    # the same run under the default limit hits it: the check above can fail
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(runner, "configure_compile", lambda: None)
+    rows, _, _ = runner.run_suite(cases, ["compile"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None,
+                                  compile_backend="eager")
+    assert any("recompile" in (row["error"] or "").lower() for row in rows)
+    torch._dynamo.reset()

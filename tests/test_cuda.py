@@ -187,10 +187,22 @@ def test_backend_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
         module.group_loss_forward(None, None, -torch.rand(2, 130, device=DEVICE), None, torch.rand(2, 130,
                                   device=DEVICE), None, None, 0, 0, 0, True, False, False, 0.1, 0.1, 0.5, 0.0, 1e-4,
                                   0.5, False)
+    with pytest.raises(TypeError, match=r"\(emb: torch.Tensor \| None, mask: .*policy: "):  # named arguments
+        module.group_loss_forward(policy)
     if DEVICE.type == "cpu":
         monkeypatch.setenv(_cuda.ENV_HOST_EMULATION, "0")
         with pytest.raises(BackendUnavailableError, match="needs a CUDA device.*DIVKERNELS_CUDA_HOST_EMULATION"):
             dk.group_preference_loss(policy, rewards[:, :4].expand(2, 4), backend="cuda")
+
+
+def test_jit_failure_message_is_short_and_names_cuda_home() -> None:
+    log = "\n".join(f"[{i}/4] nvcc ..." for i in range(1, 4)) + "\nFAILED: divkernels_C.so\n" \
+        "/usr/bin/ld: cannot find -lcudart: No such file or directory\ncollect2: error: ld returned 1 exit status\n" \
+        "ninja: build stopped: subcommand failed."
+    message = _cuda._jit_failure(RuntimeError("Error building extension 'divkernels_C': " + log), "/usr/local")
+    assert "CUDA_HOME=/usr/local" in message and "cannot find -lcudart" in message
+    assert "[1/4]" not in message and message.count("\n") == 6
+    assert "CUDA_HOME" not in _cuda._jit_failure(RuntimeError("nvcc: syntax error"), "/usr/local/cuda")
 
 
 def test_poisoned_outputs_are_all_written(generator: torch.Generator) -> None:

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../group_math.h"
+#include "../bind.h"
 #include "../launch.h"
 
 namespace divkernels {
@@ -70,6 +71,5 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Host build of the divkernels CUDA math (tests without a GPU)";
   m.attr("platform") = "host";
-  m.def("group_loss_forward", &divkernels::group_loss_forward);
-  m.def("similarity_backward", &divkernels::similarity_backward);
+  divkernels::define_ops(m);
 }

@@ -567,7 +567,8 @@ def group_preference_loss(
     device = check_same_device(policy_logps=policy_logps, rewards=rewards, emb=emb, ref_logps=ref_logps,
                                mask=mask, pair_index=pair_index, divpo_scores=divpo_scores)
     chosen = resolve_backend(backend, op="group_preference_loss", device=device, group_size=group,
-                             kernels=("triton", "cuda"))
+                             kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
+                             emb_dtype=None if emb is None else emb.dtype)
 
     valid = reference.valid_mask(mask, batch, group, device)
     checks = DataChecks(check_inputs)
