@@ -32,6 +32,7 @@ pytestmark = [
 # Largest dynamic shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 WORKER = Path(__file__).resolve().parent / "triton_compile_worker.py"
+ENV_EXTRA_TRITON = "DIVKERNELS_EXTRA_TRITON"
 # (loss, diversity, pairs): every value of each at least once, some together (not all 36 products:
 # each distinct combination is one more compile of the largest kernel).
 BRANCH_CONFIGS = [("dpo", "none", "all"), ("ipo", "deviation", "best_worst"), ("orpo", "logdet_gain", "divpo"),
@@ -111,6 +112,28 @@ def every_kernel_path() -> None:
         run(group, dtype, every_branch=False)
 
 
+def compile_launches(launches: list[dict], folder: Path, extra_triton: str | None) -> list[dict]:
+    """Compile the launches in parallel worker processes (no TRITON_INTERPRET); their JSON reports."""
+    folder.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(folder / "triton-cache")
+    if extra_triton:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_triton, env.get("PYTHONPATH")]))
+    count = max(1, min(4, os.cpu_count() or 1))
+    workers = []
+    for index in range(count):
+        path = folder / f"launches-{index}.json"
+        path.write_text(json.dumps(launches[index::count]))
+        workers.append(subprocess.Popen([sys.executable, str(WORKER), str(path)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env))
+    reports = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=1500)
+        assert worker.returncode == 0, err[-4000:]
+        reports += [json.loads(line) for line in out.splitlines()]
+    return reports
+
+
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     launches = record_launches(every_kernel_path)
@@ -119,25 +142,20 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
             "_logdet_forward_kernel", "_deviation_forward_kernel"} <= names, names
     for launch in launches:  # every tile on sm_90; the largest also on sm_80, whose shared memory is smaller
         launch["archs"] = [80, 90] if launch["kwargs"].get("BLOCK_G", 0) >= 64 else [90]
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    workers = []
-    for index in range(max(1, min(4, os.cpu_count() or 1))):
-        path = tmp_path / f"launches-{index}.json"
-        path.write_text(json.dumps(launches[index::max(1, min(4, os.cpu_count() or 1))]))
-        workers.append(subprocess.Popen([sys.executable, str(WORKER), str(path)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env=env))
+    # the installed Triton, and any other versions installed with `pip install --target DIR triton==X`
+    # and listed in DIVKERNELS_EXTRA_TRITON (CI adds 3.6, the version of the GPU machines' image)
+    tritons = [None, *filter(None, os.environ.get(ENV_EXTRA_TRITON, "").split(os.pathsep))]
     reports = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=1500)
-        assert worker.returncode == 0, err[-4000:]
-        reports += [json.loads(line) for line in out.splitlines()]
-    assert len(reports) == sum(len(launch["archs"]) for launch in launches)
-    spills = sorted({(r["kernel"], r["arch"], r.get("num_warps"), r["stack"]) for r in reports if r.get("stack")})
+    for index, extra in enumerate(tritons):
+        reports += compile_launches(launches, tmp_path / f"triton-{index}", extra)
+    assert len(reports) == len(tritons) * sum(len(launch["archs"]) for launch in launches)
+    spills = sorted({(r["triton"], r["kernel"], r["arch"], r.get("num_warps"), r["stack"])
+                     for r in reports if r.get("stack")})
     print("kernels with a local-memory stack (spills; reported, not a failure):", spills)
     problems = []
     for report in reports:
-        where = f"{report['kernel']} (launch {report['launch']}, sm_{report['arch']}, {report.get('num_warps')} warps)"
+        where = (f"{report['kernel']} (launch {report['launch']}, sm_{report['arch']}, "
+                 f"{report.get('num_warps')} warps, triton {report['triton']})")
         if "error" in report:
             problems.append(f"{where}: {report['error']}")
         elif report["shared_bytes"] > SHARED_LIMIT[report["arch"]]:

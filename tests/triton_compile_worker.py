@@ -79,7 +79,8 @@ def main(path: str) -> None:
         signature, constexprs = signature_of(kernel, launch["args"], launch["kwargs"])
         options = {key: launch["kwargs"][key] for key in LAUNCH_OPTIONS if key in launch["kwargs"]}
         for arch in launch["archs"]:
-            result = {"launch": number, "kernel": launch["name"], "arch": arch, **options}
+            result = {"launch": number, "kernel": launch["name"], "arch": arch, "triton": triton.__version__,
+                      **options}
             try:
                 compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                                           options=options)

@@ -77,10 +77,17 @@ def gram_matrix(emb_ptr, stride_g, stride_d, valid, D, BLOCK_G: tl.constexpr, BL
     """``E E^T`` of one group (``emb_ptr`` at its first element), accumulated in ``ACC`` over D.
 
     Padded rows are never loaded, so NaN there cannot leak in. Each element is read once.
+    float64 takes rank-1 updates on CUDA cores, one column of E at a time: Triton up to 3.8 cannot
+    compile an fp64 ``tl.dot`` for sm_80/sm_90 (its fp64 MMA lowering asserts).
     """
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     gram = tl.zeros([BLOCK_G, BLOCK_G], dtype=ACC)
+    if ACC == tl.float64:  # noqa: SIM300 (ACC is a constexpr, not a constant)
+        for d in range(0, D):
+            col = tl.load(emb_ptr + offs_g * stride_g + d * stride_d, mask=valid != 0, other=0.0).to(ACC)
+            gram += col[:, None] * col[None, :]
+        return gram
     for start in range(0, D, BLOCK_D):
         cols = start + offs_d
         ptrs = emb_ptr + offs_g[:, None] * stride_g + cols[None, :] * stride_d
@@ -161,9 +168,19 @@ def _similarity_backward_kernel(grad_sim_ptr, sim_ptr, norms_ptr, mask_ptr, emb_
         grad_sym = tl.where(eye, 0.0, grad_sym)
         weighted = grad_sym * load_square(sim_ptr + b * G * G, G, BLOCK_G, ACC)
         a = 2.0 * gamma * (weighted - tl.where(eye, tl.sum(weighted, axis=1)[:, None], 0.0))
-    rows = tl.load(emb_ptr + b * stride_eb + offs[:, None] * stride_eg + offs_d[None, :] * stride_ed,
-                   mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
-    grad_rows = tl.dot(a, rows, input_precision=PRECISION, out_dtype=ACC)
+    if ACC == tl.float64:  # noqa: SIM300 (ACC is a constexpr, not a constant)
+        # d emb = A emb as rank-1 updates A[:, k] emb[k, :] (no fp64 tl.dot: see gram_matrix)
+        grad_rows = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
+        for k in range(0, G):
+            a_col = tl.sum(tl.where(offs[None, :] == k, a, 0.0), axis=1)
+            valid_k = tl.sum(tl.where(offs == k, valid.to(tl.int32), 0))  # 1: row k is real (never load NaN)
+            row = tl.load(emb_ptr + b * stride_eb + k * stride_eg + offs_d * stride_ed,
+                          mask=(offs_d < D) & (offs_d * 0 + valid_k > 0), other=0.0).to(ACC)
+            grad_rows += a_col[:, None] * row[None, :]
+    else:
+        rows = tl.load(emb_ptr + b * stride_eb + offs[:, None] * stride_eg + offs_d[None, :] * stride_ed,
+                       mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
+        grad_rows = tl.dot(a, rows, input_precision=PRECISION, out_dtype=ACC)
     out = grad_emb_ptr + b * G * D + offs[:, None] * D + offs_d[None, :]
     tl.store(out, grad_rows.to(grad_emb_ptr.dtype.element_ty), mask=(offs[:, None] < G) & (offs_d[None, :] < D))
 
