@@ -213,7 +213,7 @@ def summary_table(rows: list[dict]) -> str:
     """Per case: each provider's time, and the fused kernel's speed-up over eager and compile."""
     cases: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        key = (row["family"], row["op"], row["B"], row["G"], row["D"], row["dtype"], row["pass"])
+        key = row_key(row)[:-1]  # the case, without the provider
         cases.setdefault(key, {})[row["provider"]] = row
     lines = ["| case | provider | ms | extra MiB | x floor | vs eager | vs compile |", "|---|---|---|---|---|---|---|"]
     for key, by_provider in cases.items():

@@ -64,16 +64,10 @@ def table_path() -> Path:
 
 @functools.cache
 def _load(path: str) -> dict[tuple[str, str], dict[str, str]]:
-    file = Path(path)
-    if not file.exists():
-        if path != str(DEFAULT_TABLE):
-            raise FileNotFoundError(f"{ENV_TABLE}={path} does not exist")
-        return {}
-    data = json.loads(file.read_text())
-    if data.get("version") != TABLE_VERSION:
-        raise ValueError(f"dispatch table {path} has version {data.get('version')!r}, expected {TABLE_VERSION}")
+    if path != str(DEFAULT_TABLE) and not Path(path).exists():
+        raise FileNotFoundError(f"{ENV_TABLE}={path} does not exist")
     table: dict[tuple[str, str], dict[str, str]] = {}
-    for entry in data.get("entries", []):
+    for entry in read_entries(Path(path))[0]:
         table.setdefault((entry["device"], entry["op"]), {})[entry["class"]] = entry["backend"]
     return table
 
@@ -140,8 +134,10 @@ def write_table(path: Path, entries: list[dict], sources: list[str]) -> None:
 
 
 def read_entries(path: Path) -> tuple[list[dict], list[str]]:
-    """Entries and sources of an existing table file (empty if it does not exist)."""
+    """Entries and sources of a table file (empty if it does not exist)."""
     if not path.exists():
         return [], []
     data = json.loads(path.read_text())
+    if data.get("version") != TABLE_VERSION:
+        raise ValueError(f"dispatch table {path} has version {data.get('version')!r}, expected {TABLE_VERSION}")
     return list(data.get("entries", [])), list(data.get("sources", []))

@@ -39,6 +39,21 @@ def random_logps(batch: int, group: int, generator: torch.Generator, dtype: torc
     return -torch.rand(batch, group, generator=generator, dtype=torch.float64).mul(scale).add(1e-3).to(dtype)
 
 
+def random_loss_inputs(batch: int, group: int, dim: int, generator: torch.Generator, dtype: torch.dtype,
+                       device: torch.device, emb_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Ragged groups for the fused loss on ``device``: emb (``emb_dtype``, default ``dtype``), mask,
+    and policy/ref log-probs and rewards in ``dtype``, NaN in padded responses so any leak shows."""
+    emb, mask = random_groups(batch, group, dim, generator, dtype=emb_dtype or dtype)
+    return {
+        "emb": emb.to(device),
+        "mask": mask.to(device),
+        "policy_logps": torch.where(mask, random_logps(batch, group, generator, dtype), torch.nan).to(device),
+        "ref_logps": torch.where(mask, random_logps(batch, group, generator, dtype), torch.nan).to(device),
+        "rewards": torch.where(mask, torch.randn(batch, group, generator=generator, dtype=dtype),
+                               torch.nan).to(device),
+    }
+
+
 def random_pair_index(valid: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """``[B, count, 2]`` (chosen, rejected) indices of valid responses; ``(-1, -1)`` padding rows
     where the draw picked the same response twice."""

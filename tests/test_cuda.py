@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import assert_matches, random_groups, random_logps, random_pair_index
+from helpers import assert_matches, random_logps, random_loss_inputs, random_pair_index
 from helpers import compare_loss as compare_group_loss
 
 import divkernels as dk
@@ -50,14 +50,7 @@ def cuda_backend() -> Iterator[None]:
 
 def loss_inputs(batch: int, group: int, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float64,
                 emb_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    emb, mask = random_groups(batch, group, dim, generator, dtype=emb_dtype or dtype)
-    return {
-        "emb": emb.to(DEVICE),
-        "mask": mask.to(DEVICE),
-        "policy_logps": torch.where(mask, random_logps(batch, group, generator, dtype), torch.nan).to(DEVICE),
-        "ref_logps": torch.where(mask, random_logps(batch, group, generator, dtype), torch.nan).to(DEVICE),
-        "rewards": torch.where(mask, torch.randn(batch, group, generator=generator, dtype=dtype), torch.nan).to(DEVICE),
-    }
+    return random_loss_inputs(batch, group, dim, generator, dtype, DEVICE, emb_dtype)
 
 
 def compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rtol: float, generator: torch.Generator,

@@ -13,7 +13,15 @@ import math
 
 import pytest
 import torch
-from helpers import assert_matches, compare_backends, compare_loss, random_groups, random_logps, random_pair_index
+from helpers import (
+    assert_matches,
+    compare_backends,
+    compare_loss,
+    random_groups,
+    random_logps,
+    random_loss_inputs,
+    random_pair_index,
+)
 
 import divkernels as dk
 from divkernels.backend import backend_unavailable_reason
@@ -92,16 +100,7 @@ def test_group_advantages_match_reference(diversity: str, scale: str, generator:
 
 def _loss_inputs(batch: int, group: int, dim: int, generator: torch.Generator,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    emb, mask = groups_on_device(batch, group, dim, generator, dtype)
-    valid = mask.cpu()
-    return {
-        "emb": emb,
-        "mask": mask,
-        "policy_logps": torch.where(valid, random_logps(batch, group, generator, dtype), torch.nan).to(DEVICE),
-        "ref_logps": torch.where(valid, random_logps(batch, group, generator, dtype), torch.nan).to(DEVICE),
-        "rewards": torch.where(valid, torch.randn(batch, group, generator=generator, dtype=dtype),
-                               torch.nan).to(DEVICE),
-    }
+    return random_loss_inputs(batch, group, dim, generator, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda c: "-".join(c.values()))

@@ -56,8 +56,9 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
     for (int64_t b = 0; b < a.B; ++b) {
       for (int64_t d0 = 0; d0 < a.D; d0 += kWidth) {
         Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
-        cosine_backward_matrix(BlockPar{}, ws, b, int(a.G), data_or_null<bool>(mask), grad_sim.data_ptr<T>(), grad_sim.stride(0), grad_sim.stride(1), grad_sim.stride(2),
-                               sim.data_ptr<T>(), norms.data_ptr<T>());
+        cosine_backward_matrix(BlockPar{}, ws, b, int(a.G), data_or_null<bool>(mask), grad_sim.data_ptr<T>(),
+                               grad_sim.stride(0), grad_sim.stride(1), grad_sim.stride(2), sim.data_ptr<T>(),
+                               norms.data_ptr<T>());
         apply_backward_matrix(BlockPar{}, ws, b, int(a.G), a.D, d0, kWidth, emb.data_ptr<E>(), emb.stride(0),
                               emb.stride(1), emb.stride(2), a.grad_emb.data_ptr<E>());
       }
