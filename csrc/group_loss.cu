@@ -1,4 +1,4 @@
-// Fused group preference loss, forward (SPEC 5): one thread block per group.
+// Fused group preference loss, forward: one thread block per group.
 //
 // The block stages emb[b] through shared memory kChunk columns at a time (coalesced along D,
 // 16-byte loads when the rows are contiguous and aligned) to accumulate the Gram matrix, then runs
@@ -16,31 +16,32 @@ namespace divkernels {
 
 template <class T, class E>
 __global__ void group_loss_forward_kernel(const E* __restrict__ emb, int64_t stride_b, int64_t stride_g,
-                                          int64_t stride_d, const bool* __restrict__ mask,
-                                          const T* __restrict__ policy, const T* __restrict__ ref,
-                                          const T* __restrict__ rewards, const T* __restrict__ counts,
-                                          const T* __restrict__ scores, int G, int64_t D, LossParams params,
-                                          T* stats, T* grad_policy, T* sim, T* norms, T* inverse) {
+                                          int64_t stride_d, GroupInputs<T> inputs, int G, int64_t D,
+                                          LossParams params, GroupOutputs<T> outputs) {
   extern __shared__ __align__(16) unsigned char shared[];
   __shared__ int picks[2];
   Workspace<T> ws = carve_workspace(reinterpret_cast<T*>(shared), picks, G);
-  group_forward(BlockPar{}, ws, int64_t(blockIdx.x), G, D, emb, stride_b, stride_g, stride_d, mask, policy, ref,
-                rewards, counts, scores, params, stats, grad_policy, sim, norms, inverse);
+  group_forward(BlockPar{}, ws, int64_t(blockIdx.x), G, D, emb, stride_b, stride_g, stride_d, inputs, params,
+                outputs);
 }
 
 inline int threads_for(int64_t G) { return G <= 32 ? 64 : (G <= 64 ? 128 : 256); }
 
 std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
                                            const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
-                                           const OptTensor& scores, int64_t loss, int64_t pairs, int64_t weights,
-                                           bool normalize_deviation, bool need_logdet, bool store_state, double beta,
+                                           const OptTensor& scores, const OptTensor& given_weights,
+                                           const OptTensor& lengths, const OptTensor& nll_logps,
+                                           const OptTensor& nll_tokens, int64_t loss, int64_t pairs, int64_t weights,
+                                           int64_t deviation_norm, bool orpo_dorpo,
+                                           bool divpo_ranked, bool need_logdet, bool store_state, double beta,
                                            double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
                                            double quality_quantile, bool poison) {
   TORCH_CHECK(policy.is_cuda(), "the CUDA extension needs CUDA tensors, got ", policy.device());
   const c10::cuda::CUDAGuard guard(policy.device());
-  ForwardArgs a = prepare_forward(emb, mask, policy, ref, rewards, counts, scores, loss, pairs, weights,
-                                  normalize_deviation, need_logdet, store_state, beta, orpo_lambda, simpo_gamma,
-                                  min_deviation, eps, quality_quantile, poison);
+  ForwardArgs a = prepare_forward(emb, mask, policy, ref, rewards, counts, scores, given_weights, lengths, nll_logps,
+                                  nll_tokens, loss, pairs, weights, deviation_norm, orpo_dorpo, divpo_ranked,
+                                  need_logdet, store_state, beta, orpo_lambda, simpo_gamma, min_deviation, eps,
+                                  quality_quantile, poison);
   if (a.B == 0) return a.outputs;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto emb_type = emb ? emb->scalar_type() : a.acc;
@@ -52,10 +53,8 @@ std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor
     const auto strides = emb ? emb->strides() : at::IntArrayRef{};
     kernel<<<unsigned(a.B), threads_for(a.G), bytes, stream>>>(
         emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0, emb ? strides[1] : 0, emb ? strides[2] : 0,
-        data_or_null<bool>(mask), policy.data_ptr<T>(), data_or_null<T>(ref), rewards.data_ptr<T>(),
-        data_or_null<T>(counts), data_or_null<T>(scores), int(a.G), a.D, a.params, a.outputs[0].data_ptr<T>(),
-        a.outputs[1].data_ptr<T>(), data_or_null<T>(a.outputs[2]), data_or_null<T>(a.outputs[3]),
-        data_or_null<T>(a.outputs[4]));
+        group_inputs<T>(mask, policy, ref, rewards, counts, scores, given_weights, lengths, nll_logps, nll_tokens),
+        int(a.G), a.D, a.params, group_outputs<T>(a.outputs));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return a.outputs;

@@ -37,17 +37,22 @@ constexpr int kMaxGroup = 128;
 constexpr int kChunk = 32;             // embedding columns per Gram step
 constexpr double kNormFloor = 1e-12;   // reference.NORM_FLOOR
 constexpr double kDivpoTieRtol = 1e-5; // reference.DIVPO_TIE_RTOL
+constexpr double kDivpoCountSlack = 1e-4;  // reference.DIVPO_COUNT_SLACK
+constexpr double kDeviationTie = 1e-6;     // reference.DEVIATION_TIE
 constexpr double kLn2 = 0.6931471805599453;
 
 // Loss, pair and weight modes: the order of divkernels.types.LOSSES / PAIR_MODES / DIVERSITIES.
 enum Loss : int { kDpo = 0, kIpo = 1, kOrpo = 2, kSimpo = 3 };
 enum Pairs : int { kAll = 0, kBestWorst = 1, kDivpo = 2, kExplicit = 3 };
-enum Weights : int { kNone = 0, kDeviation = 1, kLogdetGain = 2 };
+enum Weights : int { kNone = 0, kDeviation = 1, kLogdetGain = 2, kGiven = 3 };
+// Normalizations of deviation weights: the order of divkernels.types.DEVIATION_NORMS.
+enum DeviationNorm : int { kMinmax = 0, kMeanOne = 1, kRaw = 2 };
 
 // Columns of the per-group partial sums (divkernels.ops.group_loss.STATS).
 enum Stat : int {
   kWeightedLoss = 0, kPairs, kChosenReward, kRejectedReward, kCorrect, kNoPairs, kDeviationSum,
-  kMeanSimilarity, kHasSimilarity, kLogdet, kValid, kEmbNonfinite, kNumStats
+  kMeanSimilarity, kHasSimilarity, kLogdet, kValid, kEmbNonfinite, kWeightSum, kNllLogps, kNllTokens,
+  kLogpsChosen, kLogpsRejected, kLogOddsRatio, kLogOddsChosen, kNumStats
 };
 
 struct BlockPar {
@@ -68,8 +73,9 @@ struct BlockPar {
 
 // Scalar settings of one launch (the Python LossConfig plus what the inputs hold).
 struct LossParams {
-  int loss, pairs, weights;
-  bool normalize_deviation, has_emb, has_mask, has_ref, has_scores, need_logdet, store_state;
+  int loss, pairs, weights, deviation_norm;
+  bool orpo_dorpo, divpo_ranked, has_emb, has_mask, has_ref, has_scores, has_weights, has_lengths, has_nll_logps,
+      has_nll_tokens, need_logdet, store_state;
   double beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile;
   bool vector_loads;  // emb rows are contiguous and 16-byte aligned: load 16 bytes at a time
 };
@@ -93,12 +99,14 @@ template <class T>
 struct Workspace {
   T *S, *W;
   T *valid, *norms, *dev, *weight, *policy, *ref, *reward, *score, *implicit, *slope, *rank;
-  T *row_loss, *row_dsum, *col_dsum, *row_chosen, *row_rejected, *row_correct, *row_count, *row_weighted, *row_sim;
-  T *scalars;  // [0] n, [1] failed (0/1), [2] logdet
+  T *length, *nll_logp, *nll_token;  // IPO's completion lengths; the NLL term's log-probs and token counts
+  T *row_loss, *row_weight_sum, *row_rejected_count, *row_chosen, *row_rejected, *row_correct, *row_count,
+      *row_weighted, *row_sim, *row_log_odds, *row_odds;
+  T *scalars;  // [0] n, [1] failed (0/1), [2] logdet, [3] DivPO quality threshold
   int *picks;  // [0] chosen, [1] rejected (best-worst / DivPO), -1 for none
 };
-constexpr int kNumVectors = 20;
-constexpr int kNumScalars = 3;
+constexpr int kNumVectors = 25;
+constexpr int kNumScalars = 4;
 
 DK_HD int tile_ld(int G) { return (G > kChunk + 1 ? G : kChunk + 1); }
 
@@ -114,9 +122,10 @@ DK_HD Workspace<T> carve_workspace(T* base, int* picks, int G) {
   ws.W = ws.S + G * G;
   T* v = ws.W + G * tile_ld(G);
   T** vectors[kNumVectors] = {&ws.valid, &ws.norms, &ws.dev, &ws.weight, &ws.policy, &ws.ref, &ws.reward,
-                              &ws.score, &ws.implicit, &ws.slope, &ws.rank, &ws.row_loss, &ws.row_dsum,
-                              &ws.col_dsum, &ws.row_chosen, &ws.row_rejected, &ws.row_correct, &ws.row_count,
-                              &ws.row_weighted, &ws.row_sim};
+                              &ws.score, &ws.implicit, &ws.slope, &ws.rank, &ws.length, &ws.nll_logp,
+                              &ws.nll_token, &ws.row_loss, &ws.row_weight_sum, &ws.row_rejected_count,
+                              &ws.row_chosen, &ws.row_rejected, &ws.row_correct, &ws.row_count, &ws.row_weighted,
+                              &ws.row_sim, &ws.row_log_odds, &ws.row_odds};
   for (int k = 0; k < kNumVectors; ++k) *vectors[k] = v + k * G;
   ws.scalars = v + kNumVectors * G;
   ws.picks = picks;
@@ -141,10 +150,16 @@ DK_HD T log1mexp(T x) {  // log(1 - e^x) for x < 0 (Maechler 2012)
 // valid_i, n, and the [B, G] per-response inputs of group b (already in T, contiguous).
 template <class T, class Par>
 DK_HD void load_group_inputs(const Par& par, Workspace<T> ws, int64_t b, int G, const bool* mask, const T* policy,
-                             const T* ref, const T* rewards, const T* scores, const LossParams& p) {
+                             const T* ref, const T* rewards, const T* scores, const T* weights, const T* lengths,
+                             const T* nll_logps, const T* nll_tokens, const LossParams& p) {
   par.for_each(G, [&](int i) {
     const bool v = p.has_mask ? mask[b * G + i] : true;
     ws.valid[i] = v ? T(1) : T(0);
+    ws.weight[i] = (v && p.has_weights) ? weights[b * G + i] : T(1);  // given weights (kGiven), else 1
+    ws.length[i] = (v && p.has_lengths) ? lengths[b * G + i] : T(1);
+    // the NLL term reads the policy log-probs, one token each, unless given its own
+    ws.nll_logp[i] = v ? (p.has_nll_logps ? nll_logps[b * G + i] : policy[b * G + i]) : T(0);
+    ws.nll_token[i] = v ? (p.has_nll_tokens ? nll_tokens[b * G + i] : T(1)) : T(0);
     // Padded log-probs get a finite stand-in (< 0 keeps log(1 - e^pi) finite); they meet no pair.
     ws.policy[i] = v ? policy[b * G + i] : T(-1);
     ws.ref[i] = (v && p.has_ref) ? ref[b * G + i] : (p.has_ref ? T(-1) : T(0));
@@ -158,6 +173,7 @@ DK_HD void load_group_inputs(const Par& par, Workspace<T> ws, int64_t b, int G, 
     ws.scalars[0] = n;
     ws.scalars[1] = 0;
     ws.scalars[2] = 0;
+    ws.scalars[3] = 0;
   });
   par.sync();
 }
@@ -321,21 +337,72 @@ DK_HD int first_near_extreme(const T* score, const bool* pool, T sign, int G) {
   return -1;
 }
 
-// picks = (chosen, rejected) for best-worst (argmax / argmin reward, first index on ties; none if
-// all rewards are equal) and DivPO (reference.pair_counts_divpo: chosen pool = rewards at or above
-// the linearly interpolated (1 - q) quantile, chosen = most diverse there, rejected = least
-// diverse of the rest).
+// DivPO pool of response i (reference.divpo_pools): +1 top, -1 bottom, 0 neither. Ranked: the k
+// highest / lowest rewards (rank ascending, ties by index), k = min(max(floor(q n + slack), 1),
+// floor(n / 2)); threshold (ours): reward at or above the (1 - q) quantile / the rest.
+template <class T>
+DK_HD int divpo_pool(const Workspace<T>& ws, int i, T threshold, const LossParams& p) {
+  if (ws.valid[i] == T(0)) return 0;
+  const T n = ws.scalars[0];
+  if (p.divpo_ranked) {
+    T k = floor(T(p.quality_quantile) * n + T(kDivpoCountSlack));
+    k = k > T(1) ? k : T(1);
+    const T half = floor(n / T(2));
+    k = k < half ? k : half;
+    if (ws.rank[i] >= n - k) return 1;
+    return ws.rank[i] < k ? -1 : 0;
+  }
+  return ws.reward[i] >= threshold ? 1 : -1;
+}
+
+// DivPO, step 1 (while S still holds the cosine similarity): the rank of each valid reward (ties
+// by index), the threshold mode's linearly interpolated (1 - q) quantile (scalars[3]), and, in the
+// ranked mode without given scores, each pool member's deviation from its own pool,
+// (k - sum_{j in pool} S_ij) / (k - 1), into score.
 template <class T, class Par>
-DK_HD void select_pair(const Par& par, Workspace<T> ws, int G, const LossParams& p) {
-  if (p.pairs == kDivpo) {
-    par.for_each(G, [&](int i) {  // rank of reward i among the valid rewards, ties by index
-      T r = 0;
-      for (int j = 0; j < G; ++j)
-        if (ws.valid[j] != T(0) && (ws.reward[j] < ws.reward[i] || (ws.reward[j] == ws.reward[i] && j < i))) r += 1;
-      ws.rank[i] = r;
+DK_HD void divpo_prepare(const Par& par, Workspace<T> ws, int G, const LossParams& p) {
+  par.for_each(G, [&](int i) {  // rank of reward i among the valid rewards, ties by index
+    T r = 0;
+    for (int j = 0; j < G; ++j)
+      if (ws.valid[j] != T(0) && (ws.reward[j] < ws.reward[i] || (ws.reward[j] == ws.reward[i] && j < i))) r += 1;
+    ws.rank[i] = r;
+  });
+  par.sync();
+  par.for_each(1, [&](int) {
+    const T n = ws.scalars[0];
+    const T position = T(1.0 - p.quality_quantile) * (n - T(1) > T(0) ? n - T(1) : T(0));
+    const T lower = floor(position), upper = ceil(position);
+    T low_value = 0, high_value = 0;
+    for (int i = 0; i < G; ++i) {
+      if (ws.valid[i] == T(0)) continue;
+      if (ws.rank[i] == lower) low_value = ws.reward[i];
+      if (ws.rank[i] == upper) high_value = ws.reward[i];
+    }
+    ws.scalars[3] = low_value + (position - lower) * (upper > lower ? high_value - low_value : T(0));
+  });
+  par.sync();
+  if (p.divpo_ranked && !p.has_scores && p.has_emb) {
+    const T threshold = ws.scalars[3];
+    par.for_each(G, [&](int i) {
+      const int pool = divpo_pool(ws, i, threshold, p);
+      T size = 0, row = 0;
+      for (int j = 0; j < G; ++j) {
+        if (pool == 0 || divpo_pool(ws, j, threshold, p) != pool) continue;
+        size += T(1);
+        row += ws.S[i * G + j];
+      }
+      ws.score[i] = pool != 0 ? (size - row) / (size - T(1) > T(1) ? size - T(1) : T(1)) : T(0);
     });
     par.sync();
   }
+}
+
+// picks = (chosen, rejected) for best-worst (argmax / argmin reward, first index on ties; none if
+// all rewards are equal) and DivPO (reference.pair_counts_divpo: the most diverse of the top pool
+// against the least diverse of the bottom pool; none unless the chosen reward is strictly higher).
+template <class T, class Par>
+DK_HD void select_pair(const Par& par, Workspace<T> ws, int G, const LossParams& p) {
+  const T threshold = ws.scalars[3];
   par.for_each(1, [&](int) {
     int chosen = -1, rejected = -1;
     if (p.pairs == kBestWorst) {
@@ -346,25 +413,16 @@ DK_HD void select_pair(const Par& par, Workspace<T> ws, int G, const LossParams&
       }
       if (chosen < 0 || !(ws.reward[chosen] > ws.reward[rejected])) chosen = rejected = -1;
     } else if (p.pairs == kDivpo) {
-      const T n = ws.scalars[0];
-      const T position = T(1.0 - p.quality_quantile) * (n - T(1) > T(0) ? n - T(1) : T(0));
-      const T lower = floor(position), upper = ceil(position);
-      T low_value = 0, high_value = 0;
+      bool top[kMaxGroup], bottom[kMaxGroup];
       for (int i = 0; i < G; ++i) {
-        if (ws.valid[i] == T(0)) continue;
-        if (ws.rank[i] == lower) low_value = ws.reward[i];
-        if (ws.rank[i] == upper) high_value = ws.reward[i];
+        const int pool = divpo_pool(ws, i, threshold, p);
+        top[i] = pool == 1;
+        bottom[i] = pool == -1;
       }
-      const T threshold = low_value + (position - lower) * (upper > lower ? high_value - low_value : T(0));
-      bool top[kMaxGroup], rest[kMaxGroup];
-      for (int i = 0; i < G; ++i) {
-        top[i] = ws.valid[i] != T(0) && ws.reward[i] >= threshold;
-        rest[i] = ws.valid[i] != T(0) && ws.reward[i] < threshold;
-      }
-      const T* score = p.has_scores ? ws.score : ws.dev;
+      const T* score = (p.has_scores || p.divpo_ranked) ? ws.score : ws.dev;
       chosen = first_near_extreme(score, top, T(1), G);
-      rejected = first_near_extreme(score, rest, T(-1), G);
-      if (chosen < 0 || rejected < 0) chosen = rejected = -1;
+      rejected = first_near_extreme(score, bottom, T(-1), G);
+      if (chosen < 0 || rejected < 0 || !(ws.reward[chosen] > ws.reward[rejected])) chosen = rejected = -1;
     }
     ws.picks[0] = chosen;
     ws.picks[1] = rejected;
@@ -395,24 +453,46 @@ DK_HD T mean_one(const Workspace<T>& ws, const T* raw, int i, int G) {
   return mean > T(0) ? raw[i] / mean : T(1);
 }
 
+// DDPO/DORPO weight of one encoder's deviations (reference.ddpo_weights):
+// (d_i - d_min) / (mean d - d_min), 1 when the spread is at most kDeviationTie.
+template <class T>
+DK_HD T ddpo_weight(const Workspace<T>& ws, const T* dev, int i, int G) {
+  T low = 0, high = 0, sum = 0;
+  bool any = false;
+  for (int j = 0; j < G; ++j) {
+    if (ws.valid[j] == T(0)) continue;
+    low = (!any || dev[j] < low) ? dev[j] : low;
+    high = (!any || dev[j] > high) ? dev[j] : high;
+    sum += dev[j];
+    any = true;
+  }
+  const T n = ws.scalars[0];
+  const T mean = sum / (n > T(1) ? n : T(1));
+  return high - low > T(kDeviationTie) ? (dev[i] - low) / (mean - low) : T(1);
+}
+
 // Per response: diversity weight w_i (a constant for the gradient), the slope du_ij / d pi_i and the
 // implicit reward that TRL logs as rewards/chosen and rewards/rejected. For the weights,
-// dev holds deviation and weight holds the residual variance 1 / (K^{-1})_ii (logdet_gain).
+// dev holds deviation and weight holds the residual variance 1 / (K^{-1})_ii (logdet_gain) or the
+// given weights (kGiven).
 template <class T, class Par>
 DK_HD void response_terms(const Par& par, Workspace<T> ws, int G, const LossParams& p) {
   par.for_each(G, [&](int i) {
     T w = T(1);
     if (p.weights == kDeviation) {
-      w = p.normalize_deviation ? mean_one(ws, ws.dev, i, G) : ws.dev[i];
+      w = p.deviation_norm == kMinmax ? ddpo_weight(ws, ws.dev, i, G)
+                                      : (p.deviation_norm == kMeanOne ? mean_one(ws, ws.dev, i, G) : ws.dev[i]);
       w = w > T(p.min_deviation) ? w : T(p.min_deviation);
     } else if (p.weights == kLogdetGain) {
       w = mean_one(ws, ws.weight, i, G);
+    } else if (p.weights == kGiven) {
+      w = ws.weight[i];
     }
     ws.row_weighted[i] = w;  // staged: weight is read by mean_one above until the sync
     const T pi = ws.policy[i];
     switch (p.loss) {
       case kDpo: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
-      case kIpo: ws.slope[i] = T(1); ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
+      case kIpo: ws.slope[i] = T(1) / ws.length[i]; ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
       case kOrpo: ws.slope[i] = T(-1) / expm1(pi); ws.implicit[i] = T(p.orpo_lambda) * pi; break;
       default: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * pi; break;
     }
@@ -422,25 +502,33 @@ DK_HD void response_terms(const Par& par, Workspace<T> ws, int G, const LossPara
   par.sync();
 }
 
-// Pair loss l(u_ij) and dl/du for chosen i, rejected j (SPEC 3).
+// Pair loss l(u_ij) and dl/du for chosen i, rejected j. DORPO puts the chosen weight w inside the
+// log-sigmoid (l = -lambda log sigmoid(w u), no NLL: that term is a batch mean, see pair_sums);
+// every other loss is multiplied by w outside (pair_sums).
 template <class T>
-DK_HD void pair_loss(const Workspace<T>& ws, int i, int j, const LossParams& p, T* loss, T* dloss) {
+DK_HD void pair_loss(const Workspace<T>& ws, int i, int j, const LossParams& p, T* loss, T* dloss, T* odds) {
   const T pi = ws.policy[i], pj = ws.policy[j];
-  if (p.loss == kDpo || p.loss == kIpo) {
-    const T diff = (pi - ws.ref[i]) - (pj - ws.ref[j]);
-    if (p.loss == kDpo) {
-      const T u = T(p.beta) * diff;
-      *loss = softplus(-u);
-      *dloss = -sigmoid(-u);
-    } else {
-      const T u = diff - T(0.5 / p.beta);
-      *loss = u * u;
-      *dloss = T(2) * u;
-    }
+  *odds = T(0);
+  if (p.loss == kDpo) {
+    const T u = T(p.beta) * ((pi - ws.ref[i]) - (pj - ws.ref[j]));
+    *loss = softplus(-u);
+    *dloss = -sigmoid(-u);
+  } else if (p.loss == kIpo) {  // log-ratios per completion token (TRL's DPOTrainer)
+    const T u = (pi - ws.ref[i]) / ws.length[i] - (pj - ws.ref[j]) / ws.length[j] - T(0.5 / p.beta);
+    *loss = u * u;
+    *dloss = T(2) * u;
   } else if (p.loss == kOrpo) {
     const T u = (pi - log1mexp(pi)) - (pj - log1mexp(pj));
-    *loss = T(p.orpo_lambda) * softplus(-u) - pi;
-    *dloss = -T(p.orpo_lambda) * sigmoid(-u);
+    if (p.orpo_dorpo) {
+      const T w = ws.weight[i];
+      *loss = T(p.orpo_lambda) * softplus(-w * u);
+      *dloss = -T(p.orpo_lambda) * w * sigmoid(-w * u);
+      *odds = w * u;
+    } else {
+      *loss = T(p.orpo_lambda) * softplus(-u) - pi;
+      *dloss = -T(p.orpo_lambda) * sigmoid(-u);
+      *odds = u;
+    }
   } else {
     const T u = T(p.beta) * (pi - pj) - T(p.simpo_gamma);
     *loss = softplus(-u);
@@ -449,42 +537,57 @@ DK_HD void pair_loss(const Workspace<T>& ws, int i, int j, const LossParams& p, 
 }
 
 // Row k: its pairs as chosen (loss, metric sums, sum_j M_kj) and as rejected (sum_i M_ik), with
-// M_ij = C_ij w_i dl/du_ij; then d loss_sum / d pi_k = slope_k (sum_j M_kj - sum_i M_ik) (minus
-// sum_j C_kj w_k for ORPO's NLL term), 0 at padding.
+// M_ij = C_ij v_i dl/du_ij (v = w, or 1 for DORPO whose weight is inside l); then
+// d loss_sum / d pi_k = slope_k (sum_j M_kj - sum_i M_ik) (minus sum_j C_kj w_k for ORPO's per-pair
+// NLL term), 0 at padding. The NLL term of the batch (DORPO's, CPO's) is reduced over the batch
+// from the chosen counts: sum_k count_k nll_logp_k and sum_k count_k nll_token_k; its gradient is
+// -count_k times a factor only the batch totals give (the backward's).
 template <class T, class Par>
 DK_HD void pair_sums(const Par& par, Workspace<T> ws, const T* counts, int64_t b, int G, const LossParams& p,
-                     T* grad_policy) {
+                     T* grad_policy, T* chosen_counts, T* rejected_counts) {
+  const bool dorpo = p.loss == kOrpo && p.orpo_dorpo;
   par.for_each(G, [&](int k) {
     T loss_sum = 0, dsum = 0, dcol = 0, chosen = 0, rejected = 0, correct = 0, count = 0, weighted = 0;
+    T rejected_count = 0, log_odds = 0, odds_sum = 0;
     for (int j = 0; j < G; ++j) {
       const T c = pair_count(ws, counts, b, k, j, G, p.pairs);
       if (c > T(0)) {
-        T l, dl;
-        pair_loss(ws, k, j, p, &l, &dl);
-        const T w = c * ws.weight[k];
-        loss_sum += w * l;
-        dsum += w * dl;
-        weighted += w;
+        T l, dl, odds;
+        pair_loss(ws, k, j, p, &l, &dl, &odds);
+        const T v = dorpo ? c : c * ws.weight[k];
+        loss_sum += v * l;
+        dsum += v * dl;
+        weighted += c * ws.weight[k];
         count += c;
         chosen += c * ws.implicit[k];
         rejected += c * ws.implicit[j];
         correct += ws.implicit[k] > ws.implicit[j] ? c : T(0);
+        log_odds -= c * softplus(-odds);  // log sigmoid(odds)
+        odds_sum += c * odds;
       }
       const T c_in = pair_count(ws, counts, b, j, k, G, p.pairs);
       if (c_in > T(0)) {
-        T l, dl;
-        pair_loss(ws, j, k, p, &l, &dl);
-        dcol += c_in * ws.weight[j] * dl;
+        T l, dl, odds;
+        pair_loss(ws, j, k, p, &l, &dl, &odds);
+        dcol += c_in * (dorpo ? T(1) : ws.weight[j]) * dl;
+        rejected_count += c_in;
       }
     }
     T grad = ws.slope[k] * (dsum - dcol);
-    if (p.loss == kOrpo) grad -= weighted;
-    grad_policy[b * G + k] = ws.valid[k] != T(0) ? grad : T(0);
+    if (p.loss == kOrpo && !dorpo) grad -= weighted;
+    const bool v = ws.valid[k] != T(0);
+    grad_policy[b * G + k] = v ? grad : T(0);
+    chosen_counts[b * G + k] = v ? count : T(0);
+    rejected_counts[b * G + k] = v ? rejected_count : T(0);
     ws.row_loss[k] = loss_sum;
     ws.row_count[k] = count;
+    ws.row_rejected_count[k] = rejected_count;
     ws.row_chosen[k] = chosen;
     ws.row_rejected[k] = rejected;
     ws.row_correct[k] = correct;
+    ws.row_weight_sum[k] = weighted;
+    ws.row_log_odds[k] = log_odds;
+    ws.row_odds[k] = odds_sum;
   });
   par.sync();
 }
@@ -503,6 +606,13 @@ DK_HD void write_stats(const Par& par, Workspace<T> ws, int G, const LossParams&
       sums[kCorrect] += ws.row_correct[i];
       sums[kDeviationSum] += ws.dev[i];
       sums[kMeanSimilarity] += ws.row_sim[i];
+      sums[kWeightSum] += ws.row_weight_sum[i];
+      sums[kNllLogps] += ws.row_count[i] * ws.nll_logp[i];
+      sums[kNllTokens] += ws.row_count[i] * ws.nll_token[i];
+      sums[kLogpsChosen] += ws.row_count[i] * ws.policy[i];
+      sums[kLogpsRejected] += ws.row_rejected_count[i] * ws.policy[i];
+      sums[kLogOddsRatio] += ws.row_log_odds[i];
+      sums[kLogOddsChosen] += ws.row_odds[i];
       const T norm = ws.norms[i];
       if (p.has_emb && ws.valid[i] != T(0) && !(norm == norm && norm < T(INFINITY))) nonfinite += 1;
     }
@@ -520,19 +630,34 @@ DK_HD void write_stats(const Par& par, Workspace<T> ws, int G, const LossParams&
 
 // ------------------------------------------------------------------ the fused forward of one group
 
-// Outputs for group b: stats [B, kNumStats], grad_policy [B, G] (d loss_sum / d policy, unscaled)
-// and, with store_state, S / norms / K^{-1} for the backward pass.
+// Inputs of the fused forward beyond emb: [B, G] per-response tensors (null when not given) and
+// the explicit pair counts [B, G, G].
+template <class T>
+struct GroupInputs {
+  const bool* mask;
+  const T *policy, *ref, *rewards, *counts, *scores, *weights, *lengths, *nll_logps, *nll_tokens;
+};
+
+// Outputs of the fused forward: stats [B, kNumStats], grad_policy [B, G] (d loss_sum / d policy,
+// unscaled), chosen / rejected counts [B, G] and, with store_state, S / norms / K^{-1} for the backward.
+template <class T>
+struct GroupOutputs {
+  T *stats, *grad_policy, *chosen_counts, *rejected_counts, *sim, *norms, *inverse;
+};
+
 template <class T, class E, class Par>
 DK_HD void group_forward(const Par& par, Workspace<T> ws, int64_t b, int G, int64_t D, const E* emb,
-                         int64_t stride_b, int64_t stride_g, int64_t stride_d, const bool* mask, const T* policy,
-                         const T* ref, const T* rewards, const T* counts, const T* scores, const LossParams& p,
-                         T* stats, T* grad_policy, T* sim_out, T* norms_out, T* inverse_out) {
-  load_group_inputs(par, ws, b, G, mask, policy, ref, rewards, scores, p);
+                         int64_t stride_b, int64_t stride_g, int64_t stride_d, const GroupInputs<T>& in,
+                         const LossParams& p, const GroupOutputs<T>& out) {
+  const bool* mask = in.mask;
+  const T* counts = in.counts;
+  T *sim_out = out.sim, *norms_out = out.norms, *inverse_out = out.inverse;
+  load_group_inputs(par, ws, b, G, mask, in.policy, in.ref, in.rewards, in.scores, in.weights, in.lengths,
+                    in.nll_logps, in.nll_tokens, p);
   par.for_each(G, [&](int i) {
     ws.dev[i] = T(0);
     ws.row_sim[i] = T(0);
     ws.norms[i] = T(0);
-    ws.weight[i] = T(1);
   });
   par.sync();
   if (p.has_emb) {
@@ -543,18 +668,19 @@ DK_HD void group_forward(const Par& par, Workspace<T> ws, int64_t b, int G, int6
       par.for_each(G * G, [&](int k) { sim_out[b * G * G + k] = ws.S[k]; });
       par.for_each(G, [&](int i) { norms_out[b * G + i] = ws.norms[i]; });
     }
-    if (p.need_logdet) {
-      par.sync();
-      logdet_and_inverse(par, ws, G, p.eps);
-      par.for_each(G, [&](int i) { ws.weight[i] = T(1) / ws.S[i * G + i]; });  // residual variance
-      if (p.store_state) par.for_each(G * G, [&](int k) { inverse_out[b * G * G + k] = ws.S[k]; });
-      par.sync();
-    }
+  }
+  if (p.pairs == kDivpo) divpo_prepare(par, ws, G, p);  // before K^{-1} overwrites S
+  if (p.has_emb && p.need_logdet) {
+    par.sync();
+    logdet_and_inverse(par, ws, G, p.eps);
+    if (p.weights == kLogdetGain) par.for_each(G, [&](int i) { ws.weight[i] = T(1) / ws.S[i * G + i]; });
+    if (p.store_state) par.for_each(G * G, [&](int k) { inverse_out[b * G * G + k] = ws.S[k]; });
+    par.sync();
   }
   select_pair(par, ws, G, p);
   response_terms(par, ws, G, p);
-  pair_sums(par, ws, counts, b, G, p, grad_policy);
-  write_stats(par, ws, G, p, stats + b * kNumStats);
+  pair_sums(par, ws, counts, b, G, p, out.grad_policy, out.chosen_counts, out.rejected_counts);
+  write_stats(par, ws, G, p, out.stats + b * kNumStats);
 }
 
 // ------------------------------------------------------------------ similarity backward (cosine)

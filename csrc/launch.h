@@ -37,14 +37,17 @@ struct ForwardArgs {
   LossParams params;
   int64_t B, G, D;
   at::ScalarType acc;
-  std::vector<at::Tensor> outputs;  // stats, grad_policy, sim, norms, inverse (undefined when not stored)
+  // stats, grad_policy, sim, norms, inverse (undefined when not stored), chosen counts, rejected counts
+  std::vector<at::Tensor> outputs;
 };
 
 // Checks every input of the fused forward and allocates its outputs.
 inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
                                    const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
-                                   const OptTensor& scores, int64_t loss, int64_t pairs, int64_t weights,
-                                   bool normalize_deviation, bool need_logdet, bool store_state, double beta,
+                                   const OptTensor& scores, const OptTensor& given_weights, const OptTensor& lengths,
+                                   const OptTensor& nll_logps, const OptTensor& nll_tokens, int64_t loss,
+                                   int64_t pairs, int64_t weights, int64_t deviation_norm, bool orpo_dorpo,
+                                   bool divpo_ranked, bool need_logdet, bool store_state, double beta,
                                    double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
                                    double quality_quantile, bool poison) {
   ForwardArgs a;
@@ -60,6 +63,10 @@ inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, 
   check_group_tensor("rewards", rewards, a.B, a.G, a.acc, device);
   if (ref) check_group_tensor("ref_logps", *ref, a.B, a.G, a.acc, device);
   if (scores) check_group_tensor("divpo_scores", *scores, a.B, a.G, a.acc, device);
+  if (given_weights) check_group_tensor("weights", *given_weights, a.B, a.G, a.acc, device);
+  if (lengths) check_group_tensor("token_counts", *lengths, a.B, a.G, a.acc, device);
+  if (nll_logps) check_group_tensor("nll_logps", *nll_logps, a.B, a.G, a.acc, device);
+  if (nll_tokens) check_group_tensor("nll_tokens", *nll_tokens, a.B, a.G, a.acc, device);
   if (mask) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 &&
                     mask->size(0) == a.B && mask->size(1) == a.G,
@@ -83,12 +90,15 @@ inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, 
                     counts->scalar_type() == a.acc && counts->is_contiguous() && counts->device() == device,
                 "counts must be a contiguous [B, G, G] tensor of policy_logps' dtype and device");
   }
-  TORCH_CHECK(loss >= 0 && loss <= 3 && pairs >= 0 && pairs <= 3 && weights >= 0 && weights <= 2,
-              "unknown loss / pairs / weights mode");
-  a.params = LossParams{int(loss), int(pairs), int(weights), normalize_deviation, emb.has_value(), mask.has_value(),
-                        ref.has_value(), scores.has_value(), need_logdet && emb.has_value(),
-                        store_state && emb.has_value(), beta, orpo_lambda, simpo_gamma, min_deviation, eps,
-                        quality_quantile, false};
+  TORCH_CHECK(loss >= 0 && loss <= 3 && pairs >= 0 && pairs <= 3 && weights >= 0 && weights <= 3 &&
+                  deviation_norm >= 0 && deviation_norm <= 2,
+              "unknown loss / pairs / weights / deviation_norm mode");
+  TORCH_CHECK((weights == kGiven) == given_weights.has_value(), "weights mode 3 (given) needs given_weights, and only it");
+  a.params = LossParams{int(loss), int(pairs), int(weights), int(deviation_norm), orpo_dorpo, divpo_ranked,
+                        emb.has_value(), mask.has_value(), ref.has_value(), scores.has_value(),
+                        given_weights.has_value(), lengths.has_value(), nll_logps.has_value(), nll_tokens.has_value(),
+                        need_logdet && emb.has_value(), store_state && emb.has_value(), beta, orpo_lambda,
+                        simpo_gamma, min_deviation, eps, quality_quantile, false};
   if (emb) {
     a.params.vector_loads = can_vector_load(emb->data_ptr(), emb->stride(0), emb->stride(1), emb->stride(2),
                                             int(emb->element_size()));
@@ -102,6 +112,8 @@ inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, 
     a.outputs[3] = new_output({a.B, a.G}, options, poison);
     if (a.params.need_logdet) a.outputs[4] = new_output({a.B, a.G, a.G}, options, poison);
   }
+  a.outputs.push_back(new_output({a.B, a.G}, options, poison));
+  a.outputs.push_back(new_output({a.B, a.G}, options, poison));
   return a;
 }
 
@@ -131,6 +143,24 @@ T* data_or_null(const OptTensor& t) {
 template <class T>
 T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// The kernels' view of the inputs and outputs (typed pointers, null when absent).
+template <class T>
+GroupInputs<T> group_inputs(const OptTensor& mask, const at::Tensor& policy, const OptTensor& ref,
+                            const at::Tensor& rewards, const OptTensor& counts, const OptTensor& scores,
+                            const OptTensor& weights, const OptTensor& lengths, const OptTensor& nll_logps,
+                            const OptTensor& nll_tokens) {
+  return GroupInputs<T>{data_or_null<bool>(mask), policy.data_ptr<T>(), data_or_null<T>(ref), rewards.data_ptr<T>(),
+                        data_or_null<T>(counts), data_or_null<T>(scores), data_or_null<T>(weights),
+                        data_or_null<T>(lengths), data_or_null<T>(nll_logps), data_or_null<T>(nll_tokens)};
+}
+
+template <class T>
+GroupOutputs<T> group_outputs(const std::vector<at::Tensor>& outputs) {
+  return GroupOutputs<T>{outputs[0].data_ptr<T>(), outputs[1].data_ptr<T>(), outputs[5].data_ptr<T>(),
+                         outputs[6].data_ptr<T>(), data_or_null<T>(outputs[2]), data_or_null<T>(outputs[3]),
+                         data_or_null<T>(outputs[4])};
 }
 
 struct BackwardArgs {
@@ -183,8 +213,11 @@ size_t shared_bytes(Kernel kernel, int64_t G, size_t element) {
 // The launchers: group_loss.cu / similarity_backward.cu on CUDA, cpu/group_math_cpu.cpp on the host.
 std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
                                            const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
-                                           const OptTensor& scores, int64_t loss, int64_t pairs, int64_t weights,
-                                           bool normalize_deviation, bool need_logdet, bool store_state, double beta,
+                                           const OptTensor& scores, const OptTensor& given_weights,
+                                           const OptTensor& lengths, const OptTensor& nll_logps,
+                                           const OptTensor& nll_tokens, int64_t loss, int64_t pairs, int64_t weights,
+                                           int64_t deviation_norm, bool orpo_dorpo,
+                                           bool divpo_ranked, bool need_logdet, bool store_state, double beta,
                                            double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
                                            double quality_quantile, bool poison);
 at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,

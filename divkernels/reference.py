@@ -19,7 +19,8 @@ on a failed fp32 Cholesky unnecessary: every group is factored as the retry woul
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,16 @@ PADDED_LOGP = -1.0
 LN2 = 0.6931471805599453
 # DivPO diversity scores this close (relative) to the pool's extreme are ties: first index wins.
 DIVPO_TIE_RTOL = 1e-5
+# DivPO pool size floor(q n + slack): q * n within this of an integer counts as that integer in every
+# precision (q = 0.7 is 0.699999988 in float32, and 0.7 * 100 must give 70 there too).
+DIVPO_COUNT_SLACK = 1e-4
+# DDPO deviations whose spread (max - min) is at most this are "all equal" (weight 1): the authors
+# test exact equality, which would turn float rounding of a collapsed group into weights.
+DEVIATION_TIE = 1e-6
+# DARLING floors partition diversity at 0.1 (partition_reward_vllm_serve.py: max(r, 0.1)).
+DARLING_MIN_DIVERSITY = 0.1
+# DQO's ridge: log det(L + I) (arXiv 2509.04784).
+DQO_EPS = 1.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -178,17 +189,21 @@ def logdet_and_inverse(
 def logdet_diversity(
     emb: torch.Tensor,
     mask: torch.Tensor | None = None,
-    eps: float = 1e-4,
+    eps: float = DQO_EPS,
     kernel: str = "cosine",
     return_gains: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """DPP log-determinant diversity of each group (DQO) and leave-one-out gains.
+    """DPP log-determinant diversity of each group and leave-one-out gains (DQO, arXiv 2509.04784).
 
     ``K = S + eps I`` over the valid responses (padding: identity), ``logdet_b = log det K_b``;
-    ``gain_i = logdet(K) - logdet(K without i) = -log (K^{-1})_ii``, 0 at padding.
+    ``gain_i = logdet(K) - logdet(K without i) = -log (K^{-1})_ii``, 0 at padding. DQO's diversity
+    is ``log det(L + I)`` with ``L`` the Gram matrix of unit embeddings: cosine ``S`` and the default
+    ``eps = 1``. A gain is the log of a residual variance in ``[eps, 1 + eps]``, so it lies in
+    ``[log eps, log(1 + eps)]``: ``[0, log 2]`` for DQO's ridge, while ``eps = 1e-4`` sends an exact
+    duplicate's gain to about ``log(2e-4) = -8.5``.
 
     Args:
-        emb: ``[B, G, D]``. mask: ``[B, G]`` bool or None. eps: ridge, > 0.
+        emb: ``[B, G, D]``. mask: ``[B, G]`` bool or None. eps: ridge, > 0 (DQO: 1).
         kernel: similarity kernel (see :func:`pairwise_similarity`).
         return_gains: also return the ``[B, G]`` leave-one-out gains.
 
@@ -215,11 +230,18 @@ def partition_diversity(
     tau: float = 0.9,
     partition: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    min_diversity: float = DARLING_MIN_DIVERSITY,
+    transitive: bool = True,
 ) -> torch.Tensor:
-    """Partition diversity (DARLING, Li et al. 2025): the share of the group not equivalent to i.
+    """Partition diversity (DARLING, Li et al. 2025, arXiv 2509.02534): share of the group outside i's class.
 
-    ``i ~ j`` when cosine ``S_ij >= tau``, or, when ``partition`` labels ``[B, G]`` are given, when
-    their labels are equal. ``div_i = 1/(n-1) * #{j != i valid : not i ~ j}``.
+    Authors' code: facebookresearch/darling ``verl/verl/utils/reward_score/partition_reward_vllm_serve.py``
+    (``partition``): responses judged equivalent are merged with union-find, so the classes are the
+    connected components of the equivalence graph, and ``div_i = (n - |C_i|) / (n - 1)``, floored
+    at 0.1. Here ``i ~ j`` when cosine ``S_ij >= tau`` (the classes are the connected components of
+    that graph; ``transitive=False`` counts only direct neighbours, our earlier variant) or, with
+    ``partition`` labels ``[B, G]`` (e.g. from DARLING's learned classifier), when the labels are
+    equal. ``min_diversity`` is the floor (0 disables it).
 
     Returns:
         ``[B, G]`` in ``dtype`` (default float32, float64 for float64 ``emb``), 0 at padding.
@@ -230,18 +252,35 @@ def partition_diversity(
             batch, group = partition.shape
             valid = valid_mask(mask, batch, group, partition.device)
             equivalent = partition[:, :, None] == partition[:, None, :]
-            return partition_from_equivalence(equivalent, valid, dtype or torch.float32)
+            return partition_from_equivalence(equivalent, valid, dtype or torch.float32, min_diversity, False)
         valid = valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
         equivalent = pairwise_similarity(emb, valid, "cosine") >= tau
-        return partition_from_equivalence(equivalent, valid, dtype or compute_dtype(emb.dtype))
+        return partition_from_equivalence(equivalent, valid, dtype or compute_dtype(emb.dtype), min_diversity,
+                                          transitive)
 
 
-def partition_from_equivalence(equivalent: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``div_i = 1/(n-1) #{j != i valid : not equivalent_ij}`` from a ``[B, G, G]`` bool relation."""
-    others = _pair_valid(valid) & ~_eye(valid.shape[1], valid)
+def connected_components(linked: torch.Tensor) -> torch.Tensor:
+    """``[B, G, G]`` bool: i and j are joined by a path of ``linked`` edges (the transitive closure,
+    what union-find computes). Reachability doubles its path length per step: ``R <- R R``, so
+    ``ceil(log2 G)`` boolean matrix products (counts <= G are exact in float32) suffice."""
+    group = linked.shape[-1]
+    reach = (linked | linked.mT | _eye(group, linked)).to(torch.float32)
+    for _ in range(max(1, math.ceil(math.log2(max(group, 2))))):
+        reach = ((reach @ reach) > 0).to(torch.float32)
+    return reach > 0
+
+
+def partition_from_equivalence(equivalent: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype,
+                               min_diversity: float = DARLING_MIN_DIVERSITY, transitive: bool = True) -> torch.Tensor:
+    """``div_i = max(#{j != i valid : j not in i's class} / (n - 1), min_diversity)`` from a ``[B, G, G]``
+    bool relation; the classes are its connected components among valid responses (``transitive``)."""
+    pair_valid = _pair_valid(valid)
+    if transitive:
+        equivalent = connected_components(equivalent & pair_valid)
+    others = pair_valid & ~_eye(valid.shape[1], valid)
     distinct = (others & ~equivalent).sum(-1, dtype=dtype)
     n = group_sizes(valid).to(dtype)
-    return torch.where(valid, distinct / (n[:, None] - 1.0).clamp_min(1.0), 0.0)
+    return torch.where(valid, (distinct / (n[:, None] - 1.0).clamp_min(1.0)).clamp_min(min_diversity), 0.0)
 
 
 def vendi_score(emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -327,25 +366,67 @@ def _first_near_extreme(scores: torch.Tensor, pool: torch.Tensor, largest: bool)
     return near.to(torch.int8).argmax(-1)
 
 
-def pair_counts_divpo(
-    rewards: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor, quality_quantile: float
-) -> torch.Tensor:
-    """DivPO pair selection (Lanchantin et al. 2025).
+def divpo_pool_size(n: torch.Tensor, quality_quantile: float) -> torch.Tensor:
+    """``[B]`` size ``k`` of each DivPO pool: ``floor(q n)`` (``DIVPO_COUNT_SLACK`` absorbs float rounding),
+    at least 1 and at most ``floor(n / 2)`` so that the two pools never overlap."""
+    count = torch.floor(quality_quantile * n.to(torch.float64) + DIVPO_COUNT_SLACK).long()
+    return torch.minimum(count.clamp_min(1), torch.div(n, 2, rounding_mode="floor"))
 
-    Responses with reward at or above the group's ``1 - quality_quantile`` quantile form the
-    chosen pool; the chosen response is the one of them with the highest diversity score. The
-    rejected response is the lowest-scoring of the rest. A group with an empty pool has no pair;
-    rewards of the two pools differ strictly, so ties never make a pair. Scores within a relative
-    ``DIVPO_TIE_RTOL`` of the extreme count as tied and the first index wins: duplicated responses
-    have equal deviation, and rounding must not decide between them.
+
+def reward_ranks(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, G]`` rank of each valid reward among its group's, ascending, ties broken by index (0-based)."""
+    group = rewards.shape[1]
+    index = torch.arange(group, device=rewards.device)
+    before = (rewards[:, None, :] < rewards[:, :, None]) | ((rewards[:, None, :] == rewards[:, :, None])
+                                                            & (index[None, :] < index[:, None])[None])
+    return (before & valid[:, None, :]).sum(-1)
+
+
+def divpo_pools(rewards: torch.Tensor, valid: torch.Tensor, quality_quantile: float,
+                mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top, bottom)`` ``[B, G]`` bool: where DivPO takes the chosen and the rejected response.
+
+    ``"ranked"``: the ``k`` highest and the ``k`` lowest rewards, ``k = divpo_pool_size(n, q)`` (ties
+    by index, as a stable sort). ``"threshold"`` (our earlier variant): rewards at or above the
+    group's ``1 - q`` quantile, and all the rest.
     """
+    if mode == "ranked":
+        n = valid.sum(-1)
+        size = divpo_pool_size(n, quality_quantile)[:, None]
+        rank = reward_ranks(rewards, valid)
+        return valid & (rank >= (n[:, None] - size)), valid & (rank < size)
     threshold = quality_threshold(rewards, valid, quality_quantile)
     top = valid & (rewards >= threshold[:, None])
-    rest = valid & ~top
-    chosen = _first_near_extreme(scores, top, largest=True)
-    rejected = _first_near_extreme(scores, rest, largest=False)
-    exists = (top.any(-1) & rest.any(-1)).to(rewards.dtype)
-    return _one_hot_pair(chosen, rejected, exists, rewards.shape[1])
+    return top, valid & ~top
+
+
+def pair_counts_divpo(rewards: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor | None,
+                      sim: torch.Tensor | None, quality_quantile: float, mode: str = "ranked") -> torch.Tensor:
+    """DivPO pair selection (Lanchantin et al. 2025, arXiv 2501.18101): one pair per group, the most
+    diverse response of the high-reward pool against the least diverse of the low-reward pool.
+
+    Pools from :func:`divpo_pools`. Diversity is ``scores`` when given (DivPO's other criteria, e.g.
+    ``-logp`` for "model probability"), else deviation by embedding computed *within each pool*, as
+    Chung et al.'s re-implementation does (mj-storytelling/DiversityTuning
+    ``scripts_dataset_cleaner/4_data_prep_for_divpo.py``: ``process_scores`` on each pool); the
+    ``"threshold"`` mode uses the deviation over the whole group. A pair needs both pools non-empty
+    and a strictly higher chosen reward (equal rewards carry no preference). Scores within a
+    relative ``DIVPO_TIE_RTOL`` of the extreme count as tied and the first index wins: duplicated
+    responses have equal deviation, and rounding must not decide between them.
+    """
+    top, bottom = divpo_pools(rewards, valid, quality_quantile, mode)
+    if scores is not None:
+        top_scores = bottom_scores = scores
+    elif mode == "ranked":
+        # deviation within each pool: the pool is the "valid" set of its own deviation
+        top_scores, bottom_scores = deviation_from_similarity(sim, top), deviation_from_similarity(sim, bottom)
+    else:
+        top_scores = bottom_scores = deviation_from_similarity(sim, valid)
+    chosen = _first_near_extreme(top_scores, top, largest=True)
+    rejected = _first_near_extreme(bottom_scores, bottom, largest=False)
+    exists = top.any(-1) & bottom.any(-1)
+    exists = exists & (rewards.gather(1, chosen[:, None])[:, 0] > rewards.gather(1, rejected[:, None])[:, 0])
+    return _one_hot_pair(chosen, rejected, exists.to(rewards.dtype), rewards.shape[1])
 
 
 def pair_counts_explicit(pair_index: torch.Tensor, group: int) -> torch.Tensor:
@@ -369,19 +450,24 @@ def pair_losses(
     beta: float,
     orpo_lambda: float,
     simpo_gamma: float,
+    token_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B, G, G]`` loss ``l_ij`` of every ordered pair (i chosen, j rejected), SPEC 3.
+    """``[B, G, G]`` loss ``l_ij`` of every ordered pair (i chosen, j rejected).
 
-    ``h_ij = beta ((pi_i - ref_i) - (pi_j - ref_j))``;
-    dpo: ``-log sigmoid(h)``; ipo: ``(h / beta - 1 / (2 beta))^2``;
-    orpo: ``-pi_i + lambda * -log sigmoid(log_odds_i - log_odds_j)``, ``log_odds = pi - log(1 - e^pi)``;
+    With ``z = pi - ref``: dpo: ``-log sigmoid(beta (z_i - z_j))`` (TRL's ``sigmoid``); ipo:
+    ``(z_i / T_i - z_j / T_j - 1 / (2 beta))^2`` with ``T`` the completion token counts (TRL's
+    DPOTrainer divides each log-ratio by its completion length; 1 when ``token_counts`` is None);
+    orpo: ``-pi_i + lambda * -log sigmoid(log_odds_i - log_odds_j)``, ``log_odds = pi - log(1 - e^pi)``
+    (the per-pair form; DORPO's is in :func:`group_preference_loss`);
     simpo: ``-log sigmoid(beta (pi_i - pi_j) - gamma)``.
     """
     if loss in ("dpo", "ipo"):
         logratio = policy - ref
-        diff = logratio[:, :, None] - logratio[:, None, :]
         if loss == "dpo":
-            return -F.logsigmoid(beta * diff)
+            return -F.logsigmoid(beta * (logratio[:, :, None] - logratio[:, None, :]))
+        if token_counts is not None:
+            logratio = logratio / token_counts
+        diff = logratio[:, :, None] - logratio[:, None, :]
         return (diff - 1.0 / (2.0 * beta)) ** 2
     if loss == "orpo":
         log_odds = policy - log1mexp(policy)
@@ -416,6 +502,58 @@ def normalized_weights(raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where((mean > 0)[:, None], raw / safe_mean[:, None], 1.0)
 
 
+def _valid_extremes(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, 1]`` min and max of each group's valid values."""
+    return (torch.where(valid, values, torch.inf).amin(-1, keepdim=True),
+            torch.where(valid, values, -torch.inf).amax(-1, keepdim=True))
+
+
+def ddpo_weights(deviations: torch.Tensor | Sequence[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """DDPO/DORPO weights of each response (Chung et al. 2025, arXiv 2503.17126), as the authors' code
+    computes them: mj-storytelling/DiversityTuning ``scripts_dataset_cleaner/3_data_prep_for_diversified_training.py``
+    (``transform_scores``) with the weight ``score + 1`` of ``models/ddpo_trainer.py``.
+
+    Per encoder k the deviations are min-max scaled within the group, ``z_k = (d_k - min) / (max - min)``
+    (0.5 when all are equal: the authors' score 0); several encoders combine by the geometric mean
+    ``g = prod_k z_k^(1/K)``; then ``w = g / mean_valid(g)``, or ``2 g`` when every ``g`` is equal.
+    One encoder: ``w_i = (d_i - d_min) / (mean d - d_min)``, and 1 for a group of equal deviations.
+    Spreads up to ``DEVIATION_TIE`` count as equal (the authors test ``max == min`` exactly).
+
+    Args:
+        deviations: ``[B, G]``, or a sequence of them (one per encoder).
+        valid: ``[B, G]`` bool.
+
+    Returns:
+        ``[B, G]`` weights (mean 1 over each group's valid responses unless all equal), 0 at padding.
+    """
+    stack = [deviations] if isinstance(deviations, torch.Tensor) else list(deviations)
+    combined = torch.ones_like(stack[0])
+    for dev in stack:
+        low, high = _valid_extremes(dev, valid)
+        spread = high - low
+        scaled = torch.where(spread > DEVIATION_TIE, (dev - low) / torch.where(spread > DEVIATION_TIE, spread, 1.0),
+                             0.5)
+        combined = combined * scaled.clamp_min(0.0) ** (1.0 / len(stack))
+    combined = torch.where(valid, combined, 0.0)
+    low, high = _valid_extremes(combined, valid)
+    n = group_sizes(valid).to(combined.dtype).clamp_min(1.0)
+    mean = (combined.sum(-1) / n)[:, None]
+    equal = (high - low) <= DEVIATION_TIE
+    weights = torch.where(equal, 2.0 * combined, combined / torch.where(equal, 1.0, mean))
+    return torch.where(valid, weights, 0.0)
+
+
+def deviation_weights(dev: torch.Tensor | Sequence[torch.Tensor], valid: torch.Tensor, norm: str,
+                      floor: float) -> torch.Tensor:
+    """The weight of each chosen response from its deviation: ``norm`` ``"minmax"`` (DDPO/DORPO,
+    :func:`ddpo_weights`), ``"mean"`` (ours: ``d / mean d``) or ``"none"`` (raw ``d``); floored at ``floor``."""
+    if norm == "minmax":
+        weights = ddpo_weights(dev, valid)
+    else:
+        weights = normalized_weights(dev, valid) if norm == "mean" else dev
+    return weights.clamp_min(floor)
+
+
 def mean_offdiagonal_similarity(sim: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean of ``S_ij`` over valid ``i != j`` per group, averaged over groups with two or more."""
     others = _pair_valid(valid) & ~_eye(sim.shape[-1], valid)
@@ -428,7 +566,7 @@ def mean_offdiagonal_similarity(sim: torch.Tensor, valid: torch.Tensor) -> torch
 def group_preference_loss(
     policy_logps: torch.Tensor,
     rewards: torch.Tensor,
-    emb: torch.Tensor | None = None,
+    emb: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     *,
@@ -439,25 +577,52 @@ def group_preference_loss(
     beta: float = 0.1,
     orpo_lambda: float = 0.1,
     simpo_gamma: float = 0.5,
-    deviation_norm: str = "mean",
+    deviation_norm: str = "minmax",
     min_deviation: float = 0.0,
+    orpo_weighting: str = "dorpo",
     diversity_alpha: float = 0.0,
-    eps: float = 1e-4,
-    quality_quantile: float = 0.5,
+    eps: float = DQO_EPS,
+    quality_quantile: float = 0.25,
+    divpo_pools: str = "ranked",
     divpo_scores: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    token_counts: torch.Tensor | None = None,
+    nll_logps: torch.Tensor | None = None,
+    nll_tokens: torch.Tensor | None = None,
+    cpo_alpha: float = 0.0,
 ) -> LossOutput:
-    """Diversity-weighted group-wise preference loss (SPEC 3): DPO/IPO/ORPO/SimPO x DDPO/DQO.
+    """Diversity-weighted group-wise preference loss: DPO/IPO/ORPO/SimPO x DDPO/DORPO/DivPO/DQO.
 
-    ``loss = sum_b sum_(i, j) w_bi l_bij / #pairs - diversity_alpha * mean_b logdet_b``.
+    With ``C`` the pairs (chosen i, rejected j) of each group, ``P`` their number and ``w_i`` the
+    (constant) diversity weight of the chosen response:
+
+    * dpo / ipo / simpo, and orpo with ``orpo_weighting="pair"`` (ours):
+      ``sum_(i, j) w_i l_ij / P`` (DDPO: mj-storytelling/DiversityTuning ``models/ddpo_trainer.py``
+      multiplies each pair's DPO loss by ``score_chosen + 1``);
+    * orpo with ``orpo_weighting="dorpo"`` (DORPO, the authors' ``models/dorpo_trainer.py``,
+      "Revision ver 2"): ``mean_P(w_i) * NLL - lambda * mean_P log sigmoid(w_i u_ij)`` with ``u``
+      the log-odds difference: the weight scales the NLL term as a batch mean and sits *inside*
+      the log-sigmoid (with ``w = 1``, TRL's ORPOTrainer);
+
+    plus ``cpo_alpha * NLL`` (TRL's CPOTrainer adds it to simpo/dpo/ipo; ``cpo_alpha = 0``: none),
+    minus ``diversity_alpha * mean_b logdet_b`` (the DQO regularizer) when ``diversity_alpha > 0``.
+    ``NLL = -sum_P nll_logps_i / sum_P nll_tokens_i`` over the chosen responses of the pairs: with
+    the summed log-probs and counts of every predicted token of each sequence (prompt included),
+    the token-mean cross-entropy that TRL's ORPO/CPO trainers compute over the batch's chosen
+    sequences; by default ``nll_logps = policy_logps`` and ``nll_tokens = 1``, i.e. ``mean_P(-pi_i)``.
 
     Args:
         policy_logps, rewards: ``[B, G]``; ``ref_logps`` ``[B, G]`` or None (reference-free: 0).
-        emb: ``[B, G, D]`` or None; needed for diversity weights, DivPO and the regularizer.
+        emb: ``[B, G, D]``, or a sequence of them (several encoders, combined into DDPO weights as
+            :func:`ddpo_weights` does; the first one serves the regularizer, DivPO and the metrics).
         mask: ``[B, G]`` bool or None.
-        loss, diversity, pairs, ...: as in SPEC 3 and :func:`divkernels.group_preference_loss`.
+        weights: ``[B, G]`` given weights (used instead of ``diversity``'s; constants).
+        token_counts: ``[B, G]`` completion token counts (IPO's length normalization).
+        nll_logps, nll_tokens: ``[B, G]`` the NLL term's summed token log-probs and token counts.
+        loss, diversity, pairs, ...: as in :func:`divkernels.group_preference_loss`.
 
     Returns:
-        :class:`LossOutput` with the scalar loss and the SPEC 7 metrics.
+        :class:`LossOutput` with the scalar loss and its metrics.
     """
     batch, group = policy_logps.shape
     valid = valid_mask(mask, batch, group, policy_logps.device)
@@ -465,12 +630,13 @@ def group_preference_loss(
     policy = torch.where(valid, policy_logps.to(dtype), PADDED_LOGP)
     ref = torch.zeros_like(policy) if ref_logps is None else torch.where(valid, ref_logps.to(dtype), PADDED_LOGP)
     quality = torch.where(valid, rewards.to(dtype), 0.0)
+    encoders = [] if emb is None else [emb] if isinstance(emb, torch.Tensor) else list(emb)
     metrics: dict[str, torch.Tensor] = {}
 
     sim = dev = logdet = inverse = None
     needs_logdet = diversity == "logdet_gain" or diversity_alpha > 0
-    if emb is not None:
-        sim = pairwise_similarity(emb, valid, "cosine")
+    if encoders:
+        sim = pairwise_similarity(encoders[0], valid, "cosine")
         dev = deviation_from_similarity(sim, valid)
         if needs_logdet:
             logdet, inverse, _ = logdet_and_inverse(sim, valid, eps)
@@ -482,28 +648,50 @@ def group_preference_loss(
     elif pairs == "best_worst":
         counts = pair_counts_best_worst(quality, valid)
     else:
-        scores = dev.detach() if divpo_scores is None else divpo_scores.to(dtype)
-        counts = pair_counts_divpo(quality, valid, scores, quality_quantile)
+        scores = None if divpo_scores is None else divpo_scores.to(dtype)
+        counts = pair_counts_divpo(quality, valid, scores, None if sim is None else sim.detach(), quality_quantile,
+                                   divpo_pools)
     counts = counts.to(dtype)
 
-    if diversity == "none":
+    if weights is not None:
+        weights = torch.where(valid, weights.to(dtype), 0.0)
+    elif diversity == "none":
         weights = torch.ones_like(policy)
     elif diversity == "deviation":
-        weights = normalized_weights(dev.detach(), valid) if deviation_norm == "mean" else dev.detach()
-        weights = weights.clamp_min(min_deviation)
+        devs = [dev.detach()] + [deviation(extra.detach(), valid) for extra in encoders[1:]]
+        weights = deviation_weights(devs if len(devs) > 1 else devs[0], valid, deviation_norm, min_deviation)
     else:
         weights = normalized_weights(torch.exp(gains_from_inverse(inverse.detach())), valid)
-    weights = weights.to(dtype)
+    weights = weights.to(dtype).detach()
 
-    losses = pair_losses(loss, policy, ref, beta, orpo_lambda, simpo_gamma)
     num_pairs = counts.sum()
-    total = (counts * weights[:, :, None] * losses).sum() / num_pairs.clamp_min(1.0)
-    if diversity_alpha > 0:
-        total = total - diversity_alpha * logdet.to(dtype).mean()
+    per_pair = num_pairs.clamp_min(1.0)
+    chosen_counts, rejected_counts = counts.sum(-1), counts.sum(-2)
+    lengths = None if token_counts is None else torch.where(valid, token_counts.to(dtype), 1.0)
+    nll_values = policy if nll_logps is None else torch.where(valid, nll_logps.to(dtype), 0.0)
+    nll_counts = torch.ones_like(policy) if nll_tokens is None else torch.where(valid, nll_tokens.to(dtype), 0.0)
+    # the batch's token-mean NLL of the chosen sequences (a pair's chosen sequence counts once per pair)
+    nll = -(chosen_counts * nll_values).sum() / (chosen_counts * nll_counts).sum().clamp_min(1e-30)
+    log_odds_terms = None
+    if loss == "orpo":
+        log_odds = policy - log1mexp(policy)
+        odds = log_odds[:, :, None] - log_odds[:, None, :]
+        if orpo_weighting == "dorpo":
+            odds = weights[:, :, None] * odds
+        log_odds_terms = (odds, F.logsigmoid(odds))
+    if loss == "orpo" and orpo_weighting == "dorpo":
+        weight_mean = (counts * weights[:, :, None]).sum() / per_pair
+        total = (counts * -orpo_lambda * log_odds_terms[1]).sum() / per_pair + weight_mean * nll
+    else:
+        losses = pair_losses(loss, policy, ref, beta, orpo_lambda, simpo_gamma, lengths)
+        total = (counts * weights[:, :, None] * losses).sum() / per_pair
+    if cpo_alpha > 0:
+        total = total + cpo_alpha * nll
+    if diversity_alpha > 0:  # mean over groups; an empty batch adds nothing
+        total = total - diversity_alpha * logdet.to(dtype).sum() / max(batch, 1)
 
     with torch.no_grad():
         implicit = implicit_rewards(loss, policy, ref, beta, orpo_lambda)
-        per_pair = num_pairs.clamp_min(1.0)
         chosen = (counts * implicit[:, :, None]).sum() / per_pair
         rejected = (counts * implicit[:, None, :]).sum() / per_pair
         correct = (implicit[:, :, None] > implicit[:, None, :]).to(dtype)
@@ -514,13 +702,21 @@ def group_preference_loss(
         metrics["rewards/rejected"] = rejected
         metrics["rewards/margins"] = chosen - rejected
         metrics["rewards/accuracies"] = (counts * correct).sum() / per_pair
+        metrics["logps/chosen"] = (chosen_counts * policy).sum() / per_pair
+        metrics["logps/rejected"] = (rejected_counts * policy).sum() / per_pair
+        if (loss == "orpo" and orpo_weighting == "dorpo") or cpo_alpha > 0:
+            metrics["nll_loss"] = nll
+        if log_odds_terms is not None:
+            metrics["log_odds_ratio"] = (counts * log_odds_terms[1]).sum() / per_pair
+            metrics["log_odds_chosen"] = (counts * log_odds_terms[0]).sum() / per_pair
         if sim is not None:
             metrics["diversity/mean_similarity"] = mean_offdiagonal_similarity(sim, valid)
             metrics["diversity/deviation"] = dev.sum() / valid.sum().clamp_min(1)
         if logdet is not None:
-            metrics["diversity/logdet"] = logdet.mean()
+            metrics["diversity/logdet"] = logdet.sum() / max(batch, 1)
         metrics = {name: value.detach().to(torch.float32) for name, value in metrics.items()}
-    return LossOutput(loss=total, metrics=metrics, logdet=None if logdet is None else logdet.detach())
+    return LossOutput(loss=total, metrics=metrics, logdet=None if logdet is None else logdet.detach(),
+                      chosen_counts=chosen_counts.detach(), rejected_counts=rejected_counts.detach())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,16 +732,22 @@ def group_advantages(
     diversity: str = "none",
     alpha: float = 0.1,
     tau: float = 0.9,
-    eps: float = 1e-4,
-    scale: str = "std",
+    eps: float = DQO_EPS,
+    scale: str | None = None,
     partition: torch.Tensor | None = None,
+    min_diversity: float = DARLING_MIN_DIVERSITY,
+    transitive: bool = True,
+    darling_reward: str = "raw",
 ) -> torch.Tensor:
-    """Diversity-aware GRPO advantages (SPEC 4).
+    """Diversity-aware GRPO advantages.
 
-    ``r'`` is ``r`` (none), ``minmax(r) * div_i`` (darling: partition diversity; rewards min-max
-    normalized over the batch's valid responses, all-equal rewards -> 1), ``r + alpha gain_i``
-    (dqo) or ``r + alpha dev_i`` (deviation). Then ``A = (r' - mean) / (std + 1e-4)`` per group
-    (unbiased std over valid responses, as TRL's GRPO), or ``r' - mean`` for ``scale="none"``.
+    Shaped reward ``r'``: ``r`` (none); ``r * div_i`` (darling: partition diversity, floored at
+    ``min_diversity``; ``darling_reward="minmax"`` first min-max scales ``r`` over the batch, our
+    earlier variant); ``r + alpha gain_i`` (dqo, ``gain_i = logdet K - logdet K_-i``) or
+    ``r + alpha dev_i`` (deviation). Then ``A = (r' - mean) / (std + 1e-4)`` per group (unbiased std
+    over valid responses, as TRL's GRPO) for ``scale="std"``, or ``r' - mean`` for ``"none"``.
+    ``scale=None`` takes each method's published setting: ``"none"`` for darling (the authors'
+    ``verl/math_scripts/darling.batch`` sets ``norm_adv_by_std_in_grpo=False``), ``"std"`` otherwise.
 
     Args:
         rewards: ``[B, G]``. emb: ``[B, G, D]`` (not needed for none, or darling with partition).
@@ -559,17 +761,33 @@ def group_advantages(
         dtype = compute_dtype(rewards.dtype)
         measure = None
         if diversity == "darling":
-            measure = partition_diversity(emb, valid, tau, partition, dtype)
+            measure = partition_diversity(emb, valid, tau, partition, dtype, min_diversity, transitive)
         elif diversity == "dqo":
             measure = logdet_diversity(emb, valid, eps, "cosine", return_gains=True)[1]
         elif diversity == "deviation":
             measure = deviation(emb, valid)
-        return advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale)
+        return advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale, darling_reward)
 
 
-def darling_rewards(rewards: torch.Tensor, valid: torch.Tensor, partition_div: torch.Tensor) -> torch.Tensor:
-    """DARLING's shaped reward ``minmax(r) * div``: quality min-max normalized to [0, 1] over the
-    batch's valid responses (all equal: 1), times partition diversity; 0 at padding."""
+def default_scale(diversity: str, scale: str | None) -> str:
+    """The advantage scaling a method was published with, unless ``scale`` says otherwise."""
+    if scale is not None:
+        return scale
+    return "none" if diversity == "darling" else "std"
+
+
+def darling_rewards(rewards: torch.Tensor, valid: torch.Tensor, partition_div: torch.Tensor,
+                    darling_reward: str = "raw") -> torch.Tensor:
+    """DARLING's shaped reward ``r * div`` (facebookresearch/darling ``verl/verl/trainer/ppo/ray_trainer.py``,
+    ``multiplicative=True``: the quality reward times the partition reward); 0 at padding.
+
+    ``darling_reward="minmax"`` (our earlier variant) min-max scales ``r`` to [0, 1] over the batch's
+    valid responses first (all equal: 1).
+    """
+    if darling_reward == "raw":
+        return torch.where(valid, rewards * partition_div, 0.0)
+    if rewards.shape[0] == 0:  # an empty batch has no extremes (min() of an empty tensor raises)
+        return torch.zeros_like(rewards)
     low = torch.where(valid, rewards, torch.inf).min()
     high = torch.where(valid, rewards, -torch.inf).max()
     spread = high - low
@@ -578,7 +796,8 @@ def darling_rewards(rewards: torch.Tensor, valid: torch.Tensor, partition_div: t
 
 
 def advantages_from_diversity(rewards: torch.Tensor, valid: torch.Tensor, diversity: str,
-                              measure: torch.Tensor | None, alpha: float, scale: str) -> torch.Tensor:
+                              measure: torch.Tensor | None, alpha: float, scale: str | None,
+                              darling_reward: str = "raw") -> torch.Tensor:
     """Shape rewards with a per-response diversity ``measure`` ``[B, G]`` and normalize per group.
 
     ``measure`` is the partition diversity (darling), the logdet gain (dqo) or the deviation.
@@ -586,14 +805,14 @@ def advantages_from_diversity(rewards: torch.Tensor, valid: torch.Tensor, divers
     dtype = compute_dtype(rewards.dtype)
     shaped = torch.where(valid, rewards.to(dtype), 0.0)
     if diversity == "darling":
-        shaped = darling_rewards(shaped, valid, measure.to(dtype))
+        shaped = darling_rewards(shaped, valid, measure.to(dtype), darling_reward)
     elif diversity in ("dqo", "deviation"):
         shaped = shaped + alpha * measure.to(dtype)
     shaped = torch.where(valid, shaped, 0.0)
     n = group_sizes(valid).to(dtype)
     mean = shaped.sum(-1) / n.clamp_min(1.0)
     centered = torch.where(valid, shaped - mean[:, None], 0.0)
-    if scale == "std":
+    if default_scale(diversity, scale) == "std":
         std = torch.sqrt((centered**2).sum(-1) / (n - 1.0).clamp_min(1.0))
         centered = centered / (std[:, None] + ADVANTAGE_STD_EPS)
     return centered

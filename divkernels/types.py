@@ -11,7 +11,10 @@ DIVERSITIES = ("none", "deviation", "logdet_gain")
 PAIR_MODES = ("all", "best_worst", "divpo", "explicit")
 ADVANTAGE_DIVERSITIES = ("none", "darling", "dqo", "deviation")
 ADVANTAGE_SCALES = ("std", "none")
-DEVIATION_NORMS = ("mean", "none")
+DEVIATION_NORMS = ("minmax", "mean", "none")
+ORPO_WEIGHTINGS = ("dorpo", "pair")
+DIVPO_POOLS = ("ranked", "threshold")
+DARLING_REWARDS = ("raw", "minmax")
 KERNELS = ("cosine", "dot", "rbf")
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
@@ -22,15 +25,22 @@ class LossOutput:
 
     Attributes:
         loss: scalar tensor to call ``backward()`` on.
-        metrics: detached float32 scalars named as TRL logs them (``rewards/chosen``, ...) plus
-            ``pairs``, ``groups_without_pairs`` and the ``diversity/*`` metrics (SPEC 7).
+        metrics: detached float32 scalars named as TRL logs them (``rewards/chosen``,
+            ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+            ``logps/rejected``; ``nll_loss`` with an NLL term; ``log_odds_ratio`` and
+            ``log_odds_chosen`` for ORPO; each a mean over pairs) plus ``loss``, ``pairs``,
+            ``groups_without_pairs`` and the ``diversity/*`` metrics.
         logdet: ``[B]`` detached per-group ``log det(S + eps I)`` when the loss computed it
             (``diversity="logdet_gain"`` or ``diversity_alpha > 0``), else None.
+        chosen_counts, rejected_counts: ``[B, G]`` how many pairs each response is the chosen /
+            rejected response of (detached), to weight per-response statistics as pairs do.
     """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     logdet: torch.Tensor | None = None
+    chosen_counts: torch.Tensor | None = None
+    rejected_counts: torch.Tensor | None = None
 
     def log_dict(self, prefix: str = "") -> dict[str, float]:
         """Metrics as Python floats for a logger (one host sync for all of them)."""

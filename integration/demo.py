@@ -126,7 +126,8 @@ def sample_groups(model: Any, tokenizer: Any, group_size: int, rounds: int, seed
         samples = sample_completions(model, tokenizer, prompts, group_size, max_new_tokens=ANSWER_LENGTH + 1)
         for target, completions in zip(TARGETS, samples, strict=True):
             prompt = prompt_for(target)
-            rows.append({"prompt": f"<bos> {prompt}", "completions": completions,
+            # a leading space: prompt + completion tokenize as prompt then completion, in TRL and here
+            rows.append({"prompt": f"<bos> {prompt}", "completions": [" " + c.strip() for c in completions],
                          "rewards": [float(is_correct(prompt, c)) for c in completions]})
     return rows
 
@@ -154,7 +155,7 @@ def train_preference(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, 
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
         lr_scheduler_type="constant", beta=0.5, loss_type="dpo", diversity=diversity, logging_steps=max(1, steps // 5),
         save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-        max_prompt_length=8, max_completion_length=8)
+        bf16=False, gradient_checkpointing=False)  # a tiny fp32 model: neither pays off
     trainer = DiversityPreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                          processing_class=tokenizer, encoder=encoder)
     trainer.remove_callback(PrinterCallback)

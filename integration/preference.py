@@ -1,16 +1,20 @@
 """Diversity-aware preference training on group-structured data (DDPO, DORPO, DivPO, DQO-style).
 
-:class:`DiversityPreferenceTrainer` is a ``transformers.Trainer`` that follows TRL's conventions
-(a config dataclass extending ``TrainingArguments``, a frozen copy of the model as reference when
-none is given, TRL's metric names averaged over the logging interval and logged through
-``Trainer.log``, so they reach TensorBoard / W&B like TRL's). Its loss is one call to
-:func:`divkernels.group_preference_loss` over a batch of groups. TRL's own ``DPOTrainer`` works on
-(chosen, rejected) pair batches with its loss inside one private method, so there is no hook
-that could see a whole group; this trainer subclasses ``Trainer`` rather than patch it.
+:class:`DiversityPreferenceTrainer` is a ``transformers.Trainer`` whose loss is one call to
+:func:`divkernels.group_preference_loss` over a batch of groups. With ``diversity="none"`` it
+reproduces the TRL trainer of its loss (TRL 1.x): ``DPOTrainer`` (``loss_type="dpo"``, TRL's
+``sigmoid``, and ``"ipo"``), ``ORPOTrainer`` (``"orpo"``) and ``CPOTrainer`` (``"simpo"``, its
+``cpo_alpha`` included): the same tokenization, BOS/EOS and truncation rules
+(:mod:`divkernels.integration.tokenization`), the same log-probs (summed for DPO/IPO, IPO's
+log-ratios per completion token; mean for ORPO/SimPO), the same NLL term (the token-mean
+cross-entropy of the prompt + chosen sequences), dropout disabled, TRL's config defaults, and
+the same metrics under the same names, averaged over the logging interval. Turning diversity on
+is then the only change. ``tests/test_trl_equivalence.py`` checks this step for step.
 
 Data, one row per prompt:
 
-* groups: ``{"prompt": str, "completions": [str, ...], "rewards": [float, ...]}``;
+* groups: ``{"prompt", "completions": [...], "rewards": [...]}``; prompts and completions are
+  strings or TRL's conversational message lists;
 * pairs: TRL's ``{"prompt", "chosen", "rejected"}`` rows, turned into groups by
   :func:`pairs_to_groups` (all responses of a prompt form one group, so deviation is computed over
   all of them; the pairs stay as given).
@@ -22,6 +26,7 @@ Under ``torchrun`` / ``accelerate launch`` each process gathers every process's 
 from __future__ import annotations
 
 import copy
+import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,20 +37,26 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 import divkernels as dk
 from divkernels.integration.distributed import gather_rows, is_distributed, max_over_processes, pad_dim, row_counts
-from divkernels.integration.embeddings import SentenceEncoder, pool_hidden_states
+from divkernels.integration.embeddings import SentenceEncoder, completion_text, pool_hidden_states
 from divkernels.integration.models import load_causal_lm
-from divkernels.types import DEVIATION_NORMS, DIVERSITIES, LOSSES, PAIR_MODES
+from divkernels.integration.tokenization import TOKENIZATION, TRUNCATION_MODES, tokenize_group, truncate
+from divkernels.types import DEVIATION_NORMS, DIVERSITIES, DIVPO_POOLS, LOSSES, ORPO_WEIGHTINGS, PAIR_MODES
 from divkernels.validation import check_choice
 
 EMBEDDING_SOURCES = ("encoder", "policy")
 POOLINGS = ("mean", "last")
-# Losses whose log-probs are mean token log-probs (TRL's ORPO and CPO/SimPO); DPO/IPO sum them.
-MEAN_LOGP_LOSSES = ("orpo", "simpo")
+Encoder = Callable[[Sequence[str]], torch.Tensor]
+# Per-response statistics of the policy forward that the TRL-named metrics average over pairs.
+RESPONSE_STATS = ("completion_tokens", "sequence_tokens", "mean_logit_sum", "full_logit_sum", "last_logit_sum",
+                  "top1_correct", "entropy_sum")
 
 
 @dataclass
 class DiversityPreferenceConfig(TrainingArguments):
-    """``TrainingArguments`` plus the diversity-aware loss (names as in SPEC 3 / TRL's DPOConfig).
+    """``TrainingArguments`` plus the diversity-aware loss, with TRL's defaults (``DPOConfig``,
+    ``ORPOConfig``, ``CPOConfig``): ``learning_rate=1e-6``, ``logging_steps=10``,
+    ``gradient_checkpointing=True``, ``bf16`` unless ``fp16``, ``max_length=1024``,
+    ``truncation_mode="keep_start"``, ``disable_dropout=True``, ``beta=0.1``, ``cpo_alpha=1.0``.
 
     ``loss_type``: ``"dpo"``, ``"ipo"``, ``"orpo"`` or ``"simpo"``; ``diversity``: ``"none"``,
     ``"deviation"`` (DDPO/DORPO) or ``"logdet_gain"``; ``pairs``: ``"auto"`` (the dataset's
@@ -54,21 +65,38 @@ class DiversityPreferenceConfig(TrainingArguments):
     or ``"policy"`` (pooled last hidden states of the response tokens, with gradient).
     """
 
+    # TRL's defaults that differ from TrainingArguments'
+    learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate (TRL's 1e-6)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (TRL's 10)."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations (TRL's True)."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None: True unless fp16 (TRL)."})
+
     beta: float = field(default=0.1, metadata={"help": "DPO/IPO/SimPO temperature."})
     loss_type: str = field(default="dpo", metadata={"help": "dpo, ipo, orpo or simpo."})
     diversity: str = field(default="deviation", metadata={"help": "none, deviation or logdet_gain."})
     pairs: str = field(default="auto", metadata={"help": "auto, all, best_worst, divpo."})
     diversity_alpha: float = field(default=0.0, metadata={"help": "Weight of the -mean logdet regularizer."})
-    eps: float = field(default=1e-4, metadata={"help": "Ridge of K = S + eps I."})
+    eps: float = field(default=1.0, metadata={"help": "Ridge of K = S + eps I (DQO: 1)."})
     orpo_lambda: float = field(default=0.1, metadata={"help": "ORPO odds-ratio weight (TRL's ORPO beta)."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin."})
-    deviation_norm: str = field(default="mean", metadata={"help": "mean or none."})
+    cpo_alpha: float = field(default=1.0, metadata={
+        "help": "Weight of the NLL term added to simpo (TRL's CPOConfig.cpo_alpha; 0 for pure SimPO)."})
+    deviation_norm: str = field(default="minmax", metadata={
+        "help": "minmax (DDPO/DORPO: (d - d_min) / (mean d - d_min)), mean (ours) or none."})
     min_deviation: float = field(default=0.0, metadata={"help": "Floor on deviation weights."})
-    quality_quantile: float = field(default=0.5, metadata={"help": "DivPO chosen pool: top quantile."})
+    orpo_weighting: str = field(default="dorpo", metadata={
+        "help": "dorpo (the authors': weight inside the log-sigmoid, NLL times the mean weight) or pair (ours)."})
+    quality_quantile: float = field(default=0.25, metadata={"help": "DivPO pool share (the authors' rho = 25%)."})
+    divpo_pools: str = field(default="ranked", metadata={"help": "ranked (DivPO) or threshold (ours)."})
     embedding_source: str = field(default="encoder", metadata={"help": "encoder or policy."})
     pooling: str = field(default="mean", metadata={"help": "Pooling of policy hidden states: mean or last."})
-    max_prompt_length: int | None = field(default=256, metadata={"help": "Prompt tokens kept (from the end)."})
-    max_completion_length: int | None = field(default=256, metadata={"help": "Completion tokens kept."})
+    max_length: int | None = field(default=1024, metadata={"help": "Tokens of prompt + completion kept (TRL)."})
+    truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start or keep_end (TRL, DPO/IPO)."})
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "Ours: keep the prompt's last tokens (None: TRL's rules only)."})
+    max_completion_length: int | None = field(default=None, metadata={
+        "help": "Ours: keep a completion's first tokens (None: TRL's rules only)."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every torch.nn.Dropout to p=0 (TRL)."})
     kernel_backend: str = field(default="auto", metadata={"help": "divkernels backend for the loss."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator reads the raw columns."})
 
@@ -77,13 +105,32 @@ class DiversityPreferenceConfig(TrainingArguments):
         check_choice("diversity", self.diversity, DIVERSITIES)
         check_choice("pairs", self.pairs, ("auto", *PAIR_MODES[:-1]))
         check_choice("deviation_norm", self.deviation_norm, DEVIATION_NORMS)
+        check_choice("orpo_weighting", self.orpo_weighting, ORPO_WEIGHTINGS)
+        check_choice("divpo_pools", self.divpo_pools, DIVPO_POOLS)
         check_choice("embedding_source", self.embedding_source, EMBEDDING_SOURCES)
         check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
         super().__post_init__()
 
     @property
     def needs_embeddings(self) -> bool:
         return self.diversity != "none" or self.diversity_alpha > 0 or self.pairs == "divpo"
+
+    @property
+    def tokenization(self) -> str:
+        """Whose tokenization the loss follows: ``"dpo"`` (TRL's DPOTrainer) or ``"orpo"`` (ORPO/CPO)."""
+        return TOKENIZATION[self.loss_type]
+
+    @property
+    def nll_weight(self) -> float:
+        """CPO's ``cpo_alpha`` as the op takes it: only simpo adds the NLL term (as CPOTrainer's simpo)."""
+        return self.cpo_alpha if self.loss_type == "simpo" else 0.0
+
+
+def _prompt_key(prompt: Any) -> str:
+    """A hashable key of a prompt (text, or a conversational message list)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def pairs_to_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -92,19 +139,21 @@ def pairs_to_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Each prompt's distinct responses form its group and its pairs are kept as ``pairs`` (indices
     into ``completions``). Rewards are ``score_chosen`` / ``score_rejected`` when the rows have
     them (averaged per response), else 1 for chosen and 0 for rejected responses; they only
-    matter for pair modes that select pairs by reward.
+    matter for pair modes that select pairs by reward. Conversational rows work the same way.
     """
     groups: dict[str, dict[str, Any]] = {}
     for row in rows:
-        group = groups.setdefault(row["prompt"], {"prompt": row["prompt"], "completions": [], "scores": [],
-                                                  "pairs": []})
+        group = groups.setdefault(_prompt_key(row["prompt"]), {"prompt": row["prompt"], "completions": [],
+                                                                "keys": [], "scores": [], "pairs": []})
         indices = []
         for key, default in (("chosen", 1.0), ("rejected", 0.0)):
-            text = row[key]
-            if text not in group["completions"]:
-                group["completions"].append(text)
+            completion = row[key]
+            completion_key = _prompt_key(completion)
+            if completion_key not in group["keys"]:
+                group["keys"].append(completion_key)
+                group["completions"].append(completion)
                 group["scores"].append([])
-            index = group["completions"].index(text)
+            index = group["keys"].index(completion_key)
             group["scores"][index].append(float(row.get(f"score_{key}", default)))
             indices.append(index)
         group["pairs"].append(indices)
@@ -113,41 +162,54 @@ def pairs_to_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for group in groups.values()]
 
 
+def tokenize_rows(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: DiversityPreferenceConfig) -> Any:
+    """Add ``prompt_ids`` and ``completion_ids`` (one list per completion) to every group row, as the
+    loss's TRL trainer tokenizes (:func:`divkernels.integration.tokenization.tokenize_group`), and
+    drop the groups whose prompt alone fills ``max_length`` under ``keep_start`` truncation (as TRL's
+    DPOTrainer does: no completion token would remain)."""
+    def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+        if len(row["completions"]) != len(row["rewards"]):
+            raise ValueError(f"a row has {len(row['completions'])} completions but {len(row['rewards'])} rewards")
+        prompts, completions = tokenize_group(tokenizer, row["prompt"], row["completions"], args.tokenization,
+                                              max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                              max_completion_length=args.max_completion_length)
+        return {"prompt_ids": prompts, "completion_ids": completions}
+
+    dataset = dataset.map(tokenize)
+    if args.tokenization == "dpo" and args.max_length is not None and args.truncation_mode == "keep_start":
+        dataset = dataset.filter(lambda row: len(row["prompt_ids"][0]) < args.max_length)
+    return dataset
+
+
 @dataclass
 class GroupPreferenceCollator:
-    """Tokenizes a batch of group rows into one batch of ``prompt + completion`` sequences.
+    """Pads a batch of tokenized group rows into one batch of ``prompt + completion`` sequences.
 
     Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (``[N, L]``, right-padded, N the
-    number of responses), ``response_mask`` (``[B, G]`` bool), ``rewards`` (``[B, G]``),
-    ``completion_texts`` (N strings) and, when the rows have ``pairs``, ``pair_index``
-    (``[B, P, 2]``, ``-1`` padded).
+    number of responses; sequences truncated to ``max_length`` by ``truncation_mode``),
+    ``response_mask`` (``[B, G]`` bool), ``rewards`` (``[B, G]``), ``completion_texts`` (N strings,
+    for the encoders) and, when the rows have ``pairs``, ``pair_index`` (``[B, P, 2]``, ``-1`` padded).
     """
 
-    tokenizer: PreTrainedTokenizerBase
-    max_prompt_length: int | None = 256
-    max_completion_length: int | None = 256
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         group = max(len(row["completions"]) for row in rows)
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         sequences, completion_masks, texts = [], [], []
         for row in rows:
-            if len(row["completions"]) != len(row["rewards"]):
-                raise ValueError(f"a row has {len(row['completions'])} completions but {len(row['rewards'])} rewards")
-            prompt_ids = self.tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-            if self.max_prompt_length is not None:
-                prompt_ids = prompt_ids[-self.max_prompt_length:]
-            for completion in row["completions"]:
-                completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
-                if self.max_completion_length is not None:
-                    completion_ids = completion_ids[:self.max_completion_length]
-                sequences.append(prompt_ids + completion_ids)
-                completion_masks.append([0] * len(prompt_ids) + [1] * len(completion_ids))
-                texts.append(completion)
+            for prompt_ids, completion_ids, completion in zip(row["prompt_ids"], row["completion_ids"],
+                                                              row["completions"], strict=True):
+                ids, mask = truncate(list(prompt_ids) + list(completion_ids),
+                                     [0] * len(prompt_ids) + [1] * len(completion_ids), self.max_length,
+                                     self.truncation_mode)
+                sequences.append(ids)
+                completion_masks.append(mask)
+                texts.append(completion_text(completion))
         length = max(len(sequence) for sequence in sequences)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         batch = {
-            "input_ids": torch.tensor([s + [pad] * (length - len(s)) for s in sequences]),
+            "input_ids": torch.tensor([s + [self.pad_token_id] * (length - len(s)) for s in sequences]),
             "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
             "completion_mask": torch.tensor([m + [0] * (length - len(m)) for m in completion_masks]),
             "response_mask": torch.tensor([[i < len(row["completions"]) for i in range(group)] for row in rows]),
@@ -169,11 +231,50 @@ def to_groups(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def create_reference_model(model: PreTrainedModel) -> PreTrainedModel:
-    """A frozen copy of ``model`` in eval mode (what TRL uses when no reference model is given)."""
+    """A frozen copy of ``model`` in eval mode (the reference when none is given)."""
     reference_model = copy.deepcopy(model).eval()
     for parameter in reference_model.parameters():
         parameter.requires_grad_(False)
     return reference_model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every ``torch.nn.Dropout`` module of ``model`` to ``p = 0`` (what TRL's ``disable_dropout`` does)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def sequence_statistics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sequence ``[N]`` statistics of a causal LM's ``logits [N, L, V]``, position ``t`` predicting
+    token ``t + 1``: the completion's summed log-probs and token count, every predicted token's
+    summed log-probs and count (the NLL of TRL's ORPO/CPO covers prompt and completion), and, without
+    grad, what TRL's metrics average: completion-token sums of the per-position mean logit, of
+    top-1 hits and of the entropy (DPOTrainer), and the sum of all logits over every position but
+    the last and at the last position (ORPO's and CPO's ``logits/*``, padding included)."""
+    last_logit_sum = logits[:, -1].detach().float().sum(-1)
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    log_probs = logits.log_softmax(-1)
+    token_logps = log_probs.gather(-1, targets[..., None])[..., 0]
+    completion = completion_mask[:, 1:].to(token_logps.dtype)
+    predicted = attention_mask[:, 1:].to(token_logps.dtype)
+    stats = {
+        "completion_logps": (token_logps * completion).sum(-1),
+        "completion_tokens": completion.sum(-1),
+        "nll_logps": (token_logps * predicted).sum(-1),
+        "nll_tokens": predicted.sum(-1),
+        "sequence_tokens": attention_mask.sum(-1).to(token_logps.dtype),
+    }
+    with torch.no_grad():
+        stats["mean_logit_sum"] = (logits.mean(-1) * completion).sum(-1)
+        stats["full_logit_sum"] = logits.sum((-2, -1))
+        stats["last_logit_sum"] = last_logit_sum
+        stats["top1_correct"] = ((logits.argmax(-1) == targets).to(token_logps.dtype) * completion).sum(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        stats["entropy_sum"] = (entropy * completion).sum(-1)
+    return stats
 
 
 class DiversityPreferenceTrainer(Trainer):
@@ -182,72 +283,96 @@ class DiversityPreferenceTrainer(Trainer):
     Args:
         model: a causal LM or its name (loaded with flash-attention 2 when available, else SDPA).
         args: :class:`DiversityPreferenceConfig`.
-        train_dataset, eval_dataset: group rows (see the module docstring); for pair rows use
-            :func:`pairs_to_groups` first.
-        processing_class: the tokenizer.
+        train_dataset, eval_dataset: ``datasets.Dataset`` of group rows (see the module
+            docstring); for pair rows use :func:`pairs_to_groups` first.
+        processing_class: the tokenizer (its pad token, else its EOS token, pads).
         ref_model: reference model for dpo/ipo; None uses a frozen copy of ``model``.
-        encoder: ``texts -> [N, D]`` for ``embedding_source="encoder"``; None loads the bundled
-            all-MiniLM-L6-v2 when the loss needs embeddings.
+        encoder: ``texts -> [N, D]`` for ``embedding_source="encoder"``, or a list of them: several
+            encoders combine into DDPO/DORPO weights as the authors do (geometric mean of the
+            per-encoder min-max scaled deviations; the first encoder serves everything else); None
+            loads the bundled all-MiniLM-L6-v2 when the loss needs embeddings.
         **kwargs: passed to ``transformers.Trainer`` (callbacks, ...).
     """
 
     def __init__(self, model: PreTrainedModel | str, args: DiversityPreferenceConfig, train_dataset: Any = None,
                  processing_class: PreTrainedTokenizerBase | None = None, *, eval_dataset: Any = None,
                  ref_model: PreTrainedModel | None = None,
-                 encoder: Callable[[Sequence[str]], torch.Tensor] | None = None, **kwargs: Any) -> None:
+                 encoder: Encoder | Sequence[Encoder] | None = None, **kwargs: Any) -> None:
         if not isinstance(args, DiversityPreferenceConfig):
             raise TypeError("args must be a DiversityPreferenceConfig")
         if isinstance(model, str):
             model = load_causal_lm(model)
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required")
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
         if args.loss_type in ("dpo", "ipo") and ref_model is None:
             ref_model = create_reference_model(model)
+        if args.disable_dropout:
+            disable_dropout(model)
+            if ref_model is not None:
+                disable_dropout(ref_model)
         if args.embedding_source == "encoder" and encoder is None and args.needs_embeddings:
             encoder = SentenceEncoder()
-        collator = GroupPreferenceCollator(processing_class, args.max_prompt_length, args.max_completion_length)
+        if train_dataset is not None:
+            train_dataset = tokenize_rows(train_dataset, processing_class, args)
+        if eval_dataset is not None:
+            eval_dataset = tokenize_rows(eval_dataset, processing_class, args)
+        collator = GroupPreferenceCollator(processing_class.pad_token_id,
+                                           args.max_length if args.tokenization == "dpo" else None,
+                                           args.truncation_mode)
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        self.encoder = encoder
+        self.encoders: list[Encoder] = [] if encoder is None else list(encoder) if isinstance(encoder, Sequence) \
+            else [encoder]
         self.ref_model = None
         if args.loss_type in ("dpo", "ipo"):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._total_train_tokens = 0.0
 
-    def _sequence_logps(self, model: torch.nn.Module, inputs: dict[str, Any],
-                        pooled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-response completion log-probs ``[N]`` (sum, or mean for orpo/simpo) and, with
-        ``pooled``, the pooled last hidden state of the completion tokens ``[N, H]``."""
+    def _sequences(self, model: torch.nn.Module, inputs: dict[str, Any],
+                   pooled: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Per-response statistics (:func:`sequence_statistics`) and, with ``pooled``, the pooled last
+        hidden state of the completion tokens ``[N, H]``."""
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
                         output_hidden_states=pooled)
-        logits = outputs.logits[:, :-1].float()
-        targets = inputs["input_ids"][:, 1:]
-        token_logps = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, -1)
-        mask = inputs["completion_mask"][:, 1:].to(token_logps.dtype)
-        logps = (token_logps * mask).sum(-1)
-        if self.args.loss_type in MEAN_LOGP_LOSSES:
-            logps = logps / mask.sum(-1).clamp_min(1.0)
+        stats = sequence_statistics(outputs.logits, inputs["input_ids"], inputs["attention_mask"],
+                                    inputs["completion_mask"])
+        self._logits_shape = tuple(outputs.logits.shape[1:])  # (L, V): ORPO/CPO's logits/* average over both
         hidden = None
         if pooled:
             hidden = pool_hidden_states(outputs.hidden_states[-1].float(), inputs["completion_mask"], self.args.pooling)
-        return logps, hidden
+        return stats, hidden
 
     def _group_tensors(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, torch.Tensor | None]:
-        """``[B, G]`` log-probs, rewards and mask, ``[B, G, D]`` embeddings and pair indices of this process."""
+        """``[B, G]`` log-probs, token counts, rewards, mask and statistics, ``[B, G, D]`` embeddings and
+        pair indices of this process."""
         args = self.args
         mask = inputs["response_mask"]
         from_policy = args.needs_embeddings and args.embedding_source == "policy"
-        logps, pooled = self._sequence_logps(model, inputs, from_policy)
-        groups: dict[str, torch.Tensor | None] = {"policy": to_groups(logps, mask), "ref": None, "emb": None,
-                                                  "rewards": inputs["rewards"], "mask": mask,
-                                                  "pair_index": inputs.get("pair_index")}
+        stats, pooled = self._sequences(model, inputs, from_policy)
+        tokens = stats["completion_tokens"]
+        logps = stats["completion_logps"]
+        if args.tokenization == "orpo":  # ORPO/CPO score a completion by its mean token log-prob
+            logps = logps / tokens.clamp_min(1.0)
+        groups: dict[str, torch.Tensor | None] = {
+            "policy": to_groups(logps, mask), "ref": None, "emb": None, "rewards": inputs["rewards"], "mask": mask,
+            "pair_index": inputs.get("pair_index"), "nll_logps": to_groups(stats["nll_logps"], mask),
+            "nll_tokens": to_groups(stats["nll_tokens"], mask),
+            "completion_logps": to_groups(stats["completion_logps"], mask),
+        }
+        for name in RESPONSE_STATS:
+            groups[name] = to_groups(stats[name].detach(), mask)
         if self.ref_model is not None:
             with torch.no_grad():
-                groups["ref"] = to_groups(self._sequence_logps(self.ref_model, inputs, False)[0], mask)
+                groups["ref"] = to_groups(self._sequences(self.ref_model, inputs, False)[0]["completion_logps"], mask)
         if from_policy:
             groups["emb"] = to_groups(pooled, mask)
-        elif self.encoder is not None:
-            groups["emb"] = to_groups(self.encoder(inputs["completion_texts"]).to(logps.device), mask)
+        elif self.encoders:
+            for k, encoder in enumerate(self.encoders):
+                groups["emb" if k == 0 else f"emb{k}"] = to_groups(
+                    encoder(inputs["completion_texts"]).to(logps.device), mask)
         return groups
 
     @staticmethod
@@ -269,6 +394,14 @@ class DiversityPreferenceTrainer(Trainer):
             gathered[name] = gather_rows(tensor, counts)[0]
         return gathered
 
+    def _loss_options(self) -> dict[str, Any]:
+        args = self.args
+        return {"loss": args.loss_type, "diversity": args.diversity, "beta": args.beta, "orpo_lambda": args.orpo_lambda,
+                "simpo_gamma": args.simpo_gamma, "deviation_norm": args.deviation_norm,
+                "min_deviation": args.min_deviation, "orpo_weighting": args.orpo_weighting,
+                "diversity_alpha": args.diversity_alpha, "eps": args.eps, "quality_quantile": args.quality_quantile,
+                "divpo_pools": args.divpo_pools, "cpo_alpha": args.nll_weight, "backend": args.kernel_backend}
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: int | None = None) -> torch.Tensor | tuple[torch.Tensor, dk.LossOutput]:
         args = self.args
@@ -281,16 +414,64 @@ class DiversityPreferenceTrainer(Trainer):
             pairs = "explicit" if pair_index is not None else "all"
         if pairs != "explicit":
             pair_index = None
+        emb = groups["emb"]
+        extra = [groups[f"emb{k}"] for k in range(1, len(self.encoders)) if f"emb{k}" in groups]
+        if emb is not None and extra and args.diversity == "deviation":
+            emb = [emb, *extra]
+        options = self._loss_options()
+        nll = {}
+        if args.loss_type == "orpo" and args.orpo_weighting == "dorpo":  # ORPO: prompt + chosen tokens
+            nll = {"nll_logps": groups["nll_logps"], "nll_tokens": groups["nll_tokens"]}
+        elif options["cpo_alpha"] > 0:  # CPO: the chosen completion's tokens only
+            nll = {"nll_logps": groups["completion_logps"], "nll_tokens": groups["completion_tokens"]}
         output = dk.group_preference_loss(
-            groups["policy"], groups["rewards"], groups["emb"], groups["ref"], groups["mask"],
-            loss=args.loss_type, diversity=args.diversity, pairs=pairs, pair_index=pair_index, beta=args.beta,
-            orpo_lambda=args.orpo_lambda, simpo_gamma=args.simpo_gamma, deviation_norm=args.deviation_norm,
-            min_deviation=args.min_deviation, diversity_alpha=args.diversity_alpha, eps=args.eps,
-            quality_quantile=args.quality_quantile, backend=args.kernel_backend)
-        mode = "train" if model.training else "eval"
-        for name, value in output.log_dict().items():
-            self._metrics[mode][name].append(value)
+            groups["policy"], groups["rewards"], emb, groups["ref"], groups["mask"], pairs=pairs,
+            pair_index=pair_index, token_counts=groups["completion_tokens"] if args.loss_type == "ipo" else None,
+            **nll, **options)
+        self._record_metrics(model, output, groups)
         return (output.loss, output) if return_outputs else output.loss
+
+    def _record_metrics(self, model: torch.nn.Module, output: dk.LossOutput,
+                        groups: dict[str, torch.Tensor | None]) -> None:
+        """The metrics of the loss's TRL trainer (each a mean over pairs, per-response statistics weighted
+        by how many pairs a response is chosen / rejected in) and ours (``pairs``, ``diversity/*``)."""
+        args = self.args
+        mode = "train" if model.training else "eval"
+        chosen, rejected = output.chosen_counts.detach(), output.rejected_counts.detach()
+        num_pairs = chosen.sum().clamp_min(1.0)
+
+        def weighted(name: str, weights: torch.Tensor, per: torch.Tensor) -> torch.Tensor:
+            return (weights * groups[name].to(weights.dtype)).sum() / per.clamp_min(1.0)
+
+        values = {name: value for name, value in output.metrics.items() if name != "loss"}
+        if args.tokenization == "dpo":  # DPOTrainer: completion tokens of the chosen / of both responses
+            chosen_tokens = (chosen * groups["completion_tokens"]).sum()
+            rejected_tokens = (rejected * groups["completion_tokens"]).sum()
+            values["logits/chosen"] = weighted("mean_logit_sum", chosen, chosen_tokens)
+            values["logits/rejected"] = weighted("mean_logit_sum", rejected, rejected_tokens)
+            values["mean_token_accuracy"] = weighted("top1_correct", chosen, chosen_tokens)
+            values["entropy"] = weighted("entropy_sum", chosen + rejected, chosen_tokens + rejected_tokens)
+        else:  # ORPO/CPO: the mean of every logit of the chosen / rejected sequences, padding included
+            length, vocab = self._logits_shape
+            if args.loss_type == "orpo":  # ORPOTrainer leaves out the last position, CPOTrainer does not
+                cells = num_pairs * max(length - 1, 0) * vocab
+                values["logits/chosen"] = weighted("full_logit_sum", chosen, cells)
+                values["logits/rejected"] = weighted("full_logit_sum", rejected, cells)
+            else:
+                cells = num_pairs * length * vocab
+                for name, counts in (("logits/chosen", chosen), ("logits/rejected", rejected)):
+                    values[name] = (weighted("full_logit_sum", counts, cells)
+                                    + weighted("last_logit_sum", counts, cells))
+            if args.loss_type == "simpo" and "nll_loss" not in values:
+                values["nll_loss"] = torch.zeros(())  # CPOTrainer logs it with cpo_alpha = 0 too
+        names = list(values)
+        device = output.loss.device  # one host sync for every metric
+        stacked = torch.stack([values[n].to(device=device, dtype=torch.float32) for n in names]).tolist()
+        for name, value in zip(names, stacked, strict=True):
+            self._metrics[mode][name].append(value)
+        if args.tokenization == "dpo" and mode == "train":  # DPOTrainer's running count of the tokens trained on
+            self._total_train_tokens += float(((chosen + rejected) * groups["sequence_tokens"]).sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:

@@ -6,8 +6,10 @@ rewards as ``rewards.view(-1, num_generations)``: the completions of one prompt 
 functions embed their local completions, gather the embeddings (and prompts, to check the layout)
 from every process, compute each group's diversity, and return the local rows:
 
-* :class:`DarlingReward` wraps a quality reward: ``minmax(quality) * partition diversity``
-  (DARLING, Li et al. 2025); use it instead of the quality reward.
+* :class:`DarlingReward` wraps a quality reward: ``quality * partition diversity`` (DARLING, Li
+  et al. 2025, arXiv 2509.02534, as the authors' verl fork combines them); use it instead of the
+  quality reward. DARLING's published runs do not scale advantages by the group std: set TRL's
+  ``GRPOConfig(scale_rewards=False)`` (verl: ``algorithm.norm_adv_by_std_in_grpo=False``).
 * :class:`DiversityBonusReward` is an additive bonus ``alpha * gain_i`` (``kind="dqo"``: leave-one-out
   logdet gain, DQO) or ``alpha * dev_i`` (``kind="deviation"``); list it next to the quality reward.
 
@@ -65,30 +67,39 @@ def _log(kwargs: dict[str, Any], name: str, value: torch.Tensor) -> None:
 
 
 class DarlingReward(_GroupDiversity):
-    """DARLING: quality times partition diversity, as one reward function.
+    """DARLING: the raw quality reward times partition diversity, as one reward function.
+
+    The authors' code (facebookresearch/darling): ``partition_reward_vllm_serve.partition`` merges
+    the completions an equivalence judge links (union-find) and scores each
+    ``(n - |class|) / (n - 1)``, floored at 0.1; ``ray_trainer.py`` with ``multiplicative=True``
+    multiplies the quality reward by it. Here two completions are linked when the cosine of their
+    embeddings is ``>= tau`` (or pass ``partition_func`` for a learned judge's labels).
 
     Args:
         quality_func: a TRL reward function ``(prompts, completions, **kwargs) -> list[float]``.
         num_generations: the ``GRPOConfig.num_generations`` (completions per prompt).
-        tau: cosine similarity at or above which two completions are equivalent.
+        tau: cosine similarity at or above which two completions are linked.
+        min_diversity: the floor (DARLING: 0.1).
+        darling_reward: ``"raw"`` (DARLING) or ``"minmax"`` (ours: quality min-max scaled over the batch).
         embed: ``texts -> [N, D]`` embeddings; default the bundled all-MiniLM-L6-v2 encoder.
         backend: divkernels backend for the diversity op.
     """
 
     def __init__(self, quality_func: Callable[..., Sequence[float]], *, num_generations: int, tau: float = 0.9,
+                 min_diversity: float = reference.DARLING_MIN_DIVERSITY, darling_reward: str = "raw",
                  embed: Embedder | None = None, backend: str = "auto") -> None:
         super().__init__(num_generations, embed, backend)
         self.quality_func = quality_func
-        self.tau = tau
+        self.tau, self.min_diversity, self.darling_reward = tau, min_diversity, darling_reward
         self.__name__ = f"darling_{getattr(quality_func, '__name__', 'quality')}"
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         quality = self.quality_func(prompts=prompts, completions=completions, **kwargs)
         emb, rows, counts = self.groups(prompts, completions)
         quality, _ = gather_rows(torch.as_tensor(quality, dtype=torch.float32, device=emb.device), counts)
-        div = dk.partition_diversity(emb, tau=self.tau, backend=self.backend)
+        div = dk.partition_diversity(emb, tau=self.tau, min_diversity=self.min_diversity, backend=self.backend)
         valid = torch.ones_like(div, dtype=torch.bool)
-        shaped = reference.darling_rewards(quality.view_as(div), valid, div)
+        shaped = reference.darling_rewards(quality.view_as(div), valid, div, self.darling_reward)
         _log(kwargs, "diversity/partition", div)
         return shaped.flatten()[rows].tolist()
 
@@ -97,15 +108,17 @@ class DiversityBonusReward(_GroupDiversity):
     """Additive diversity bonus per completion: ``alpha * gain_i`` (dqo) or ``alpha * dev_i`` (deviation).
 
     Args:
-        kind: ``"dqo"`` (leave-one-out logdet gain of ``S + eps I``) or ``"deviation"``.
+        kind: ``"dqo"`` (leave-one-out gain of ``log det(S + eps I)``, DQO, arXiv 2509.04784) or
+            ``"deviation"``.
         num_generations: the ``GRPOConfig.num_generations``.
         alpha: weight of the bonus (TRL's ``reward_weights`` multiply it once more).
-        eps: ridge of the logdet kernel matrix (dqo).
+        eps: ridge of the logdet kernel matrix (dqo; DQO's ``log det(L + I)``: 1).
         embed: ``texts -> [N, D]`` embeddings; default the bundled all-MiniLM-L6-v2 encoder.
         backend: divkernels backend for the diversity op.
     """
 
-    def __init__(self, kind: str = "dqo", *, num_generations: int, alpha: float = 0.1, eps: float = 1e-4,
+    def __init__(self, kind: str = "dqo", *, num_generations: int, alpha: float = 0.1,
+                 eps: float = reference.DQO_EPS,
                  embed: Embedder | None = None, backend: str = "auto") -> None:
         if kind not in ("dqo", "deviation"):
             raise ValueError(f"kind={kind!r} is not valid; choose one of 'dqo', 'deviation'")

@@ -1,12 +1,26 @@
-"""Pytest configuration: GPU tests skip without CUDA; a fresh, printed seed per test."""
+"""Pytest configuration: one printed seed per run, GPU skips, CI strict mode, hypothesis profiles.
+
+Randomness: one seed per run, drawn fresh unless given (``--seed N`` or ``DIVKERNELS_TEST_SEED=N``)
+and printed in the header. Each test's ``generator`` and the global torch RNG are seeded from the
+run seed and the test's id, so a failing test replays alone with the same seed.
+
+CI strict mode (``DIVKERNELS_REQUIRE_BUILDS=1``, set by ``.ci/run``): a test that skips for any reason
+other than the ``gpu`` marker fails, so a broken host build, Triton install or missing extra cannot
+pass as a wall of skips. Users without a compiler still get skips.
+
+Hypothesis: profile ``ci`` (derandomized, set with ``HYPOTHESIS_PROFILE=ci``) in CI; the default
+``dev`` profile draws from the run seed.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+import zlib
 
 import pytest
 import torch
+from hypothesis import settings
 
 # Without a CUDA device, Triton kernels run on CPU tensors through Triton's interpreter. Triton
 # reads this when a kernel is defined, so it is set before any test imports divkernels' kernels.
@@ -14,6 +28,61 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
 os.environ.setdefault("DIVKERNELS_POISON_OUTPUTS", "1")
+
+ENV_SEED = "DIVKERNELS_TEST_SEED"
+ENV_STRICT = "DIVKERNELS_REQUIRE_BUILDS"
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def strict_mode() -> bool:
+    """True in CI: skips other than ``gpu`` are failures."""
+    return os.environ.get(ENV_STRICT, "0") not in ("", "0")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--seed", type=int, default=None,
+                     help=f"seed of this run's random inputs (default: ${ENV_SEED}, else fresh)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis's plugin reads its seed option
+def pytest_configure(config: pytest.Config) -> None:
+    seed = config.getoption("--seed")
+    if seed is None:
+        seed = int(os.environ.get(ENV_SEED, secrets.randbelow(2**31)))
+    config.divkernels_seed = seed
+    # hypothesis's own seed follows the run seed unless given (the ci profile derandomizes anyway)
+    if getattr(config.option, "hypothesis_seed", "absent") is None:
+        config.option.hypothesis_seed = seed
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    strict = "on (non-gpu skips fail)" if strict_mode() else "off"
+    return [f"divkernels: seed={config.divkernels_seed} (replay: --seed {config.divkernels_seed} or "
+            f"{ENV_SEED}={config.divkernels_seed}); CI strict mode {strict}; "
+            f"hypothesis profile {settings.get_current_profile_name()}"]
+
+
+def test_seed(request: pytest.FixtureRequest) -> int:
+    """The run seed mixed with the test's id: different per test, the same on every replay."""
+    return (request.config.divkernels_seed + zlib.crc32(request.node.nodeid.encode())) % 2**31
+
+
+test_seed.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request: pytest.FixtureRequest) -> None:
+    """Tests that draw from torch's global RNG replay too."""
+    torch.manual_seed(test_seed(request))
+
+
+@pytest.fixture
+def generator(request: pytest.FixtureRequest) -> torch.Generator:
+    """A generator seeded from the run seed and the test's id."""
+    return torch.Generator().manual_seed(test_seed(request))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -23,10 +92,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture
-def generator(request: pytest.FixtureRequest) -> torch.Generator:
-    """A fresh seed per test run (printed on failure), so inputs differ between runs."""
-    seed = int(os.environ.get("DIVKERNELS_TEST_SEED", secrets.randbelow(2**31)))
-    request.node.user_properties.append(("seed", seed))
-    print(f"seed={seed} (set DIVKERNELS_TEST_SEED to replay)")
-    return torch.Generator().manual_seed(seed)
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and strict_mode() and "gpu" not in item.keywords and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"skipped in CI strict mode ({ENV_STRICT}=1), which allows only gpu-marked skips: "
+                           f"{reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """A module that skips at import (``importorskip``) fails in CI strict mode too."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and strict_mode():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} skipped at collection in CI strict mode ({ENV_STRICT}=1): {reason}"
+
+
+@pytest.fixture(params=["reference", "triton", "cuda"])
+def loss_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every backend of ``group_preference_loss``, for hand-derived cases: on CPU Triton runs under
+    the interpreter and CUDA through its host build (``DIVKERNELS_CUDA_HOST_EMULATION``)."""
+    from divkernels import _cuda
+    from divkernels.backend import backend_unavailable_reason
+
+    name = request.param
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and device.type == "cpu":
+        monkeypatch.setenv(_cuda.ENV_HOST_EMULATION, "1")
+    reason = backend_unavailable_reason(name, device)
+    if reason is not None:
+        pytest.skip(f"backend={name!r} cannot run here: {reason}")
+    return name

@@ -1,4 +1,4 @@
-"""Test helpers: random response groups, ragged masks and per-dtype tolerances."""
+"""Test helpers: random response groups, ragged masks and tolerances derived from the arithmetic."""
 
 from __future__ import annotations
 
@@ -10,6 +10,72 @@ import divkernels as dk
 
 # Relative tolerances by dtype (the project standard): fp64 near rounding, fp32 ~1e-5, bf16 ~1e-2.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+# Unit roundoff of float32 (round to nearest) and of float64.
+U32 = 2.0**-24
+U64 = 2.0**-53
+
+
+def accumulation_rtol(dtype: torch.dtype, terms: int, condition: float = 1.0) -> float:
+    """Relative error bound of a kernel that reads the same values as the float64 reference and
+    accumulates ``terms`` products in ``dtype``'s accumulation precision (float64 for float64,
+    float32 otherwise: bf16/fp16 products are exact in fp32), amplified by ``condition``.
+
+    ``4 * terms * u * condition``: the deterministic bound ``terms * u`` of a sum, with a factor 4
+    for the handful of operations after it (norms, divisions, the elimination's own rounding). A
+    1% formula error exceeds it by orders of magnitude at the sizes the tests use.
+    """
+    unit = U64 if dtype == torch.float64 else U32
+    return 4.0 * terms * unit * condition
+
+
+def condition_number(emb: torch.Tensor, mask: torch.Tensor | None, eps: float) -> float:
+    """Largest 2-norm condition number of ``K = S + eps I`` over the groups (cosine ``S``, float64)."""
+    from divkernels import reference
+
+    valid = torch.ones(emb.shape[:2], dtype=torch.bool) if mask is None else mask.cpu()
+    sim = reference.pairwise_similarity(emb.detach().cpu().double(), valid)
+    kernel = sim + eps * torch.diag_embed(valid.double())
+    return float(torch.linalg.cond(kernel).max())
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at ``|values|`` (float64 tensor): what rounding to ``dtype`` can move a value by."""
+    mantissa = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[dtype]
+    smallest = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24, torch.float32: 2.0**-149,
+                torch.float64: 2.0**-1074}[dtype]
+    exponent = torch.floor(torch.log2(values.abs().clamp_min(1e-300)))
+    return torch.maximum(torch.exp2(exponent - (mantissa - 1)), torch.full_like(values, smallest))
+
+
+def rounding_ulps() -> float:
+    """How far one conversion to a low precision dtype moves a value, in ulps: half an ulp when it
+    rounds to nearest (GPU, C++ host build); a whole ulp under the Triton interpreter, whose
+    float32 -> bfloat16/float16 ``.to`` truncates toward zero."""
+    import os
+
+    return 1.0 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 0.5
+
+
+def assert_rounded(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """``actual`` (a kernel output stored in a low precision dtype) is ``expected`` (float64) up to
+    a computation error ``rtol * max|expected|`` and then one conversion to ``actual.dtype``:
+    elementwise ``|a - e| <= rounding_ulps() * ulp + rtol * max|e|`` (``ulp`` at the larger of |a|
+    and |e|, in case rounding crossed a power of two). A 1% error in a bf16 value exceeds one ulp
+    (<= 0.78%) and half an ulp (<= 0.39%)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, (a.shape, e.shape)
+    assert torch.equal(torch.isfinite(a), torch.isfinite(e)), "non-finite values differ (unwritten output?)"
+    finite = torch.isfinite(e)
+    a, e = a[finite], e[finite]
+    if not e.numel():
+        return
+    bound = rounding_ulps() * ulp(torch.maximum(a.abs(), e.abs()), actual.dtype) + rtol * e.abs().max()
+    excess = (a - e).abs() - bound
+    worst = int(excess.argmax())
+    assert excess[worst] <= 0, (f"element {worst}: {a[worst].item():.6e} vs {e[worst].item():.6e}, "
+                                f"beyond {rounding_ulps()} ulp of {actual.dtype} + {rtol:.1e} * max|expected|")
 
 
 def ragged_mask(batch: int, group: int, generator: torch.Generator, min_size: int = 2) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from helpers import assert_close, random_groups, random_logps
 
 import divkernels as dk
+from divkernels.backend import backend_unavailable_reason
 
 
 def _trl_grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -49,17 +50,44 @@ def test_dqo_and_deviation_bonuses(generator: torch.Generator) -> None:
                  rewards + 0.5 * dev - (rewards + 0.5 * dev).mean(-1, keepdim=True))
 
 
-def test_darling_multiplies_normalized_quality_by_partition_diversity() -> None:
+def test_darling_multiplies_the_raw_reward_by_partition_diversity() -> None:
+    """DARLING (the authors' verl fork): r * (n - |class|) / (n - 1), floored at 0.1; published runs
+    use no std scaling, which scale=None (the default) takes for darling."""
     rewards = torch.tensor([[1.0, 3.0, 2.0, 5.0]], dtype=torch.float64)
     labels = torch.tensor([[0, 0, 1, 2]])
-    quality = (rewards - 1.0) / 4.0
-    div = torch.tensor([[2 / 3, 2 / 3, 1.0, 1.0]], dtype=torch.float64)
-    adv = dk.group_advantages(rewards, diversity="darling", partition=labels, scale="none")
-    shaped = quality * div
+    div = torch.tensor([[2 / 3, 2 / 3, 1.0, 1.0]], dtype=torch.float64)  # classes of size 2, 2, 1, 1
+    shaped = rewards * div  # (2/3, 2, 2, 5)
+    adv = dk.group_advantages(rewards, diversity="darling", partition=labels)
     assert_close(adv, shaped - shaped.mean())
-    equal = dk.group_advantages(torch.ones(1, 4, dtype=torch.float64), diversity="darling", partition=labels,
-                                scale="none")
-    assert_close(equal, div - div.mean())  # all-equal rewards count as quality 1
+    std = dk.group_advantages(rewards, diversity="darling", partition=labels, scale="std")
+    assert_close(std, (shaped - shaped.mean()) / (shaped.std() + 1e-4))
+    # one class: every diversity is 0, floored at 0.1; min_diversity=0 keeps the 0
+    same = torch.zeros(1, 4, dtype=torch.long)
+    floored = dk.partition_diversity(partition=same)
+    assert_close(floored, torch.full((1, 4), 0.1))
+    assert_close(dk.partition_diversity(partition=same, min_diversity=0.0), torch.zeros(1, 4))
+    # our earlier variant: quality min-max scaled over the batch first (all-equal rewards: 1)
+    minmax = dk.group_advantages(rewards, diversity="darling", partition=labels, darling_reward="minmax")
+    scaled = (rewards - 1.0) / 4.0 * div
+    assert_close(minmax, scaled - scaled.mean())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_darling_classes_are_connected_components(backend: str) -> None:
+    """A chain e0 ~ e1 ~ e2 ~ e3 (neighbours at cos 0.92, the rest below tau = 0.9) is one class, as
+    union-find makes it; transitive=False counts only direct neighbours."""
+    if backend_unavailable_reason(backend, torch.device("cpu")) is not None:
+        pytest.skip(backend_unavailable_reason(backend, torch.device("cpu")))
+    angles = torch.tensor([0.0, 0.4, 0.8, 1.2, 3.0], dtype=torch.float64)
+    emb = torch.stack([angles.cos(), angles.sin()], -1)[None]
+    chain = dk.partition_diversity(emb, tau=0.9, backend=backend)
+    assert_close(chain, torch.tensor([[0.25, 0.25, 0.25, 0.25, 1.0]], dtype=torch.float64))
+    direct = dk.partition_diversity(emb, tau=0.9, transitive=False, backend=backend)
+    assert_close(direct, torch.tensor([[0.75, 0.5, 0.5, 0.75, 1.0]], dtype=torch.float64))
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0, 0.5]], dtype=torch.float64)
+    shaped = rewards * torch.tensor([[0.25, 0.25, 0.25, 0.25, 1.0]], dtype=torch.float64)
+    assert_close(dk.group_advantages(rewards, emb, diversity="darling", tau=0.9, backend=backend),
+                 shaped - shaped.mean())
 
 
 def test_advantage_errors() -> None:

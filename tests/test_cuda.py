@@ -20,7 +20,15 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import assert_matches, random_logps, random_loss_inputs, random_pair_index
+from helpers import (
+    accumulation_rtol,
+    assert_matches,
+    assert_rounded,
+    condition_number,
+    random_logps,
+    random_loss_inputs,
+    random_pair_index,
+)
 from helpers import compare_loss as compare_group_loss
 
 import divkernels as dk
@@ -59,7 +67,7 @@ def compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rt
 
 
 @pytest.mark.parametrize("config", LOSS_CONFIGS, ids=lambda c: "-".join(c.values()))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("dim", [37, 72], ids=["D37-scalar-loads", "D72-16-byte-loads"])
 def test_fused_loss_matches_reference(config: dict[str, str], dtype: torch.dtype, dim: int,
                                       generator: torch.Generator) -> None:
@@ -116,27 +124,30 @@ def test_degenerate_groups(generator: torch.Generator) -> None:
     assert out.metrics["pairs"].item() == 0 and out.loss.item() == 0
 
 
-def test_strided_emb_and_half_precision(generator: torch.Generator) -> None:
-    """Non-contiguous emb is read through its strides; bf16/fp16 emb accumulates in fp32."""
-    inputs = loss_inputs(3, 8, 24, generator, torch.float32)
-    wide = torch.zeros(8, 3, 48, dtype=torch.float32, device=DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_strided_emb_in_every_precision(dtype: torch.dtype, generator: torch.Generator) -> None:
+    """Non-contiguous emb is read through its strides; bf16/fp16 emb accumulates in fp32. The oracle
+    is the float64 reference on the same (rounded) values: only the kernel's fp32 accumulation and
+    the final rounding of d emb to emb's dtype differ (helpers.accumulation_rtol, assert_rounded)."""
+    inputs = loss_inputs(3, 8, 24, generator, torch.float64, emb_dtype=dtype)
+    wide = torch.zeros(8, 3, 48, dtype=dtype, device=DEVICE)
     wide[..., ::2] = inputs["emb"].transpose(0, 1)
     strided = wide[..., ::2].transpose(0, 1)
     assert not strided.is_contiguous()
-    options = {"diversity": "deviation", "diversity_alpha": 0.5, "eps": 1e-2}
-    compare_loss({**inputs, "emb": strided}, options, 2e-4, generator)
-    for dtype in (torch.bfloat16, torch.float16):
-        emb = inputs["emb"].to(dtype)
-        out = dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], emb, inputs["ref_logps"],
-                                       inputs["mask"], backend="cuda", **options)
-        # The reference on the same (rounded) values, upcast: only accumulation order differs.
-        want = dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], emb.float(), inputs["ref_logps"],
-                                        inputs["mask"], backend="reference", **options)
-        assert_matches(out.loss, want.loss, 1e-4)
-        leaf = emb.detach().requires_grad_()
-        dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], leaf, inputs["ref_logps"], inputs["mask"],
-                                 backend="cuda", **options).loss.backward()
-        assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad[inputs["mask"]]).all()
+    options = {"diversity": "deviation", "diversity_alpha": 0.5, "eps": 0.5}
+    rtol = accumulation_rtol(torch.float32, 24 + 8, condition_number(strided, inputs["mask"], 0.5) ** 2)
+    got_leaf, want_leaf = strided.detach().requires_grad_(), strided.detach().double().requires_grad_()
+    got = dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], got_leaf, inputs["ref_logps"],
+                                   inputs["mask"], backend="cuda", **options)
+    want = dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], want_leaf, inputs["ref_logps"],
+                                    inputs["mask"], backend="reference", **options)
+    assert_matches(got.loss, want.loss, rtol)
+    for name, value in want.metrics.items():
+        assert_matches(got.metrics[name], value, rtol, rtol)
+    got.loss.backward()
+    want.loss.backward()
+    assert got_leaf.grad.dtype == dtype
+    assert_rounded(got_leaf.grad, want_leaf.grad, rtol)
 
 
 def test_float64_logps_with_float32_emb(generator: torch.Generator) -> None:
@@ -174,12 +185,12 @@ def test_backend_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     module = _cuda.extension(DEVICE)
     policy = -torch.rand(2, 4, device=DEVICE)
     with pytest.raises(RuntimeError, match="rewards must be"):
-        module.group_loss_forward(None, None, policy, None, policy.double(), None, None, 0, 0, 0, True, False, False,
-                                  0.1, 0.1, 0.5, 0.0, 1e-4, 0.5, False)
+        module.group_loss_forward(**launch_arguments(policy=policy, rewards=policy.double()))
     with pytest.raises(RuntimeError, match="G <= 128"):
-        module.group_loss_forward(None, None, -torch.rand(2, 130, device=DEVICE), None, torch.rand(2, 130,
-                                  device=DEVICE), None, None, 0, 0, 0, True, False, False, 0.1, 0.1, 0.5, 0.0, 1e-4,
-                                  0.5, False)
+        module.group_loss_forward(**launch_arguments(policy=-torch.rand(2, 130, device=DEVICE),
+                                                     rewards=torch.rand(2, 130, device=DEVICE)))
+    with pytest.raises(RuntimeError, match="weights mode 3"):
+        module.group_loss_forward(**launch_arguments(policy=policy, rewards=policy, weights=3))
     with pytest.raises(TypeError, match=r"\(emb: torch.Tensor \| None, mask: .*policy: "):  # named arguments
         module.group_loss_forward(policy)
     if DEVICE.type == "cpu":
@@ -202,11 +213,24 @@ def test_poisoned_outputs_are_all_written(generator: torch.Generator) -> None:
     """conftest poisons outputs: the launch returns none of the NaN it started with."""
     assert os.environ.get("DIVKERNELS_POISON_OUTPUTS") == "1"
     inputs = loss_inputs(2, 5, 7, generator)
-    stats, grad, sim, norms, inverse = _cuda.extension(DEVICE).group_loss_forward(
-        inputs["emb"], inputs["mask"], inputs["policy_logps"], inputs["ref_logps"], inputs["rewards"], None, None,
-        0, 0, 2, True, True, True, 0.1, 0.1, 0.5, 0.0, 1e-3, 0.5, True)
-    for tensor in (stats, grad, sim, norms, inverse):
-        assert torch.isfinite(tensor).all()
+    for loss, orpo_dorpo in ((0, False), (2, True)):
+        outputs = _cuda.extension(DEVICE).group_loss_forward(**launch_arguments(
+            emb=inputs["emb"], mask=inputs["mask"], policy=inputs["policy_logps"], ref=inputs["ref_logps"],
+            rewards=inputs["rewards"], loss=loss, weights=2, orpo_dorpo=orpo_dorpo, need_logdet=True,
+            store_state=True, poison=True))
+        assert len(outputs) == 7 and all(tensor is not None for tensor in outputs)
+        for tensor in outputs:
+            assert torch.isfinite(tensor).all()
+
+
+def launch_arguments(**given: object) -> dict[str, object]:
+    """Keyword arguments of the extension's group_loss_forward: defaults, updated with ``given``."""
+    defaults = {"emb": None, "mask": None, "ref": None, "counts": None, "scores": None, "given_weights": None,
+                "lengths": None, "nll_logps": None, "nll_tokens": None,
+                "loss": 0, "pairs": 0, "weights": 0, "deviation_norm": 0, "orpo_dorpo": True, "divpo_ranked": True,
+                "need_logdet": False, "store_state": False, "beta": 0.1, "orpo_lambda": 0.1, "simpo_gamma": 0.5,
+                "min_deviation": 0.0, "eps": 1.0, "quality_quantile": 0.25, "poison": False}
+    return {**defaults, **given}
 
 
 # ----------------------------------------------------------------------------- GPU only

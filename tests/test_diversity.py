@@ -54,6 +54,20 @@ def test_deviation_needs_two_valid_responses() -> None:
 # ----------------------------------------------------------------------------- logdet
 
 
+def test_dqo_default_is_logdet_of_s_plus_identity() -> None:
+    """DQO's log det(L + I): two orthogonal unit responses give log det(2 I) = 2 log 2; two duplicates
+    give log det([[2, 1], [1, 2]]) = log 3, and each duplicate's gain log(3 / 2) stays bounded."""
+    orthogonal = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]], dtype=torch.float64)
+    assert dk.logdet_diversity(orthogonal).item() == pytest.approx(2 * math.log(2.0), rel=1e-12)
+    duplicates = torch.tensor([[[1.0, 1.0], [2.0, 2.0]]], dtype=torch.float64)
+    logdet, gains = dk.logdet_diversity(duplicates, return_gains=True)
+    assert logdet.item() == pytest.approx(math.log(3.0), rel=1e-12)
+    assert gains[0].tolist() == pytest.approx([math.log(1.5)] * 2, rel=1e-12)
+    bonus = dk.group_advantages(torch.zeros(1, 2, dtype=torch.float64), duplicates, diversity="dqo", alpha=1.0,
+                                scale="none")
+    assert bonus.abs().max().item() < 1e-12  # equal gains: no advantage either way
+
+
 def test_logdet_orthogonal_and_two_vector_cases() -> None:
     eps = 1e-3
     emb = torch.eye(4, dtype=torch.float64)[None] * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)[:, None]
@@ -127,7 +141,7 @@ def test_failed_factorization_is_nan_and_an_error_naming_the_group() -> None:
 
     checks = DataChecks(True)
     check_factorization(checks, failed)
-    with pytest.raises(ValueError, match=r"failed even in float64 for groups \[1\]"):
+    with pytest.raises(ValueError, match=r"factorization of K = S \+ eps\*I failed for groups \[1\]"):
         checks.raise_if_failed()
 
 

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, random_groups, random_logps
+from helpers import (
+    accumulation_rtol,
+    assert_close,
+    assert_matches,
+    assert_rounded,
+    condition_number,
+    random_groups,
+    random_logps,
+)
 
 import divkernels as dk
 from divkernels import reference
 
 METRICS = {"loss", "pairs", "groups_without_pairs", "rewards/chosen", "rewards/rejected", "rewards/margins",
-           "rewards/accuracies"}
+           "rewards/accuracies", "logps/chosen", "logps/rejected"}
 
 
 def softplus_neg(h: float) -> float:
@@ -31,14 +40,14 @@ def _three_responses() -> dict[str, torch.Tensor]:
     }
 
 
-def test_ddpo_three_response_group_computed_on_paper() -> None:
-    # dev = (0.5, 1, 0.5), mean 2/3 -> w = (0.75, 1.5, 0.75). Pairs (0,1), (0,2), (1,2) with
-    # beta = 1: h = 0.5, 1.0, 0.5. loss = (0.75 (l(0.5) + l(1)) + 1.5 l(0.5)) / 3.
+def test_ddpo_three_response_group_computed_on_paper(loss_backend: str) -> None:
+    group_loss = functools.partial(dk.group_preference_loss, backend=loss_backend)
+    # dev = (0.5, 1, 0.5). DDPO (the authors' min-max transform): w = (d - d_min) / (mean d - d_min)
+    # = (0, 3, 0). Pairs (0,1), (0,2), (1,2) with beta = 1: h = 0.5, 1.0, 0.5, so only (1,2) counts:
+    # loss = (0 + 0 + 3 l(0.5)) / 3.
     inputs = _three_responses()
-    out = dk.group_preference_loss(**inputs, loss="dpo", diversity="deviation", beta=1.0)
-    expected = (0.75 * (softplus_neg(0.5) + softplus_neg(1.0)) + 1.5 * softplus_neg(0.5)) / 3
-    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
-    assert out.loss.item() == pytest.approx(0.4338730, rel=1e-6)
+    out = group_loss(**inputs, loss="dpo", diversity="deviation", beta=1.0)
+    assert out.loss.item() == pytest.approx(softplus_neg(0.5), rel=1e-12)
     assert out.metrics["pairs"].item() == 3
     assert out.metrics["diversity/deviation"].item() == pytest.approx(2 / 3)
     assert out.metrics["diversity/mean_similarity"].item() == pytest.approx(1 / 3)
@@ -47,23 +56,76 @@ def test_ddpo_three_response_group_computed_on_paper() -> None:
     assert out.metrics["rewards/rejected"].item() == pytest.approx(-1 / 3)
     assert out.metrics["rewards/margins"].item() == pytest.approx(2 / 3)
     assert out.metrics["rewards/accuracies"].item() == pytest.approx(1.0)
+    # our mean normalization: w = d / mean d = (0.75, 1.5, 0.75)
+    mean = group_loss(**inputs, loss="dpo", diversity="deviation", deviation_norm="mean", beta=1.0)
+    expected = (0.75 * (softplus_neg(0.5) + softplus_neg(1.0)) + 1.5 * softplus_neg(0.5)) / 3
+    assert mean.loss.item() == pytest.approx(expected, rel=1e-12)
+    assert mean.loss.item() == pytest.approx(0.4338730, rel=1e-6)
 
 
-def test_raw_deviation_and_floor() -> None:
+def test_ddpo_weights_follow_the_authors_transform() -> None:
+    """Two encoders: per-encoder min-max to [0, 1], geometric mean, divided by its group mean
+    (transform_scores); a group of equal deviations gets weight 1 everywhere."""
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    first = torch.tensor([[0.2, 0.6, 1.0]], dtype=torch.float64)  # z = (0, 0.5, 1)
+    second = torch.tensor([[0.3, 0.1, 0.5]], dtype=torch.float64)  # z = (0.5, 0, 1)
+    g = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)  # sqrt(z1 z2)
+    assert_close(reference.ddpo_weights([first, second], valid)[0], g / g.mean())
+    assert_close(reference.ddpo_weights(first, valid)[0], torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    assert_close(reference.ddpo_weights(torch.full((1, 3), 0.4, dtype=torch.float64), valid), torch.ones(1, 3))
+    # all combined scores equal but not 0.5: the authors' w = score + 1 = 2 g (no renormalization)
+    crossed = reference.ddpo_weights([torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])],
+                                     torch.ones(1, 2, dtype=torch.bool))
+    assert_close(crossed, torch.zeros(1, 2))
+
+
+def test_dorpo_puts_the_weight_inside_the_log_sigmoid(loss_backend: str) -> None:
+    """DORPO (models/dorpo_trainer.py, Revision ver 2): mean(w_c) * NLL - lambda mean log sigmoid(w_c delta)."""
+    group_loss = functools.partial(dk.group_preference_loss, backend=loss_backend)
+    emb = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]], dtype=torch.float64)
+    policy = torch.tensor([[-0.5, -1.5, -1.0]], dtype=torch.float64)
+    rewards = torch.tensor([[3.0, 2.0, 1.0]], dtype=torch.float64)
+    lam = 0.25  # exact in float32 (Triton takes scalars as float32)
+    w = [0.0, 3.0, 0.0]  # min-max deviation weights of (0.5, 1, 0.5)
+
+    def log_odds(p: float) -> float:
+        return p - math.log1p(-math.exp(p))
+
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    p = policy[0].tolist()
+    nll = sum(-p[i] for i, _ in pairs) / 3
+    odds = sum(-math.log(1 / (1 + math.exp(-w[i] * (log_odds(p[i]) - log_odds(p[j]))))) for i, j in pairs) / 3
+    expected = (sum(w[i] for i, _ in pairs) / 3) * nll + lam * odds
+    out = group_loss(policy, rewards, emb, loss="orpo", diversity="deviation", orpo_lambda=lam)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    pair = group_loss(policy, rewards, emb, loss="orpo", diversity="deviation", orpo_lambda=lam,
+                                    orpo_weighting="pair")
+    expected_pair = sum(w[i] * (-p[i] - lam * math.log(1 / (1 + math.exp(-(log_odds(p[i]) - log_odds(p[j]))))))
+                        for i, j in pairs) / 3
+    assert pair.loss.item() == pytest.approx(expected_pair, rel=1e-12)
+
+
+def test_raw_deviation_and_floor(loss_backend: str) -> None:
+    group_loss = functools.partial(dk.group_preference_loss, backend=loss_backend)
     inputs = _three_responses()
-    raw = dk.group_preference_loss(**inputs, diversity="deviation", deviation_norm="none", beta=1.0)
+    raw = group_loss(**inputs, diversity="deviation", deviation_norm="none", beta=1.0)
     expected = (0.5 * (softplus_neg(0.5) + softplus_neg(1.0)) + 1.0 * softplus_neg(0.5)) / 3
     assert raw.loss.item() == pytest.approx(expected, rel=1e-12)
-    floored = dk.group_preference_loss(**inputs, diversity="deviation", min_deviation=1.0, beta=1.0)
+    floored = group_loss(**inputs, diversity="deviation", deviation_norm="mean", min_deviation=1.0,
+                                       beta=1.0)
     expected = (1.0 * (softplus_neg(0.5) + softplus_neg(1.0)) + 1.5 * softplus_neg(0.5)) / 3
     assert floored.loss.item() == pytest.approx(expected, rel=1e-12)
+    minmax_floored = group_loss(**inputs, diversity="deviation", min_deviation=0.5, beta=1.0)
+    expected = (0.5 * (softplus_neg(0.5) + softplus_neg(1.0)) + 3.0 * softplus_neg(0.5)) / 3
+    assert minmax_floored.loss.item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_logdet_gain_weights_computed_on_paper() -> None:
+def test_logdet_gain_weights_computed_on_paper(loss_backend: str) -> None:
+    group_loss = functools.partial(dk.group_preference_loss, backend=loss_backend)
     # K = [[1+e, 0, 1], [0, 1+e, 0], [1, 0, 1+e]]; (K^-1)_00 = (1+e) / ((1+e)^2 - 1), (K^-1)_11 = 1/(1+e)
-    eps = 1e-2
+    eps = 2.0**-7  # exact in float32 (Triton takes scalars as float32)
     inputs = _three_responses()
-    out = dk.group_preference_loss(**inputs, diversity="logdet_gain", eps=eps, beta=1.0)
+    out = group_loss(**inputs, diversity="logdet_gain", eps=eps, beta=1.0)
     residual = [((1 + eps) ** 2 - 1) / (1 + eps), 1 + eps, ((1 + eps) ** 2 - 1) / (1 + eps)]
     w = [r / (sum(residual) / 3) for r in residual]
     expected = (w[0] * (softplus_neg(0.5) + softplus_neg(1.0)) + w[1] * softplus_neg(0.5)) / 3
@@ -137,32 +199,65 @@ def test_all_equal_rewards_give_zero_loss_and_metrics() -> None:
     assert (policy.grad == 0).all()
 
 
-def test_divpo_selection() -> None:
-    # Rewards' top half = {0, 3} (>= median 0.45); the more diverse of them is 3 (e3 points away
-    # from the rest); of the rest {1, 2} the less diverse is 2 (between e0 and e1).
+def test_divpo_selection(loss_backend: str) -> None:
+    """Ranked pools (DivPO; Chung et al.'s 4_data_prep_for_divpo.py): with q = 0.5 the top three
+    rewards {0, 1, 2} and the bottom three {3, 4, 5}; diversity is measured inside each pool: e2
+    points away from e0, e1 (chosen); e4 is the closest to the rest of its pool (rejected), while
+    over the whole group e5 (next to e0 and e1) would be the least diverse."""
+    group_loss = functools.partial(dk.group_preference_loss, backend=loss_backend)
+    emb = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, -1.0], [0.0, 1.0], [0.1, 1.0], [1.0, 0.05]]],
+                       dtype=torch.float64)
+    whole_group = dk.deviation(emb)[0]
+    assert whole_group[5] < whole_group[4] < whole_group[3]
+    rewards = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]], dtype=torch.float64)
+    policy = torch.tensor([[-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]], dtype=torch.float64)
+    out = group_loss(policy, rewards, emb, pairs="divpo", quality_quantile=0.5, beta=1.0)
+    assert out.metrics["pairs"].item() == 1
+    assert out.loss.item() == pytest.approx(softplus_neg(-3.0 - -5.0), rel=1e-12)
+    # q = 0.25 (the default): pools of floor(6 / 4) = 1, the best against the worst
+    smallest = group_loss(policy, rewards, emb, pairs="divpo", beta=1.0)
+    assert smallest.loss.item() == pytest.approx(softplus_neg(-1.0 - -6.0), rel=1e-12)
+    # "model probability" scores (-logp): the most improbable of the top pool (2) against the most
+    # probable of the bottom pool (3)
+    by_prob = group_loss(policy, rewards, pairs="divpo", divpo_scores=-policy, quality_quantile=0.5,
+                                       beta=1.0)
+    assert by_prob.loss.item() == pytest.approx(softplus_neg(-3.0 - -4.0), rel=1e-12)
+
+
+def test_divpo_threshold_pools_and_ties(loss_backend: str) -> None:
+    """Our earlier variant: the chosen pool is at or above the 1 - q quantile, the rejected pool is all
+    the rest, deviation over the whole group. Top half = {0, 3}; the more diverse of them is 3; of
+    the rest {1, 2} the less diverse is 2."""
+    group_loss = functools.partial(dk.group_preference_loss, backend=loss_backend)
     emb = torch.tensor([[[1.0, 0.1], [1.0, -0.3], [1.0, 0.05], [-1.0, 0.5]]], dtype=torch.float64)
     rewards = torch.tensor([[0.9, 0.1, 0.2, 0.7]], dtype=torch.float64)
     policy = torch.tensor([[-1.0, -2.0, -3.0, -4.0]], dtype=torch.float64)
-    out = dk.group_preference_loss(policy, rewards, emb, pairs="divpo", beta=1.0)
+    options = {"pairs": "divpo", "divpo_pools": "threshold", "quality_quantile": 0.5, "beta": 1.0}
+    out = group_loss(policy, rewards, emb, **options)
     dev = dk.deviation(emb)[0]
-    assert dev[3] > dev[0] and dev[2] < dev[1]
+    assert dev[3] > dev[0] and dev[2] < dev[1] and dev[2] < dev[3]
     assert out.loss.item() == pytest.approx(softplus_neg(-4.0 - -3.0), rel=1e-12)
-    # with "model probability" scores (-logp): chosen = argmax -logp among {0, 3} = 3; rejected
-    # = argmin -logp among {1, 2} = 1
-    by_prob = dk.group_preference_loss(policy, rewards, pairs="divpo", divpo_scores=-policy, beta=1.0)
-    assert by_prob.loss.item() == pytest.approx(softplus_neg(-4.0 - -2.0), rel=1e-12)
-    threshold = reference.quality_threshold(rewards, torch.ones(1, 4, dtype=torch.bool), 0.5)
-    assert threshold.item() == pytest.approx(torch.quantile(rewards[0], 0.5).item())
+    # q = 0.25: the threshold is the 0.75 quantile (0.7 + 0.25 * 0.2 = 0.75), so only response 0 is
+    # chosen-pool; the least diverse of the other three is 2
+    quarter = group_loss(policy, rewards, emb, **{**options, "quality_quantile": 0.25})
+    assert quarter.loss.item() == pytest.approx(softplus_neg(-1.0 - -3.0), rel=1e-12)
+    # e0 and e3 = -2 e0 swapped for duplicates (e3 = 2 e0): equal deviation; rounding must not pick
+    # between them, the first index wins
+    duplicates = torch.tensor([[[-1.0, 0.0], [1.0, 0.0], [1.0, 0.1], [-2.0, 0.0]]])
+    tied = group_loss(torch.tensor([[-1.0, -2.0, -3.0, -5.0]]), torch.tensor([[0.9, 0.1, 0.2, 0.8]]),
+                                    duplicates, **options)
+    assert tied.loss.item() == pytest.approx(softplus_neg(-1.0 - -3.0), rel=1e-6)
+    # pools of two in ranked mode: the two in-pool deviations are equal, the first index wins
+    ranked = group_loss(policy, rewards, emb, pairs="divpo", quality_quantile=0.5, beta=1.0)
+    assert ranked.loss.item() == pytest.approx(softplus_neg(-1.0 - -2.0), rel=1e-12)
 
 
-def test_divpo_duplicates_tie_and_the_first_index_wins() -> None:
-    # e0 and e3 = 2 e0 are duplicates with the top rewards and equal (largest) deviation: rounding
-    # must not pick between them, index 0 wins. Of the rest, e2 is the less diverse.
-    emb = torch.tensor([[[-1.0, 0.0], [1.0, 0.0], [1.0, 0.1], [-2.0, 0.0]]])
-    rewards = torch.tensor([[0.9, 0.1, 0.2, 0.8]])
-    policy = torch.tensor([[-1.0, -2.0, -3.0, -5.0]])
-    out = dk.group_preference_loss(policy, rewards, emb, pairs="divpo", beta=1.0)
-    assert out.loss.item() == pytest.approx(softplus_neg(-1.0 - -3.0), rel=1e-6)
+def test_divpo_equal_rewards_make_no_pair(loss_backend: str) -> None:
+    group_loss = functools.partial(dk.group_preference_loss, backend=loss_backend)
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    out = group_loss(-torch.rand(2, 4, dtype=torch.float64), rewards, torch.randn(2, 4, 3),
+                                   pairs="divpo", quality_quantile=0.5)
+    assert out.metrics["pairs"].item() == 1 and out.metrics["groups_without_pairs"].item() == 1
 
 
 def test_quality_threshold_matches_torch_quantile(generator: torch.Generator) -> None:
@@ -274,15 +369,28 @@ def test_metrics_are_detached_fp32_scalars(generator: torch.Generator) -> None:
     assert logged["train/pairs"] == out.metrics["pairs"].item()
 
 
-def test_low_precision_inputs_give_fp32_loss_and_input_dtype_grads(generator: torch.Generator) -> None:
-    emb, mask = random_groups(2, 4, 8, generator, dtype=torch.bfloat16)
-    emb.requires_grad_(True)
-    policy = random_logps(2, 4, generator, dtype=torch.float32).requires_grad_(True)
-    out = dk.group_preference_loss(policy, torch.randn(2, 4), emb, mask=mask, diversity="deviation",
-                                   diversity_alpha=0.1)
-    out.loss.backward()
-    assert out.loss.dtype == torch.float32 and emb.grad.dtype == torch.bfloat16
-    assert policy.grad.dtype == torch.float32
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_give_fp32_loss_and_input_dtype_grads(dtype: torch.dtype,
+                                                                    generator: torch.Generator) -> None:
+    """fp32 arithmetic on the rounded inputs: within fp32 accumulation of the float64 result on the
+    same values; d emb is that gradient rounded once to emb's dtype."""
+    emb, mask = random_groups(2, 4, 8, generator, dtype=dtype)
+    policy = random_logps(2, 4, generator, dtype=torch.float32)
+    rewards = torch.randn(2, 4, generator=generator)
+    options = {"diversity": "deviation", "diversity_alpha": 0.1, "eps": 0.5}
+    leaves = {"low": (emb.clone().requires_grad_(True), policy.clone().requires_grad_(True)),
+              "exact": (emb.double().requires_grad_(True), policy.double().requires_grad_(True))}
+    outs = {}
+    for name, (e, p) in leaves.items():
+        outs[name] = dk.group_preference_loss(p, rewards, e, mask=mask, **options)
+        outs[name].loss.backward()
+    (low_emb, low_policy), (exact_emb, exact_policy) = leaves["low"], leaves["exact"]
+    assert outs["low"].loss.dtype == torch.float32 and low_emb.grad.dtype == dtype
+    assert low_policy.grad.dtype == torch.float32
+    rtol = accumulation_rtol(torch.float32, 8 + 4, condition_number(emb, mask, 0.5) ** 2)
+    assert_matches(outs["low"].loss, outs["exact"].loss, rtol)
+    assert_matches(low_policy.grad, exact_policy.grad, rtol)
+    assert_rounded(low_emb.grad, exact_emb.grad, rtol)
 
 
 # ----------------------------------------------------------------------------- errors

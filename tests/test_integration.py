@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import oracle
 import pytest
 import torch
 
@@ -24,7 +25,6 @@ from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import divkernels as dk
-from divkernels import reference
 from divkernels.integration import (
     DarlingReward,
     DiversityBonusReward,
@@ -37,6 +37,7 @@ from divkernels.integration import (
     pairs_to_groups,
     pool_hidden_states,
 )
+from divkernels.integration.preference import tokenize_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -48,12 +49,14 @@ def bag_embed(texts: Sequence[str], device: torch.device | None = None) -> torch
     return emb if device is None else emb.to(device)
 
 
+# Completions start with a space: "<bos> 1 2 =" + " 3 9 0" tokenizes as prompt then completion (TRL tokenizes
+# prompt + completion as one text).
 GROUPS = [
-    {"prompt": "<bos> 1 2 =", "completions": ["3 9 0", "4 4 4", "9 9 9", "1 1"], "rewards": [1.0, 1.0, 0.0, 0.0]},
-    {"prompt": "<bos> 9 =", "completions": ["1 8 0", "3 3 3", "2 2"], "rewards": [1.0, 1.0, 0.0]},
-    {"prompt": "<bos> 1 5 =", "completions": ["5 5 5", "9 6 0", "9 9 9", "0 0 1", "7"],
+    {"prompt": "<bos> 1 2 =", "completions": [" 3 9 0", " 4 4 4", " 9 9 9", " 1 1"], "rewards": [1.0, 1.0, 0.0, 0.0]},
+    {"prompt": "<bos> 9 =", "completions": [" 1 8 0", " 3 3 3", " 2 2"], "rewards": [1.0, 1.0, 0.0]},
+    {"prompt": "<bos> 1 5 =", "completions": [" 5 5 5", " 9 6 0", " 9 9 9", " 0 0 1", " 7"],
      "rewards": [1.0, 1.0, 0.0, 0.2, 0.0]},
-    {"prompt": "<bos> 6 =", "completions": ["2 2 2", "0 0 7"], "rewards": [1.0, 0.0]},
+    {"prompt": "<bos> 6 =", "completions": [" 2 2 2", " 0 0 7"], "rewards": [1.0, 0.0]},
 ]
 
 
@@ -65,13 +68,20 @@ def config(tmp_path: Path, **overrides: Any) -> DiversityPreferenceConfig:
     options = {"output_dir": str(tmp_path), "max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
                "lr_scheduler_type": "constant", "beta": 0.5, "logging_steps": 2, "save_strategy": "no",
                "report_to": [], "use_cpu": True, "disable_tqdm": True, "seed": 0, "max_prompt_length": 8,
-               "max_completion_length": 8, "optim": "sgd", "kernel_backend": "reference"}
+               "max_completion_length": 8, "optim": "sgd", "kernel_backend": "reference", "bf16": False,
+               "gradient_checkpointing": False}
     options.update(overrides)
     return DiversityPreferenceConfig(**options)
 
 
+def collate(trainer: DiversityPreferenceTrainer, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch of group rows, tokenized and padded as the trainer does."""
+    tokenized = tokenize_rows(Dataset.from_list(rows), trainer.processing_class, trainer.args)
+    return trainer.data_collator([tokenized[i] for i in range(len(tokenized))])
+
+
 def fixed_batch_loss(trainer: DiversityPreferenceTrainer, rows: list[dict[str, Any]]) -> float:
-    batch = trainer.data_collator(rows)
+    batch = collate(trainer, rows)
     trainer.model.eval()
     with torch.no_grad():
         return trainer.compute_loss(trainer.model, batch).item()
@@ -94,12 +104,13 @@ def test_pairs_to_groups_collects_responses_per_prompt() -> None:
     assert scored[0]["rewards"] == [8.0, 3.0]
 
 
-def test_collator_shapes_masks_and_pairs() -> None:
+def test_collator_shapes_masks_and_pairs(tmp_path: Path) -> None:
     _, tokenizer = tiny()
-    rows = pairs_to_groups([{"prompt": "<bos> 1 2 =", "chosen": "3 9 0", "rejected": "1 1"},
-                            {"prompt": "<bos> 9 =", "chosen": "1 8 0", "rejected": "2"},
-                            {"prompt": "<bos> 9 =", "chosen": "3 3 3", "rejected": "2"}])
-    batch = GroupPreferenceCollator(tokenizer, 8, 8)(rows)
+    rows = pairs_to_groups([{"prompt": "<bos> 1 2 =", "chosen": " 3 9 0", "rejected": " 1 1"},
+                            {"prompt": "<bos> 9 =", "chosen": " 1 8 0", "rejected": " 2"},
+                            {"prompt": "<bos> 9 =", "chosen": " 3 3 3", "rejected": " 2"}])
+    tokenized = tokenize_rows(Dataset.from_list(rows), tokenizer, config(tmp_path))
+    batch = GroupPreferenceCollator(tokenizer.pad_token_id)([tokenized[i] for i in range(len(tokenized))])
     assert batch["response_mask"].tolist() == [[True, True, False], [True, True, True]]
     assert batch["input_ids"].shape[0] == 5 == len(batch["completion_texts"])
     assert batch["pair_index"].tolist() == [[[0, 1], [-1, -1]], [[0, 1], [2, 1]]]
@@ -108,7 +119,8 @@ def test_collator_shapes_masks_and_pairs() -> None:
     assert batch["completion_mask"][1].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
     assert (batch["completion_mask"] <= batch["attention_mask"]).all()
     with pytest.raises(ValueError, match="completions but"):
-        GroupPreferenceCollator(tokenizer)([{"prompt": "p", "completions": ["a", "b"], "rewards": [1.0]}])
+        tokenize_rows(Dataset.from_list([{"prompt": "p", "completions": ["a", "b"], "rewards": [1.0]}]), tokenizer,
+                      config(tmp_path))
 
 
 def test_pool_hidden_states_mean_and_last() -> None:
@@ -165,7 +177,7 @@ def test_preference_trainer_loss_is_the_library_loss(tmp_path: Path) -> None:
     model, tokenizer = tiny()
     trainer = DiversityPreferenceTrainer(model=model, args=config(tmp_path, diversity="deviation"),
                                          processing_class=tokenizer, encoder=bag_embed)
-    batch = trainer.data_collator(GROUPS)
+    batch = collate(trainer, GROUPS)
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
@@ -179,12 +191,28 @@ def test_preference_trainer_loss_is_the_library_loss(tmp_path: Path) -> None:
     torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
     assert abs(expected.metrics["rewards/margins"].item()) < 1e-5  # policy == reference at the start
 
+    # several encoders: their deviations combine into DDPO weights as the authors' transform_scores does
+    def length_embed(texts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([[float(len(text)), 1.0, float(text.count("9"))] for text in texts])
+
+    two = DiversityPreferenceTrainer(model=model, args=config(tmp_path, diversity="deviation"),
+                                     processing_class=tokenizer, encoder=[bag_embed, length_embed])
+    with torch.no_grad():
+        loss = two.compute_loss(two.model, batch)
+    second = torch.zeros(*mask.shape, 3).index_put((mask,), length_embed(batch["completion_texts"]))
+    expected = dk.group_preference_loss(policy, batch["rewards"], [emb, second], policy, mask, beta=0.5,
+                                        diversity="deviation", backend="reference")
+    single = dk.group_preference_loss(policy, batch["rewards"], emb, policy, mask, beta=0.5, diversity="deviation",
+                                      backend="reference")
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert abs(expected.loss.item() - single.loss.item()) > 1e-4  # the second encoder changed the weights
+
 
 def test_preference_trainer_trains_on_trl_pairs(tmp_path: Path) -> None:
     model, tokenizer = tiny()
-    pairs = [{"prompt": "<bos> 1 2 =", "chosen": "3 9 0", "rejected": "9 9 9"},
-             {"prompt": "<bos> 1 2 =", "chosen": "4 4 4", "rejected": "9 9 9"},
-             {"prompt": "<bos> 9 =", "chosen": "1 8 0", "rejected": "2 2"}]
+    pairs = [{"prompt": "<bos> 1 2 =", "chosen": " 3 9 0", "rejected": " 9 9 9"},
+             {"prompt": "<bos> 1 2 =", "chosen": " 4 4 4", "rejected": " 9 9 9"},
+             {"prompt": "<bos> 9 =", "chosen": " 1 8 0", "rejected": " 2 2"}]
     rows = pairs_to_groups(pairs)
     trainer = DiversityPreferenceTrainer(model=model, args=config(tmp_path, max_steps=6),
                                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -240,16 +268,16 @@ def test_bonus_reward_reads_groups_of_num_generations(generator: torch.Generator
 
 def test_darling_reward_multiplies_normalized_quality_by_partition_diversity(generator: torch.Generator) -> None:
     prompts, completions = grpo_batch(generator)
-    completions[1] = completions[0]  # one duplicated pair
+    completions[:4] = ["1 2 3", "1 2 3", "9 9 9", "0 0 7"]  # one duplicated pair, two distinct answers
     scores = torch.rand(12, generator=generator).tolist()
     def quality(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
         return scores
     darling = DarlingReward(quality, num_generations=4, tau=0.99, embed=bag_embed, backend="reference")
     values = torch.tensor(darling(prompts, completions))
     emb = bag_embed(completions).view(3, 4, -1)
-    div = dk.partition_diversity(emb, tau=0.99)
-    expected = reference.darling_rewards(torch.tensor(scores).view(3, 4), torch.ones(3, 4, dtype=torch.bool), div)
-    torch.testing.assert_close(values, expected.flatten())
+    div = oracle.partition_diversity(emb, None, 0.99)
+    expected = oracle.darling_shaped_rewards(torch.tensor(scores, dtype=torch.float64).view(3, 4), None, div)
+    torch.testing.assert_close(values.double(), expected.flatten(), rtol=1e-6, atol=1e-7)
     assert div[0, 0] == div[0, 1] < div[0, 2]  # the duplicates share a partition class
 
 

@@ -49,7 +49,12 @@ def test_loss_is_finite_and_decomposes_over_groups(inputs: dict[str, torch.Tenso
     assert torch.isfinite(policy.grad).all() and (emb.grad is None or torch.isfinite(emb.grad).all())
     assert all(torch.isfinite(value) for value in out.metrics.values())
 
-    # sum over pairs of the whole batch == sum of each group's own weighted pair-loss sums
+    # sum over pairs of the whole batch == sum of each group's own weighted pair-loss sums (DORPO's
+    # NLL term is a product of two batch means, so its pair-weighted form decomposes: "pair")
+    if loss == "orpo":
+        options["orpo_weighting"] = "pair"
+        out = dk.group_preference_loss(inputs["policy_logps"], inputs["rewards"], inputs["emb"],
+                                       inputs["ref_logps"], inputs["mask"], diversity_alpha=alpha, **options)
     total = torch.zeros((), dtype=torch.float64)
     for b in range(inputs["mask"].shape[0]):
         rows = inputs["mask"][b].nonzero().flatten()
@@ -81,8 +86,12 @@ def test_diversity_measures_are_finite_and_in_range(inputs: dict[str, torch.Tens
     div = dk.partition_diversity(emb, mask)
     vendi = dk.vendi_score(emb, mask)
     assert torch.isfinite(logdet).all() and torch.isfinite(gains).all()
-    # each gain is log of a residual variance in (0, 1 + eps]
-    assert (gains <= torch.log(torch.tensor(1 + 1e-4, dtype=torch.float64)) + 1e-12).all()
-    assert ((dev >= -1e-12) & (dev <= 2 + 1e-12)).all() and ((div >= 0) & (div <= 1)).all()
+    # each gain is log of a residual variance in [eps, 1 + eps]: [0, log 2] for DQO's eps = 1
+    assert ((gains >= -1e-12) & (gains <= torch.log(torch.tensor(2.0, dtype=torch.float64)) + 1e-12)).all()
+    _, small_gains = dk.logdet_diversity(emb, mask, eps=1e-4, return_gains=True)
+    assert (small_gains >= torch.log(torch.tensor(1e-4, dtype=torch.float64)) - 1e-9).all()
+    assert (small_gains <= torch.log(torch.tensor(1 + 1e-4, dtype=torch.float64)) + 1e-12).all()
+    assert ((dev >= -1e-12) & (dev <= 2 + 1e-12)).all() and (div[~mask] == 0).all()
+    assert ((div[mask] >= 0.1 - 1e-12) & (div[mask] <= 1)).all()  # DARLING's floor
     sizes = mask.sum(-1).to(torch.float64)
     assert ((vendi >= 1 - 1e-9) & (vendi <= sizes + 1e-9)).all()

@@ -144,10 +144,17 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
         launch["archs"] = [80, 90] if launch["kwargs"].get("BLOCK_G", 0) >= 64 else [90]
     # the installed Triton, and any other versions installed with `pip install --target DIR triton==X`
     # and listed in DIVKERNELS_EXTRA_TRITON (CI adds 3.6, the version of the GPU machines' image)
+    import triton
+
     tritons = [None, *filter(None, os.environ.get(ENV_EXTRA_TRITON, "").split(os.pathsep))]
     reports = []
     for index, extra in enumerate(tritons):
-        reports += compile_launches(launches, tmp_path / f"triton-{index}", extra)
+        compiled = compile_launches(launches, tmp_path / f"triton-{index}", extra)
+        # the worker must have imported the Triton it was given, not the installed one
+        expected = Path(extra).resolve() if extra else Path(triton.__file__).resolve().parent.parent
+        wrong = {r["triton_path"] for r in compiled if not Path(r["triton_path"]).is_relative_to(expected)}
+        assert not wrong, f"asked for the Triton in {expected}, the worker imported {wrong}"
+        reports += compiled
     assert len(reports) == len(tritons) * sum(len(launch["archs"]) for launch in launches)
     spills = sorted({(r["triton"], r["kernel"], r["arch"], r.get("num_warps"), r["stack"])
                      for r in reports if r.get("stack")})

@@ -80,6 +80,7 @@ def main(path: str) -> None:
         options = {key: launch["kwargs"][key] for key in LAUNCH_OPTIONS if key in launch["kwargs"]}
         for arch in launch["archs"]:
             result = {"launch": number, "kernel": launch["name"], "arch": arch, "triton": triton.__version__,
+                      "triton_path": str(Path(triton.__file__).resolve()),
                       **options}
             try:
                 compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),

@@ -15,7 +15,7 @@ from divkernels.ops.common import contiguous_mask
 from divkernels.ops.deviation import deviation_forward
 from divkernels.ops.logdet import check_factorization, logdet_forward
 from divkernels.ops.similarity import similarity_forward
-from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES
+from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES, DARLING_REWARDS
 from divkernels.validation import (
     DataChecks,
     check_choice,
@@ -38,19 +38,26 @@ def group_advantages(
     diversity: str = "none",
     alpha: float = 0.1,
     tau: float = 0.9,
-    eps: float = 1e-4,
-    scale: str = "std",
+    eps: float = reference.DQO_EPS,
+    scale: str | None = None,
     partition: torch.Tensor | None = None,
+    min_diversity: float = reference.DARLING_MIN_DIVERSITY,
+    transitive: bool = True,
+    darling_reward: str = "raw",
     backend: str = "auto",
     check_inputs: bool = True,
 ) -> torch.Tensor:
-    """Group-normalized advantages with a diversity bonus, for GRPO-style training.
+    """Group-normalized advantages with a diversity term, for GRPO-style training.
 
-    Shaped reward ``r'``: ``"none"`` ``r``; ``"darling"`` ``minmax(r) * div_i`` (partition
-    diversity, rewards min-max normalized over the batch; all-equal rewards count as 1);
-    ``"dqo"`` ``r + alpha * gain_i`` (logdet leave-one-out gain); ``"deviation"``
-    ``r + alpha * dev_i``. Then ``A = (r' - mean_g r') / (std_g r' + 1e-4)`` (``scale="std"``,
-    unbiased std over the group's valid responses, as TRL) or ``r' - mean_g r'`` (``"none"``).
+    Shaped reward ``r'``: ``"none"`` ``r``; ``"darling"`` ``r * div_i`` (DARLING, arXiv 2509.02534:
+    the raw quality reward times the partition diversity of :func:`divkernels.partition_diversity`,
+    as ``multiplicative=True`` in the authors' ``verl/verl/trainer/ppo/ray_trainer.py``);
+    ``"dqo"`` ``r + alpha * gain_i`` (leave-one-out gain of ``log det(S + eps I)``, DQO's ``eps = 1``);
+    ``"deviation"`` ``r + alpha * dev_i``. Then ``A = (r' - mean_g r') / (std_g r' + 1e-4)``
+    (``scale="std"``, unbiased std over the group's valid responses, as TRL) or ``r' - mean_g r'``
+    (``"none"``). ``scale=None`` takes each method's published setting: ``"none"`` for darling (the
+    authors' runs, ``verl/math_scripts/darling.batch``, set ``norm_adv_by_std_in_grpo=False``),
+    ``"std"`` for the others.
 
     Args:
         rewards: ``[B, G]`` quality rewards.
@@ -58,10 +65,13 @@ def group_advantages(
         mask: ``[B, G]`` bool or None.
         diversity: ``"none"``, ``"darling"``, ``"dqo"`` or ``"deviation"``.
         alpha: weight of the additive bonus (dqo, deviation).
-        tau: cosine threshold of equivalence (darling).
+        tau: cosine threshold of a link between two responses (darling).
         eps: ridge of ``K = S + eps I`` (dqo).
-        scale: ``"std"`` or ``"none"`` (Dr. GRPO).
+        scale: ``"std"``, ``"none"`` (Dr. GRPO) or None (the method's published setting).
         partition: ``[B, G]`` integer labels for darling (e.g. from a learned classifier).
+        min_diversity: darling's floor on partition diversity (0.1; 0 disables it).
+        transitive: darling's classes are connected components of the links (False: direct links only, ours).
+        darling_reward: ``"raw"`` (DARLING) or ``"minmax"`` (ours: rewards min-max scaled over the batch first).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
         check_inputs: NaN/inf and group-size checks (one host sync).
 
@@ -69,9 +79,12 @@ def group_advantages(
         ``[B, G]`` float32 (float64 for float64 rewards), 0 at padding; no gradient.
     """
     check_choice("diversity", diversity, ADVANTAGE_DIVERSITIES)
-    check_choice("scale", scale, ADVANTAGE_SCALES)
+    if scale is not None:
+        check_choice("scale", scale, ADVANTAGE_SCALES)
+    check_choice("darling_reward", darling_reward, DARLING_REWARDS)
     check_scalar("alpha", alpha)
     check_scalar("tau", tau)
+    check_scalar("min_diversity", min_diversity, low=0.0, high=1.0)
     check_scalar("eps", eps, low=0.0, low_open=True)
     rewards = check_float_tensor("rewards", rewards, 2, "[B, G]")
     batch, group = rewards.shape
@@ -99,13 +112,17 @@ def group_advantages(
     if diversity != "none":
         checks.group_size(valid, f"diversity={diversity!r}")
     if chosen == "triton" and uses_emb:
-        measure, norms = _diversity_measure(emb, contiguous_mask(mask), valid, diversity, tau, eps)
+        measure, norms = _diversity_measure(emb, contiguous_mask(mask), valid, diversity, tau, eps, min_diversity,
+                                            transitive)
         checks.nonfinite("emb", nonfinite_groups(norms, valid))
-        advantages = reference.advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale)
+        advantages = reference.advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale,
+                                                         darling_reward)
     else:
         checks.finite("emb", emb if uses_emb else None, valid)
         advantages = reference.group_advantages(rewards, emb if uses_emb else None, valid, diversity=diversity,
-                                                alpha=alpha, tau=tau, eps=eps, scale=scale, partition=partition)
+                                                alpha=alpha, tau=tau, eps=eps, scale=scale, partition=partition,
+                                                min_diversity=min_diversity, transitive=transitive,
+                                                darling_reward=darling_reward)
     if diversity == "dqo":
         check_factorization(checks, advantages.isnan().any(-1))
     checks.raise_if_failed()
@@ -113,7 +130,8 @@ def group_advantages(
 
 
 def _diversity_measure(emb: torch.Tensor, mask: torch.Tensor | None, valid: torch.Tensor, diversity: str,
-                       tau: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       tau: float, eps: float, min_diversity: float,
+                       transitive: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(per-response diversity [B, G], norms [B, G])`` from the Triton forward kernels."""
     with torch.no_grad():
         if diversity == "deviation":
@@ -123,7 +141,7 @@ def _diversity_measure(emb: torch.Tensor, mask: torch.Tensor | None, valid: torc
             _, gains, _, _, norms = logdet_forward(emb, mask, eps)
             return gains, norms
         sim, norms = similarity_forward(emb, mask)
-        return reference.partition_from_equivalence(sim >= tau, valid, sim.dtype), norms
+        return reference.partition_from_equivalence(sim >= tau, valid, sim.dtype, min_diversity, transitive), norms
 
 
 def policy_gradient_loss(

@@ -165,25 +165,31 @@ class LogdetFunction(torch.autograd.Function):
 def check_factorization(checks: DataChecks, failed: torch.Tensor) -> None:
     """Name the groups (``failed`` ``[B]`` bool) whose ``K = S + eps I`` could not be factored."""
     checks.require(failed,
-                   lambda groups: f"the factorization of K = S + eps*I failed even in float64 for "
-                                  f"groups {groups}; K is not positive definite there (raise eps)")
+                   lambda groups: f"the factorization of K = S + eps*I failed for groups {groups}: K is not "
+                                  f"positive definite at the working precision (the reference and Triton retry "
+                                  f"in float64, the CUDA kernel does not); raise eps or pass float64 emb")
 
 
 def logdet_diversity(
     emb: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    eps: float = 1e-4,
+    eps: float = reference.DQO_EPS,
     kernel: str = "cosine",
     return_gains: bool = False,
     backend: str = "auto",
     check_inputs: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``logdet_b = log det(S_b + eps I)`` over each group's valid responses.
+    """``logdet_b = log det(S_b + eps I)`` over each group's valid responses: DQO's diversity.
+
+    DQO (arXiv 2509.04784) scores a group by ``log det(L + I)`` with ``L`` the Gram matrix of unit
+    embeddings, i.e. cosine ``S`` and ``eps = 1`` (the default); the leave-one-out gain
+    ``logdet K - logdet K_-i`` of each response then lies in ``[0, log 2]``.
 
     Args:
         emb: ``[B, G, D]`` response embeddings. mask: ``[B, G]`` bool or None.
-        eps: ridge added to the diagonal, > 0 (default 1e-4; gradients scale like 1/eps).
+        eps: ridge added to the diagonal, > 0 (default 1, DQO's; small ridges such as 1e-4 make
+            gradients scale like 1/eps and an exact duplicate's gain about ``log(2 eps)``).
         kernel: ``"cosine"``, ``"dot"`` or ``"rbf"``.
         return_gains: also return ``gain_i = -log (K^{-1})_ii``, each response's marginal
             contribution to its group's logdet.

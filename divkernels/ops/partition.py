@@ -1,7 +1,8 @@
-"""Partition diversity (DARLING, SPEC 2): share of the group not equivalent to each response.
+"""Partition diversity (DARLING, arXiv 2509.02534): share of the group outside each response's class.
 
 No gradient. On the Triton backend the similarity forward kernel computes ``S`` (one read of
-``emb``); thresholding and counting are ``O(B G^2)`` tensor ops on ``S``.
+``emb``); thresholding, the connected components and counting are ``O(B G^2 log G)`` tensor ops
+on ``S`` (:func:`divkernels.reference.partition_from_equivalence`).
 """
 
 from __future__ import annotations
@@ -29,20 +30,28 @@ def partition_diversity(
     *,
     tau: float = 0.9,
     partition: torch.Tensor | None = None,
+    min_diversity: float = reference.DARLING_MIN_DIVERSITY,
+    transitive: bool = True,
     backend: str = "auto",
     check_inputs: bool = True,
 ) -> torch.Tensor:
-    """``div_i = 1/(n-1) * #{j != i valid : i and j not equivalent}``.
+    """DARLING's partition diversity: ``div_i = max((n - |C_i|) / (n - 1), min_diversity)``.
 
-    Two responses are equivalent when their cosine similarity is ``>= tau`` or, with
-    ``partition`` labels (e.g. from DARLING's learned classifier), when their labels are equal.
-    Give exactly one of ``emb`` and ``partition``.
+    ``C_i`` is response i's equivalence class, as DARLING's reward computes it
+    (facebookresearch/darling ``verl/verl/utils/reward_score/partition_reward_vllm_serve.py``:
+    union-find over the pairs judged equivalent, so classes are connected components; floor 0.1).
+    Two responses are linked when their cosine similarity is ``>= tau`` or, with ``partition``
+    labels (e.g. from DARLING's learned classifier), when their labels are equal. Give exactly
+    one of ``emb`` and ``partition``.
 
     Args:
         emb: ``[B, G, D]`` embeddings, or None with ``partition``.
         mask: ``[B, G]`` bool or None.
-        tau: cosine threshold of equivalence.
+        tau: cosine threshold of a link.
         partition: ``[B, G]`` integer labels, or None with ``emb``.
+        min_diversity: floor on the result (DARLING: 0.1; 0 disables it).
+        transitive: classes are connected components of the links (DARLING); False counts only
+            the responses linked to i directly (our earlier variant).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
         check_inputs: check for NaN/inf and groups with fewer than 2 valid responses.
 
@@ -53,6 +62,7 @@ def partition_diversity(
         raise ValueError("partition_diversity needs exactly one of emb (thresholded similarity) "
                          "and partition (labels)")
     check_scalar("tau", tau)
+    check_scalar("min_diversity", min_diversity, low=0.0, high=1.0)
     if emb is not None:
         emb, mask = check_emb_and_mask(emb, mask)
         batch, group, device = emb.shape[0], emb.shape[1], emb.device
@@ -74,9 +84,9 @@ def partition_diversity(
         with torch.no_grad():
             sim, norms = similarity_forward(emb, contiguous_mask(mask))
         checks.nonfinite("emb", nonfinite_groups(norms, valid))
-        div = reference.partition_from_equivalence(sim >= tau, valid, sim.dtype)
+        div = reference.partition_from_equivalence(sim >= tau, valid, sim.dtype, min_diversity, transitive)
     else:
         checks.finite("emb", emb, valid)
-        div = reference.partition_diversity(emb, valid, tau, partition)
+        div = reference.partition_diversity(emb, valid, tau, partition, None, min_diversity, transitive)
     checks.raise_if_failed()
     return div

@@ -1,0 +1,402 @@
+"""Mutation check: do the tests kill seeded bugs? ``python tests/mutation.py`` (not run in CI).
+
+Each mutant is one small, plausible bug (a sign flip, a dropped factor, an off-by-one loop or
+mask, a skipped retry, a wrong offset, a compile error) in the Python reference, the op wrappers,
+a Triton kernel or the C++ kernel math. The runner copies the repository to a temporary folder,
+applies one mutant at a time there (the working tree is never touched), runs the checks that
+should catch it, and prints killed / survived. Every mutant must be killed; the exit status is 1
+if one survives or if the unmutated copy fails its checks.
+
+Checks run with CI's strict mode (``DIVKERNELS_REQUIRE_BUILDS=1``: a skip is a failure, so a
+broken build cannot hide behind skips) and one seed for the whole run (printed; ``--seed`` replays).
+C++ mutants rebuild the host build of ``csrc/`` (about a minute each) in a temporary cache.
+
+    python tests/mutation.py                 # every mutant
+    python tests/mutation.py --only triton   # mutants whose name matches a regex
+    python tests/mutation.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """Replace ``old`` (which must occur exactly once in ``path``) by ``new``; ``checks`` must fail."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    checks: tuple[str, ...]  # pytest node ids / options, or "!command" for a shell command
+
+
+def pytest_checks(*args: str) -> tuple[str, ...]:
+    return args
+
+
+KP = "tests/test_kernel_paths.py"
+TE = "tests/test_trl_equivalence.py"
+MUTANTS = [
+    # ------------------------------------------------------------------ the reference (Python)
+    Mutant("reference: deviation divides by n, not n - 1", "divkernels/reference.py",
+           "dev = (n[:, None] - row_sum) / (n[:, None] - 1.0).clamp_min(1.0)",
+           "dev = (n[:, None] - row_sum) / n[:, None].clamp_min(1.0)",
+           ("tests/test_oracle.py", "tests/test_diversity.py")),
+    Mutant("reference: ridge 1% off (eps)", "divkernels/reference.py",
+           "kernel_mat = sim.to(torch.float64) + eps * torch.diag_embed",
+           "kernel_mat = sim.to(torch.float64) + 1.01 * eps * torch.diag_embed",
+           ("tests/test_oracle.py", "tests/test_diversity.py")),
+    Mutant("reference: gain sign flipped", "divkernels/reference.py",
+           "return -torch.log(inverse.diagonal(dim1=-2, dim2=-1))",
+           "return torch.log(inverse.diagonal(dim1=-2, dim2=-1))",
+           ("tests/test_oracle.py", "tests/test_diversity.py")),
+    Mutant("reference: IPO target 1/beta instead of 1/(2 beta)", "divkernels/reference.py",
+           "return (diff - 1.0 / (2.0 * beta)) ** 2", "return (diff - 1.0 / beta) ** 2",
+           ("tests/test_oracle.py", "tests/test_group_loss.py")),
+    Mutant("reference: ORPO NLL sign flipped", "divkernels/reference.py",
+           "return -policy[:, :, None] - orpo_lambda", "return policy[:, :, None] - orpo_lambda",
+           ("tests/test_oracle.py", "tests/test_group_loss.py")),
+    Mutant("reference: DivPO quantile q instead of 1 - q", "divkernels/reference.py",
+           "position = (1.0 - quality_quantile) * (n - 1)", "position = quality_quantile * (n - 1)",
+           ("tests/test_oracle.py", "tests/test_group_loss.py")),
+    Mutant("reference: advantage std biased (n, not n - 1)", "divkernels/reference.py",
+           "std = torch.sqrt((centered**2).sum(-1) / (n - 1.0).clamp_min(1.0))",
+           "std = torch.sqrt((centered**2).sum(-1) / n.clamp_min(1.0))",
+           ("tests/test_oracle.py", "tests/test_advantages.py")),
+    Mutant("reference: DARLING adds diversity instead of multiplying", "divkernels/reference.py",
+           "return torch.where(valid, quality * partition_div, 0.0)",
+           "return torch.where(valid, quality + partition_div, 0.0)",
+           ("tests/test_advantages.py", "tests/test_oracle.py")),
+    Mutant("reference: DDPO weights keep the minimum deviation", "divkernels/reference.py",
+           "scaled = torch.where(spread > DEVIATION_TIE, (dev - low) /",
+           "scaled = torch.where(spread > DEVIATION_TIE, dev /",
+           ("tests/test_group_loss.py", "-k", "three_response or authors_transform")),
+    Mutant("reference: DORPO weight outside the log-sigmoid", "divkernels/reference.py",
+           "odds = weights[:, :, None] * odds", "odds = 1.0 * odds",
+           ("tests/test_group_loss.py", "-k", "dorpo")),
+    Mutant("reference: DivPO deviation over the whole group in ranked pools", "divkernels/reference.py",
+           "top_scores, bottom_scores = deviation_from_similarity(sim, top), deviation_from_similarity(sim, bottom)",
+           "top_scores, bottom_scores = deviation_from_similarity(sim, valid), deviation_from_similarity(sim, valid)",
+           ("tests/test_group_loss.py", "-k", "divpo_selection")),
+    Mutant("reference: DARLING classes not closed transitively", "divkernels/reference.py",
+           "for _ in range(max(1, math.ceil(math.log2(max(group, 2))))):", "for _ in range(0):",
+           ("tests/test_advantages.py", "-k", "connected")),
+    Mutant("reference: DARLING floor dropped", "divkernels/reference.py",
+           ".clamp_min(1.0)).clamp_min(min_diversity), 0.0)", ".clamp_min(1.0)), 0.0)",
+           ("tests/test_advantages.py", "-k", "darling")),
+    Mutant("reference: DARLING advantages scaled by std by default", "divkernels/reference.py",
+           'return "none" if diversity == "darling" else "std"', 'return "std"',
+           ("tests/test_advantages.py", "-k", "darling")),
+    Mutant("reference: DQO ridge 1e-4 by default", "divkernels/reference.py",
+           "DQO_EPS = 1.0", "DQO_EPS = 1e-4",
+           ("tests/test_diversity.py", "-k", "dqo_default")),
+    Mutant("reference: IPO without its length normalization", "divkernels/reference.py",
+           "logratio = logratio / token_counts", "logratio = logratio",
+           ("tests/test_oracle.py",)),
+    Mutant("reference: policy-gradient clip upper bound 1 + 2 clip", "divkernels/reference.py",
+           "ratio.clamp(1.0 - clip, 1.0 + clip)", "ratio.clamp(1.0 - clip, 1.0 + 2 * clip)",
+           ("tests/test_advantages.py",)),
+    Mutant("reference: empty batch divides by B = 0", "divkernels/reference.py",
+           "total = total - diversity_alpha * logdet.to(dtype).sum() / max(batch, 1)",
+           "total = total - diversity_alpha * logdet.to(dtype).mean()",
+           (f"{KP}::test_empty_batch_on_the_reference",)),
+    # ------------------------------------------------------------------ validation
+    Mutant("validation: data checks never recorded", "divkernels/validation.py",
+           "        if self.enabled:\n            self._flags.append(bad_groups)",
+           "        if False:\n            self._flags.append(bad_groups)",
+           ("tests/test_group_loss.py", "-k", "data_errors")),
+    Mutant("validation: inf passes the finite check", "divkernels/validation.py",
+           "return (~torch.isfinite(value) & valid).any(-1)", "return (torch.isnan(value) & valid).any(-1)",
+           (KP, "-k", "non_finite and cuda")),
+    # ------------------------------------------------------------------ Triton kernels
+    Mutant("triton: Gram keeps only the last D tile", "divkernels/ops/similarity.py",
+           "gram += tl.dot(rows, tl.trans(rows)", "gram = tl.dot(rows, tl.trans(rows)",
+           (KP, "-k", "longer and triton")),
+    Mutant("triton: fp64 Gram skips column 0", "divkernels/ops/similarity.py",
+           "for d in range(0, D):", "for d in range(1, D):",
+           ("tests/test_triton.py", "-k", "diversity_ops_match")),
+    Mutant("triton: backward ignores its D offset", "divkernels/ops/similarity.py",
+           "offs_d = start + tl.arange(0, BLOCK_D)", "offs_d = tl.arange(0, BLOCK_D)",
+           (KP, "-k", "longer and triton")),
+    Mutant("triton: fp64 backward skips the last response", "divkernels/ops/similarity.py",
+           "        for k in range(0, G):", "        for k in range(0, G - 1):",
+           ("tests/test_triton.py", "-k", "diversity_ops_match")),
+    Mutant("triton: backward loads padded rows (mask dropped)", "divkernels/ops/similarity.py",
+           "mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)",
+           "mask=(offs_d[None, :] < D), other=0.0).to(ACC)",
+           ("tests/test_triton.py", "-k", "diversity_ops_match")),
+    Mutant("triton: cosine backward projection over n instead of n^2", "divkernels/ops/similarity.py",
+           "tl.where(eye, (projection / (norms * norms))[:, None], 0.0)",
+           "tl.where(eye, (projection / norms)[:, None], 0.0)",
+           ("tests/test_triton.py", "-k", "diversity_ops_match")),
+    Mutant("triton: logdet op skips the fp64 retry", "divkernels/ops/logdet.py",
+           "RETRY_FP64=acc == torch.float32", "RETRY_FP64=False",
+           ("tests/test_triton.py", "-k", "retry")),
+    Mutant("triton: fused loss skips the fp64 retry", "divkernels/ops/group_loss.py",
+           "RETRY_FP64=acc == torch.float32", "RETRY_FP64=False",
+           (KP, "-k", "retries")),
+    Mutant("triton: fp64 retry with a 1% larger ridge", "divkernels/ops/logdet.py",
+           "sim.to(tl.float64) + ridge.to(tl.float64)", "sim.to(tl.float64) + 1.01 * ridge.to(tl.float64)",
+           (KP, "-k", "retries")),
+    Mutant("triton: ridge 1% off, caught in fp32", "divkernels/ops/logdet.py",
+           "valid[:, None], eps, 0.0)", "valid[:, None], eps * 1.01, 0.0)",
+           (KP, "-k", "longer and fp32")),
+    Mutant("triton: DPO pair gradient sign flipped", "divkernels/ops/group_loss.py",
+           "dloss = -sigmoid(-u)\n            slope = tl.full(policy.shape, beta",
+           "dloss = sigmoid(-u)\n            slope = tl.full(policy.shape, beta",
+           ("tests/test_triton.py", "-k", "group_loss_matches")),
+    Mutant("triton: ORPO NLL gradient sign flipped", "divkernels/ops/group_loss.py",
+           "grad -= tl.sum(weighted, axis=1)", "grad += tl.sum(weighted, axis=1)",
+           (KP, "-k", "every_option and triton")),
+    Mutant("triton: DivPO chooses the least diverse", "divkernels/ops/group_loss.py",
+           "chosen = first_near_extreme(top_score, top, 1.0, BLOCK_G)",
+           "chosen = first_near_extreme(top_score, top, -1.0, BLOCK_G)",
+           ("tests/test_group_loss.py", "-k", "divpo_selection and triton")),
+    Mutant("triton: DDPO weights divide by the mean, not mean - min", "divkernels/ops/group_loss.py",
+           "(dev - low) / tl.where(spread, mean - low, 1.0)", "(dev - low) / tl.where(spread, mean, 1.0)",
+           ("tests/test_group_loss.py", "-k", "three_response and triton")),
+    Mutant("triton: DORPO weight left out of the log-sigmoid", "divkernels/ops/group_loss.py",
+           "odds = weight[:, None] * u", "odds = u",
+           ("tests/test_group_loss.py", "-k", "dorpo and triton")),
+    Mutant("triton: DivPO bottom pool one too large", "divkernels/ops/group_loss.py",
+           "valid & (rank < size)", "valid & (rank <= size)",
+           ("tests/test_group_loss.py", "-k", "divpo_selection and triton")),
+    Mutant("triton: DivPO rejected by the top pool's deviation", "divkernels/ops/group_loss.py",
+           "bottom_score = deviation_from_similarity(sim, bottom)",
+           "bottom_score = deviation_from_similarity(sim, top)",
+           ("tests/test_group_loss.py", "-k", "divpo_selection and triton")),
+    Mutant("triton: weights normalized by n - 1", "divkernels/ops/group_loss.py",
+           "mean = tl.sum(tl.where(valid, raw, 0.0), axis=0) / tl.maximum(n, 1.0)",
+           "mean = tl.sum(tl.where(valid, raw, 0.0), axis=0) / tl.maximum(n - 1.0, 1.0)",
+           ("tests/test_triton.py", "-k", "group_loss_matches")),
+    # ------------------------------------------------------------------ op wrappers (Python)
+    Mutant("ops: reference gradient sign flipped", "divkernels/ops/group_loss.py",
+           "grad_ref = (-ref_part).to(ctx.ref_dtype)", "grad_ref = ref_part.to(ctx.ref_dtype)",
+           ("tests/test_triton.py", "-k", "group_loss_matches")),
+    Mutant("ops: regularizer gradient drops alpha", "divkernels/ops/group_loss.py",
+           "grad_sim = inverse * (-config.diversity_alpha / batch", "grad_sim = inverse * (-1.0 / batch",
+           ("tests/test_triton.py", "-k", "group_loss_matches")),
+    Mutant("ops: logdet gain gradient sign flipped", "divkernels/ops/logdet.py",
+           "grad = grad + (inverse * per_column[:, None, :]) @ inverse",
+           "grad = grad - (inverse * per_column[:, None, :]) @ inverse",
+           ("tests/test_triton.py", "-k", "diversity_ops_match")),
+    Mutant("ops: DORPO NLL term not scaled by the mean weight", "divkernels/ops/group_loss.py",
+           "return totals[STAT[\"weight_sum\"]] / totals[STAT[\"pairs\"]].clamp_min(1.0)", "return 1.0",
+           (KP, "-k", "every_option and triton")),
+    Mutant("ops: no gradient reaches nll_logps", "divkernels/ops/group_loss.py",
+           "grad_nll_logps = grad_nll.to(ctx.nll_dtype) if",
+           "grad_nll_logps = None if",
+           (KP, "-k", "every_option and triton")),
+    Mutant("triton: IPO slope ignores the completion length", "divkernels/ops/group_loss.py",
+           "slope = 1.0 / length", "slope = tl.full(policy.shape, 1.0, policy.dtype)",
+           (KP, "-k", "every_option and triton")),
+    Mutant("triton: rejected counts summed along the wrong axis", "divkernels/ops/group_loss.py",
+           "rejected_count = tl.sum(counts, axis=0)", "rejected_count = tl.sum(counts, axis=1)",
+           (KP, "-k", "every_option and triton")),
+    Mutant("ops: deviation backward divides by n", "divkernels/ops/deviation.py",
+           "per_row = torch.where(valid, grad_dev.to(sim.dtype), 0.0) / (n[:, None] - 1.0).clamp_min(1.0)",
+           "per_row = torch.where(valid, grad_dev.to(sim.dtype), 0.0) / n[:, None].clamp_min(1.0)",
+           ("tests/test_triton.py", "-k", "diversity_ops_match")),
+    Mutant("ops: fused loss divides by B = 0 on an empty batch", "divkernels/ops/group_loss.py",
+           "config.diversity_alpha * totals[STAT[\"logdet\"]] / max(batch, 1)",
+           "config.diversity_alpha * totals[STAT[\"logdet\"]] / batch",
+           (KP, "-k", "empty_batch and triton")),
+    # ------------------------------------------------------------------ CUDA kernel math (host build)
+    Mutant("cuda: backward ignores the column offset d0", "csrc/group_math.h",
+           "const int64_t d = d0 + k % width;", "const int64_t d = k % width;",
+           (KP, "-k", "longer and cuda")),
+    Mutant("cuda: Gram keeps only the last chunk", "csrc/group_math.h",
+           "ws.S[k] += acc;", "ws.S[k] = acc;",
+           ("tests/test_cuda.py", "-k", "fused_loss_matches")),
+    Mutant("cuda: Cholesky skips the last column of the update", "csrc/group_math.h",
+           "for (int m = 0; m < k; ++m) d -= double(ws.W[k * G + m])",
+           "for (int m = 0; m + 1 < k; ++m) d -= double(ws.W[k * G + m])",
+           ("tests/test_cuda.py", "-k", "group_sizes")),
+    Mutant("cuda: ridge 1% off (eps)", "csrc/group_math.h",
+           "? T(eps) : T(0));", "? T(eps * 1.01) : T(0));",
+           ("tests/test_cuda.py", "-k", "fused_loss_matches and fp64")),
+    Mutant("cuda: ORPO NLL gradient sign flipped", "csrc/group_math.h",
+           "if (p.loss == kOrpo && !dorpo) grad -= weighted;", "if (p.loss == kOrpo && !dorpo) grad += weighted;",
+           (KP, "-k", "every_option and cuda")),
+    Mutant("cuda: DivPO threshold at the q quantile instead of 1 - q", "csrc/group_math.h",
+           "const T position = T(1.0 - p.quality_quantile)", "const T position = T(p.quality_quantile)",
+           ("tests/test_group_loss.py", "-k", "divpo_threshold and cuda")),
+    Mutant("cuda: DivPO bottom pool one too large", "csrc/group_math.h",
+           "return ws.rank[i] < k ? -1 : 0;", "return ws.rank[i] <= k ? -1 : 0;",
+           ("tests/test_group_loss.py", "-k", "divpo_selection and cuda")),
+    Mutant("cuda: DDPO weights keep the minimum deviation", "csrc/group_math.h",
+           "? (dev[i] - low) / (mean - low) : T(1);", "? dev[i] / (mean - low) : T(1);",
+           ("tests/test_group_loss.py", "-k", "three_response and cuda")),
+    Mutant("cuda: DORPO weight left out of the log-sigmoid", "csrc/group_math.h",
+           "*loss = T(p.orpo_lambda) * softplus(-w * u);", "*loss = T(p.orpo_lambda) * softplus(-u);",
+           ("tests/test_group_loss.py", "-k", "dorpo and cuda")),
+    Mutant("cuda: 16-byte loads at the wrong column", "csrc/group_math.h",
+           "c = (k % kVectors) * kPerVector;", "c = (k % kVectors);",
+           ("tests/test_cuda.py", "-k", "fused_loss_matches and D72")),
+    Mutant("cuda: cosine backward projection sign flipped", "csrc/group_math.h",
+           "if (i == j) a -= ws.dev[i] / (ws.norms[i] * ws.norms[i]);",
+           "if (i == j) a += ws.dev[i] / (ws.norms[i] * ws.norms[i]);",
+           ("tests/test_cuda.py", "-k", "fused_loss_matches")),
+    Mutant("cuda: IPO chosen log-ratio not per token", "csrc/group_math.h",
+           "const T u = (pi - ws.ref[i]) / ws.length[i] -", "const T u = (pi - ws.ref[i]) -",
+           (KP, "-k", "every_option and cuda")),
+    Mutant("cuda: NLL token count ignores nll_tokens", "csrc/group_math.h",
+           "sums[kNllTokens] += ws.row_count[i] * ws.nll_token[i];", "sums[kNllTokens] += ws.row_count[i];",
+           (KP, "-k", "every_option and cuda")),
+    Mutant("cuda: compile error in the shared header", "csrc/group_math.h",
+           "constexpr int kMaxGroup = 128;", "constexpr int kMaxGroup = 128",
+           ("tests/test_cuda.py", "-x")),
+    Mutant("cuda: compile error in a .cu launcher (only nvcc sees it)", "csrc/group_loss.cu",
+           "if (a.B == 0) return a.outputs;", "if (a.B == 0) return a.outputs",
+           ("!.ci/nvcc_check",)),
+    # ------------------------------------------------------------------ the trainer against TRL
+    Mutant("trainer: ORPO's NLL over the completion only", "integration/preference.py",
+           'nll = {"nll_logps": groups["nll_logps"], "nll_tokens": groups["nll_tokens"]}',
+           'nll = {"nll_logps": groups["completion_logps"], "nll_tokens": groups["completion_tokens"]}',
+           (TE, "-k", "orpo and defaults")),
+    Mutant("trainer: IPO without token counts", "integration/preference.py",
+           'token_counts=groups["completion_tokens"] if args.loss_type == "ipo" else None',
+           "token_counts=None",
+           (TE, "-k", "ipo")),
+    Mutant("trainer: dropout left on", "integration/preference.py",
+           "        if args.disable_dropout:", "        if False:",
+           (TE, "-k", "dpo and defaults")),
+    Mutant("trainer: DPO entropy over the chosen responses only", "integration/preference.py",
+           'values["entropy"] = weighted("entropy_sum", chosen + rejected, chosen_tokens + rejected_tokens)',
+           'values["entropy"] = weighted("entropy_sum", chosen, chosen_tokens)',
+           (TE, "-k", "dpo and defaults")),
+    Mutant("trainer: CPO's logits/* without the last position", "integration/preference.py",
+           "cells = num_pairs * length * vocab", "cells = num_pairs * (length - 1) * vocab",
+           (TE, "-k", "simpo")),
+    Mutant("tokenization: DPO's EOS text not appended", "integration/tokenization.py",
+           "texts = [completion if completion.endswith(eos) else completion + eos for completion in completions]",
+           "texts = list(completions)",
+           (TE, "-k", "dpo and defaults")),
+    Mutant("tokenization: ORPO/CPO's BOS rule dropped", "integration/tokenization.py",
+           "if bos is not None and (not prompt_ids or prompt_ids[0] != bos):", "if False:",
+           (TE, "-k", "orpo and defaults")),
+]
+
+
+def copy_repository(destination: Path) -> None:
+    """Tracked and untracked-but-not-ignored files, laid out as the editable install maps them."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    # pyproject maps integration/ and benchmarks/ to divkernels.integration / divkernels.benchmarks
+    for package in ("integration", "benchmarks"):
+        (destination / "divkernels" / package).symlink_to(Path("..") / package)
+
+
+NO_TESTS = 5  # pytest's exit status when the selection matched no test: a broken mutant entry, not a kill
+
+
+def run_checks(copy: Path, checks: tuple[str, ...], env: dict[str, str], seed: int,
+               log: Path) -> tuple[bool, float]:
+    """Run the checks in the copy; ``(all passed, seconds)``. Output goes to ``log``. A pytest
+    selection that matches no test raises: it would otherwise count as a kill."""
+    start = time.monotonic()
+    with log.open("a") as out:
+        commands = [check[1:] for check in checks if check.startswith("!")]
+        pytest_args = [check for check in checks if not check.startswith("!")]
+        runs = [[sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"--seed={seed}",
+                 *pytest_args]] if pytest_args else []
+        runs += [["bash", "-c", command] for command in commands]
+        for command in runs:
+            out.write(f"$ {' '.join(command)}\n")
+            out.flush()
+            result = subprocess.run(command, cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT)
+            if result.returncode == NO_TESTS and command[:3] == [sys.executable, "-m", "pytest"]:
+                raise RuntimeError(f"no test matches {' '.join(command[3:])} (see {log})")
+            if result.returncode != 0:
+                return False, time.monotonic() - start
+    return True, time.monotonic() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="run the mutants whose name matches this regex")
+    parser.add_argument("--seed", type=int, default=None, help="test seed (default: fresh, printed)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy and logs")
+    args = parser.parse_args()
+    mutants = [m for m in MUTANTS if args.only is None or re.search(args.only, m.name)]
+    if args.list:
+        for mutant in mutants:
+            print(f"{mutant.name:70s} {mutant.path}")
+        return 0
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    work = Path(tempfile.mkdtemp(prefix="divkernels-mutation-"))
+    copy = work / "repo"
+    copy_repository(copy)
+    env = {**os.environ, "PYTHONPATH": str(copy), "DIVKERNELS_REQUIRE_BUILDS": "1",
+           "DIVKERNELS_CACHE": str(work / "cache"), "HYPOTHESIS_PROFILE": "ci"}
+    env.pop("DIVKERNELS_TEST_SEED", None)
+    where = subprocess.run([sys.executable, "-c", "import divkernels, divkernels.integration as i; "
+                            "print(divkernels.__file__, i.__file__)"], cwd=copy, env=env, capture_output=True,
+                           text=True, check=True).stdout.split()
+    if not all(path.startswith(str(copy)) for path in where):
+        print(f"the copy does not shadow the installed package: {where}", file=sys.stderr)
+        return 1
+    print(f"{len(mutants)} mutants, seed {seed}, copy in {copy}")
+    for mutant in mutants:
+        text = (copy / mutant.path).read_text()
+        count = text.count(mutant.old)
+        if count != 1:
+            print(f"mutant {mutant.name!r}: its text occurs {count} times in {mutant.path} (must be once)")
+            return 1
+
+    baseline = sorted({check for mutant in mutants for check in mutant.checks
+                       if check.startswith("!") or check.endswith(".py") or "::" in check})
+    passed, seconds = run_checks(copy, tuple(baseline), env, seed, work / "baseline.log")
+    print(f"baseline (unmutated copy): {'passed' if passed else 'FAILED'} in {seconds:.0f} s")
+    if not passed:
+        print((work / "baseline.log").read_text()[-4000:])
+        return 1
+
+    survived = []
+    for index, mutant in enumerate(mutants):
+        target = copy / mutant.path
+        original = target.read_text()
+        target.write_text(original.replace(mutant.old, mutant.new))
+        try:
+            log = work / f"mutant-{index:02d}.log"
+            passed, seconds = run_checks(copy, mutant.checks, env, seed, log)
+        finally:
+            target.write_text(original)
+        verdict = "SURVIVED" if passed else "killed"
+        print(f"{verdict:9s} {seconds:6.0f} s  {mutant.name}", flush=True)
+        if passed:
+            survived.append(mutant.name)
+    print(f"\n{len(mutants) - len(survived)} of {len(mutants)} mutants killed (seed {seed})")
+    for name in survived:
+        print(f"  survived: {name}")
+    if args.keep:
+        print(f"logs and copy kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
