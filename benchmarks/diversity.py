@@ -1,4 +1,4 @@
-"""Benchmarks of the standalone diversity ops: similarity, deviation, logdet + gains (SPEC 1-2)."""
+"""Benchmarks of the standalone diversity ops: similarity, deviation, logdet + gains (reference.py sections 1-2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 import divkernels as dk
 from divkernels import reference
-from divkernels.benchmarks.harness import Case, element_bytes, embeddings
+from divkernels.benchmarks.harness import Case, clear_grads, element_bytes, embeddings
 
 
 def _similarity(emb, *, backend=None):
@@ -47,6 +47,7 @@ def cases(shapes: list[tuple[int, int, int]], dtypes: list[torch.dtype], backwar
                         return {"emb": embeddings(batch, group, dim, dtype, device, backward)}
 
                     def run(fn, inputs: dict, backward=backward) -> None:
+                        clear_grads(inputs)
                         out = fn(inputs["emb"])
                         if backward:
                             out.sum().backward()

@@ -1,4 +1,4 @@
-"""Benchmarks of the fused group preference loss (SPEC 3): DDPO + logdet regularizer and variants."""
+"""Benchmarks of the fused group preference loss (reference.py section 3): DDPO + logdet regularizer and variants."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 import divkernels as dk
 from divkernels import reference
-from divkernels.benchmarks.harness import Case, element_bytes, embeddings
+from divkernels.benchmarks.harness import Case, clear_grads, element_bytes, embeddings
 
 # The fused pipeline the kernel issue's targets are stated for.
 DDPO_LOGDET = {"loss": "dpo", "diversity": "deviation", "diversity_alpha": 0.1}
@@ -74,6 +74,7 @@ def cases(shapes: list[tuple[int, int, int]], dtypes: list[torch.dtype], backwar
                                 "ref": policy.detach() - torch.rand(batch, group, device=device)}
 
                     def run(op, inputs: dict, backward=backward, options=options) -> None:
+                        clear_grads(inputs)
                         loss = op(inputs["policy"], inputs["rewards"], inputs["emb"], inputs["ref"], **options)
                         if backward:
                             loss.backward()

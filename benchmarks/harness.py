@@ -131,5 +131,13 @@ def embeddings(batch: int, group: int, dim: int, dtype: torch.dtype, device: tor
     return emb.requires_grad_(requires_grad)
 
 
+def clear_grads(inputs: dict) -> None:
+    """Drop the gradients of the previous step: a timed step must write its gradients, not add
+    them to old ones (an extra read and write of every leaf that would blur the memory floor)."""
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            value.grad = None
+
+
 def element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()

@@ -5,10 +5,12 @@ Suites:
          (B, G, D) = (256, 16, 4096) and (4096, 16, 2048), forward and forward+backward
   full   every op family over the shapes of the benchmark issue, bf16 and fp32
   smoke  tiny shapes, to check the runner itself (CPU is fine)
+  host   per op and mode: device launches, host syncs and host microseconds of one forward +
+         backward (kernels stubbed without a GPU; see host.py); CPU is fine
 
 Each (case, provider) row gets the median time, peak extra memory, the memory floor (bytes that
 must move over the measured copy bandwidth) and the ratio to it. Results go to
-``<out>/<device>-<date>.json`` and ``.csv`` with the device name, versions and git commit.
+``<out>/<device>-<suite>-<date>.json`` and ``.csv`` with the device name, versions and git commit.
 """
 
 from __future__ import annotations
@@ -264,10 +266,86 @@ def load_resume(path: Path, env: dict, suite: str) -> list[dict]:
     return list(data["rows"])
 
 
+def host_table(rows: list[dict]) -> str:
+    """The host suite as a Markdown table (with the baseline's numbers when it was measured)."""
+    baseline = any("baseline_host_us" in row for row in rows)
+    head = "| op | mode | device launches: fwd + bwd (aten, Triton) | host syncs | host us / fwd+bwd |"
+    rule = "|---|---|---|---|---|"
+    if baseline:
+        head += " baseline launches | baseline host us | host time / baseline |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    for row in rows:
+        line = (f"| {row['op']} | {row['mode']} | {row['forward_launches']} + {row['backward_launches']} "
+                f"({row['aten_launches']}, {row['triton_launches']}) | {row['syncs']} | {row['host_us']:.0f} |")
+        if baseline:
+            line += (f" {row['baseline_launches']} | {row['baseline_host_us']:.0f} | "
+                     f"{row['host_us'] / row['baseline_host_us']:.2f} |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# Runs host.py's cases against another checkout of divkernels (its package first on sys.path).
+_BASELINE_SCRIPT = """
+import importlib.util, json, os, sys
+tree, host_file, device, repeats = sys.argv[1:5]
+sys.path.insert(0, tree)
+os.environ["TRITON_INTERPRET"] = "1" if device == "cpu" else os.environ.get("TRITON_INTERPRET", "0")
+import torch, divkernels
+assert divkernels.__file__.startswith(tree), divkernels.__file__
+spec = importlib.util.spec_from_file_location("divkernels_host_baseline", host_file)
+host = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = host
+spec.loader.exec_module(host)
+print(json.dumps(host.run(torch.device(device), int(repeats))))
+"""
+
+
+def baseline_rows(tree: Path, device: torch.device, repeats: int) -> list[dict]:
+    """host.py's rows measured on the divkernels package of another checkout ``tree`` (e.g. a
+    ``git worktree`` of an older commit), in a fresh process on this machine."""
+    from divkernels.benchmarks import host
+
+    result = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tree.resolve()), host.__file__,
+                             device.type, str(repeats)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the baseline run in {tree} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_host(device: torch.device, out: Path, repeats: int, log: Callable[[str], None],
+             baseline: Path | None = None) -> int:
+    """``--suite host``: launches, syncs and host time per fused call (host.py); with ``baseline``
+    the same cases on another checkout, measured in the same run."""
+    if device.type != "cuda":  # the Triton launch path runs (stubbed) through the interpreter on CPU
+        os.environ["TRITON_INTERPRET"] = "1"
+    from divkernels.benchmarks import host
+
+    env = environment(device)
+    log(f"divkernels host overhead on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+        f"commit {str(env['commit'])[:12]}); kernels {'stubbed' if device.type != 'cuda' else 'real'}")
+    repeats = max(repeats, 200)
+    rows = host.run(device, repeats)
+    if baseline is not None:
+        before = {(row["op"], row["mode"]): row for row in baseline_rows(baseline, device, repeats)}
+        env["baseline"] = str(baseline)
+        env["baseline_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                cwd=baseline, check=False).stdout.strip() or "unknown"
+        for row in rows:
+            old = before.get((row["op"], row["mode"]))
+            if old is not None:
+                row.update(baseline_launches=old["launches"], baseline_syncs=old["syncs"],
+                           baseline_host_us=old["host_us"])
+    json_path, csv_path = write_results(rows, env, None, result_path(env, out, "host"), "host")
+    log("\n" + host_table(rows))
+    log(f"\nwrote {json_path} and {csv_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m divkernels.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("fused", "full", "smoke"), default="fused")
+    parser.add_argument("--suite", choices=("fused", "full", "smoke", "host"), default="fused")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON/CSV results")
@@ -283,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, default=None, metavar="JSON",
                         help="continue an earlier run of the same suite and device: skip what it measured, "
                              "add the rest to that file")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+                        help="--suite host: also measure another checkout's package (e.g. a git worktree of an "
+                             "older commit) in the same run")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile provider")
     args = parser.parse_args(argv)
     providers = [name for name in args.providers.split(",") if name]
@@ -294,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    if args.suite == "host":
+        return run_host(device, args.out, args.repeats, log, args.baseline)
     env = environment(device)
     log(f"divkernels benchmarks, suite {args.suite}, on {env['device']} (torch {env['torch']}, "
         f"triton {env['triton']}, commit {str(env['commit'])[:12]})")

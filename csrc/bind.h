@@ -19,8 +19,10 @@ inline void define_ops(pybind11::module_& m) {
         py::arg("deviation_norm"), py::arg("orpo_dorpo"), py::arg("divpo_ranked"), py::arg("need_logdet"),
         py::arg("store_state"), py::arg("beta"), py::arg("orpo_lambda"), py::arg("simpo_gamma"),
         py::arg("min_deviation"), py::arg("eps"), py::arg("quality_quantile"), py::arg("poison"));
-  m.def("similarity_backward", &similarity_backward, "dL/d emb [B, G, D] from dL/dS [B, G, G]",
-        py::arg("grad_sim"), py::arg("sim"), py::arg("norms"), py::arg("emb"), py::arg("mask"), py::arg("poison"));
+  m.def("similarity_backward", &similarity_backward,
+        "dL/d emb [B, G, D] from factor * scale * dL/dS [B, G, G] (scale: one number on the device, or None)",
+        py::arg("grad_sim"), py::arg("sim"), py::arg("norms"), py::arg("emb"), py::arg("mask"), py::arg("scale"),
+        py::arg("factor"), py::arg("poison"));
 }
 
 }  // namespace divkernels

@@ -1,4 +1,4 @@
-// Device math of the fused group op (SPEC 5), shared by the CUDA kernels and a host build.
+// Device math of the fused group op (divkernels/reference.py sections 1-3), shared by the CUDA kernels and a host build.
 //
 // Every function works on ONE group of G <= 128 responses held in a small workspace (shared memory
 // on the GPU, heap memory on the host) and is written against a "parallel schedule" `Par`:
@@ -685,19 +685,22 @@ DK_HD void group_forward(const Par& par, Workspace<T> ws, int64_t b, int G, int6
 
 // ------------------------------------------------------------------ similarity backward (cosine)
 
-// A = dL/dE_i contribution matrix of group b, in W: with Gs = dS + dS^T off the diagonal (valid
-// pairs), A_ij = Gs_ij / (n_i n_j) - [i = j] (sum_k Gs_ik S_ik) / n_i^2 (n = max(|e|, floor); no
+// A = dL/dE_i contribution matrix of group b, in W: with Gs = c (dS + dS^T) off the diagonal (valid
+// pairs; c = factor * scale[0], scale a device scalar such as the upstream gradient, or factor
+// alone), A_ij = Gs_ij / (n_i n_j) - [i = j] (sum_k Gs_ik S_ik) / n_i^2 (n = max(|e|, floor); no
 // projection term where |e_i| < floor), so that dL/dE = A E.
 template <class T, class Par>
 DK_HD void cosine_backward_matrix(const Par& par, Workspace<T> ws, int64_t b, int G, const bool* mask,
                                   const T* grad_sim, int64_t gs_b, int64_t gs_i, int64_t gs_j, const T* sim,
-                                  const T* norms) {
+                                  const T* norms, const T* scale, double factor) {
+  const T coef = T(factor) * (scale != nullptr ? scale[0] : T(1));
   par.for_each(G, [&](int i) { ws.valid[i] = (mask == nullptr || mask[b * G + i]) ? T(1) : T(0); });
   par.sync();
   par.for_each(G * G, [&](int k) {
     const int i = k / G, j = k % G;
     const bool pair = ws.valid[i] != T(0) && ws.valid[j] != T(0) && i != j;
-    ws.S[k] = pair ? grad_sim[b * gs_b + i * gs_i + j * gs_j] + grad_sim[b * gs_b + j * gs_i + i * gs_j] : T(0);
+    ws.S[k] = pair ? coef * (grad_sim[b * gs_b + i * gs_i + j * gs_j] + grad_sim[b * gs_b + j * gs_i + i * gs_j])
+                   : T(0);
   });
   par.sync();
   par.for_each(G, [&](int i) {

@@ -172,7 +172,8 @@ struct BackwardArgs {
 // dL/d emb [B, G, D] (emb's dtype, contiguous) from dL/dS [B, G, G] (any strides, acc dtype), the
 // saved S [B, G, G] and raw norms [B, G] (contiguous, acc dtype).
 inline BackwardArgs prepare_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
-                                     const at::Tensor& emb, const OptTensor& mask, bool poison) {
+                                     const at::Tensor& emb, const OptTensor& mask, const OptTensor& scale,
+                                     bool poison) {
   BackwardArgs a;
   TORCH_CHECK(emb.dim() == 3, "emb must be [B, G, D]");
   a.B = emb.size(0);
@@ -189,6 +190,8 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_sim, const at::Tenso
   TORCH_CHECK(sim.is_contiguous() && norms.is_contiguous() && norms.scalar_type() == a.acc, "S and norms must be "
               "contiguous and of one dtype");
   if (mask) TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous(), "mask must be contiguous bool");
+  if (scale) TORCH_CHECK(scale->numel() == 1 && scale->scalar_type() == a.acc && scale->device() == sim.device(),
+                         "scale must be one number of S's dtype and device");
   a.grad_emb = new_output({a.B, a.G, a.D}, emb.options(), poison);
   return a;
 }
@@ -221,6 +224,7 @@ std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor
                                            double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
                                            double quality_quantile, bool poison);
 at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
-                               const at::Tensor& emb, const OptTensor& mask, bool poison);
+                               const at::Tensor& emb, const OptTensor& mask, const OptTensor& scale, double factor,
+                               bool poison);
 
 }  // namespace divkernels

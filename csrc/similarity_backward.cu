@@ -18,22 +18,23 @@ __global__ void similarity_backward_kernel(const T* __restrict__ grad_sim, int64
                                            const T* __restrict__ sim, const T* __restrict__ norms,
                                            const bool* __restrict__ mask, const E* __restrict__ emb,
                                            int64_t stride_b, int64_t stride_g, int64_t stride_d, int G, int64_t D,
-                                           E* grad_emb) {
+                                           const T* __restrict__ scale, double factor, E* grad_emb) {
   extern __shared__ __align__(16) unsigned char shared[];
   __shared__ int picks[2];
   Workspace<T> ws = carve_workspace(reinterpret_cast<T*>(shared), picks, G);
   const BlockPar par{};
   const int64_t b = blockIdx.x;
-  cosine_backward_matrix(par, ws, b, G, mask, grad_sim, gs_b, gs_i, gs_j, sim, norms);
+  cosine_backward_matrix(par, ws, b, G, mask, grad_sim, gs_b, gs_i, gs_j, sim, norms, scale, factor);
   const int64_t d0 = int64_t(blockIdx.y) * kBackwardWidth;
   apply_backward_matrix(par, ws, b, G, D, d0, kBackwardWidth, emb, stride_b, stride_g, stride_d, grad_emb);
 }
 
 at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
-                               const at::Tensor& emb, const OptTensor& mask, bool poison) {
+                               const at::Tensor& emb, const OptTensor& mask, const OptTensor& scale, double factor,
+                               bool poison) {
   TORCH_CHECK(emb.is_cuda() && sim.is_cuda() && grad_sim.is_cuda(), "the CUDA extension needs CUDA tensors");
   const c10::cuda::CUDAGuard guard(emb.device());
-  BackwardArgs a = prepare_backward(grad_sim, sim, norms, emb, mask, poison);
+  BackwardArgs a = prepare_backward(grad_sim, sim, norms, emb, mask, scale, poison);
   if (a.B == 0 || a.D == 0) return a.grad_emb;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_types(a.acc, emb.scalar_type(), [&](auto acc_tag, auto emb_tag) {
@@ -45,7 +46,8 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
     kernel<<<grid, 256, bytes, stream>>>(grad_sim.data_ptr<T>(), grad_sim.stride(0), grad_sim.stride(1),
                                          grad_sim.stride(2), sim.data_ptr<T>(), norms.data_ptr<T>(),
                                          data_or_null<bool>(mask), emb.data_ptr<E>(), emb.stride(0), emb.stride(1),
-                                         emb.stride(2), int(a.G), a.D, a.grad_emb.data_ptr<E>());
+                                         emb.stride(2), int(a.G), a.D, data_or_null<T>(scale), factor,
+                                         a.grad_emb.data_ptr<E>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return a.grad_emb;

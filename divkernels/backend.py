@@ -72,6 +72,27 @@ def _warn_large_group(group_size: int) -> None:
                   "limit; falling back to the PyTorch reference", stacklevel=4)
 
 
+@torch._dynamo.assume_constant_result
+def _resolve_while_compiling(requested: str, op: str, device: torch.device, group_size: int, kernels: tuple[str, ...],
+                             dim: int | None, emb_dtype: torch.dtype | None) -> str:
+    """The choice, made once while torch.compile traces (it reads the environment and caches)."""
+    return resolve_backend.__wrapped__(requested, op=op, device=device, group_size=group_size, kernels=kernels,
+                                       dim=dim, emb_dtype=emb_dtype)
+
+
+def _compile_aware(function):
+    """Under torch.compile, :func:`resolve_backend` becomes a constant of the traced graph."""
+    @functools.wraps(function)
+    def wrapper(requested: str, *, op: str, device: torch.device, group_size: int, kernels: Sequence[str] = (),
+                dim: int | None = None, emb_dtype: torch.dtype | None = None) -> str:
+        if torch.compiler.is_compiling():
+            return _resolve_while_compiling(requested, op, device, group_size, tuple(kernels), dim, emb_dtype)
+        return function(requested, op=op, device=device, group_size=group_size, kernels=kernels, dim=dim,
+                        emb_dtype=emb_dtype)
+    return wrapper
+
+
+@_compile_aware
 def resolve_backend(requested: str, *, op: str, device: torch.device, group_size: int,
                     kernels: Sequence[str] = (), dim: int | None = None, emb_dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op``.

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -93,43 +91,8 @@ def measured_backend(op: str, device: torch.device, group: int, dim: int | None,
     return by_class.get(shape_class(group, dim, dtype))
 
 
-def build_entries(rows: Iterable[dict], device: str, candidates: tuple[str, str] = ("triton", "cuda")) -> list[dict]:
-    """Table entries from benchmark rows of one device.
-
-    Each row needs ``op`` (public op name), ``G``, ``D`` (None without embeddings), ``emb_dtype``
-    (None without embeddings), ``case`` (any key naming the measured case) ``provider`` and
-    ``median_ms``. Cases measured by only one candidate are ignored.
-    """
-    times: dict[tuple[str, str, str], dict[str, float]] = {}
-    for row in rows:
-        if row["provider"] not in candidates or row.get("median_ms") is None:
-            continue
-        key = (row["op"], shape_class(row["G"], row["D"], row["emb_dtype"]), row["case"])
-        times.setdefault(key, {})[row["provider"]] = float(row["median_ms"])
-    log_ratios: dict[tuple[str, str], list[float]] = {}
-    for (op, klass, _), by_provider in times.items():
-        if all(name in by_provider for name in candidates):
-            ratio = by_provider[candidates[1]] / by_provider[candidates[0]]
-            log_ratios.setdefault((op, klass), []).append(math.log(ratio))
-    entries = []
-    for (op, klass), logs in sorted(log_ratios.items()):
-        ratio = math.exp(sum(logs) / len(logs))  # geometric mean of time(second) / time(first)
-        entries.append({"device": device, "op": op, "class": klass,
-                        "backend": candidates[1] if ratio < 1 else candidates[0],
-                        f"{candidates[1]}_over_{candidates[0]}": round(ratio, 4), "cases": len(logs)})
-    return entries
-
-
-def merge_entries(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with every (device, op, class) that ``new`` measured replaced by the new entry."""
-    replaced = {(entry["device"], entry["op"], entry["class"]) for entry in new}
-    kept = [entry for entry in old if (entry["device"], entry["op"], entry["class"]) not in replaced]
-    return sorted(kept + new, key=lambda entry: (entry["device"], entry["op"], entry["class"]))
-
-
-def write_table(path: Path, entries: list[dict], sources: list[str]) -> None:
-    """Write a table file (and forget cached tables, so the new one is used in this process)."""
-    path.write_text(json.dumps({"version": TABLE_VERSION, "sources": sources, "entries": entries}, indent=1) + "\n")
+def forget_cached_tables() -> None:
+    """Re-read table files on the next lookup (after the benchmark tooling wrote one)."""
     _load.cache_clear()
 
 

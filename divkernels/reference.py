@@ -1,4 +1,4 @@
-"""The specification (``SPEC.md`` sections 1-4) in plain PyTorch.
+"""The specification of every op in plain PyTorch (sections 1-4 below; the repository's spec in code).
 
 Every op of the package is defined here first, as batched tensor code with no Python loop over
 groups. These functions are the CPU fallback (``backend="reference"``) and the ground truth that
@@ -12,8 +12,13 @@ arithmetic, so they change no value and no gradient.
 
 Precision: similarities are accumulated in float32 (float64 for float64 inputs) without TF32; the
 ``G x G`` linear algebra (Cholesky, inverse, eigenvalues) runs in float64 for every input dtype.
-It is ``B * G^2`` numbers, so this costs little, and it makes the fp64 retry that SPEC 2 asks for
-on a failed fp32 Cholesky unnecessary: every group is factored as the retry would factor it.
+It is ``B * G^2`` numbers, so this costs little, and it makes the fp64 retry that the kernels do
+on a failed fp32 factorization unnecessary: every group is factored as the retry would factor it.
+
+Numerics (what the kernels follow too): float32 Gram matrices never go through TF32 (at
+``cond(K) ~ 1e6`` a TF32 Gram matrix puts errors of ~5e-2 into ``log det K``; bf16/fp16 inputs are
+exact in TF32, so they may use it); the cosine and RBF diagonal is exactly 1, not the rounded
+``|e_i|^2 / |e_i|^2`` of the Gram matrix; a float32 factorization that fails is retried in float64.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def valid_mask(mask: torch.Tensor | None, batch: int, group: int, device: torch.
 
 @contextlib.contextmanager
 def _ieee_fp32_matmul(x: torch.Tensor) -> Iterator[None]:
-    """Keeps float32 CUDA matmuls off TF32 (SPEC numerics: TF32 Gram -> logdet errors ~5e-2)."""
+    """Keeps float32 CUDA matmuls off TF32 (see Numerics above: TF32 Gram -> logdet errors ~5e-2)."""
     if x.is_cuda and x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
@@ -92,7 +97,7 @@ def pairwise_similarity(
     kernel: str = "cosine",
     gamma: float | None = None,
 ) -> torch.Tensor:
-    """Pairwise similarity ``S`` of the responses in each group (SPEC 1).
+    """Pairwise similarity ``S`` of the responses in each group (section 1).
 
     Args:
         emb: ``[B, G, D]`` embeddings, any float dtype and strides.
@@ -125,7 +130,7 @@ def pairwise_similarity(
         sim = torch.exp(-gamma * sq_dist)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    # The diagonal of cosine and RBF is exactly 1 (SPEC numerics: not the rounded Gram diagonal).
+    # The diagonal of cosine and RBF is exactly 1 (Numerics above: not the rounded Gram diagonal).
     keep = _pair_valid(valid) & ~eye if force_unit_diagonal else _pair_valid(valid)
     return torch.where(keep, sim, eye.to(sim.dtype))
 

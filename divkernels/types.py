@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,28 @@ DIVPO_POOLS = ("ranked", "threshold")
 DARLING_REWARDS = ("raw", "minmax")
 KERNELS = ("cosine", "dot", "rbf")
 BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+class MetricVector(Mapping):
+    """Named scalars that are views of one float32 vector (the fused loss's finalize output): a
+    read-only dict whose values are made on access, so a step that does not log costs no tensor ops."""
+
+    def __init__(self, vector: torch.Tensor, index: Mapping[str, int], names: tuple[str, ...]) -> None:
+        self.vector, self._index, self._names = vector, index, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self.vector[self._index[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
 
 
 @dataclass
@@ -37,7 +60,7 @@ class LossOutput:
     """
 
     loss: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
     logdet: torch.Tensor | None = None
     chosen_counts: torch.Tensor | None = None
     rejected_counts: torch.Tensor | None = None
@@ -45,5 +68,9 @@ class LossOutput:
     def log_dict(self, prefix: str = "") -> dict[str, float]:
         """Metrics as Python floats for a logger (one host sync for all of them)."""
         names = list(self.metrics)
-        values = torch.stack([self.metrics[name] for name in names]).tolist() if names else []
+        if isinstance(self.metrics, MetricVector):  # one copy of the whole vector
+            vector = self.metrics.vector.tolist()
+            values = [vector[self.metrics._index[name]] for name in names]
+        else:
+            values = torch.stack([self.metrics[name] for name in names]).tolist() if names else []
         return {prefix + name: value for name, value in zip(names, values, strict=True)}

@@ -1,4 +1,4 @@
-"""Input validation for the public API (SPEC 6), in one place.
+"""Input validation for the public API, in one place.
 
 Two kinds of checks:
 
@@ -12,8 +12,10 @@ Two kinds of checks:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -136,31 +138,37 @@ class DataChecks:
         self._flags: list[torch.Tensor] = []
         self._messages: list[Callable[[list[int]], str]] = []
 
-    def require(self, bad_groups: torch.Tensor, message: Callable[[list[int]], str]) -> None:
-        """Record a check; ``bad_groups`` is ``[B]`` bool, ``message(groups)`` explains a failure."""
+    def require(self, bad_groups: torch.Tensor | Callable[[], torch.Tensor],
+                message: Callable[[list[int]], str]) -> None:
+        """Record a check; ``bad_groups`` is ``[B]`` bool (or a callable making it, so that nothing is
+        computed when checks are off), ``message(groups)`` explains a failure."""
         if self.enabled:
-            self._flags.append(bad_groups)
+            self._flags.append(bad_groups() if callable(bad_groups) else bad_groups)
             self._messages.append(message)
 
-    def finite(self, name: str, value: torch.Tensor | None, valid: torch.Tensor) -> None:
+    def finite(self, name: str, value: torch.Tensor | None, valid: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         """``value`` (``[B, G]`` or ``[B, G, D]``) must hold no NaN/inf in valid responses."""
-        if value is not None:
-            self.nonfinite(name, nonfinite_groups(value, valid))
+        if value is not None and self.enabled:
+            self.nonfinite(name, nonfinite_groups(value, valid() if callable(valid) else valid))
 
-    def nonfinite(self, name: str, bad_groups: torch.Tensor) -> None:
+    def nonfinite(self, name: str, bad_groups: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         """``bad_groups`` ``[B]``: groups where ``name`` has NaN/inf (e.g. flagged by a kernel)."""
         self.require(bad_groups, lambda groups: f"{name} has NaN or inf in valid responses of groups {groups} "
                                                 "(check_inputs=False skips this check)")
 
-    def group_size(self, valid: torch.Tensor, reason: str) -> None:
+    def group_size(self, valid: torch.Tensor | Callable[[], torch.Tensor], reason: str) -> None:
         """Every group needs at least two valid responses (deviation and logdet need a pair)."""
-        self.require(valid.sum(-1) < 2,
-                     lambda groups: f"{reason} needs at least 2 valid responses per group; "
-                                    f"groups {groups} have fewer (see mask)")
+        if self.enabled:
+            flags = (valid() if callable(valid) else valid).sum(-1) < 2
+            self.require(flags, too_few_message(reason))
 
     def raise_if_failed(self) -> None:
         """One host sync for all recorded checks; raise ``ValueError`` for the first that failed."""
         if not self._flags:
+            return
+        if torch.compiler.is_compiling():  # no sync inside a graph: device-side asserts, without the group list
+            for flag, message in zip(self._flags, self._messages, strict=True):
+                torch._assert_async(~flag.any(), message(["(run eagerly for the group list)"]))
             return
         failed = torch.stack([flag.any() for flag in self._flags]).tolist()
         for flag, message, bad in zip(self._flags, self._messages, failed, strict=True):
@@ -169,9 +177,148 @@ class DataChecks:
                 raise ValueError(message(groups))
 
 
+def too_few_message(reason: str) -> Callable[[list[int]], str]:
+    return lambda groups: (f"{reason} needs at least 2 valid responses per group; groups {groups} have fewer "
+                           "(see mask)")
+
+
 def check_emb_and_mask(emb: object, mask: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``(emb, mask)`` pair that every diversity op takes, checked together."""
     emb = check_emb(emb)
     mask = check_mask(mask, emb.shape[0], emb.shape[1])
     check_same_device(emb=emb, mask=mask)
     return emb, mask
+
+
+@dataclass
+class GroupLossArguments:
+    """The checked arguments of :func:`divkernels.group_preference_loss`."""
+
+    policy_logps: torch.Tensor
+    rewards: torch.Tensor
+    encoders: list[torch.Tensor]
+    ref_logps: torch.Tensor | None
+    mask: torch.Tensor | None
+    pairs: str
+    pair_index: torch.Tensor | None
+    extras: dict[str, torch.Tensor | None]  # divpo_scores, weights, token_counts, nll_logps, nll_tokens
+    needs_emb_reason: str | None  # why the call needs emb (for the group-size check), or None
+    device: torch.device
+
+    @property
+    def emb(self) -> torch.Tensor | None:
+        return self.encoders[0] if self.encoders else None
+
+
+def check_encoders(emb: object, batch: int, group: int) -> list[torch.Tensor]:
+    """``emb`` as a list of checked ``[B, G, D_k]`` tensors (empty for None; several encoders as a list)."""
+    if emb is None:
+        return []
+    many = isinstance(emb, (list, tuple))
+    if many and not emb:
+        raise ValueError("emb is an empty sequence; give one [B, G, D] tensor per encoder")
+    encoders = [check_emb(e) for e in (emb if many else [emb])]
+    for k, e in enumerate(encoders):
+        if tuple(e.shape[:2]) != (batch, group):
+            name = f"emb[{k}]" if many else "emb"
+            raise ValueError(f"{name} has [B, G] = {tuple(e.shape[:2])} but policy_logps has ({batch}, {group})")
+    return encoders
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def check_group_loss_options(loss: str, diversity: str, pairs: str, deviation_norm: str, orpo_weighting: str,
+                             divpo_pools: str, backend: str, beta: float, orpo_lambda: float, simpo_gamma: float,
+                             min_deviation: float, diversity_alpha: float, eps: float, quality_quantile: float,
+                             cpo_alpha: float) -> None:
+    """The choices and scalars of :func:`divkernels.group_preference_loss` (cached: a training loop
+    passes the same ones every step, so this costs one lookup; a failing call raises and is not cached)."""
+    from divkernels.types import (
+        BACKENDS,
+        DEVIATION_NORMS,
+        DIVERSITIES,
+        DIVPO_POOLS,
+        LOSSES,
+        ORPO_WEIGHTINGS,
+        PAIR_MODES,
+    )
+
+    check_choice("loss", loss, LOSSES)
+    check_choice("diversity", diversity, DIVERSITIES)
+    check_choice("pairs", pairs, PAIR_MODES)
+    check_choice("deviation_norm", deviation_norm, DEVIATION_NORMS)
+    check_choice("orpo_weighting", orpo_weighting, ORPO_WEIGHTINGS)
+    check_choice("divpo_pools", divpo_pools, DIVPO_POOLS)
+    check_choice("backend", backend, BACKENDS)
+    check_scalar("beta", beta, low=0.0, low_open=True)
+    check_scalar("orpo_lambda", orpo_lambda, low=0.0)
+    check_scalar("simpo_gamma", simpo_gamma)
+    check_scalar("min_deviation", min_deviation, low=0.0)
+    check_scalar("diversity_alpha", diversity_alpha, low=0.0)
+    check_scalar("eps", eps, low=0.0, low_open=True)
+    check_scalar("quality_quantile", quality_quantile, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_scalar("cpo_alpha", cpo_alpha, low=0.0)
+    if cpo_alpha > 0 and loss == "orpo":
+        raise ValueError("cpo_alpha adds CPO's NLL term to dpo/ipo/simpo; loss='orpo' has its own NLL term")
+
+
+def check_group_loss_arguments(policy_logps: object, rewards: object, emb: object, ref_logps: object, mask: object,
+                               *, loss: str, diversity: str, pairs: str, pair_index: object, beta: float,
+                               orpo_lambda: float, simpo_gamma: float, deviation_norm: str, min_deviation: float,
+                               orpo_weighting: str, diversity_alpha: float, eps: float, quality_quantile: float,
+                               divpo_pools: str, cpo_alpha: float, backend: str,
+                               **extras: object) -> GroupLossArguments:
+    """Every static check of :func:`divkernels.group_preference_loss` (shapes, dtypes, devices, choices,
+    combinations); data checks (NaN, group sizes) happen on the device, see ``check_inputs``."""
+    options = (loss, diversity, pairs, deviation_norm, orpo_weighting, divpo_pools, backend, beta, orpo_lambda,
+               simpo_gamma, min_deviation, diversity_alpha, eps, quality_quantile, cpo_alpha)
+    if torch.compiler.is_compiling():  # traced once per compile: no cache (which Dynamo would not honour)
+        check_group_loss_options.__wrapped__(*options)
+    else:
+        try:
+            check_group_loss_options(*options)
+        except TypeError:  # an unhashable argument (a tensor for a scalar): check without the cache for its message
+            check_group_loss_options.__wrapped__(*options)
+    has_nll = (loss == "orpo" and orpo_weighting == "dorpo") or cpo_alpha > 0
+    if (extras.get("nll_logps") is not None or extras.get("nll_tokens") is not None) and not has_nll:
+        raise ValueError("nll_logps / nll_tokens feed the NLL term of loss='orpo' (orpo_weighting='dorpo') or of "
+                         "cpo_alpha > 0; this loss has none")
+    if extras.get("token_counts") is not None and loss != "ipo":
+        raise ValueError("token_counts normalize IPO's log-ratios; they are only used with loss='ipo'")
+
+    policy_logps = check_float_tensor("policy_logps", policy_logps, 2, "[B, G]")
+    batch, group = policy_logps.shape
+    if group < 2:
+        raise ValueError(f"policy_logps must hold G >= 2 responses per group, got G={group}")
+    rewards = check_group_tensor("rewards", rewards, batch, group)
+    if ref_logps is not None:
+        ref_logps = check_group_tensor("ref_logps", ref_logps, batch, group)
+    extras = {name: None if value is None else check_group_tensor(name, value, batch, group)
+              for name, value in extras.items()}
+    mask = check_mask(mask, batch, group)
+    encoders = check_encoders(emb, batch, group)
+    if len(encoders) > 1 and (diversity != "deviation" or deviation_norm != "minmax"
+                              or extras.get("weights") is not None):
+        raise ValueError("several encoders combine into DDPO weights: they need diversity='deviation' with "
+                         "deviation_norm='minmax' and no weights")
+    if pairs == "explicit" and pair_index is None:
+        raise ValueError("pairs='explicit' needs pair_index [B, P, 2]")
+    if pair_index is not None:
+        if pairs not in ("all", "explicit"):
+            raise ValueError(f"pair_index gives the pairs explicitly; it cannot be combined with pairs={pairs!r}")
+        pair_index = check_index_tensor("pair_index", pair_index, batch)
+        pairs = "explicit"
+    needs_emb = {
+        f"diversity={diversity!r}": diversity != "none" and extras.get("weights") is None,
+        "diversity_alpha > 0": diversity_alpha > 0,
+        "pairs='divpo' without divpo_scores": pairs == "divpo" and extras.get("divpo_scores") is None,
+    }
+    missing = [reason for reason, needed in needs_emb.items() if needed]
+    if missing and not encoders:
+        raise ValueError(f"{missing[0]} needs emb [B, G, D]")
+    if extras.get("divpo_scores") is not None and pairs != "divpo":
+        raise ValueError("divpo_scores is only used with pairs='divpo'")
+    device = check_same_device(policy_logps=policy_logps, rewards=rewards, ref_logps=ref_logps, mask=mask,
+                               pair_index=pair_index, **extras,
+                               **{f"emb[{k}]" if len(encoders) > 1 else "emb": e for k, e in enumerate(encoders)})
+    return GroupLossArguments(policy_logps, rewards, encoders, ref_logps, mask, pairs, pair_index, extras,
+                              missing[0] if missing else None, device)

@@ -120,9 +120,17 @@ def test_compile_provider_never_falls_back_to_eager(monkeypatch: pytest.MonkeyPa
     silently run eager; the runner raises the limit and turns a hit into a reported failure."""
     import torch._dynamo
 
-    for name in runner.COMPILE_LIMITS:
-        if hasattr(torch._dynamo.config, name):
-            monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
+    # Dynamo's own patch context restores every limit the runner sets (monkeypatch's setattr would
+    # write an aliased option back through its alias and leave Dynamo's config broken for later tests)
+    saved = {name: getattr(torch._dynamo.config, name) for name in runner.COMPILE_LIMITS
+             if hasattr(torch._dynamo.config, name)}
+    with torch._dynamo.config.patch(saved):
+        _compile_provider_checks(monkeypatch)
+
+
+def _compile_provider_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo
+
     monkeypatch.setattr(runner, "provider_skip_reason", lambda provider, case, device: None)
     cases = group_loss.cases([(2, 4, 8), (3, 5, 8)], [torch.float32], [False, True], list(group_loss.VARIANTS))
     torch._dynamo.reset()
@@ -132,7 +140,7 @@ def test_compile_provider_never_falls_back_to_eager(monkeypatch: pytest.MonkeyPa
     assert len(rows) == 20 and [row["error"] for row in rows] == [None] * 20
     # the same run under the default limit hits it: the check above can fail
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.config.recompile_limit = 8  # restored by the patch context of the caller
     monkeypatch.setattr(runner, "configure_compile", lambda: None)
     rows, _, _ = runner.run_suite(cases, ["compile"], torch.device("cpu"), repeats=1, warmup=0, log=lambda _: None,
                                   compile_backend="eager")

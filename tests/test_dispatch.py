@@ -48,7 +48,7 @@ def _rows() -> list[dict]:
 
 
 def test_build_entries_takes_the_geometric_mean_per_class() -> None:
-    entries = dispatch.build_entries(dispatch_cli.dispatch_rows(_rows()), GPU_NAME)
+    entries = dispatch_cli.build_entries(dispatch_cli.dispatch_rows(_rows()), GPU_NAME)
     by_class = {entry["class"]: entry for entry in entries}
     assert set(by_class) == {"G16-D8192-bfloat16", "G64-D8192-bfloat16", "G16-Dnone-none"}
     assert by_class["G16-D8192-bfloat16"]["backend"] == "cuda"
@@ -63,7 +63,7 @@ def test_merge_replaces_only_remeasured_classes() -> None:
     old = [{"device": GPU_NAME, "op": "group_preference_loss", "class": "G2-Dnone-none", "backend": "cuda"},
            {"device": GPU_NAME, "op": "group_preference_loss", "class": "G16-D8192-bfloat16", "backend": "cuda"}]
     new = [{"device": GPU_NAME, "op": "group_preference_loss", "class": "G16-D8192-bfloat16", "backend": "triton"}]
-    merged = dispatch.merge_entries(old, new)
+    merged = dispatch_cli.merge_entries(old, new)
     assert [(entry["class"], entry["backend"]) for entry in merged] == [
         ("G16-D8192-bfloat16", "triton"), ("G2-Dnone-none", "cuda")]
 
@@ -115,7 +115,7 @@ def test_unmeasured_auto_never_probes_cuda(tmp_path: Path, fake_gpu: list[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Probing the CUDA backend may JIT-build it: auto asks only when the table points there."""
     table = tmp_path / "empty.json"
-    dispatch.write_table(table, [], [])
+    dispatch_cli.write_table(table, [], [])
     monkeypatch.setenv(dispatch.ENV_TABLE, str(table))
     assert _auto(16, 4096, torch.bfloat16) == "triton"
     assert fake_gpu == ["triton"]

@@ -318,7 +318,7 @@ def test_gradcheck(config: dict[str, str], generator: torch.Generator) -> None:
     rewards = torch.randn(2, 4, generator=generator, dtype=torch.float64)
     emb.requires_grad_(True)
 
-    # Diversity weights are constants (SPEC 3), so emb is checked where its gradient is defined:
+    # Diversity weights are constants (reference.py section 3), so emb is checked where its gradient is defined:
     # through the logdet regularizer with unweighted pairs.
     def fn(p: torch.Tensor, r: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return reference.group_preference_loss(p, rewards, e, r, mask, diversity_alpha=0.1, eps=1e-2,
@@ -427,6 +427,8 @@ def _inputs(batch: int = 2, group: int = 3) -> dict[str, torch.Tensor]:
     ({"emb": torch.zeros(2, 3, 4, device="meta")}, ValueError, "inputs must be on one device"),
 ])
 def test_static_errors(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    # a valid call of the same shapes first: the per-signature check cache must not let a bad one through
+    dk.group_preference_loss(**_inputs())
     with pytest.raises(error, match=match):
         dk.group_preference_loss(**{**_inputs(), **kwargs})
 

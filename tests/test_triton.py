@@ -98,6 +98,43 @@ def test_group_advantages_match_reference(diversity: str, scale: str, generator:
     assert_matches(got, want, RTOL[torch.float64], atol=1e-12)
 
 
+def test_partition_closure_follows_a_long_chain() -> None:
+    """Responses on an arc, each linked only to its neighbours: one component with ``transitive``
+    (a path of G - 1 links needs every squaring of the reachability tile), neighbours only without."""
+    group = 11
+    angles = torch.arange(group, dtype=torch.float64) * math.radians(20.0)
+    emb = torch.stack([angles.cos(), angles.sin()], -1)[None].to(DEVICE)
+    tau = math.cos(math.radians(25.0))  # neighbours (20 degrees) linked, two apart (40) not
+    chain = dk.partition_diversity(emb, tau=tau, min_diversity=0.0, backend="triton")
+    assert torch.equal(chain.cpu(), torch.zeros(1, group, dtype=torch.float64))
+    direct = dk.partition_diversity(emb, tau=tau, min_diversity=0.0, transitive=False, backend="triton")
+    neighbours = torch.full((group,), 2.0, dtype=torch.float64)
+    neighbours[[0, -1]] = 1.0
+    assert_matches(direct, ((group - 1 - neighbours) / (group - 1))[None], 1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("transitive", [True, False])
+def test_darling_with_labels_and_minmax_rewards_match_the_oracle(transitive: bool,
+                                                                   generator: torch.Generator) -> None:
+    """Labels instead of embeddings (one kernel path) and the two-launch min-max reward path."""
+    emb, mask = groups_on_device(5, 9, 12, generator, torch.float64)
+    labels = torch.randint(0, 3, (5, 9), generator=generator).to(DEVICE)
+    rewards = torch.randn(5, 9, generator=generator, dtype=torch.float64).to(DEVICE)
+    rewards[-1] += 10.0  # the batch's largest rewards sit in the last group (the range reduction must see it)
+    got = dk.partition_diversity(partition=labels, mask=mask, transitive=transitive, backend="triton")
+    want = oracle.partition_diversity(None, mask.cpu(), 0.9, labels=labels.cpu(), transitive=transitive)
+    assert_matches(got, want, RTOL[torch.float32], atol=1e-7)
+    for source in ("labels", "emb"):
+        options = {"scale": None, "tau": 0.1, "eps": EXACT["eps"], "alpha": 0.25, "transitive": transitive,
+                   "darling_reward": "minmax"}
+        partition = labels if source == "labels" else None
+        got = dk.group_advantages(rewards, None if partition is not None else emb, mask, diversity="darling",
+                                  partition=partition, backend="triton", **options)
+        want = oracle.group_advantages(rewards.cpu(), emb.cpu().nan_to_num(), mask.cpu(), "darling",
+                                       labels=None if partition is None else labels.cpu(), **options)
+        assert_matches(got, want, RTOL[torch.float64], atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- fused loss
 
 
@@ -169,7 +206,8 @@ def test_degenerate_groups_match_reference(generator: torch.Generator) -> None:
 
 
 def test_fp32_duplicates_stay_close_to_fp64() -> None:
-    """fp32 sweep on exact duplicates (cond ~ 1/eps) stays finite and within the SPEC's measured error."""
+    """fp32 sweep on exact duplicates (cond ~ 1/eps) stays finite and within the measured error
+    (reference.py, Numerics)."""
     emb = torch.randn(3, 1, 16).expand(3, 8, 16).contiguous().to(DEVICE)
     logdet, gains = dk.logdet_diversity(emb, return_gains=True, backend="triton")
     ref_logdet, ref_gains = dk.logdet_diversity(emb.double(), return_gains=True, backend="reference")

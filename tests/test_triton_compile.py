@@ -91,8 +91,13 @@ def every_kernel_path() -> None:
             (logdet.sum() + gains.nan_to_num().sum()).backward()
         dk.deviation(emb, mask, backend="triton").sum().backward()
         dk.partition_diversity(emb, mask, tau=0.1, backend="triton")
-        for diversity in ("none", "darling", "dqo", "deviation") if every_branch else ("dqo",):
+        for diversity in ("none", "darling", "dqo", "deviation") if every_branch else ("dqo", "darling"):
             dk.group_advantages(rewards, emb.detach(), mask, diversity=diversity, backend="triton")
+        if every_branch:  # labels instead of emb; darling's two-phase min-max rewards; direct links only
+            labels = torch.randint(0, 3, mask.shape, generator=generator)
+            dk.partition_diversity(partition=labels, mask=mask, transitive=False, backend="triton")
+            dk.group_advantages(rewards, None, mask, diversity="darling", partition=labels, darling_reward="minmax",
+                                backend="triton")
         configs = BRANCH_CONFIGS if every_branch else [("dpo", "logdet_gain", "divpo"), ("orpo", "deviation", "all")]
         for loss, diversity, pairs in configs:
             policy = random_logps(2, group, generator, torch.float32).requires_grad_(True)
@@ -138,8 +143,9 @@ def compile_launches(launches: list[dict], folder: Path, extra_triton: str | Non
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     launches = record_launches(every_kernel_path)
     names = {launch["name"] for launch in launches}
-    assert {"_group_loss_forward_kernel", "_similarity_forward_kernel", "_similarity_backward_kernel",
-            "_logdet_forward_kernel", "_deviation_forward_kernel"} <= names, names
+    assert {"_group_loss_forward_kernel", "_group_loss_finalize_kernel", "_group_loss_backward_kernel",
+            "_similarity_forward_kernel", "_similarity_backward_kernel", "_logdet_forward_kernel",
+            "_deviation_forward_kernel", "_partition_kernel", "_advantages_kernel"} <= names, names
     for launch in launches:  # every tile on sm_90; the largest also on sm_80, whose shared memory is smaller
         launch["archs"] = [80, 90] if launch["kwargs"].get("BLOCK_G", 0) >= 64 else [90]
     # the installed Triton, and any other versions installed with `pip install --target DIR triton==X`

@@ -62,10 +62,11 @@ COMMON = {"max_steps": 2, "learning_rate": 0.5, "optim": "sgd", "lr_scheduler_ty
           "bf16": False, "report_to": [], "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "seed": 0}
 
 
-def run_trl(loss: str, model: Any, rows: list[dict[str, Any]], tmp_path: Path) -> tuple[list[dict], Any]:
+def run_trl(loss: str, model: Any, rows: list[dict[str, Any]], tmp_path: Path,
+            **overrides: Any) -> tuple[list[dict], Any]:
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    common = {**COMMON, "output_dir": str(tmp_path / "trl"), "per_device_train_batch_size": len(rows)}
+    common = {**COMMON, "output_dir": str(tmp_path / "trl"), "per_device_train_batch_size": len(rows), **overrides}
     dataset = Dataset.from_list(rows)
     if loss in ("dpo", "ipo"):
         from trl import DPOConfig, DPOTrainer
@@ -89,21 +90,23 @@ def run_trl(loss: str, model: Any, rows: list[dict[str, Any]], tmp_path: Path) -
     return trainer.state.log_history, trainer.model
 
 
-def run_ours(loss: str, model: Any, rows: list[dict[str, Any]], tmp_path: Path) -> tuple[list[dict], Any]:
+def run_ours(loss: str, model: Any, rows: list[dict[str, Any]], tmp_path: Path,
+             **overrides: Any) -> tuple[list[dict], Any]:
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     groups = pairs_to_groups(rows)
     args = DiversityPreferenceConfig(output_dir=str(tmp_path / "ours"), loss_type=loss, diversity="none",
-                                     per_device_train_batch_size=len(groups), kernel_backend="reference", **COMMON)
+                                     per_device_train_batch_size=len(groups), kernel_backend="reference",
+                                     **{**COMMON, **overrides})
     trainer = DiversityPreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups),
                                          processing_class=tokenizer)
     trainer.train()
     return trainer.state.log_history, trainer.model
 
 
-def compare(loss: str, rows: list[dict[str, Any]], tmp_path: Path) -> None:
-    trl_history, trl_model = run_trl(loss, tiny_gpt2(), rows, tmp_path)
-    our_history, our_model = run_ours(loss, tiny_gpt2(), rows, tmp_path)
+def compare(loss: str, rows: list[dict[str, Any]], tmp_path: Path, **overrides: Any) -> None:
+    trl_history, trl_model = run_trl(loss, tiny_gpt2(), rows, tmp_path, **overrides)
+    our_history, our_model = run_ours(loss, tiny_gpt2(), rows, tmp_path, **overrides)
     trl_steps = [entry for entry in trl_history if "loss" in entry and "train_runtime" not in entry]
     our_steps = [entry for entry in our_history if "loss" in entry and "train_runtime" not in entry]
     assert len(trl_steps) == len(our_steps) == 2
@@ -127,6 +130,16 @@ def test_defaults_equal_trl_step_for_step(loss: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("loss", ["dpo", "orpo"])
 def test_conversational_rows_equal_trl(loss: str, tmp_path: Path) -> None:
     compare(loss, CONVERSATIONAL, tmp_path)
+
+
+@pytest.mark.parametrize(("loss", "overrides"), [
+    ("dpo", {"max_length": 6}),  # sequences cut from the end (keep_start)
+    ("ipo", {"max_length": 7, "truncation_mode": "keep_end"}),  # ... or from the start
+    ("orpo", {"max_length": 6}),  # ORPO/CPO cut the completion so that prompt + completion fit
+    ("simpo", {"max_length": 7}),
+], ids=["dpo-keep_start", "ipo-keep_end", "orpo", "simpo"])
+def test_truncation_equals_trl(loss: str, overrides: dict[str, Any], tmp_path: Path) -> None:
+    compare(loss, PAIRS, tmp_path, **overrides)
 
 
 def test_config_defaults_are_trl_defaults(tmp_path: Path) -> None:

@@ -48,9 +48,10 @@ std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor
 }
 
 at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
-                               const at::Tensor& emb, const OptTensor& mask, bool poison) {
+                               const at::Tensor& emb, const OptTensor& mask, const OptTensor& scale, double factor,
+                               bool poison) {
   TORCH_CHECK(emb.is_cpu(), "the host build takes CPU tensors, got ", emb.device());
-  BackwardArgs a = prepare_backward(grad_sim, sim, norms, emb, mask, poison);
+  BackwardArgs a = prepare_backward(grad_sim, sim, norms, emb, mask, scale, poison);
   constexpr int kWidth = 128;  // as kBackwardWidth in similarity_backward.cu
   dispatch_types(a.acc, emb.scalar_type(), [&](auto acc_tag, auto emb_tag) {
     using T = decltype(acc_tag);
@@ -62,7 +63,7 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
         Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
         cosine_backward_matrix(BlockPar{}, ws, b, int(a.G), data_or_null<bool>(mask), grad_sim.data_ptr<T>(),
                                grad_sim.stride(0), grad_sim.stride(1), grad_sim.stride(2), sim.data_ptr<T>(),
-                               norms.data_ptr<T>());
+                               norms.data_ptr<T>(), data_or_null<T>(scale), factor);
         apply_backward_matrix(BlockPar{}, ws, b, int(a.G), a.D, d0, kWidth, emb.data_ptr<E>(), emb.stride(0),
                               emb.stride(1), emb.stride(2), a.grad_emb.data_ptr<E>());
       }

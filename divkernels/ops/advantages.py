@@ -1,8 +1,9 @@
-"""Diversity-aware GRPO advantages and the policy-gradient loss (SPEC 4).
+"""Diversity-aware GRPO advantages and the policy-gradient loss.
 
-On the Triton backend the per-response diversity (deviation, logdet gains, partition) comes from
-the forward kernels of those ops, one read of ``emb``; shaping and the per-group normalization
-are ``O(B G)`` tensor ops shared with the reference.
+On the Triton backend one kernel per call, one program per group, does everything: the
+per-response diversity (partition from the cosine links or labels, logdet gains, deviation; one
+read of ``emb``), the shaped reward and the per-group normalization. ``darling_reward="minmax"``
+needs the batch's reward range first, so it runs the kernel twice (ranges, then advantages).
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
-from divkernels.ops.common import contiguous_mask
-from divkernels.ops.deviation import deviation_forward
-from divkernels.ops.logdet import check_factorization, logdet_forward
-from divkernels.ops.similarity import similarity_forward
+from divkernels.ops.common import (
+    any_bad,
+    contiguous_mask,
+    is_finite,
+    new_output,
+    num_warps_for,
+    tl,
+    triton,
+    triton_dtype,
+)
+from divkernels.ops.deviation import deviation_from_similarity
+from divkernels.ops.logdet import check_factorization, diagonal, logdet_and_inverse
+from divkernels.ops.partition import closure_steps, group_links, link_launch_arguments, partition_from_links
+from divkernels.ops.similarity import gram_matrix, load_valid_rows, similarity_from_gram
 from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES, DARLING_REWARDS
 from divkernels.validation import (
     DataChecks,
@@ -26,8 +37,116 @@ from divkernels.validation import (
     check_partition,
     check_same_device,
     check_scalar,
-    nonfinite_groups,
 )
+
+ADVANTAGE_STD_EPS = tl.constexpr(reference.ADVANTAGE_STD_EPS)
+
+
+@triton.jit
+def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, B, G, D, alpha, tau,
+                       eps, min_diversity, stride_b, stride_g, stride_d, DIVERSITY: tl.constexpr,
+                       STD: tl.constexpr, PHASE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
+                       TRANSITIVE: tl.constexpr, STEPS: tl.constexpr, BLOCK_G: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr,
+                       PRECISION: tl.constexpr, RETRY_FP64: tl.constexpr):
+    """Advantages of group ``b`` (DIVERSITY: 0 none, 1 darling, 2 dqo, 3 deviation).
+
+    ``r' = r`` / ``r * div_i`` / ``r + alpha gain_i`` / ``r + alpha dev_i``, then
+    ``A = (r' - mean) / (std + 1e-4)`` over the valid responses (``STD``, unbiased std) or ``r' - mean``.
+    PHASE 0 does it all; for darling's min-max rewards PHASE 1 writes ``div`` and the group's reward
+    range, PHASE 2 reduces the ranges of the whole batch and finishes.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_G)
+    inside = offs < G
+    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+    rewards = tl.load(rewards_ptr + b * G + offs, mask=valid, other=0.0).to(OUT)
+    if PHASE == 2:
+        measure = tl.load(out_ptr + b * G + offs, mask=inside, other=0.0).to(OUT)
+    elif DIVERSITY == 1:
+        links, bad = group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, stride_d, HAS_LABELS,
+                                 BLOCK_G, BLOCK_D, ACC, PRECISION)
+        measure = partition_from_links(links, valid, min_diversity, TRANSITIVE, STEPS, BLOCK_G, OUT)
+        tl.store(bad_ptr + b, bad)
+    elif DIVERSITY >= 2:
+        gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+        sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
+        tl.store(bad_ptr + b, any_bad(valid & ~is_finite(norms)))
+        if DIVERSITY == 2:  # DQO gain: log det K - log det K_-i = -log (K^-1)_ii
+            _, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, RETRY_FP64)
+            measure = tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0).to(OUT)
+        else:
+            measure = deviation_from_similarity(sim, valid).to(OUT)
+    else:
+        measure = tl.zeros([BLOCK_G], dtype=OUT)
+        tl.store(bad_ptr + b, 0.0)
+    if PHASE == 1:  # darling with min-max rewards: div now, the batch's range in phase 2
+        tl.store(out_ptr + b * G + offs, measure, mask=inside)
+        tl.store(range_ptr + 2 * b, tl.min(tl.where(valid, rewards, float("inf")), axis=0))
+        tl.store(range_ptr + 2 * b + 1, tl.max(tl.where(valid, rewards, float("-inf")), axis=0))
+    else:  # one exit: Triton compiles what follows an early return too
+        if DIVERSITY == 1:
+            if PHASE == 2:  # min-max scale r over the batch's valid responses (all equal: 1)
+                low = tl.full([BLOCK_B], float("inf"), OUT)
+                high = tl.full([BLOCK_B], float("-inf"), OUT)
+                for start in range(0, B, BLOCK_B):
+                    rows = start + tl.arange(0, BLOCK_B)
+                    low = tl.minimum(low, tl.load(range_ptr + 2 * rows, mask=rows < B, other=float("inf")).to(OUT))
+                    high = tl.maximum(high, tl.load(range_ptr + 2 * rows + 1, mask=rows < B,
+                                                    other=float("-inf")).to(OUT))
+                low_all = tl.min(low, axis=0)
+                spread = tl.max(high, axis=0) - low_all
+                rewards = tl.where(spread > 0, (rewards - low_all) / tl.where(spread > 0, spread, 1.0), 1.0)
+            shaped = rewards * measure
+        else:
+            shaped = rewards + alpha * measure
+        shaped = tl.where(valid, shaped, 0.0)
+        n = tl.sum(valid.to(OUT), axis=0)
+        centered = tl.where(valid, shaped - tl.sum(shaped, axis=0) / tl.maximum(n, 1.0), 0.0)
+        if STD:
+            std = tl.sqrt(tl.sum(centered * centered, axis=0) / tl.maximum(n - 1.0, 1.0))
+            centered = centered / (std + ADVANTAGE_STD_EPS)
+        tl.store(out_ptr + b * G + offs, centered, mask=inside)
+
+
+def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: torch.Tensor | None,
+                       mask: torch.Tensor | None, diversity: str, alpha: float, tau: float, eps: float,
+                       scale: str, min_diversity: float, transitive: bool,
+                       darling_reward: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages [B, G], bad [B])`` in one launch (two for darling with min-max rewards)."""
+    batch, group = rewards.shape
+    out_dtype = reference.compute_dtype(rewards.dtype)
+    uses_emb = diversity in ("dqo", "deviation") or (diversity == "darling" and labels is None)
+    (emb, labels, dim, *strides), flags, acc = link_launch_arguments(emb if uses_emb else None, labels, group)
+    out = new_output((batch, group), out_dtype, rewards.device)
+    bad = new_output((batch,), acc, rewards.device)
+    two_phase = diversity == "darling" and darling_reward == "minmax"
+    ranges = new_output((batch, 2), out_dtype, rewards.device) if two_phase else None
+    arguments = (rewards.contiguous(), emb, labels, mask, out, ranges, bad, batch, group, dim, alpha, tau, eps,
+                 min_diversity, *strides)
+    constants = dict(DIVERSITY=ADVANTAGE_DIVERSITIES.index(diversity), STD=scale == "std", HAS_MASK=mask is not None,
+                     TRANSITIVE=transitive, STEPS=closure_steps(group), BLOCK_B=128, OUT=triton_dtype(out_dtype),
+                     RETRY_FP64=acc == torch.float32, num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
+    for phase in (1, 2) if two_phase else (0,):
+        _advantages_kernel[(batch,)](*arguments, PHASE=phase, **constants)
+    return out, bad
+
+
+@torch.library.custom_op("divkernels::group_advantages", mutates_args=())
+def advantages_op(rewards: torch.Tensor, emb: torch.Tensor | None, labels: torch.Tensor | None,
+                  mask: torch.Tensor | None, diversity: str, alpha: float, tau: float, eps: float, scale: str,
+                  min_diversity: float, transitive: bool, darling_reward: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages [B, G], bad [B])`` as a custom op for torch.compile (no gradient)."""
+    return advantages_forward(rewards, emb, labels, mask, diversity, alpha, tau, eps, scale, min_diversity,
+                              transitive, darling_reward)
+
+
+@advantages_op.register_fake
+def _(rewards, emb, labels, mask, diversity, alpha, tau, eps, scale, min_diversity, transitive, darling_reward):
+    uses_emb = diversity in ("dqo", "deviation") or (diversity == "darling" and labels is None)
+    acc = torch.float64 if uses_emb and emb.dtype == torch.float64 else torch.float32
+    return (rewards.new_empty(rewards.shape, dtype=reference.compute_dtype(rewards.dtype)),
+            rewards.new_empty((rewards.shape[0],), dtype=acc))
 
 
 def group_advantages(
@@ -106,42 +225,32 @@ def group_advantages(
     uses_emb = diversity != "none" and partition is None
     chosen = resolve_backend(backend, op="group_advantages", device=device, group_size=group, kernels=("triton",))
 
-    valid = reference.valid_mask(mask, batch, group, device)
-    checks = DataChecks(check_inputs)
+    checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
+
+    def valid() -> torch.Tensor:
+        return reference.valid_mask(mask, batch, group, device)
+
     checks.finite("rewards", rewards, valid)
     if diversity != "none":
         checks.group_size(valid, f"diversity={diversity!r}")
-    if chosen == "triton" and uses_emb:
-        measure, norms = _diversity_measure(emb, contiguous_mask(mask), valid, diversity, tau, eps, min_diversity,
-                                            transitive)
-        checks.nonfinite("emb", nonfinite_groups(norms, valid))
-        advantages = reference.advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale,
-                                                         darling_reward)
+    if chosen == "triton":
+        with torch.no_grad():
+            function = advantages_op if torch.compiler.is_compiling() else advantages_forward
+            advantages, bad = function(
+                rewards, None if emb is None else emb.detach(), partition, contiguous_mask(mask), diversity, alpha,
+                tau, eps, reference.default_scale(diversity, scale), min_diversity, transitive, darling_reward)
+        if uses_emb:
+            checks.nonfinite("emb", lambda: bad > 0)
     else:
         checks.finite("emb", emb if uses_emb else None, valid)
-        advantages = reference.group_advantages(rewards, emb if uses_emb else None, valid, diversity=diversity,
+        advantages = reference.group_advantages(rewards, emb if uses_emb else None, valid(), diversity=diversity,
                                                 alpha=alpha, tau=tau, eps=eps, scale=scale, partition=partition,
                                                 min_diversity=min_diversity, transitive=transitive,
                                                 darling_reward=darling_reward)
     if diversity == "dqo":
-        check_factorization(checks, advantages.isnan().any(-1))
+        check_factorization(checks, lambda: advantages.isnan().any(-1))
     checks.raise_if_failed()
     return advantages
-
-
-def _diversity_measure(emb: torch.Tensor, mask: torch.Tensor | None, valid: torch.Tensor, diversity: str,
-                       tau: float, eps: float, min_diversity: float,
-                       transitive: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(per-response diversity [B, G], norms [B, G])`` from the Triton forward kernels."""
-    with torch.no_grad():
-        if diversity == "deviation":
-            dev, _, norms = deviation_forward(emb, mask)
-            return dev, norms
-        if diversity == "dqo":
-            _, gains, _, _, norms = logdet_forward(emb, mask, eps)
-            return gains, norms
-        sim, norms = similarity_forward(emb, mask)
-        return reference.partition_from_equivalence(sim >= tau, valid, sim.dtype, min_diversity, transitive), norms
 
 
 def policy_gradient_loss(

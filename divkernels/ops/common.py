@@ -23,14 +23,31 @@ TILE_ELEMENTS = 8192
 ENV_POISON = "DIVKERNELS_POISON_OUTPUTS"
 
 
+@triton.jit
+def is_finite(x):
+    """Elementwise: neither NaN nor +-inf."""
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def any_bad(flags):
+    """1.0 if any element of a ``[BLOCK_G]`` bool vector is set."""
+    return tl.where(tl.sum(flags.to(tl.int32), axis=0) > 0, 1.0, 0.0)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (>= 1); plain Python, it runs on every launch."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def group_block(group: int) -> int:
     """Padded group size inside the kernels: a power of two >= 16."""
-    return max(MIN_BLOCK, triton.next_power_of_2(group))
+    return max(MIN_BLOCK, next_power_of_2(group))
 
 
 def embedding_block(block_g: int, dim: int) -> int:
     """Width of the slice of D that one loop step loads: the tile stays within the budget."""
-    return max(MIN_BLOCK, min(TILE_ELEMENTS // block_g, 128, triton.next_power_of_2(dim)))
+    return max(MIN_BLOCK, min(TILE_ELEMENTS // block_g, 128, next_power_of_2(dim)))
 
 
 def num_warps_for(block_g: int) -> int:
@@ -51,7 +68,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     """Precision of ``tl.dot`` on upcast inputs.
 
     bf16/fp16 values are exact in TF32, so TF32 tensor cores lose nothing; float32 must not go
-    through TF32 (SPEC numerics: logdet errors ~5e-2 at cond ~1e6), float64 stays float64.
+    through TF32 (reference.py, Numerics: logdet errors ~5e-2 at cond ~1e6), float64 stays float64.
     """
     return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"
 
@@ -61,10 +78,11 @@ def poison_outputs() -> bool:
     return os.environ.get(ENV_POISON, "0") not in ("", "0")
 
 
-def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               poison: bool | None = None) -> torch.Tensor:
     """An output buffer for a kernel to fill; NaN-poisoned when ``DIVKERNELS_POISON_OUTPUTS=1``
-    so that tests see any element a kernel failed to write."""
-    if poison_outputs():
+    so that tests see any element a kernel failed to write (``poison``: the caller read it already)."""
+    if poison_outputs() if poison is None else poison:
         fill = torch.nan if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

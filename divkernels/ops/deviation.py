@@ -1,8 +1,8 @@
-"""Deviation of each response from the rest of its group (DDPO/DORPO, SPEC 2).
+"""Deviation of each response from the rest of its group (DDPO/DORPO; reference.py section 2).
 
 ``dev_i = 1/(n-1) sum_{j != i, valid} (1 - S_ij) = (n - sum_{valid j} S_ij) / (n - 1)`` with cosine
-``S`` (unit diagonal). Forward: one program per group (Gram -> S -> row sums). Backward:
-``dL/dS_ij = -g_i / (n - 1)`` for valid ``i, j``, then the shared similarity backward.
+``S`` (unit diagonal). Forward: one program per group (Gram -> S -> row sums). Backward: the
+shared similarity backward forms ``dL/dS_ij = -g_i / (n - 1)`` for valid ``i, j`` in the kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from divkernels.ops.similarity import (
     gram_matrix,
     load_valid_rows,
     similarity_backward,
+    similarity_backward_op,
     similarity_from_gram,
     store_square,
 )
@@ -71,23 +72,52 @@ def deviation_forward(emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
 
 
 class DeviationFunction(torch.autograd.Function):
-    """Deviation with the Triton forward and the shared similarity backward."""
+    """Deviation with the Triton forward and the shared similarity backward (one launch each way)."""
 
     @staticmethod
     def forward(ctx, emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         dev, sim, norms = deviation_forward(emb, mask)
         ctx.save_for_backward(emb, mask, sim, norms)
         ctx.mark_non_differentiable(norms)
+        ctx.set_materialize_grads(False)
         return dev, norms
 
     @staticmethod
-    def backward(ctx, grad_dev: torch.Tensor, _grad_norms: torch.Tensor):
+    def backward(ctx, grad_dev: torch.Tensor | None, _grad_norms: torch.Tensor | None):
         emb, mask, sim, norms = ctx.saved_tensors
-        valid = reference.valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
-        n = reference.group_sizes(valid).to(sim.dtype)
-        per_row = torch.where(valid, grad_dev.to(sim.dtype), 0.0) / (n[:, None] - 1.0).clamp_min(1.0)
-        grad_sim = (-per_row)[:, :, None].expand_as(sim)
-        return similarity_backward(grad_sim, sim, norms, emb, mask), None
+        if grad_dev is None:
+            return None, None
+        return similarity_backward(grad_dev, sim, norms, emb, mask, mode=1), None
+
+
+@torch.library.custom_op("divkernels::deviation", mutates_args=())
+def deviation_op(emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dev [B, G], S, norms)`` as a custom op for torch.compile (one launch each way)."""
+    return deviation_forward(emb, mask)
+
+
+@deviation_op.register_fake
+def _(emb, mask):
+    batch, group, _ = emb.shape
+    acc = accumulation_dtype(emb.dtype)
+    return (emb.new_empty((batch, group), dtype=acc), emb.new_empty((batch, group, group), dtype=acc),
+            emb.new_empty((batch, group), dtype=acc))
+
+
+def _deviation_setup(ctx, inputs: tuple, output: tuple) -> None:
+    emb, mask = inputs
+    _, sim, norms = output
+    ctx.save_for_backward(emb, mask, sim, norms)
+
+
+def _deviation_op_backward(ctx, grad_dev: torch.Tensor | None, *_unused: torch.Tensor | None):
+    emb, mask, sim, norms = ctx.saved_tensors
+    if grad_dev is None:
+        return None, None
+    return similarity_backward_op(grad_dev, None, None, sim, norms, emb, mask, "cosine", None, 1), None
+
+
+deviation_op.register_autograd(_deviation_op_backward, setup_context=_deviation_setup)
 
 
 def deviation(
@@ -110,14 +140,20 @@ def deviation(
     emb, mask = check_emb_and_mask(emb, mask)
     batch, group, _ = emb.shape
     chosen = resolve_backend(backend, op="deviation", device=emb.device, group_size=group, kernels=("triton",))
-    valid = reference.valid_mask(mask, batch, group, emb.device)
-    checks = DataChecks(check_inputs)
+    checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
+
+    def valid() -> torch.Tensor:
+        return reference.valid_mask(mask, batch, group, emb.device)
+
     checks.group_size(valid, "deviation")
     if chosen == "triton":
-        dev, norms = DeviationFunction.apply(emb, contiguous_mask(mask))
-        checks.nonfinite("emb", nonfinite_groups(norms, valid))
+        if torch.compiler.is_compiling():
+            dev, _, norms = deviation_op(emb, contiguous_mask(mask))
+        else:
+            dev, norms = DeviationFunction.apply(emb, contiguous_mask(mask))
+        checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
     else:
         checks.finite("emb", emb, valid)
-        dev = reference.deviation(emb, valid)
+        dev = reference.deviation(emb, valid())
     checks.raise_if_failed()
     return dev

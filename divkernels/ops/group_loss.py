@@ -1,39 +1,52 @@
-"""Group-wise preference loss with diversity weights (SPEC 3): DPO/IPO/ORPO/SimPO x DDPO/DQO.
+"""Group-wise preference loss with diversity weights: DPO/IPO/ORPO/SimPO x DDPO/DORPO/DivPO/DQO.
 
-The fused op. Forward, one program per group, in one launch: stream ``emb[b]`` once for the Gram
-matrix, form cosine ``S`` and deviation, sweep ``K = S + eps I`` for logdet and ``K^{-1}`` (when
-``logdet_gain`` weights or the regularizer need them), select the pairs (all / best-worst / DivPO
-/ explicit counts), weight them, and reduce the group's pair losses, their gradient w.r.t. the
-log-probs and the metric partial sums. The batch total is one ``sum`` over ``[B, NUM_STATS]``.
+The fused op, four launches for a forward and backward (the autograd engine's ``ones_like``
+included) and no host sync with ``check_inputs=False``:
+
+1. forward, one program per group: stream ``emb[b]`` once for the Gram matrix, form cosine ``S``
+   and deviation, sweep ``K = S + eps I`` for logdet and ``K^{-1}`` (when ``logdet_gain`` weights
+   or the regularizer need them), select the pairs (all / best-worst / DivPO / explicit rows of
+   ``pair_index``), weight them, and write the group's partial sums (loss, metrics, data checks),
+   the gradient of its pair losses w.r.t. the log-probs and its pair counts;
+2. finalize, one program: sum the partial sums over the batch and write the loss, every metric
+   (one float32 vector; the metrics are views of it) and the totals the backward needs;
+3. backward, one program per (group, slice of D): scale the saved per-response gradient by the
+   upstream gradient (and the NLL term's), write the gradients of the policy, reference and NLL
+   log-probs in their dtypes, and, when ``emb`` needs one, the regularizer's
+   ``dL/dS = -alpha / B * g * K^{-1}`` through the shared similarity backward (reading ``emb`` once).
 
 With ``C_ij`` the pair counts, ``w_i`` the (constant) weights and ``u_ij`` the pair logit
-(``beta (z_i - z_j)`` for DPO with ``z = pi - ref``, ...), the loss is
-``sum C w l(u) / #pairs - alpha mean_b logdet_b``, so
-``d/d pi_k = slope_k (sum_j M_kj - sum_i M_ik) / #pairs`` with ``M = C w dl/du`` and
-``slope = du_ij / d pi_i`` (``beta``, 1, ``d log_odds / d pi = 1 / (1 - e^pi)``), plus ``-sum_j C_kj w_k``
-for ORPO's NLL term. The kernel writes this per-response gradient unscaled; backward only
-multiplies by ``grad_loss / #pairs``. The regularizer's gradient reaches ``emb`` through
-``dL/dS = -alpha / B * K^{-1}`` and the shared similarity backward, which reads ``emb`` once more.
-Saved for backward: ``O(B G)`` gradients, plus ``S``, ``K^{-1}`` and norms (``O(B G^2)``) only
-when ``emb`` needs a gradient.
+(``beta (z_i - z_j)`` for DPO with ``z = pi - ref``, ...), the pair part of the loss is
+``sum C w l(u) / #pairs``, so ``d/d pi_k = slope_k (sum_j M_kj - sum_i M_ik) / #pairs`` with
+``M = C w dl/du`` and ``slope = du_ij / d pi_i`` (``beta``, ``1 / T_i`` for IPO,
+``d log_odds / d pi = 1 / (1 - e^pi)``, ...). The CUDA extension implements step 1 with the same
+outputs (:mod:`divkernels.backends.cuda`); steps 2 and 3 are shared. Saved for backward:
+``O(B G)`` gradients, plus ``S``, ``K^{-1}`` and norms (``O(B G^2)``) only when ``emb`` needs a
+gradient.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from divkernels import _cuda, reference
+from divkernels import reference
 from divkernels.backend import resolve_backend
+from divkernels.backends import cuda as cuda_backend
+from divkernels.loss_config import CHECK_STATS, METRIC, STAT, STATS, ForwardOutputs, LossConfig, LossTensors
 from divkernels.ops.common import (
     accumulation_dtype,
+    any_bad,
     contiguous_mask,
     dot_precision,
     embedding_block,
     group_block,
+    is_finite,
     new_output,
+    next_power_of_2,
     num_warps_for,
     poison_outputs,
     tl,
@@ -43,43 +56,32 @@ from divkernels.ops.common import (
 from divkernels.ops.deviation import deviation, deviation_from_similarity
 from divkernels.ops.logdet import check_factorization, diagonal, logdet_and_inverse
 from divkernels.ops.similarity import (
+    emb_backward,
     gram_matrix,
     load_square,
     load_valid_rows,
-    similarity_backward,
     similarity_from_gram,
     store_square,
 )
-from divkernels.types import (
-    DEVIATION_NORMS,
-    DIVERSITIES,
-    DIVPO_POOLS,
-    LOSSES,
-    ORPO_WEIGHTINGS,
-    PAIR_MODES,
-    LossOutput,
-)
-from divkernels.validation import (
-    DataChecks,
-    check_choice,
-    check_emb,
-    check_float_tensor,
-    check_group_tensor,
-    check_index_tensor,
-    check_mask,
-    check_same_device,
-    check_scalar,
-)
+from divkernels.types import LossOutput, MetricVector
+from divkernels.validation import DataChecks, GroupLossArguments, check_group_loss_arguments, too_few_message
 
-# Columns of the per-group partial sums the kernel writes.
-STATS = ("weighted_loss", "pairs", "chosen_reward", "rejected_reward", "correct", "no_pairs", "deviation",
-         "mean_similarity", "has_similarity", "logdet", "valid", "emb_nonfinite", "weight_sum", "nll_logps",
-         "nll_tokens", "logps_chosen", "logps_rejected", "log_odds_ratio", "log_odds_chosen")
-STAT = {name: index for index, name in enumerate(STATS)}
 LN2 = tl.constexpr(reference.LN2)
 DIVPO_TIE_RTOL = tl.constexpr(reference.DIVPO_TIE_RTOL)
 DIVPO_COUNT_SLACK = tl.constexpr(reference.DIVPO_COUNT_SLACK)
 DEVIATION_TIE = tl.constexpr(reference.DEVIATION_TIE)
+
+
+# The columns of the per-group stats as kernel constants (loss_config.STAT): the kernels name them, never
+# a raw offset.
+(
+    COL_WEIGHTED_LOSS, COL_PAIRS, COL_CHOSEN_REWARD, COL_REJECTED_REWARD, COL_CORRECT, COL_NO_PAIRS, COL_DEVIATION,
+    COL_MEAN_SIMILARITY, COL_HAS_SIMILARITY, COL_LOGDET, COL_VALID, COL_EMB_NONFINITE, COL_WEIGHT_SUM, COL_NLL_LOGPS,
+    COL_NLL_TOKENS, COL_LOGPS_CHOSEN, COL_LOGPS_REJECTED, COL_LOG_ODDS_RATIO, COL_LOG_ODDS_CHOSEN,
+    COL_BAD_POLICY_LOGPS, COL_BAD_REWARDS, COL_BAD_REF_LOGPS, COL_BAD_DIVPO_SCORES, COL_BAD_WEIGHTS,
+    COL_BAD_TOKEN_COUNTS, COL_BAD_NLL_LOGPS, COL_BAD_NLL_TOKENS, COL_TOO_FEW_RESPONSES, COL_ORPO_NONNEGATIVE,
+    COL_BAD_PAIR_INDEX, COL_FACTORIZATION_FAILED,
+) = (tl.constexpr(STAT[name]) for name in STATS + CHECK_STATS)
 
 
 @triton.jit
@@ -240,17 +242,17 @@ def normalize_to_mean_one(raw, valid):
 
 @triton.jit
 def _group_loss_forward_kernel(
-    emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, counts_ptr, scores_ptr, weights_ptr, lengths_ptr,
+    emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
     nll_logps_ptr, nll_tokens_ptr,
     stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
-    G, D, stride_b, stride_g, stride_d,
+    G, D, P, stride_b, stride_g, stride_d,
     beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
     LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr, ORPO_DORPO: tl.constexpr,
     DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
     NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    RETRY_FP64: tl.constexpr,
+    RETRY_FP64: tl.constexpr, CHECK: tl.constexpr, NEED_TWO: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
@@ -313,7 +315,7 @@ def _group_loss_forward_kernel(
             bottom_score = dev
         counts = divpo_pair(reward, top, bottom, top_score, bottom_score, BLOCK_G)
     else:
-        counts = load_square(counts_ptr + b * G * G, G, BLOCK_G, ACC)
+        counts, bad_pairs = explicit_pairs(pair_index_ptr + b * P * 2, P, valid, BLOCK_G, ACC)
 
     # -- diversity weight of each chosen response (constants for the gradient)
     if WEIGHTS == 0:
@@ -363,279 +365,555 @@ def _group_loss_forward_kernel(
 
     num_pairs = tl.sum(tl.sum(counts, axis=1), axis=0)
     stats = stats_ptr + b * NUM_STATS
-    tl.store(stats + 0, loss_sum)
-    tl.store(stats + 1, num_pairs)
-    tl.store(stats + 2, tl.sum(tl.sum(counts * implicit[:, None], axis=1), axis=0))
-    tl.store(stats + 3, tl.sum(tl.sum(counts * implicit[None, :], axis=1), axis=0))
+    tl.store(stats + COL_WEIGHTED_LOSS, loss_sum)
+    tl.store(stats + COL_PAIRS, num_pairs)
+    tl.store(stats + COL_CHOSEN_REWARD, tl.sum(tl.sum(counts * implicit[:, None], axis=1), axis=0))
+    tl.store(stats + COL_REJECTED_REWARD, tl.sum(tl.sum(counts * implicit[None, :], axis=1), axis=0))
     correct = tl.where(implicit[:, None] > implicit[None, :], counts, 0.0)
-    tl.store(stats + 4, tl.sum(tl.sum(correct, axis=1), axis=0))
-    tl.store(stats + 5, tl.where(num_pairs == 0.0, 1.0, 0.0))
-    tl.store(stats + 6, tl.sum(dev, axis=0))
-    tl.store(stats + 7, mean_similarity)
-    tl.store(stats + 8, has_similarity)
-    tl.store(stats + 9, logdet)
-    tl.store(stats + 10, tl.sum(valid.to(ACC), axis=0))
-    tl.store(stats + 11, emb_nonfinite)
-    tl.store(stats + 12, tl.sum(tl.sum(weighted, axis=1), axis=0))
-    tl.store(stats + 13, tl.sum(tl.where(valid, chosen_count * nll_logps, 0.0), axis=0))
-    tl.store(stats + 14, tl.sum(tl.where(valid, chosen_count * nll_tokens, 0.0), axis=0))
-    tl.store(stats + 15, tl.sum(tl.where(valid, chosen_count * policy, 0.0), axis=0))
-    tl.store(stats + 16, tl.sum(tl.where(valid, rejected_count * policy, 0.0), axis=0))
-    tl.store(stats + 17, tl.sum(tl.sum(tl.where(paired, -counts * softplus(-odds), 0.0), axis=1), axis=0))
-    tl.store(stats + 18, tl.sum(tl.sum(tl.where(paired, counts * odds, 0.0), axis=1), axis=0))
+    tl.store(stats + COL_CORRECT, tl.sum(tl.sum(correct, axis=1), axis=0))
+    tl.store(stats + COL_NO_PAIRS, tl.where(num_pairs == 0.0, 1.0, 0.0))
+    tl.store(stats + COL_DEVIATION, tl.sum(dev, axis=0))
+    tl.store(stats + COL_MEAN_SIMILARITY, mean_similarity)
+    tl.store(stats + COL_HAS_SIMILARITY, has_similarity)
+    tl.store(stats + COL_LOGDET, logdet)
+    tl.store(stats + COL_VALID, tl.sum(valid.to(ACC), axis=0))
+    tl.store(stats + COL_EMB_NONFINITE, emb_nonfinite)
+    tl.store(stats + COL_WEIGHT_SUM, tl.sum(tl.sum(weighted, axis=1), axis=0))
+    tl.store(stats + COL_NLL_LOGPS, tl.sum(tl.where(valid, chosen_count * nll_logps, 0.0), axis=0))
+    tl.store(stats + COL_NLL_TOKENS, tl.sum(tl.where(valid, chosen_count * nll_tokens, 0.0), axis=0))
+    tl.store(stats + COL_LOGPS_CHOSEN, tl.sum(tl.where(valid, chosen_count * policy, 0.0), axis=0))
+    tl.store(stats + COL_LOGPS_REJECTED, tl.sum(tl.where(valid, rejected_count * policy, 0.0), axis=0))
+    log_odds_ratio = tl.sum(tl.sum(tl.where(paired, -counts * softplus(-odds), 0.0), axis=1), axis=0)
+    tl.store(stats + COL_LOG_ODDS_RATIO, log_odds_ratio)
+    tl.store(stats + COL_LOG_ODDS_CHOSEN, tl.sum(tl.sum(tl.where(paired, counts * odds, 0.0), axis=1), axis=0))
+    if CHECK:  # the data checks of check_inputs=True: 1 where group b fails one (CHECK_STATS)
+        tl.store(stats + COL_BAD_POLICY_LOGPS, any_bad(valid & ~is_finite(policy)))
+        tl.store(stats + COL_BAD_REWARDS, any_bad(valid & ~is_finite(reward)))
+        if HAS_REF:
+            tl.store(stats + COL_BAD_REF_LOGPS, any_bad(valid & ~is_finite(ref)))
+        else:
+            tl.store(stats + COL_BAD_REF_LOGPS, 0.0)
+        if HAS_SCORES and PAIRS == 2:
+            tl.store(stats + COL_BAD_DIVPO_SCORES, any_bad(valid & ~is_finite(top_score)))
+        else:
+            tl.store(stats + COL_BAD_DIVPO_SCORES, 0.0)
+        if WEIGHTS == 3:
+            tl.store(stats + COL_BAD_WEIGHTS, any_bad(valid & ~is_finite(weight)))
+        else:
+            tl.store(stats + COL_BAD_WEIGHTS, 0.0)
+        tl.store(stats + COL_BAD_TOKEN_COUNTS, any_bad(valid & ~(is_finite(length) & (length > 0.0))))
+        tl.store(stats + COL_BAD_NLL_LOGPS, any_bad(valid & ~is_finite(nll_logps)))
+        tl.store(stats + COL_BAD_NLL_TOKENS, any_bad(valid & ~(is_finite(nll_tokens) & (nll_tokens > 0.0))))
+        if NEED_TWO:
+            tl.store(stats + COL_TOO_FEW_RESPONSES, tl.where(tl.sum(valid.to(ACC), axis=0) < 2.0, 1.0, 0.0))
+        else:
+            tl.store(stats + COL_TOO_FEW_RESPONSES, 0.0)
+        if LOSS == 2:
+            tl.store(stats + COL_ORPO_NONNEGATIVE, any_bad(valid & (policy >= 0.0)))
+        else:
+            tl.store(stats + COL_ORPO_NONNEGATIVE, 0.0)
+        if PAIRS == 3:
+            tl.store(stats + COL_BAD_PAIR_INDEX, tl.where(bad_pairs > 0, 1.0, 0.0))
+        else:
+            tl.store(stats + COL_BAD_PAIR_INDEX, 0.0)
+        tl.store(stats + COL_FACTORIZATION_FAILED, tl.where(logdet == logdet, 0.0, 1.0))
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    """The non-tensor arguments of the fused loss (hashable, passed through autograd)."""
-
-    loss: str
-    diversity: str
-    pairs: str
-    beta: float
-    orpo_lambda: float
-    simpo_gamma: float
-    deviation_norm: str
-    min_deviation: float
-    diversity_alpha: float
-    eps: float
-    quality_quantile: float
-    orpo_weighting: str = "dorpo"
-    divpo_pools: str = "ranked"
-    given_weights: bool = False
-    cpo_alpha: float = 0.0
-    kernel_backend: str = "triton"  # "triton" or "cuda"
-
-    @property
-    def needs_logdet(self) -> bool:
-        return self.diversity == "logdet_gain" or self.diversity_alpha > 0
-
-    @property
-    def dorpo(self) -> bool:
-        """DORPO's form: weight inside the log-sigmoid, NLL scaled by the batch mean of the weights."""
-        return self.loss == "orpo" and self.orpo_weighting == "dorpo"
-
-    @property
-    def has_nll(self) -> bool:
-        """The loss has the batch NLL term of the chosen sequences (DORPO / ORPO, or CPO's cpo_alpha)."""
-        return self.dorpo or self.cpo_alpha > 0
-
-    @property
-    def weights_mode(self) -> int:
-        """Weight mode of the kernels: the index in DIVERSITIES, or 3 for given weights."""
-        return 3 if self.given_weights else DIVERSITIES.index(self.diversity)
+@triton.jit
+def explicit_pairs(pair_index_ptr, P, valid, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+    """``(C, bad)``: the ``[BLOCK_G, BLOCK_G]`` count of each (chosen, rejected) row of one group's
+    ``pair_index [P, 2]`` (``(-1, -1)`` rows are padding), and how many rows name no two different
+    valid responses (out of range, padded, equal, or half negative)."""
+    offs = tl.arange(0, BLOCK_G)
+    counts = tl.zeros([BLOCK_G, BLOCK_G], dtype=ACC)
+    bad = tl.sum(tl.zeros([BLOCK_G], dtype=tl.int32), axis=0)
+    for p in range(0, P):
+        chosen = tl.load(pair_index_ptr + 2 * p).to(tl.int32)
+        rejected = tl.load(pair_index_ptr + 2 * p + 1).to(tl.int32)
+        padding = (chosen < 0) & (rejected < 0)
+        chosen_valid = tl.sum(tl.where((offs == chosen) & valid, 1, 0), axis=0) > 0
+        rejected_valid = tl.sum(tl.where((offs == rejected) & valid, 1, 0), axis=0) > 0
+        good = chosen_valid & rejected_valid & (chosen != rejected)
+        bad += tl.where(padding | good, 0, 1)
+        counts += tl.where((offs[:, None] == chosen) & (offs[None, :] == rejected) & good, 1.0, 0.0)
+    return counts, bad
 
 
-@dataclass
-class LossTensors:
-    """The tensor inputs of the fused loss; the optional ones are None when not given."""
-
-    policy: torch.Tensor
-    rewards: torch.Tensor
-    ref: torch.Tensor | None = None
-    emb: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    counts: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-    lengths: torch.Tensor | None = None
-    nll_logps: torch.Tensor | None = None
-    nll_tokens: torch.Tensor | None = None
 
 
-def group_loss_forward(inputs: LossTensors, config: LossConfig, store_state: bool) -> tuple[torch.Tensor | None, ...]:
-    """Launch the fused forward: ``(stats [B, NUM_STATS], d loss_sum / d policy [B, G], chosen counts [B, G],
-    rejected counts [B, G], S, norms, K^-1)``; ``S``, norms and ``K^-1`` only with ``store_state``."""
+@triton.jit
+def pick(vector, index, BLOCK: tl.constexpr):
+    """Element ``index`` of a ``[BLOCK]`` vector."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK) == index, vector, 0.0), axis=0)
+
+
+@triton.jit
+def _group_loss_finalize_kernel(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha,
+                                cpo_alpha, NUM_STATS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+                                DORPO: tl.constexpr, HAS_CPO: tl.constexpr, ACC: tl.constexpr):
+    """Batch totals of the ``[B, NUM_STATS]`` partial sums; the loss
+    ``weighted_loss / P + c NLL - alpha * logdet / B`` (``c``: DORPO's mean weight or CPO's alpha,
+    ``NLL = -nll_logps / nll_tokens``) and the metrics in the order of ``loss_config.METRICS``."""
+    offs = tl.arange(0, BLOCK_S)
+    total = tl.zeros([BLOCK_S], dtype=ACC)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        tile = tl.load(stats_ptr + rows[:, None] * NUM_STATS + offs[None, :],
+                       mask=(rows[:, None] < B) & (offs[None, :] < NUM_STATS), other=0.0)
+        total += tl.sum(tile.to(ACC), axis=0)
+    tl.store(totals_ptr + offs, total, mask=offs < NUM_STATS)
+    pairs = pick(total, COL_PAIRS, BLOCK_S)
+    per_pair = tl.maximum(pairs, 1.0)
+    nll = -pick(total, COL_NLL_LOGPS, BLOCK_S) / tl.maximum(pick(total, COL_NLL_TOKENS, BLOCK_S), 1e-30)
+    loss = pick(total, COL_WEIGHTED_LOSS, BLOCK_S) / per_pair
+    if DORPO:
+        loss += pick(total, COL_WEIGHT_SUM, BLOCK_S) / per_pair * nll
+    if HAS_CPO:
+        loss += cpo_alpha * nll
+    loss -= diversity_alpha * pick(total, COL_LOGDET, BLOCK_S) / batch_div
+    tl.store(loss_ptr, loss)
+    chosen = pick(total, COL_CHOSEN_REWARD, BLOCK_S) / per_pair
+    rejected = pick(total, COL_REJECTED_REWARD, BLOCK_S) / per_pair
+    # in the order of loss_config.METRICS
+    values = (loss, pairs, pick(total, COL_NO_PAIRS, BLOCK_S), chosen, rejected, chosen - rejected,
+              pick(total, COL_CORRECT, BLOCK_S) / per_pair,
+              pick(total, COL_LOGPS_CHOSEN, BLOCK_S) / per_pair,
+              pick(total, COL_LOGPS_REJECTED, BLOCK_S) / per_pair,
+              nll,
+              pick(total, COL_LOG_ODDS_RATIO, BLOCK_S) / per_pair,
+              pick(total, COL_LOG_ODDS_CHOSEN, BLOCK_S) / per_pair,
+              pick(total, COL_MEAN_SIMILARITY, BLOCK_S) / tl.maximum(pick(total, COL_HAS_SIMILARITY, BLOCK_S), 1.0),
+              pick(total, COL_DEVIATION, BLOCK_S) / tl.maximum(pick(total, COL_VALID, BLOCK_S), 1.0),
+              pick(total, COL_LOGDET, BLOCK_S) / batch_div)
+    for index in tl.static_range(15):
+        tl.store(metrics_ptr + index, values[index].to(tl.float32))
+
+
+@triton.jit
+def _group_loss_backward_kernel(
+    grad_loss_ptr, totals_ptr, grad_sum_ptr, chosen_counts_ptr, grad_policy_ptr, grad_ref_ptr, grad_nll_ptr,
+    inverse_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr, grad_emb_ptr,
+    G, D, stride_eb, stride_eg, stride_ed, alpha_over_batch, cpo_alpha,
+    DORPO: tl.constexpr, HAS_CPO: tl.constexpr, NLL_TO_POLICY: tl.constexpr, NEED_POLICY: tl.constexpr,
+    NEED_REF: tl.constexpr, NEED_NLL: tl.constexpr, EMB_GRAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Gradients of group ``b`` from the upstream ``g`` (read on the device): log-probs in the
+    programs of D slice 0, ``emb`` (the regularizer) slice by slice."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_G)
+    g = tl.load(grad_loss_ptr).to(ACC)
+    per_pair = tl.maximum(tl.load(totals_ptr + COL_PAIRS).to(ACC), 1.0)
+    if tl.program_id(1) == 0:
+        inside = offs < G
+        grad = tl.load(grad_sum_ptr + b * G + offs, mask=inside, other=0.0).to(ACC) * (g / per_pair)
+        if DORPO or HAS_CPO:
+            # d (c NLL) / d nll_logps_k = -c chosen_k / sum_P nll_tokens
+            if DORPO:
+                coef = tl.load(totals_ptr + COL_WEIGHT_SUM).to(ACC) / per_pair
+            else:
+                coef = cpo_alpha
+            tokens = tl.maximum(tl.load(totals_ptr + COL_NLL_TOKENS).to(ACC), 1e-30)
+            chosen = tl.load(chosen_counts_ptr + b * G + offs, mask=inside, other=0.0).to(ACC)
+            grad_nll = -chosen * (g * coef / tokens)
+            if NLL_TO_POLICY:
+                if NEED_POLICY:
+                    tl.store(grad_policy_ptr + b * G + offs, (grad + grad_nll).to(grad_policy_ptr.dtype.element_ty),
+                             mask=inside)
+            else:
+                if NEED_POLICY:
+                    tl.store(grad_policy_ptr + b * G + offs, grad.to(grad_policy_ptr.dtype.element_ty), mask=inside)
+                if NEED_NLL:
+                    tl.store(grad_nll_ptr + b * G + offs, grad_nll.to(grad_nll_ptr.dtype.element_ty), mask=inside)
+        else:
+            if NEED_POLICY:
+                tl.store(grad_policy_ptr + b * G + offs, grad.to(grad_policy_ptr.dtype.element_ty), mask=inside)
+        if NEED_REF:  # z = pi - ref: the reference's gradient is the pair part's, negated
+            tl.store(grad_ref_ptr + b * G + offs, (-grad).to(grad_ref_ptr.dtype.element_ty), mask=inside)
+    if EMB_GRAD:
+        valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+        pair = valid[:, None] & valid[None, :]
+        grad_sim = tl.where(pair, load_square(inverse_ptr + b * G * G, G, BLOCK_G, ACC), 0.0) * (-alpha_over_batch * g)
+        emb_backward(grad_sim + tl.trans(grad_sim), b, tl.program_id(1) * BLOCK_D, valid, sim_ptr, norms_ptr,
+                     emb_ptr, grad_emb_ptr, G, D, 0.0, stride_eb, stride_eg, stride_ed, 0, BLOCK_G, BLOCK_D, ACC,
+                     PRECISION)
+
+
+
+def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, acc: torch.dtype) -> ForwardOutputs:
+    """Step 1 on the Triton backend: one launch, one program per group."""
     policy, emb = inputs.policy, inputs.emb
     batch, group = policy.shape
     dim = emb.shape[2] if emb is not None else 1
-    dtypes = (policy.dtype,) + ((emb.dtype,) if emb is not None else ())
-    acc = accumulation_dtype(*dtypes)
     device = policy.device
-    if config.kernel_backend == "cuda":
-        return _cuda_group_loss_forward(inputs, config, store_state, acc)
-    stats = new_output((batch, len(STATS)), acc, device)
-    grad_policy = new_output((batch, group), acc, device)
-    chosen_counts = new_output((batch, group), acc, device)
-    rejected_counts = new_output((batch, group), acc, device)
-    sim = norms = inverse = None
+    num_stats = len(STATS) + (len(CHECK_STATS) if config.check_inputs else 0)
+    poison = inputs.poison
+    out = ForwardOutputs(*(new_output(shape, acc, device, poison)
+                           for shape in ((batch, num_stats), (batch, group), (batch, group), (batch, group))))
     if store_state:
-        sim = new_output((batch, group, group), acc, device)
-        norms = new_output((batch, group), acc, device)
-        inverse = new_output((batch, group, group), acc, device) if config.needs_logdet else None
+        out.sim = new_output((batch, group, group), acc, device, poison)
+        out.norms = new_output((batch, group), acc, device, poison)
+        out.inverse = new_output((batch, group, group), acc, device, poison) if config.needs_logdet else None
 
     def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.contiguous()
 
-    block_g = group_block(group)
+    pair_index = inputs.pair_index
+    present = tuple(t is not None for t in (emb, inputs.mask, inputs.ref, inputs.scores, inputs.lengths,
+                                            inputs.nll_logps, inputs.nll_tokens))
+    constants = _forward_constants(config, group, dim, None if emb is None else emb.dtype, acc, present,
+                                   store_state, num_stats)
     _group_loss_forward_kernel[(batch,)](
-        emb, inputs.mask, policy.contiguous(), contiguous(inputs.ref), inputs.rewards.contiguous(), inputs.counts,
-        contiguous(inputs.scores), contiguous(inputs.weights), contiguous(inputs.lengths),
+        emb, inputs.mask, policy.contiguous(), contiguous(inputs.ref), inputs.rewards.contiguous(),
+        contiguous(pair_index), contiguous(inputs.scores), contiguous(inputs.weights), contiguous(inputs.lengths),
         contiguous(inputs.nll_logps), contiguous(inputs.nll_tokens),
-        stats, grad_policy, chosen_counts, rejected_counts, sim, norms, inverse,
-        group, dim, *(emb.stride() if emb is not None else (0, 0, 0)),
+        out.stats, out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse,
+        group, dim, 0 if pair_index is None else pair_index.shape[1], *(emb.stride() if emb is not None else (0, 0, 0)),
         config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
-        config.quality_quantile,
-        LOSS=LOSSES.index(config.loss), PAIRS=PAIR_MODES.index(config.pairs), WEIGHTS=config.weights_mode,
-        NORM=DEVIATION_NORMS.index(config.deviation_norm), ORPO_DORPO=config.dorpo,
-        DIVPO_RANKED=config.divpo_pools == "ranked",
-        HAS_EMB=emb is not None, HAS_MASK=inputs.mask is not None, HAS_REF=inputs.ref is not None,
-        HAS_SCORES=inputs.scores is not None, HAS_LENGTHS=inputs.lengths is not None,
-        HAS_NLL_LOGPS=inputs.nll_logps is not None, HAS_NLL_TOKENS=inputs.nll_tokens is not None,
-        NEED_LOGDET=config.needs_logdet and emb is not None, STORE_STATE=store_state, NUM_STATS=len(STATS),
-        BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc),
-        PRECISION=dot_precision(emb.dtype if emb is not None else acc), RETRY_FP64=acc == torch.float32,
-        num_warps=num_warps_for(block_g))
-    return stats, grad_policy, chosen_counts, rejected_counts, sim, norms, inverse
+        config.quality_quantile, **constants)
+    return out
 
 
-def _cuda_group_loss_forward(inputs: LossTensors, config: LossConfig, store_state: bool,
-                             acc: torch.dtype) -> tuple[torch.Tensor | None, ...]:
-    """The same launch through the CUDA extension (``csrc/group_loss.cu``); same outputs."""
-    def small(tensor: torch.Tensor | None) -> torch.Tensor | None:  # [B, G] inputs: acc dtype, contiguous
-        return None if tensor is None else tensor.detach().to(acc).contiguous()
-
-    emb = inputs.emb
-    if emb is not None:  # the extension pairs float64 accumulation with float64 emb only
-        emb = emb.detach().to(torch.float64) if acc == torch.float64 else emb.detach()
-    outputs = _cuda.extension(inputs.policy.device).group_loss_forward(
-        emb, inputs.mask, small(inputs.policy), small(inputs.ref), small(inputs.rewards), small(inputs.counts),
-        small(inputs.scores), small(inputs.weights), small(inputs.lengths), small(inputs.nll_logps),
-        small(inputs.nll_tokens), LOSSES.index(config.loss), PAIR_MODES.index(config.pairs), config.weights_mode,
-        DEVIATION_NORMS.index(config.deviation_norm), config.orpo_weighting == "dorpo",
-        config.divpo_pools == "ranked", config.needs_logdet, store_state, config.beta, config.orpo_lambda,
-        config.simpo_gamma, config.min_deviation, config.eps, config.quality_quantile, poison_outputs())
-    stats, grad_policy, sim, norms, inverse, chosen_counts, rejected_counts = outputs
-    return stats, grad_policy, chosen_counts, rejected_counts, sim, norms, inverse
+@functools.lru_cache(maxsize=256)
+def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torch.dtype | None, acc: torch.dtype,
+                       present: tuple[bool, ...], store_state: bool, num_stats: int) -> dict[str, object]:
+    """The forward kernel's compile-time arguments (cached: a training loop repeats them every step).
+    ``present``: which of emb, mask, ref, scores, lengths, nll_logps, nll_tokens were given."""
+    has_emb, has_mask, has_ref, has_scores, has_lengths, has_nll_logps, has_nll_tokens = present
+    block_g = group_block(group)
+    return dict(
+        LOSS=config.loss_mode, PAIRS=config.pair_mode, WEIGHTS=config.weight_mode, NORM=config.norm_mode,
+        ORPO_DORPO=config.dorpo, DIVPO_RANKED=config.ranked_pools, HAS_EMB=has_emb, HAS_MASK=has_mask,
+        HAS_REF=has_ref, HAS_SCORES=has_scores, HAS_LENGTHS=has_lengths, HAS_NLL_LOGPS=has_nll_logps,
+        HAS_NLL_TOKENS=has_nll_tokens, NEED_LOGDET=config.needs_logdet and has_emb, STORE_STATE=store_state,
+        NUM_STATS=num_stats, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc),
+        PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc), RETRY_FP64=acc == torch.float32,
+        CHECK=config.check_inputs, NEED_TWO=config.needs_two, num_warps=num_warps_for(block_g))
 
 
-def cuda_similarity_backward(grad_sim: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, emb: torch.Tensor,
-                             mask: torch.Tensor | None) -> torch.Tensor:
-    """``dL/d emb`` through the CUDA extension (``csrc/similarity_backward.cu``), cosine kernel."""
-    rows = emb.detach().to(sim.dtype) if sim.dtype == torch.float64 else emb.detach()
-    grad = _cuda.extension(emb.device).similarity_backward(grad_sim.to(sim.dtype), sim, norms, rows, mask,
-                                                           poison_outputs())
-    return grad.to(emb.dtype)
+# Step 1 of each kernel backend, chosen here and nowhere else; steps 2 and 3 are shared.
+FORWARDS = {"triton": triton_forward, "cuda": cuda_backend.forward}
 
 
-def nll_coefficient(totals: torch.Tensor, config: LossConfig) -> torch.Tensor | float:
-    """What multiplies the NLL term: DORPO's batch mean of the chosen weights, or CPO's ``cpo_alpha``."""
-    if config.dorpo:
-        return totals[STAT["weight_sum"]] / totals[STAT["pairs"]].clamp_min(1.0)
-    return config.cpo_alpha
+def finalize(stats: torch.Tensor, batch: int, config: LossConfig, loss_dtype: torch.dtype,
+             poison: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 2: ``(totals [NUM_STATS], loss [], metrics [len(METRICS)] float32)`` in one launch."""
+    num_stats = stats.shape[1]
+    device = stats.device
+    totals = new_output((num_stats,), stats.dtype, device, poison)
+    loss = new_output((), loss_dtype, device, poison)
+    metrics = new_output((len(METRIC),), torch.float32, device, poison)
+    _group_loss_finalize_kernel[(1,)](
+        stats, totals, loss, metrics, batch, float(max(batch, 1)), config.diversity_alpha, config.cpo_alpha,
+        **_finalize_constants(config, num_stats, stats.dtype))
+    return totals, loss, metrics
 
 
-def nll_from_totals(totals: torch.Tensor) -> torch.Tensor:
-    """The token-mean NLL of the chosen sequences of the batch's pairs."""
-    return -totals[STAT["nll_logps"]] / totals[STAT["nll_tokens"]].clamp_min(1e-30)
+@functools.lru_cache(maxsize=64)
+def _finalize_constants(config: LossConfig, num_stats: int, acc: torch.dtype) -> dict[str, object]:
+    return dict(NUM_STATS=num_stats, BLOCK_S=next_power_of_2(num_stats), BLOCK_B=64, DORPO=config.dorpo,
+                HAS_CPO=config.cpo_alpha > 0, ACC=triton_dtype(acc))
 
 
-def loss_from_totals(totals: torch.Tensor, batch: int, config: LossConfig) -> torch.Tensor:
-    """The scalar loss from the batch totals of the per-group partial sums:
-    ``weighted_loss / P + c * NLL - alpha * mean_b logdet_b`` (``c``: :func:`nll_coefficient`)."""
-    loss = totals[STAT["weighted_loss"]] / totals[STAT["pairs"]].clamp_min(1.0)
-    if config.has_nll:
-        loss = loss + nll_coefficient(totals, config) * nll_from_totals(totals)
-    if config.diversity_alpha > 0:
-        loss = loss - config.diversity_alpha * totals[STAT["logdet"]] / max(batch, 1)
-    return loss
+@functools.lru_cache(maxsize=256)
+def _backward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torch.dtype | None, acc: torch.dtype,
+                        needs: tuple[bool, ...], has_mask: bool) -> dict[str, object]:
+    """``needs``: policy, ref, nll gradients, NLL inside policy_logps, emb gradient in Triton."""
+    need_policy, need_ref, need_nll, nll_to_policy, emb_grad = needs
+    block_g = group_block(group)
+    return dict(DORPO=config.dorpo, HAS_CPO=config.cpo_alpha > 0, NLL_TO_POLICY=nll_to_policy,
+                NEED_POLICY=need_policy, NEED_REF=need_ref, NEED_NLL=need_nll, EMB_GRAD=emb_grad,
+                HAS_MASK=has_mask, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc),
+                PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc),
+                num_warps=num_warps_for(block_g))
+
+
+def fused_forward(inputs: LossTensors, config: LossConfig, store_state: bool) -> tuple[ForwardOutputs, torch.Tensor,
+                                                                                       torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2: ``(per-group outputs, totals, loss, metrics vector)`` in two launches."""
+    policy, emb = inputs.policy, inputs.emb
+    acc = accumulation_dtype(policy.dtype, *((emb.dtype,) if emb is not None else ()))
+    out = FORWARDS[config.kernel_backend](inputs, config, store_state, acc)
+    totals, loss, metrics = finalize(out.stats, policy.shape[0], config, reference.compute_dtype(policy.dtype),
+                                     inputs.poison)
+    return out, totals, loss, metrics
+
+
+def fused_backward(grad_loss: torch.Tensor, saved: tuple[torch.Tensor | None, ...], config: LossConfig,
+                   needs: tuple[bool, bool, bool], dtypes: tuple[torch.dtype | None, ...],
+                   poison: bool) -> tuple[torch.Tensor | None, ...]:
+    """Step 3, one launch (the CUDA backend adds its own emb backward): ``(d policy, d ref, d emb,
+    d nll_logps)`` from the upstream ``grad_loss`` (read on the device) and the forward's
+    ``saved = (grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse)``; None where not needed."""
+    grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse = saved
+    policy_dtype, ref_dtype, nll_dtype = dtypes
+    batch, group = grad_sum.shape
+    device = grad_sum.device
+    need_policy, need_ref, need_nll = needs
+    need_ref = need_ref and config.loss in ("dpo", "ipo")
+    need_nll = need_nll and config.has_nll
+    grads = {
+        "policy": new_output((batch, group), policy_dtype, device, poison) if need_policy else None,
+        "ref": new_output((batch, group), ref_dtype, device, poison) if need_ref else None,
+        "nll": new_output((batch, group), nll_dtype, device, poison) if need_nll else None,
+    }
+    emb_in_triton = emb is not None and config.kernel_backend == "triton"
+    grad_emb = new_output(emb.shape, emb.dtype, device, poison) if emb_in_triton else None
+    dim = emb.shape[2] if emb is not None else 1
+    constants = _backward_constants(config, group, dim, None if emb is None else emb.dtype, grad_sum.dtype,
+                                    (need_policy, need_ref, need_nll, nll_dtype is None, emb_in_triton),
+                                    mask is not None)
+    chunks = -(-dim // constants["BLOCK_D"]) if emb_in_triton else 1  # ceil(D / BLOCK_D)
+    _group_loss_backward_kernel[(batch, chunks)](
+        grad_loss, totals, grad_sum, chosen_counts, grads["policy"], grads["ref"], grads["nll"],
+        inverse, sim, norms, mask, emb, grad_emb, group, dim, *(emb.stride() if emb is not None else (0, 0, 0)),
+        config.diversity_alpha / max(batch, 1), config.cpo_alpha, **constants)
+    if emb is not None and not emb_in_triton:  # the CUDA extension's own emb backward
+        grad_emb = cuda_backend.similarity_backward(sim, norms, inverse, emb, mask, grad_loss,
+                                                    -config.diversity_alpha / max(batch, 1))
+    return grads["policy"], grads["ref"], grad_emb, grads["nll"]
 
 
 class GroupPreferenceLossFunction(torch.autograd.Function):
-    """``(loss, per-group stats, batch totals, chosen counts, rejected counts)``: the loss is
-    differentiable w.r.t. the policy, reference and NLL log-probs and emb."""
+    """The loss, differentiable w.r.t. the policy, reference and NLL log-probs and emb (eager
+    mode; under ``torch.compile`` the same steps run as the custom ops below). The
+    non-differentiable outputs (metrics vector, per-group stats, totals, chosen / rejected counts)
+    come back in ``inputs.aux``, outside autograd, which would only record them as constants."""
 
     @staticmethod
     def forward(ctx, policy: torch.Tensor, ref: torch.Tensor | None, emb: torch.Tensor | None,
-                nll_logps: torch.Tensor | None, inputs: LossTensors, config: LossConfig) -> tuple[torch.Tensor, ...]:
+                nll_logps: torch.Tensor | None, inputs: LossTensors, config: LossConfig) -> torch.Tensor:
         store_state = emb is not None and ctx.needs_input_grad[2] and config.diversity_alpha > 0
-        stats, grad_policy, chosen_counts, rejected_counts, sim, norms, inverse = group_loss_forward(
-            inputs, config, store_state)
-        totals = stats.sum(0)
-        loss = loss_from_totals(totals, policy.shape[0], config)
-        ctx.save_for_backward(grad_policy, chosen_counts, totals, emb if store_state else None, inputs.mask, sim,
-                              norms, inverse)
-        ctx.config, ctx.policy_dtype = config, policy.dtype
-        ctx.ref_dtype = None if ref is None else ref.dtype
-        ctx.nll_dtype = None if nll_logps is None else nll_logps.dtype
-        ctx.mark_non_differentiable(stats, totals, chosen_counts, rejected_counts)
-        return loss.to(reference.compute_dtype(policy.dtype)), stats, totals, chosen_counts, rejected_counts
+        out, totals, loss, metrics = fused_forward(inputs, config, store_state)
+        ctx.save_for_backward(out.grad_policy, out.chosen_counts, totals, emb if store_state else None, inputs.mask,
+                              out.sim, out.norms, out.inverse)
+        ctx.config = config
+        ctx.dtypes = (policy.dtype, None if ref is None else ref.dtype, None if nll_logps is None else nll_logps.dtype)
+        ctx.poison = inputs.poison
+        ctx.set_materialize_grads(False)
+        inputs.aux = (metrics, out.stats, totals, out.chosen_counts, out.rejected_counts)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, *_unused: torch.Tensor):
-        grad_policy_sum, chosen_counts, totals, emb, mask, sim, norms, inverse = ctx.saved_tensors
-        config = ctx.config
-        grad_loss = grad_loss.to(grad_policy_sum.dtype)
-        scaled = grad_policy_sum * (grad_loss / totals[STAT["pairs"]].clamp_min(1.0))
-        grad_nll = None
-        if config.has_nll:  # d (c * NLL) / d nll_logps_k = -c * chosen_k / sum_P nll_tokens
-            grad_nll = chosen_counts * (-grad_loss * nll_coefficient(totals, config)
-                                        / totals[STAT["nll_tokens"]].clamp_min(1e-30))
-        grad_nll_logps = None
-        if ctx.nll_dtype is not None:
-            grad_nll_logps = grad_nll.to(ctx.nll_dtype) if ctx.needs_input_grad[3] and grad_nll is not None else None
-        elif grad_nll is not None:  # the NLL term read the policy log-probs
-            scaled = scaled + grad_nll
-        grad_policy = scaled.to(ctx.policy_dtype) if ctx.needs_input_grad[0] else None
-        grad_ref = None
-        if ctx.needs_input_grad[1] and config.loss in ("dpo", "ipo"):
-            ref_part = grad_policy_sum * (grad_loss / totals[STAT["pairs"]].clamp_min(1.0))
-            grad_ref = (-ref_part).to(ctx.ref_dtype)
-        grad_emb = None
-        if emb is not None:
-            batch = max(grad_policy_sum.shape[0], 1)
-            grad_sim = inverse * (-config.diversity_alpha / batch * grad_loss.to(inverse.dtype))
-            if config.kernel_backend == "cuda":
-                grad_emb = cuda_similarity_backward(grad_sim, sim, norms, emb, mask)
-            else:
-                grad_emb = similarity_backward(grad_sim, sim, norms, emb, mask)
-        return grad_policy, grad_ref, grad_emb, grad_nll_logps, None, None
+    def backward(ctx, grad_loss: torch.Tensor | None):
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+        return (*fused_backward(grad_loss, ctx.saved_tensors, ctx.config, needs, ctx.dtypes, ctx.poison), None, None)
 
 
-def _metrics_from_totals(totals: torch.Tensor, batch: int, loss: torch.Tensor, config: LossConfig,
-                         has_emb: bool) -> dict[str, torch.Tensor]:
-    """The metrics from the batch totals of the per-group partial sums (device ops, no sync)."""
-    pairs = totals[STAT["pairs"]]
-    per_pair = pairs.clamp_min(1.0)
-    chosen = totals[STAT["chosen_reward"]] / per_pair
-    rejected = totals[STAT["rejected_reward"]] / per_pair
-    metrics = {
-        "loss": loss.detach(),
-        "pairs": pairs,
-        "groups_without_pairs": totals[STAT["no_pairs"]],
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
-        "rewards/accuracies": totals[STAT["correct"]] / per_pair,
-        "logps/chosen": totals[STAT["logps_chosen"]] / per_pair,
-        "logps/rejected": totals[STAT["logps_rejected"]] / per_pair,
-    }
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: the same steps, opaque to torch.compile (no graph break, capturable by
+# CUDA graphs with check_inputs=False). Optional outputs come back empty (0 elements).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("divkernels::group_loss_forward", mutates_args=())
+def group_loss_forward_op(policy: torch.Tensor, rewards: torch.Tensor, ref: torch.Tensor | None,
+                          emb: torch.Tensor | None, mask: torch.Tensor | None, pair_index: torch.Tensor | None,
+                          scores: torch.Tensor | None, weights: torch.Tensor | None, lengths: torch.Tensor | None,
+                          nll_logps: torch.Tensor | None, nll_tokens: torch.Tensor | None, config: str,
+                          store_state: bool, too_few_reason: str) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, metrics, stats, totals, chosen_counts, rejected_counts, grad_sum, sim, norms, inverse)``;
+    ``config`` is :attr:`LossConfig.key`. With the config's in-kernel checks a failure raises here."""
+    loss_config = LossConfig.from_key(config)
+    inputs = LossTensors(policy, rewards, ref, emb, mask, pair_index, scores, weights, lengths, nll_logps,
+                         nll_tokens, poison_outputs())
+    out, totals, loss, metrics = fused_forward(inputs, loss_config, store_state)
+    if loss_config.check_inputs:
+        raise_kernel_checks(totals, out.stats, policy.shape[1], too_few_reason or None)
+    return (loss, metrics, out.stats, totals, out.chosen_counts, out.rejected_counts, out.grad_policy,
+            *(policy.new_empty(0, dtype=out.stats.dtype) if state is None else state  # distinct: no aliasing
+              for state in (out.sim, out.norms, out.inverse)))
+
+
+@group_loss_forward_op.register_fake
+def _(policy, rewards, ref, emb, mask, pair_index, scores, weights, lengths, nll_logps, nll_tokens, config,
+      store_state, too_few_reason):
+    loss_config = LossConfig.from_key(config)
+    batch, group = policy.shape
+    acc = accumulation_dtype(policy.dtype, *((emb.dtype,) if emb is not None else ()))
+    num_stats = len(STATS) + (len(CHECK_STATS) if loss_config.check_inputs else 0)
+
+    def new(*shape: int) -> torch.Tensor:
+        return policy.new_empty(shape, dtype=acc)
+
+    square = (batch, group, group) if store_state else (0,)
+    return (policy.new_empty((), dtype=reference.compute_dtype(policy.dtype)),
+            policy.new_empty((len(METRIC),), dtype=torch.float32), new(batch, num_stats), new(num_stats),
+            new(batch, group), new(batch, group), new(batch, group), new(*square),
+            new(*((batch, group) if store_state else (0,))),
+            new(*(square if store_state and loss_config.needs_logdet else (0,))))
+
+
+@torch.library.custom_op("divkernels::group_loss_backward", mutates_args=())
+def group_loss_backward_op(grad_loss: torch.Tensor, grad_sum: torch.Tensor, chosen_counts: torch.Tensor,
+                           totals: torch.Tensor, emb: torch.Tensor | None, mask: torch.Tensor | None,
+                           sim: torch.Tensor | None, norms: torch.Tensor | None, inverse: torch.Tensor | None,
+                           config: str, need_policy: bool, need_ref: bool, need_nll: bool,
+                           policy_dtype: torch.dtype, ref_dtype: torch.dtype | None,
+                           nll_dtype: torch.dtype | None) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d policy, d ref, d emb, d nll_logps)``; empty where not needed."""
+    grads = fused_backward(grad_loss, (grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse),
+                           LossConfig.from_key(config), (need_policy, need_ref, need_nll),
+                           (policy_dtype, ref_dtype, nll_dtype), poison_outputs())
+    return tuple(grad_sum.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@group_loss_backward_op.register_fake
+def _(grad_loss, grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse, config, need_policy, need_ref,
+      need_nll, policy_dtype, ref_dtype, nll_dtype):
+    loss_config = LossConfig.from_key(config)
+    shape = grad_sum.shape
+    need_ref = need_ref and loss_config.loss in ("dpo", "ipo")
+    need_nll = need_nll and loss_config.has_nll
+    return (grad_sum.new_empty(shape if need_policy else (0,), dtype=policy_dtype),
+            grad_sum.new_empty(shape if need_ref else (0,), dtype=ref_dtype or grad_sum.dtype),
+            grad_sum.new_empty(0) if emb is None else torch.empty_like(emb),
+            grad_sum.new_empty(shape if need_nll else (0,), dtype=nll_dtype or grad_sum.dtype))
+
+
+def _forward_op_setup(ctx, inputs: tuple, output: tuple) -> None:
+    policy, _, ref, emb, mask, *_, nll_logps, _, config, store_state, _ = inputs
+    _, _, _, totals, chosen_counts, _, grad_sum, sim, norms, inverse = output
+    ctx.save_for_backward(grad_sum, chosen_counts, totals, emb if store_state else None, mask,
+                          *(state if store_state else None for state in (sim, norms, inverse)))
+    ctx.config = config
+    ctx.dtypes = (policy.dtype, None if ref is None else ref.dtype, None if nll_logps is None else nll_logps.dtype)
+
+
+def _forward_op_backward(ctx, grad_loss: torch.Tensor, *_unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = group_loss_backward_op(grad_loss, grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse,
+                                   ctx.config, need[0], need[2], need[9], *ctx.dtypes)
+    # an empty gradient is one the op did not need (or of an empty batch, where None means the same zeros)
+    policy, ref, emb_grad, nll = (grad if grad.numel() else None for grad in grads)
+    return policy, None, ref, emb_grad, None, None, None, None, None, nll, None, None, None, None
+
+
+group_loss_forward_op.register_autograd(_forward_op_backward, setup_context=_forward_op_setup)
+
+
+@torch._dynamo.assume_constant_result
+def _config_for_compile(*fields: object) -> tuple[str, tuple[str, ...], bool]:
+    """``(LossConfig key, metric names, needs logdet)``, made once while torch.compile traces."""
+    config = LossConfig(*fields[:-1])
+    return config.key, metric_names(config, fields[-1]), config.needs_logdet
+
+
+def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, check_inputs: bool) -> LossOutput:
+    """:func:`group_preference_loss` while ``torch.compile`` traces it: the kernels run as the
+    custom ops above, Triton's data checks inside its op (one sync there), the other checks as
+    device-side asserts (no sync, no group list); pass ``check_inputs=False`` for CUDA graphs. The
+    reference backend is traced as the PyTorch it is."""
+    emb, extras, mask = args.emb, args.extras, args.mask
+    batch, group = args.policy_logps.shape
+    chosen = resolve_backend(options["backend"], op="group_preference_loss", device=args.device, group_size=group,
+                             kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
+                             emb_dtype=None if emb is None else emb.dtype)
+    valid = reference.valid_mask(mask, batch, group, args.device)
+    in_kernel_checks = check_inputs and chosen == "triton" and len(args.encoders) <= 1
+    checks = DataChecks(check_inputs and not in_kernel_checks)  # device-side asserts while compiling
+    if checks.enabled:
+        _host_data_checks(checks, args, valid, options["loss"])
+    if chosen == "reference":
+        checks.finite("emb", emb, valid)
+        reference_options = {k: v for k, v in options.items() if k not in ("pairs", "backend")}
+        output = reference.group_preference_loss(args.policy_logps, args.rewards, args.encoders or None,
+                                                 args.ref_logps, valid, pairs=args.pairs,
+                                                 pair_index=args.pair_index, **reference_options, **extras)
+        if output.logdet is not None:
+            check_factorization(checks, lambda: torch.isnan(output.logdet))
+        checks.raise_if_failed()
+        return output
+    weights = extras["weights"]
+    if len(args.encoders) > 1:
+        devs = [deviation(e.detach(), mask, backend=chosen if chosen == "triton" else "auto", check_inputs=False)
+                for e in args.encoders]
+        weights = reference.deviation_weights(devs, valid, options["deviation_norm"], options["min_deviation"])
+    key, names, needs_logdet = _config_for_compile(
+        options["loss"], options["diversity"], args.pairs, options["beta"], options["orpo_lambda"],
+        options["simpo_gamma"], options["deviation_norm"], options["min_deviation"], options["diversity_alpha"],
+        options["eps"], options["quality_quantile"], options["orpo_weighting"], options["divpo_pools"],
+        weights is not None, options["cpo_alpha"], in_kernel_checks, args.needs_emb_reason is not None, chosen,
+        emb is not None)
+    store_state = (emb is not None and emb.requires_grad and torch.is_grad_enabled()
+                   and options["diversity_alpha"] > 0)
+    loss, vector, stats, _, chosen_counts, rejected_counts, *_ = group_loss_forward_op(
+        args.policy_logps, args.rewards, args.ref_logps, emb, contiguous_mask(mask), args.pair_index,
+        extras["divpo_scores"], None if weights is None else weights.detach(), extras["token_counts"],
+        extras["nll_logps"], extras["nll_tokens"], key, store_state, args.needs_emb_reason or "")
+    logdet = None
+    if needs_logdet:
+        logdet = stats[:, STAT["logdet"]].to(reference.compute_dtype(emb.dtype))
+        if not in_kernel_checks:
+            check_factorization(checks, lambda: torch.isnan(logdet))
+    if emb is not None and not in_kernel_checks:
+        checks.nonfinite("emb", lambda: stats[:, STAT["emb_nonfinite"]] > 0)
+    checks.raise_if_failed()
+    return LossOutput(loss, MetricVector(vector, METRIC, names), logdet, chosen_counts, rejected_counts)
+
+
+@functools.lru_cache(maxsize=64)
+def metric_names(config: LossConfig, has_emb: bool) -> tuple[str, ...]:
+    """The metrics a call reports (views of the finalize kernel's vector)."""
+    names = ["loss", "pairs", "groups_without_pairs", "rewards/chosen", "rewards/rejected", "rewards/margins",
+             "rewards/accuracies", "logps/chosen", "logps/rejected"]
     if config.has_nll:
-        metrics["nll_loss"] = nll_from_totals(totals)
+        names.append("nll_loss")
     if config.loss == "orpo":
-        metrics["log_odds_ratio"] = totals[STAT["log_odds_ratio"]] / per_pair
-        metrics["log_odds_chosen"] = totals[STAT["log_odds_chosen"]] / per_pair
+        names += ["log_odds_ratio", "log_odds_chosen"]
     if has_emb:
-        metrics["diversity/mean_similarity"] = (totals[STAT["mean_similarity"]]
-                                                / totals[STAT["has_similarity"]].clamp_min(1.0))
-        metrics["diversity/deviation"] = totals[STAT["deviation"]] / totals[STAT["valid"]].clamp_min(1.0)
+        names += ["diversity/mean_similarity", "diversity/deviation"]
         if config.needs_logdet:
-            metrics["diversity/logdet"] = totals[STAT["logdet"]] / max(batch, 1)
-    return {name: value.detach().to(torch.float32) for name, value in metrics.items()}
+            names.append("diversity/logdet")
+    return tuple(names)
 
 
-def _check_pair_index(checks: DataChecks, pair_index: torch.Tensor, valid: torch.Tensor) -> None:
-    """Every explicit pair names two different valid responses; ``(-1, -1)`` rows are padding."""
-    group = valid.shape[1]
-    chosen, rejected = pair_index[..., 0], pair_index[..., 1]
-    padding = (chosen < 0) & (rejected < 0)
-    in_range = (chosen >= 0) & (chosen < group) & (rejected >= 0) & (rejected < group)
-    chosen_valid = valid.gather(1, chosen.clamp(0, group - 1).long())
-    rejected_valid = valid.gather(1, rejected.clamp(0, group - 1).long())
-    good = in_range & chosen_valid & rejected_valid & (chosen != rejected)
-    checks.require((~padding & ~good).any(-1),
-                   lambda groups: f"pair_index rows of groups {groups} do not name two different valid "
-                                  f"responses in [0, {group}) (use (-1, -1) for padding rows)")
+# Messages of the in-kernel data checks (loss_config.CHECK_STATS), naming the failing groups.
+CHECK_MESSAGES = {
+    "emb_nonfinite": "emb has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this check)",
+    "bad_policy_logps": "policy_logps has NaN or inf in valid responses of groups {groups} (check_inputs=False skips "
+                        "this check)",
+    "bad_rewards": "rewards has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
+                   "check)",
+    "bad_ref_logps": "ref_logps has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
+                     "check)",
+    "bad_divpo_scores": "divpo_scores has NaN or inf in valid responses of groups {groups} (check_inputs=False "
+                        "skips this check)",
+    "bad_weights": "weights has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
+                   "check)",
+    "bad_token_counts": "token_counts must be finite and > 0 for valid responses; groups {groups} are not",
+    "bad_nll_logps": "nll_logps has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
+                     "check)",
+    "bad_nll_tokens": "nll_tokens must be finite and > 0 for valid responses; groups {groups} are not",
+    "orpo_nonnegative": "loss='orpo' needs mean token log-probs < 0 in policy_logps; groups {groups} have values >= 0",
+    "bad_pair_index": "pair_index rows of groups {groups} do not name two different valid responses in [0, {group}) "
+                      "(use (-1, -1) for padding rows)",
+}
+# The order the checks are reported in: inputs first, then what the computation found.
+CHECK_ORDER = ("bad_policy_logps", "bad_rewards", "bad_ref_logps", "bad_divpo_scores", "bad_weights",
+               "bad_token_counts", "bad_nll_logps", "bad_nll_tokens", "too_few_responses", "orpo_nonnegative",
+               "bad_pair_index", "emb_nonfinite", "factorization_failed")
+
+
+def raise_kernel_checks(totals: torch.Tensor, stats: torch.Tensor, group: int, too_few_reason: str | None) -> None:
+    """The in-kernel data checks: one host sync reads the totals; a failure names its groups."""
+    counts = totals.tolist()
+    for name in CHECK_ORDER:
+        if counts[STAT[name]] > 0:
+            groups = stats[:, STAT[name]].nonzero().flatten()[:8].tolist()
+            if name == "too_few_responses":
+                raise ValueError(too_few_message(too_few_reason or "this call")(groups))
+            if name == "factorization_failed":
+                checks = DataChecks(True)
+                check_factorization(checks, stats[:, STAT[name]] > 0)
+                checks.raise_if_failed()
+            raise ValueError(CHECK_MESSAGES[name].format(groups=groups, group=group))
 
 
 def group_preference_loss(
@@ -729,138 +1007,161 @@ def group_preference_loss(
         :class:`LossOutput`: ``.loss`` scalar (float32, float64 for float64 logps),
         ``.metrics`` and ``.logdet`` (``[B]`` when computed).
     """
-    check_choice("loss", loss, LOSSES)
-    check_choice("diversity", diversity, DIVERSITIES)
-    check_choice("pairs", pairs, PAIR_MODES)
-    check_choice("deviation_norm", deviation_norm, DEVIATION_NORMS)
-    check_choice("orpo_weighting", orpo_weighting, ORPO_WEIGHTINGS)
-    check_choice("divpo_pools", divpo_pools, DIVPO_POOLS)
-    check_scalar("beta", beta, low=0.0, low_open=True)
-    check_scalar("orpo_lambda", orpo_lambda, low=0.0)
-    check_scalar("simpo_gamma", simpo_gamma)
-    check_scalar("min_deviation", min_deviation, low=0.0)
-    check_scalar("diversity_alpha", diversity_alpha, low=0.0)
-    check_scalar("eps", eps, low=0.0, low_open=True)
-    check_scalar("quality_quantile", quality_quantile, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_scalar("cpo_alpha", cpo_alpha, low=0.0)
-    if cpo_alpha > 0 and loss == "orpo":
-        raise ValueError("cpo_alpha adds CPO's NLL term to dpo/ipo/simpo; loss='orpo' has its own NLL term")
-    has_nll = (loss == "orpo" and orpo_weighting == "dorpo") or cpo_alpha > 0
-    if (nll_logps is not None or nll_tokens is not None) and not has_nll:
-        raise ValueError("nll_logps / nll_tokens feed the NLL term of loss='orpo' (orpo_weighting='dorpo') or of "
-                         "cpo_alpha > 0; this loss has none")
-    if token_counts is not None and loss != "ipo":
-        raise ValueError("token_counts normalize IPO's log-ratios; they are only used with loss='ipo'")
-
-    policy_logps = check_float_tensor("policy_logps", policy_logps, 2, "[B, G]")
+    options = dict(loss=loss, diversity=diversity, pairs=pairs, beta=beta, orpo_lambda=orpo_lambda,
+                   simpo_gamma=simpo_gamma, deviation_norm=deviation_norm, min_deviation=min_deviation,
+                   orpo_weighting=orpo_weighting, diversity_alpha=diversity_alpha, eps=eps,
+                   quality_quantile=quality_quantile, divpo_pools=divpo_pools, cpo_alpha=cpo_alpha, backend=backend)
+    extras = {"divpo_scores": divpo_scores, "weights": weights, "token_counts": token_counts,
+              "nll_logps": nll_logps, "nll_tokens": nll_tokens}
+    if torch.compiler.is_compiling():
+        args = check_group_loss_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index=pair_index,
+                                          **options, **extras)
+        return _compiled_group_preference_loss(args, options, check_inputs)
+    args, plan = _checked_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index, extras, options)
+    policy_logps, rewards, ref_logps, mask = args.policy_logps, args.rewards, args.ref_logps, args.mask
+    emb, extras = args.emb, args.extras
     batch, group = policy_logps.shape
-    if group < 2:
-        raise ValueError(f"policy_logps must hold G >= 2 responses per group, got G={group}")
-    rewards = check_group_tensor("rewards", rewards, batch, group)
-    if ref_logps is not None:
-        ref_logps = check_group_tensor("ref_logps", ref_logps, batch, group)
-    if divpo_scores is not None:
-        divpo_scores = check_group_tensor("divpo_scores", divpo_scores, batch, group)
-    if weights is not None:
-        weights = check_group_tensor("weights", weights, batch, group)
-    extras = {name: check_group_tensor(name, value, batch, group) if value is not None else None
-              for name, value in (("token_counts", token_counts), ("nll_logps", nll_logps),
-                                  ("nll_tokens", nll_tokens))}
-    token_counts, nll_logps, nll_tokens = extras["token_counts"], extras["nll_logps"], extras["nll_tokens"]
-    mask = check_mask(mask, batch, group)
-    encoders = _check_encoders(emb, batch, group)
-    emb = encoders[0] if encoders else None
-    if len(encoders) > 1 and (diversity != "deviation" or deviation_norm != "minmax" or weights is not None):
-        raise ValueError("several encoders combine into DDPO weights: they need diversity='deviation' with "
-                         "deviation_norm='minmax' and no weights")
-    if pairs == "explicit" and pair_index is None:
-        raise ValueError("pairs='explicit' needs pair_index [B, P, 2]")
-    if pair_index is not None:
-        if pairs not in ("all", "explicit"):
-            raise ValueError(f"pair_index gives the pairs explicitly; it cannot be combined with pairs={pairs!r}")
-        pair_index = check_index_tensor("pair_index", pair_index, batch)
-        pairs = "explicit"
-    needs_emb = {
-        f"diversity={diversity!r}": diversity != "none" and weights is None,
-        "diversity_alpha > 0": diversity_alpha > 0,
-        "pairs='divpo' without divpo_scores": pairs == "divpo" and divpo_scores is None,
-    }
-    missing = [reason for reason, needed in needs_emb.items() if needed]
-    if missing and emb is None:
-        raise ValueError(f"{missing[0]} needs emb [B, G, D]")
-    if divpo_scores is not None and pairs != "divpo":
-        raise ValueError("divpo_scores is only used with pairs='divpo'")
-    device = check_same_device(policy_logps=policy_logps, rewards=rewards, ref_logps=ref_logps, mask=mask,
-                               pair_index=pair_index, divpo_scores=divpo_scores, weights=weights, **extras,
-                               **{f"emb[{k}]" if len(encoders) > 1 else "emb": e for k, e in enumerate(encoders)})
-    chosen = resolve_backend(backend, op="group_preference_loss", device=device, group_size=group,
+    chosen = resolve_backend(backend, op="group_preference_loss", device=args.device, group_size=group,
                              kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
                              emb_dtype=None if emb is None else emb.dtype)
+    # the Triton forward checks one embedding tensor itself (stat columns, one sync in raise_kernel_checks)
+    in_kernel_checks = check_inputs and chosen == "triton" and len(args.encoders) <= 1
+    checks = DataChecks(check_inputs and not in_kernel_checks)
 
-    valid = reference.valid_mask(mask, batch, group, device)
-    checks = DataChecks(check_inputs)
-    for name, value in (("policy_logps", policy_logps), ("rewards", rewards), ("ref_logps", ref_logps),
-                        ("divpo_scores", divpo_scores), ("weights", weights), *extras.items()):
-        checks.finite(name, value, valid)
-    for name, value in (("token_counts", token_counts), ("nll_tokens", nll_tokens)):
-        if value is not None:
-            checks.require((valid & ~(value > 0)).any(-1),
-                           lambda groups, name=name: f"{name} must be > 0 for valid responses; groups {groups} "
-                                                     f"are not")
-    if missing:
-        checks.group_size(valid, missing[0])
-    if loss == "orpo":
-        checks.require((valid & (policy_logps >= 0)).any(-1),
-                       lambda groups: f"loss='orpo' needs mean token log-probs < 0 in policy_logps; "
-                                      f"groups {groups} have values >= 0")
-    if pair_index is not None:
-        _check_pair_index(checks, pair_index, valid)
-    for k, extra in enumerate(encoders[1:], start=1):
-        checks.finite(f"emb[{k}]", extra, valid)
+    def valid() -> torch.Tensor:
+        return reference.valid_mask(mask, batch, group, args.device)
+
+    if checks.enabled:
+        _host_data_checks(checks, args, valid(), loss)
 
     if chosen in ("triton", "cuda"):
-        if len(encoders) > 1:  # the combined weights of several encoders go in as given weights
+        weights = extras["weights"]
+        if len(args.encoders) > 1:  # the combined weights of several encoders go in as given weights
             kernel = "triton" if chosen == "triton" else "auto"
-            devs = [deviation(e.detach(), mask, backend=kernel, check_inputs=False) for e in encoders]
-            weights = reference.deviation_weights(devs, valid, deviation_norm, min_deviation)
-        config = LossConfig(loss, diversity, pairs, beta, orpo_lambda, simpo_gamma, deviation_norm, min_deviation,
-                            diversity_alpha, eps, quality_quantile, orpo_weighting, divpo_pools, weights is not None,
-                            cpo_alpha, chosen)
-        counts = None if pair_index is None else reference.pair_counts_explicit(pair_index, group)
-        tensors = LossTensors(policy_logps, rewards, ref_logps, emb, contiguous_mask(mask), counts, divpo_scores,
-                              None if weights is None else weights.detach(), token_counts, nll_logps, nll_tokens)
-        total, stats, totals, chosen_counts, rejected_counts = GroupPreferenceLossFunction.apply(
-            policy_logps, ref_logps, emb, nll_logps, tensors, config)
-        logdet = stats[:, STAT["logdet"]].to(reference.compute_dtype(emb.dtype)) if config.needs_logdet else None
-        output = LossOutput(total, _metrics_from_totals(totals, batch, total, config, emb is not None), logdet,
-                            chosen_counts, rejected_counts)
-        if emb is not None:
-            checks.nonfinite("emb", stats[:, STAT["emb_nonfinite"]] > 0)
+            devs = [deviation(e.detach(), mask, backend=kernel, check_inputs=False) for e in args.encoders]
+            weights = reference.deviation_weights(devs, valid(), deviation_norm, min_deviation)
+        config = plan.configs.get((chosen, in_kernel_checks))
+        if config is None:
+            config = plan.configs[chosen, in_kernel_checks] = LossConfig(
+                loss, diversity, args.pairs, beta, orpo_lambda, simpo_gamma, deviation_norm, min_deviation,
+                diversity_alpha, eps, quality_quantile, orpo_weighting, divpo_pools, weights is not None, cpo_alpha,
+                in_kernel_checks, args.needs_emb_reason is not None, chosen)
+        tensors = LossTensors(policy_logps, rewards, ref_logps, emb, contiguous_mask(mask), args.pair_index,
+                              extras["divpo_scores"], None if weights is None else weights.detach(),
+                              extras["token_counts"], extras["nll_logps"], extras["nll_tokens"], poison_outputs())
+        total = GroupPreferenceLossFunction.apply(policy_logps, ref_logps, emb, extras["nll_logps"], tensors, config)
+        vector, stats, totals, chosen_counts, rejected_counts = tensors.aux
+        metrics = MetricVector(vector, METRIC, metric_names(config, emb is not None))
+        logdet = None
+        if config.needs_logdet:
+            logdet = stats[:, STAT["logdet"]]
+            logdet = logdet if logdet.dtype == reference.compute_dtype(emb.dtype) else logdet.to(
+                reference.compute_dtype(emb.dtype))
+        output = LossOutput(total, metrics, logdet, chosen_counts, rejected_counts)
+        if in_kernel_checks:
+            raise_kernel_checks(totals, stats, group, args.needs_emb_reason)
+        elif emb is not None:
+            checks.nonfinite("emb", lambda: stats[:, STAT["emb_nonfinite"]] > 0)
     else:
         checks.finite("emb", emb, valid)
         output = reference.group_preference_loss(
-            policy_logps, rewards, encoders or None, ref_logps, valid, loss=loss, diversity=diversity, pairs=pairs,
-            pair_index=pair_index, beta=beta, orpo_lambda=orpo_lambda, simpo_gamma=simpo_gamma,
-            deviation_norm=deviation_norm, min_deviation=min_deviation, orpo_weighting=orpo_weighting,
-            diversity_alpha=diversity_alpha, eps=eps, quality_quantile=quality_quantile, divpo_pools=divpo_pools,
-            divpo_scores=divpo_scores, weights=weights, token_counts=token_counts, nll_logps=nll_logps,
-            nll_tokens=nll_tokens, cpo_alpha=cpo_alpha)
-    if output.logdet is not None:
-        check_factorization(checks, torch.isnan(output.logdet))
+            policy_logps, rewards, args.encoders or None, ref_logps, valid(), loss=loss, diversity=diversity,
+            pairs=args.pairs, pair_index=args.pair_index, beta=beta, orpo_lambda=orpo_lambda,
+            simpo_gamma=simpo_gamma, deviation_norm=deviation_norm, min_deviation=min_deviation,
+            orpo_weighting=orpo_weighting, diversity_alpha=diversity_alpha, eps=eps,
+            quality_quantile=quality_quantile, divpo_pools=divpo_pools, cpo_alpha=cpo_alpha, **extras)
+    if output.logdet is not None and not in_kernel_checks:
+        check_factorization(checks, lambda: torch.isnan(output.logdet))
     checks.raise_if_failed()
     return output
 
 
-def _check_encoders(emb: object, batch: int, group: int) -> list[torch.Tensor]:
-    """``emb`` as a list of checked ``[B, G, D_k]`` tensors (empty for None)."""
-    if emb is None:
-        return []
-    many = isinstance(emb, (list, tuple))
-    if many and not emb:
-        raise ValueError("emb is an empty sequence; give one [B, G, D] tensor per encoder")
-    encoders = [check_emb(e) for e in (emb if many else [emb])]
-    for k, e in enumerate(encoders):
-        if tuple(e.shape[:2]) != (batch, group):
-            name = f"emb[{k}]" if many else "emb"
-            raise ValueError(f"{name} has [B, G] = {tuple(e.shape[:2])} but policy_logps has ({batch}, {group})")
-    return encoders
+@dataclass
+class _Plan:
+    """What the static checks found for one signature of a call (see :func:`_checked_arguments`)."""
+
+    pairs: str
+    needs_emb_reason: str | None
+    device: torch.device
+    configs: dict[tuple[str, bool], LossConfig] = field(default_factory=dict)
+
+
+# Signature of a call (options and each tensor's shape, dtype and device) -> its _Plan.
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 512
+
+
+def _metadata(value: object) -> object:
+    """What the static checks look at in one argument: a tensor's shape, dtype and device."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.shape, value.dtype, value.device
+    if isinstance(value, (list, tuple)):
+        return tuple(_metadata(item) for item in value)
+    return type(value), id(value)
+
+
+def _checked_arguments(policy_logps: object, rewards: object, emb: object, ref_logps: object, mask: object,
+                       pair_index: object, extras: dict[str, object],
+                       options: dict[str, object]) -> tuple[GroupLossArguments, _Plan]:
+    """:func:`check_group_loss_arguments`, run once per signature: the static checks see only
+    metadata, so a training loop that repeats a signature pays one dictionary lookup per step (a
+    call that fails its checks raises and is never remembered)."""
+    try:
+        values = tuple(options.values())
+        key = (values, tuple(map(type, values)), _metadata(policy_logps), _metadata(rewards), _metadata(emb),
+               _metadata(ref_logps), _metadata(mask), _metadata(pair_index),
+               *(_metadata(value) for value in extras.values()))
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable option: the checks explain it
+        key, plan = None, None
+    if plan is None:
+        args = check_group_loss_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index=pair_index,
+                                          **options, **extras)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = _Plan(args.pairs, args.needs_emb_reason, args.device)
+        return args, _PLANS.get(key) or _Plan(args.pairs, args.needs_emb_reason, args.device)
+    encoders = [] if emb is None else list(emb) if isinstance(emb, (list, tuple)) else [emb]
+    args = GroupLossArguments(policy_logps, rewards, encoders, ref_logps, mask, plan.pairs,
+                              pair_index, extras, plan.needs_emb_reason, plan.device)
+    return args, plan
+
+
+def _host_data_checks(checks: DataChecks, args: GroupLossArguments, valid: torch.Tensor, loss: str) -> None:
+    """The data checks of a call the forward kernel does not check itself (the reference, the CUDA
+    extension, several encoders): per-group flags, resolved with one sync by ``checks``."""
+    policy_logps, extras, group = args.policy_logps, args.extras, args.policy_logps.shape[1]
+    for name, value in (("policy_logps", policy_logps), ("rewards", args.rewards), ("ref_logps", args.ref_logps),
+                        *extras.items(), *((f"emb[{k}]", e) for k, e in enumerate(args.encoders) if k > 0)):
+        checks.finite(name, value, valid)
+    if args.needs_emb_reason is not None:
+        checks.group_size(valid, args.needs_emb_reason)
+    if loss == "orpo":
+        checks.require((valid & (policy_logps >= 0)).any(-1),
+                       lambda groups: f"loss='orpo' needs mean token log-probs < 0 in policy_logps; "
+                                      f"groups {groups} have values >= 0")
+    if args.pair_index is not None:
+        checks.require(_bad_pair_rows(args.pair_index, valid),
+                       lambda groups: f"pair_index rows of groups {groups} do not name two different valid "
+                                      f"responses in [0, {group}) (use (-1, -1) for padding rows)")
+    for name in ("token_counts", "nll_tokens"):
+        value = extras.get(name)
+        if value is not None:
+            checks.require((valid & ~(value > 0)).any(-1),
+                           lambda groups, name=name: f"{name} must be finite and > 0 for valid responses; groups "
+                                                     f"{groups} are not")
+
+
+def _bad_pair_rows(pair_index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B]``: a row of the group's pairs names no two different valid responses (``(-1, -1)`` rows are padding)."""
+    group = valid.shape[1]
+    chosen, rejected = pair_index[..., 0], pair_index[..., 1]
+    padding = (chosen < 0) & (rejected < 0)
+    in_range = (chosen >= 0) & (chosen < group) & (rejected >= 0) & (rejected < group)
+    chosen_valid = valid.gather(1, chosen.clamp(0, group - 1).long())
+    rejected_valid = valid.gather(1, rejected.clamp(0, group - 1).long())
+    good = in_range & chosen_valid & rejected_valid & (chosen != rejected)
+    return (~padding & ~good).any(-1)

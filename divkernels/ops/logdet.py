@@ -1,4 +1,4 @@
-"""Log-determinant (DPP) diversity of each group and leave-one-out gains (DQO, SPEC 2).
+"""Log-determinant (DPP) diversity of each group and leave-one-out gains (DQO; reference.py section 2).
 
 Forward, one program per group: Gram -> ``S`` -> ``K = S + eps I`` (padding: identity) ->
 Gauss-Jordan sweep of ``K`` in registers. Without pivoting on an SPD matrix the sweep's pivots are
@@ -10,10 +10,12 @@ too, its logdet and inverse are NaN (no host sync either way).
 
 Backward: ``d logdet / dK = K^{-1}`` and ``d gain_i / dK = k_i k_i^T / (K^{-1})_ii`` (``k_i`` the
 i-th column of ``K^{-1}``), so ``dL/dS = g K^{-1} + K^{-1} diag(g_gain / diag K^{-1}) K^{-1}``,
-then the shared similarity backward.
+formed inside the shared similarity backward kernel (one launch).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +39,7 @@ from divkernels.ops.similarity import (
     gram_matrix,
     load_valid_rows,
     similarity_backward,
+    similarity_backward_op,
     similarity_from_gram,
     store_square,
 )
@@ -129,20 +132,9 @@ def logdet_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, ker
     return logdet, gains, inverse, sim, norms
 
 
-def logdet_grad_sim(inverse: torch.Tensor, grad_logdet: torch.Tensor | None,
-                    grad_gains: torch.Tensor | None) -> torch.Tensor:
-    """``dL/dS`` ``[B, G, G]`` from the upstream gradients of logdet ``[B]`` and gains ``[B, G]``."""
-    grad = torch.zeros_like(inverse)
-    if grad_logdet is not None:
-        grad = grad + grad_logdet.to(inverse.dtype)[:, None, None] * inverse
-    if grad_gains is not None:
-        per_column = grad_gains.to(inverse.dtype) / inverse.diagonal(dim1=-2, dim2=-1)
-        grad = grad + (inverse * per_column[:, None, :]) @ inverse
-    return grad
-
-
 class LogdetFunction(torch.autograd.Function):
-    """``(logdet, gains)`` with the Triton forward and the shared similarity backward."""
+    """``(logdet, gains)`` with the Triton forward and the shared similarity backward, which forms
+    ``dL/dS = g K^-1 + K^-1 diag(h / diag K^-1) K^-1`` in the kernel (one launch each way)."""
 
     @staticmethod
     def forward(ctx, emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str,
@@ -151,18 +143,55 @@ class LogdetFunction(torch.autograd.Function):
         ctx.save_for_backward(emb, mask, inverse, sim, norms)
         ctx.kernel, ctx.gamma = kernel, gamma
         ctx.mark_non_differentiable(norms)
+        ctx.set_materialize_grads(False)
         return logdet, gains, norms
 
     @staticmethod
     def backward(ctx, grad_logdet: torch.Tensor | None, grad_gains: torch.Tensor | None,
                  _grad_norms: torch.Tensor | None):
         emb, mask, inverse, sim, norms = ctx.saved_tensors
-        grad_sim = logdet_grad_sim(inverse, grad_logdet, grad_gains)
-        grad_emb = similarity_backward(grad_sim, sim, norms, emb, mask, ctx.kernel, ctx.gamma)
+        if grad_logdet is None and grad_gains is None:
+            return None, None, None, None, None
+        grad_emb = similarity_backward(grad_logdet, sim, norms, emb, mask, ctx.kernel, ctx.gamma, mode=2,
+                                       grad_extra=grad_gains, inverse=inverse)
         return grad_emb, None, None, None, None
 
 
-def check_factorization(checks: DataChecks, failed: torch.Tensor) -> None:
+@torch.library.custom_op("divkernels::logdet_diversity", mutates_args=())
+def logdet_op(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str,
+              gamma: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logdet [B], gains [B, G], K^-1, S, norms)`` as a custom op for torch.compile."""
+    return logdet_forward(emb, mask, eps, kernel, gamma)
+
+
+@logdet_op.register_fake
+def _(emb, mask, eps, kernel, gamma):
+    batch, group, _ = emb.shape
+    acc = accumulation_dtype(emb.dtype)
+    square = emb.new_empty((batch, group, group), dtype=acc)
+    return (emb.new_empty((batch,), dtype=acc), emb.new_empty((batch, group), dtype=acc), square,
+            torch.empty_like(square), emb.new_empty((batch, group), dtype=acc))
+
+
+def _logdet_setup(ctx, inputs: tuple, output: tuple) -> None:
+    emb, mask, _, ctx.kernel, ctx.gamma = inputs
+    _, _, inverse, sim, norms = output
+    ctx.save_for_backward(emb, mask, inverse, sim, norms)
+
+
+def _logdet_op_backward(ctx, grad_logdet: torch.Tensor | None, grad_gains: torch.Tensor | None,
+                        *_unused: torch.Tensor | None):
+    emb, mask, inverse, sim, norms = ctx.saved_tensors
+    if grad_logdet is None and grad_gains is None:
+        return None, None, None, None, None
+    return (similarity_backward_op(grad_logdet, grad_gains, inverse, sim, norms, emb, mask, ctx.kernel, ctx.gamma, 2),
+            None, None, None, None)
+
+
+logdet_op.register_autograd(_logdet_op_backward, setup_context=_logdet_setup)
+
+
+def check_factorization(checks: DataChecks, failed: torch.Tensor | Callable[[], torch.Tensor]) -> None:
     """Name the groups (``failed`` ``[B]`` bool) whose ``K = S + eps I`` could not be factored."""
     checks.require(failed,
                    lambda groups: f"the factorization of K = S + eps*I failed for groups {groups}: K is not "
@@ -207,15 +236,21 @@ def logdet_diversity(
     batch, group, _ = emb.shape
     chosen = resolve_backend(backend, op="logdet_diversity", device=emb.device, group_size=group,
                              kernels=("triton",))
-    valid = reference.valid_mask(mask, batch, group, emb.device)
-    checks = DataChecks(check_inputs)
+    checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
+
+    def valid() -> torch.Tensor:
+        return reference.valid_mask(mask, batch, group, emb.device)
+
     checks.group_size(valid, "logdet_diversity")
     if chosen == "triton":
-        logdet, gains, norms = LogdetFunction.apply(emb, contiguous_mask(mask), eps, kernel, None)
-        checks.nonfinite("emb", nonfinite_groups(norms, valid))
+        if torch.compiler.is_compiling():
+            logdet, gains, _, _, norms = logdet_op(emb, contiguous_mask(mask), eps, kernel, None)
+        else:
+            logdet, gains, norms = LogdetFunction.apply(emb, contiguous_mask(mask), eps, kernel, None)
+        checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
     else:
         checks.finite("emb", emb, valid)
-        logdet, gains = reference.logdet_diversity(emb, valid, eps, kernel, return_gains=True)
-    check_factorization(checks, torch.isnan(logdet))
+        logdet, gains = reference.logdet_diversity(emb, valid(), eps, kernel, return_gains=True)
+    check_factorization(checks, lambda: torch.isnan(logdet))
     checks.raise_if_failed()
     return (logdet, gains) if return_gains else logdet

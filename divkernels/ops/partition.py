@@ -1,8 +1,8 @@
 """Partition diversity (DARLING, arXiv 2509.02534): share of the group outside each response's class.
 
-No gradient. On the Triton backend the similarity forward kernel computes ``S`` (one read of
-``emb``); thresholding, the connected components and counting are ``O(B G^2 log G)`` tensor ops
-on ``S`` (:func:`divkernels.reference.partition_from_equivalence`).
+No gradient. On the Triton backend one kernel per call, one program per group: the cosine ``S``
+(one read of ``emb``) or the labels, the links ``S >= tau``, their connected components by
+``ceil(log2 G)`` squarings of the reachability tile, and the count; nothing else runs.
 """
 
 from __future__ import annotations
@@ -11,8 +11,20 @@ import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
-from divkernels.ops.common import contiguous_mask
-from divkernels.ops.similarity import similarity_forward
+from divkernels.ops.common import (
+    any_bad,
+    contiguous_mask,
+    dot_precision,
+    embedding_block,
+    group_block,
+    is_finite,
+    new_output,
+    num_warps_for,
+    tl,
+    triton,
+    triton_dtype,
+)
+from divkernels.ops.similarity import gram_matrix, load_valid_rows, similarity_from_gram
 from divkernels.validation import (
     DataChecks,
     check_emb_and_mask,
@@ -20,8 +32,112 @@ from divkernels.validation import (
     check_partition,
     check_same_device,
     check_scalar,
-    nonfinite_groups,
 )
+
+
+@triton.jit
+def group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, stride_d, HAS_LABELS: tl.constexpr,
+                BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``(links, bad)`` of group ``b``: ``[BLOCK_G, BLOCK_G]`` bool ``i ~ j`` (equal labels, or cosine
+    ``S_ij >= tau``), and 1.0 when a valid embedding has NaN/inf (its norm is not finite)."""
+    offs = tl.arange(0, BLOCK_G)
+    if HAS_LABELS:  # (one return at the end: Triton compiles what follows an early return too)
+        labels = tl.load(labels_ptr + b * G + offs, mask=offs < G, other=-1)
+        links = labels[:, None] == labels[None, :]
+        bad = tl.sum(tl.zeros([BLOCK_G], dtype=tl.float32), axis=0)
+    else:
+        gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+        sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
+        links = sim >= tau
+        bad = any_bad(valid & ~is_finite(norms))
+    return links, bad
+
+
+@triton.jit
+def partition_from_links(links, valid, min_diversity, TRANSITIVE: tl.constexpr, STEPS: tl.constexpr,
+                         BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+    """``div_i = max(#{j != i valid : j not in C_i} / (n - 1), min_diversity)``, 0 at padding.
+
+    ``C_i``: the connected component of i in the (symmetrized) link graph among valid responses,
+    what DARLING's union-find computes. Reachability ``R`` (links plus the diagonal) doubles the
+    path length it covers per squaring, ``R <- [R R > 0]``; entries are 0/1 and sums <= G, exact
+    in tf32 with float32 accumulation. ``TRANSITIVE=False``: direct links only.
+    """
+    offs = tl.arange(0, BLOCK_G)
+    eye = offs[:, None] == offs[None, :]
+    pair = valid[:, None] & valid[None, :]
+    links = (links | tl.trans(links)) & pair
+    if TRANSITIVE:
+        reach = tl.where(links | eye, 1.0, 0.0)
+        for _ in tl.static_range(STEPS):
+            reach = tl.where(tl.dot(reach, reach, input_precision="tf32") > 0.5, 1.0, 0.0)
+        links = reach > 0.5
+    distinct = tl.sum(tl.where(pair & ~eye & ~links, 1.0, 0.0), axis=1).to(ACC)
+    n = tl.sum(valid.to(ACC), axis=0)
+    return tl.where(valid, tl.maximum(distinct / tl.maximum(n - 1.0, 1.0), min_diversity), 0.0)
+
+
+@triton.jit
+def _partition_kernel(emb_ptr, labels_ptr, mask_ptr, div_ptr, bad_ptr, G, D, tau, min_diversity,
+                      stride_b, stride_g, stride_d, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      TRANSITIVE: tl.constexpr, STEPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                      ACC: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_G)
+    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+    links, bad = group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, stride_d, HAS_LABELS,
+                             BLOCK_G, BLOCK_D, ACC, PRECISION)
+    div = partition_from_links(links, valid, min_diversity, TRANSITIVE, STEPS, BLOCK_G, ACC)
+    tl.store(div_ptr + b * G + offs, div, mask=offs < G)
+    tl.store(bad_ptr + b, bad)
+
+
+def closure_steps(group: int) -> int:
+    """Squarings of the reachability tile that cover paths of length ``G - 1``: ``ceil(log2 G)``."""
+    return max(1, (max(group, 2) - 1).bit_length())
+
+
+def link_launch_arguments(emb: torch.Tensor | None, labels: torch.Tensor | None,
+                          group: int) -> tuple[tuple, dict[str, object], torch.dtype]:
+    """``(emb, labels, D, strides)``, their compile-time flags and the accumulation dtype, for the
+    kernels that call :func:`group_links` (partition, DARLING advantages)."""
+    dim = emb.shape[2] if emb is not None else 1
+    acc = torch.float64 if emb is not None and emb.dtype == torch.float64 else torch.float32
+    block_g = group_block(group)
+    tensors = (emb, None if labels is None else labels.contiguous(), dim,
+               *(emb.stride() if emb is not None else (0, 0, 0)))
+    flags = dict(HAS_LABELS=labels is not None, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim),
+                 ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype if emb is not None else acc))
+    return tensors, flags, acc
+
+
+def partition_forward(emb: torch.Tensor | None, labels: torch.Tensor | None, mask: torch.Tensor | None, group: int,
+                      tau: float, min_diversity: float, transitive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch: ``(div [B, G], bad [B])`` (bad: 1.0 where a valid embedding is not finite)."""
+    batch = (emb if emb is not None else labels).shape[0]
+    (emb, labels, dim, *strides), flags, acc = link_launch_arguments(emb, labels, group)
+    device = (emb if emb is not None else labels).device
+    div = new_output((batch, group), acc, device)
+    bad = new_output((batch,), acc, device)
+    _partition_kernel[(batch,)](emb, labels, mask, div, bad, group, dim, tau, min_diversity, *strides,
+                                HAS_MASK=mask is not None, TRANSITIVE=transitive, STEPS=closure_steps(group),
+                                num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
+    return div, bad
+
+
+@torch.library.custom_op("divkernels::partition_diversity", mutates_args=())
+def partition_op(emb: torch.Tensor | None, labels: torch.Tensor | None, mask: torch.Tensor | None, tau: float,
+                 min_diversity: float, transitive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(div [B, G], bad [B])`` as a custom op for torch.compile (no gradient)."""
+    group = (emb if emb is not None else labels).shape[1]
+    return partition_forward(emb, labels, mask, group, tau, min_diversity, transitive)
+
+
+@partition_op.register_fake
+def _(emb, labels, mask, tau, min_diversity, transitive):
+    source = emb if emb is not None else labels
+    acc = torch.float64 if emb is not None and emb.dtype == torch.float64 else torch.float32
+    return source.new_empty(tuple(source.shape[:2]), dtype=acc), source.new_empty((source.shape[0],), dtype=acc)
 
 
 def partition_diversity(
@@ -77,16 +193,23 @@ def partition_diversity(
             raise ValueError(f"partition must hold G >= 2 responses per group, got G={group}")
     chosen = resolve_backend(backend, op="partition_diversity", device=device, group_size=group,
                              kernels=("triton",))
-    valid = reference.valid_mask(mask, batch, group, device)
-    checks = DataChecks(check_inputs)
+    checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
+
+    def valid() -> torch.Tensor:
+        return reference.valid_mask(mask, batch, group, device)
+
     checks.group_size(valid, "partition_diversity")
-    if chosen == "triton" and emb is not None:
+    if chosen == "triton":
         with torch.no_grad():
-            sim, norms = similarity_forward(emb, contiguous_mask(mask))
-        checks.nonfinite("emb", nonfinite_groups(norms, valid))
-        div = reference.partition_from_equivalence(sim >= tau, valid, sim.dtype, min_diversity, transitive)
+            emb_in = None if emb is None else emb.detach()
+            if torch.compiler.is_compiling():
+                div, bad = partition_op(emb_in, partition, contiguous_mask(mask), tau, min_diversity, transitive)
+            else:
+                div, bad = partition_forward(emb_in, partition, contiguous_mask(mask), group, tau, min_diversity,
+                                             transitive)
+        checks.nonfinite("emb", lambda: bad > 0)
     else:
         checks.finite("emb", emb, valid)
-        div = reference.partition_diversity(emb, valid, tau, partition, None, min_diversity, transitive)
+        div = reference.partition_diversity(emb, valid(), tau, partition, None, min_diversity, transitive)
     checks.raise_if_failed()
     return div

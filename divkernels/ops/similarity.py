@@ -1,4 +1,4 @@
-"""Pairwise similarity of the responses in each group (SPEC 1): the two passes over ``emb``.
+"""Pairwise similarity of the responses in each group (reference.py section 1): the two passes over ``emb``.
 
 Forward: one program per group streams ``emb[b]`` through in ``[BLOCK_G, BLOCK_D]`` tiles and
 accumulates the Gram matrix ``E E^T`` in fp32 (``gram_matrix``); ``similarity_from_gram`` turns it
@@ -101,8 +101,8 @@ def similarity_from_gram(gram, valid, gamma, KERNEL: tl.constexpr, BLOCK_G: tl.c
     """``(S, norms)`` from a group's Gram matrix.
 
     ``S``: cosine (``gram_ij / (max(n_i, floor) max(n_j, floor))``), dot, or RBF
-    (``exp(-gamma (n_i^2 + n_j^2 - 2 gram_ij))``); the cosine and RBF diagonal is exactly 1 (SPEC
-    numerics) and padded rows/columns are the identity's. ``norms``: raw ``|e_i|``.
+    (``exp(-gamma (n_i^2 + n_j^2 - 2 gram_ij))``); the cosine and RBF diagonal is exactly 1 (reference.py,
+    Numerics) and padded rows/columns are the identity's. ``norms``: raw ``|e_i|``.
     """
     offs = tl.arange(0, BLOCK_G)
     eye = offs[:, None] == offs[None, :]
@@ -140,21 +140,14 @@ def _similarity_forward_kernel(emb_ptr, mask_ptr, sim_ptr, norms_ptr, G, D, gamm
 
 
 @triton.jit
-def _similarity_backward_kernel(grad_sim_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr, grad_emb_ptr, G, D, gamma,
-                                stride_sb, stride_si, stride_sj, stride_eb, stride_eg, stride_ed,
-                                KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
-                                BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    start = tl.program_id(1) * BLOCK_D
+def emb_backward(grad_sym, b, start, valid, sim_ptr, norms_ptr, emb_ptr, grad_emb_ptr, G, D, gamma,
+                 stride_eb, stride_eg, stride_ed, KERNEL: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Write ``dL/d emb[b, :, start:start + BLOCK_D]`` from ``Gsym = dL/dS + dL/dS^T`` (zero at padding):
+    build the ``G x G`` matrix ``A`` of the module docstring, then ``d emb = A emb`` on this D slice."""
     offs = tl.arange(0, BLOCK_G)
     offs_d = start + tl.arange(0, BLOCK_D)
     eye = offs[:, None] == offs[None, :]
-    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
-    pair = valid[:, None] & valid[None, :]
-    grad_base = grad_sim_ptr + b * stride_sb
-    grad = tl.load(grad_base + offs[:, None] * stride_si + offs[None, :] * stride_sj, mask=pair, other=0.0)
-    grad_t = tl.load(grad_base + offs[None, :] * stride_si + offs[:, None] * stride_sj, mask=pair, other=0.0)
-    grad_sym = grad.to(ACC) + grad_t.to(ACC)
     if KERNEL == 0:
         grad_sym = tl.where(eye, 0.0, grad_sym)
         sim = load_square(sim_ptr + b * G * G, G, BLOCK_G, ACC)
@@ -185,6 +178,59 @@ def _similarity_backward_kernel(grad_sim_ptr, sim_ptr, norms_ptr, mask_ptr, emb_
     tl.store(out, grad_rows.to(grad_emb_ptr.dtype.element_ty), mask=(offs[:, None] < G) & (offs_d[None, :] < D))
 
 
+@triton.jit
+def matmul_square(left, right, G, BLOCK_G: tl.constexpr):
+    """``left @ right`` of two ``[BLOCK_G, BLOCK_G]`` tiles as G rank-1 updates (exact in fp64 too)."""
+    offs = tl.arange(0, BLOCK_G)
+    product = tl.zeros([BLOCK_G, BLOCK_G], dtype=left.dtype)
+    for k in range(0, G):
+        column = tl.sum(tl.where(offs[None, :] == k, left, 0.0), axis=1)
+        row = tl.sum(tl.where(offs[:, None] == k, right, 0.0), axis=0)
+        product += column[:, None] * row[None, :]
+    return product
+
+
+@triton.jit
+def _similarity_backward_kernel(grad_ptr, grad_extra_ptr, inverse_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr,
+                                grad_emb_ptr, G, D, gamma, stride_sb, stride_si, stride_sj, stride_eb, stride_eg,
+                                stride_ed, GRAD: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                                KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
+                                BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``dL/d emb`` of one (group, D slice), with ``dL/dS`` formed here from what the op's output got:
+
+    ``GRAD=0``: ``dL/dS`` itself (``grad_ptr``, any strides); ``1``: deviation, ``dL/dS_ij = -g_i / (n - 1)``
+    for valid ``i, j`` (``grad_ptr`` is ``dL/d dev [B, G]``); ``2``: logdet and gains,
+    ``dL/dS = g K^-1 + K^-1 diag(h / diag K^-1) K^-1`` (``grad_ptr``: ``dL/d logdet [B]``,
+    ``grad_extra_ptr``: ``dL/d gains [B, G]``, either may be absent).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * BLOCK_D
+    offs = tl.arange(0, BLOCK_G)
+    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+    pair = valid[:, None] & valid[None, :]
+    if GRAD == 0:
+        base = grad_ptr + b * stride_sb
+        grad = tl.load(base + offs[:, None] * stride_si + offs[None, :] * stride_sj, mask=pair, other=0.0).to(ACC)
+    elif GRAD == 1:
+        n = tl.sum(valid.to(ACC), axis=0)
+        per_row = tl.load(grad_ptr + b * G + offs, mask=valid, other=0.0).to(ACC) / tl.maximum(n - 1.0, 1.0)
+        grad = tl.where(pair, -per_row[:, None], 0.0)
+    else:
+        inverse = load_square(inverse_ptr + b * G * G, G, BLOCK_G, ACC)
+        grad = tl.zeros([BLOCK_G, BLOCK_G], dtype=ACC)
+        if HAS_GRAD:
+            grad += tl.load(grad_ptr + b).to(ACC) * inverse
+        if HAS_EXTRA:
+            diag = tl.sum(tl.where(offs[:, None] == offs[None, :], inverse, 0.0), axis=1)
+            gains = tl.load(grad_extra_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
+            scaled = inverse * tl.where(valid, gains / tl.where(valid, diag, 1.0), 0.0)[None, :]
+            grad += matmul_square(scaled, inverse, G, BLOCK_G)
+        grad = tl.where(pair, grad, 0.0)
+    grad_sym = grad + tl.trans(grad)
+    emb_backward(grad_sym, b, start, valid, sim_ptr, norms_ptr, emb_ptr, grad_emb_ptr, G, D, gamma,
+                 stride_eb, stride_eg, stride_ed, KERNEL, BLOCK_G, BLOCK_D, ACC, PRECISION)
+
+
 def default_gamma(kernel: str, gamma: float | None, dim: int) -> float:
     """RBF bandwidth (``1 / D`` unless given); unused by the other kernels."""
     return (1.0 / dim if gamma is None else gamma) if kernel == "rbf" else 0.0
@@ -206,20 +252,33 @@ def similarity_forward(emb: torch.Tensor, mask: torch.Tensor | None, kernel: str
     return sim, norms
 
 
-def similarity_backward(grad_sim: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, emb: torch.Tensor,
-                        mask: torch.Tensor | None, kernel: str = "cosine", gamma: float | None = None) -> torch.Tensor:
-    """``dL/d emb`` ``[B, G, D]`` (emb's dtype, contiguous) from ``dL/dS`` ``[B, G, G]`` (any strides)."""
+def similarity_backward(grad: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, emb: torch.Tensor,
+                        mask: torch.Tensor | None, kernel: str = "cosine", gamma: float | None = None, *,
+                        mode: int = 0, grad_extra: torch.Tensor | None = None,
+                        inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """``dL/d emb`` ``[B, G, D]`` (emb's dtype, contiguous), one launch.
+
+    ``mode=0``: ``grad`` is ``dL/dS`` ``[B, G, G]`` (any strides); ``1``: ``grad`` is ``dL/d deviation``
+    ``[B, G]``; ``2``: ``grad`` is ``dL/d logdet`` ``[B]`` (or None) and ``grad_extra`` ``dL/d gains``
+    ``[B, G]`` (or None), with ``inverse`` = ``K^-1``. See ``_similarity_backward_kernel``.
+    """
     batch, group, dim = emb.shape
     acc = accumulation_dtype(emb.dtype)
     grad_emb = new_output((batch, group, dim), emb.dtype, emb.device)
     block_g = group_block(group)
     block_d = embedding_block(block_g, dim)
-    grid = (batch, triton.cdiv(dim, block_d))
+    grid = (batch, -(-dim // block_d))  # ceil(D / BLOCK_D) slices of D
+    strides = grad.stride() if mode == 0 else (0, 0, 0)
+
+    def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.contiguous()
+
     _similarity_backward_kernel[grid](
-        grad_sim, sim, norms, mask, emb, grad_emb, group, dim, default_gamma(kernel, gamma, dim),
-        *grad_sim.stride(), *emb.stride(),
-        KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g, BLOCK_D=block_d,
-        ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype), num_warps=num_warps_for(block_g))
+        grad if mode == 0 else contiguous(grad), contiguous(grad_extra), inverse, sim, norms, mask, emb, grad_emb,
+        group, dim, default_gamma(kernel, gamma, dim), *strides, *emb.stride(),
+        GRAD=mode, HAS_GRAD=grad is not None, HAS_EXTRA=grad_extra is not None, KERNEL=KERNEL_IDS[kernel],
+        HAS_MASK=mask is not None, BLOCK_G=block_g, BLOCK_D=block_d, ACC=triton_dtype(acc),
+        PRECISION=dot_precision(emb.dtype), num_warps=num_warps_for(block_g))
     return grad_emb
 
 
@@ -233,12 +292,62 @@ class SimilarityFunction(torch.autograd.Function):
         ctx.save_for_backward(emb, mask, sim, norms)
         ctx.kernel, ctx.gamma = kernel, gamma
         ctx.mark_non_differentiable(norms)
+        ctx.set_materialize_grads(False)
         return sim, norms
 
     @staticmethod
-    def backward(ctx, grad_sim: torch.Tensor, _grad_norms: torch.Tensor):
+    def backward(ctx, grad_sim: torch.Tensor | None, _grad_norms: torch.Tensor | None):
         emb, mask, sim, norms = ctx.saved_tensors
+        if grad_sim is None:
+            return None, None, None, None
         return similarity_backward(grad_sim, sim, norms, emb, mask, ctx.kernel, ctx.gamma), None, None, None
+
+
+# torch.library custom ops: the same launches, opaque to torch.compile (used while it traces).
+
+
+@torch.library.custom_op("divkernels::similarity_backward", mutates_args=())
+def similarity_backward_op(grad: torch.Tensor | None, grad_extra: torch.Tensor | None, inverse: torch.Tensor | None,
+                           sim: torch.Tensor, norms: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor | None,
+                           kernel: str, gamma: float | None, mode: int) -> torch.Tensor:
+    """:func:`similarity_backward` (``dL/d emb``) as a custom op."""
+    return similarity_backward(grad, sim, norms, emb, mask, kernel, gamma, mode=mode, grad_extra=grad_extra,
+                               inverse=inverse)
+
+
+@similarity_backward_op.register_fake
+def _(grad, grad_extra, inverse, sim, norms, emb, mask, kernel, gamma, mode):
+    return emb.new_empty(emb.shape)
+
+
+@torch.library.custom_op("divkernels::pairwise_similarity", mutates_args=())
+def similarity_op(emb: torch.Tensor, mask: torch.Tensor | None, kernel: str,
+                  gamma: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S [B, G, G], norms [B, G])``, one launch (:func:`similarity_forward`)."""
+    return similarity_forward(emb, mask, kernel, gamma)
+
+
+@similarity_op.register_fake
+def _(emb, mask, kernel, gamma):
+    batch, group, _ = emb.shape
+    acc = accumulation_dtype(emb.dtype)
+    return emb.new_empty((batch, group, group), dtype=acc), emb.new_empty((batch, group), dtype=acc)
+
+
+def _similarity_setup(ctx, inputs: tuple, output: tuple) -> None:
+    emb, mask, ctx.kernel, ctx.gamma = inputs
+    ctx.save_for_backward(emb, mask, *output)
+
+
+def _similarity_op_backward(ctx, grad_sim: torch.Tensor | None, _grad_norms: torch.Tensor | None):
+    emb, mask, sim, norms = ctx.saved_tensors
+    if grad_sim is None:
+        return None, None, None, None
+    grad_emb = similarity_backward_op(grad_sim, None, None, sim, norms, emb, mask, ctx.kernel, ctx.gamma, 0)
+    return grad_emb, None, None, None
+
+
+similarity_op.register_autograd(_similarity_op_backward, setup_context=_similarity_setup)
 
 
 def pairwise_similarity(
@@ -271,13 +380,17 @@ def pairwise_similarity(
     batch, group, _ = emb.shape
     chosen = resolve_backend(backend, op="pairwise_similarity", device=emb.device, group_size=group,
                              kernels=("triton",))
-    valid = reference.valid_mask(mask, batch, group, emb.device)
-    checks = DataChecks(check_inputs)
+    checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
+
+    def valid() -> torch.Tensor:
+        return reference.valid_mask(mask, batch, group, emb.device)
+
     if chosen == "triton":
-        sim, norms = SimilarityFunction.apply(emb, contiguous_mask(mask), kernel, gamma)
-        checks.nonfinite("emb", nonfinite_groups(norms, valid))
+        function = similarity_op if torch.compiler.is_compiling() else SimilarityFunction.apply
+        sim, norms = function(emb, contiguous_mask(mask), kernel, gamma)
+        checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
     else:
         checks.finite("emb", emb, valid)
-        sim = reference.pairwise_similarity(emb, valid, kernel, gamma)
+        sim = reference.pairwise_similarity(emb, valid(), kernel, gamma)
     checks.raise_if_failed()
     return sim

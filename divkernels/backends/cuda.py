@@ -1,0 +1,45 @@
+"""The CUDA extension (``csrc/``) behind the fused loss's backend contract.
+
+Same contract as the Triton forward in :mod:`divkernels.ops.group_loss`: ``forward(inputs, config,
+store_state) -> ForwardOutputs``, so the op picks one of the two in one place and finalizes and
+differentiates both the same way. The extension is built and loaded by :mod:`divkernels._cuda`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from divkernels import _cuda, reference
+from divkernels.loss_config import ForwardOutputs, LossConfig, LossTensors
+from divkernels.ops.common import poison_outputs
+
+
+def forward(inputs: LossTensors, config: LossConfig, store_state: bool, acc: torch.dtype) -> ForwardOutputs:
+    """The fused forward through ``csrc/group_loss.cu`` (one thread block per group)."""
+    def small(tensor: torch.Tensor | None) -> torch.Tensor | None:  # [B, G] inputs: acc dtype, contiguous
+        return None if tensor is None else tensor.detach().to(acc).contiguous()
+
+    emb = inputs.emb
+    if emb is not None:  # the extension pairs float64 accumulation with float64 emb only
+        emb = emb.detach().to(torch.float64) if acc == torch.float64 else emb.detach()
+    group = inputs.policy.shape[1]
+    counts = None if inputs.pair_index is None else reference.pair_counts_explicit(inputs.pair_index, group)
+    extension = _cuda.extension(inputs.policy.device)
+    stats, grad_policy, sim, norms, inverse, chosen, rejected = extension.group_loss_forward(
+        emb, inputs.mask, small(inputs.policy), small(inputs.ref), small(inputs.rewards), small(counts),
+        small(inputs.scores), small(inputs.weights), small(inputs.lengths), small(inputs.nll_logps),
+        small(inputs.nll_tokens), config.loss_mode, config.pair_mode, config.weight_mode, config.norm_mode,
+        config.orpo_dorpo, config.ranked_pools, config.needs_logdet, store_state, config.beta, config.orpo_lambda,
+        config.simpo_gamma, config.min_deviation, config.eps, config.quality_quantile, inputs.poison)
+    return ForwardOutputs(stats, grad_policy, chosen, rejected, sim, norms, inverse)
+
+
+def similarity_backward(sim: torch.Tensor, norms: torch.Tensor, inverse: torch.Tensor, emb: torch.Tensor,
+                        mask: torch.Tensor | None, grad_loss: torch.Tensor, factor: float) -> torch.Tensor:
+    """``dL/d emb`` of the logdet regularizer, ``dL/dS = factor * grad_loss * K^-1``, through
+    ``csrc/similarity_backward.cu`` (the scale is read on the device: no op forms ``dL/dS``)."""
+    rows = emb.detach().to(sim.dtype) if sim.dtype == torch.float64 else emb.detach()
+    grad = _cuda.extension(emb.device).similarity_backward(inverse, sim, norms, rows, mask,
+                                                           grad_loss.detach().to(sim.dtype).reshape(1), factor,
+                                                           poison_outputs())
+    return grad if grad.dtype == emb.dtype else grad.to(emb.dtype)

@@ -1,0 +1,109 @@
+"""Fused in fact: device launches and host syncs per call, counted as ``--suite host`` counts them.
+
+Every aten op that launches a kernel is seen by a ``TorchDispatchMode``; every Triton launch by a
+hook on the launcher (here the interpreter runs the kernels, so the numbers are real). The fused
+loss's forward + backward (the autograd engine's ``ones_like`` included) takes at most 4 launches
+and no sync in every loss / diversity / pairs mode; the other ops at most 2 each way;
+``check_inputs=True`` adds one sync.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import divkernels as dk
+from divkernels.benchmarks.host import LaunchCounter, triton_launches
+from divkernels.ops.common import ENV_POISON
+from divkernels.types import DIVERSITIES, LOSSES
+from tests.helpers import random_groups, random_logps, random_pair_index
+
+
+@pytest.fixture(autouse=True)
+def _no_poisoning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Poisoned outputs (a fill launch each) are a test aid; training does not pay for them."""
+    monkeypatch.setenv(ENV_POISON, "0")
+
+
+def count(call) -> tuple[int, int, object]:
+    """``(launches, syncs, result)`` of ``call()``."""
+    with triton_launches(stub=False) as names, LaunchCounter() as counter:
+        result = call()
+    count.last = (names, dict(counter.ops))
+    return counter.launches + len(names), counter.syncs, result
+
+
+def _loss_inputs(generator: torch.Generator):
+    emb, mask = random_groups(2, 6, 8, generator, dtype=torch.float32)
+    emb = torch.nan_to_num(emb).to(torch.bfloat16).requires_grad_()
+    policy = random_logps(2, 6, generator, torch.float32).requires_grad_()
+    ref = random_logps(2, 6, generator, torch.float32)
+    rewards = torch.randn(2, 6, generator=generator)
+    return policy, ref, rewards, emb, mask
+
+
+@pytest.mark.parametrize("pairs", ["all", "best_worst", "divpo", "explicit"])
+def test_fused_loss_step_is_at_most_four_launches_and_no_sync(pairs: str, generator: torch.Generator) -> None:
+    policy, ref, rewards, emb, mask = _loss_inputs(generator)
+    pair_index = random_pair_index(mask, 4, generator) if pairs == "explicit" else None
+    for loss, diversity, alpha in itertools.product(LOSSES, DIVERSITIES, (0.0, 0.1)):
+        options = dict(loss=loss, diversity=diversity, pairs=pairs, pair_index=pair_index, diversity_alpha=alpha,
+                       cpo_alpha=0.5 if loss != "orpo" else 0.0, backend="triton", check_inputs=False)
+
+        def step(options=options):
+            policy.grad = emb.grad = None
+            out = dk.group_preference_loss(policy, rewards, emb, ref, mask, **options)
+            out.loss.backward()
+            return out
+
+        step()  # first call: caches
+        launches, syncs, out = count(step)
+        where = f"{loss}/{diversity}/{pairs}/alpha={alpha}"
+        assert launches <= 4, f"{where}: {launches} launches {count.last}"
+        assert syncs == 0, f"{where}: {syncs} syncs"
+        assert policy.grad is not None and torch.isfinite(out.loss)
+
+
+def test_checked_loss_adds_one_sync(generator: torch.Generator) -> None:
+    policy, ref, rewards, emb, mask = _loss_inputs(generator)
+
+    def step():
+        policy.grad = emb.grad = None
+        out = dk.group_preference_loss(policy, rewards, emb, ref, mask, diversity="deviation", diversity_alpha=0.1,
+                                       backend="triton", check_inputs=True)
+        out.loss.backward()
+
+    step()
+    launches, syncs, _ = count(step)
+    assert syncs == 1 and launches <= 4, count.last
+
+
+@pytest.mark.parametrize("op", ["pairwise_similarity", "deviation", "logdet_diversity"])
+def test_differentiable_ops_take_one_launch_each_way(op: str, generator: torch.Generator) -> None:
+    emb, mask = random_groups(2, 6, 8, generator, dtype=torch.float32)
+    emb.requires_grad_()
+    function = getattr(dk, op)
+    outputs = function(emb, mask, backend="triton", check_inputs=False)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = [torch.rand_like(o) for o in outputs]
+    forward, forward_syncs, outputs = count(lambda: function(emb, mask, backend="triton", check_inputs=False))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    backward, backward_syncs, _ = count(lambda: torch.autograd.backward(outputs, grads))
+    assert (forward, backward, forward_syncs, backward_syncs) == (1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("diversity", ["none", "darling", "dqo", "deviation"])
+def test_forward_only_ops_take_one_launch(diversity: str, generator: torch.Generator) -> None:
+    emb, mask = random_groups(2, 6, 8, generator, dtype=torch.float32)
+    rewards = torch.randn(2, 6, generator=generator)
+    launches, syncs, _ = count(lambda: dk.group_advantages(rewards, emb, mask, diversity=diversity, backend="triton",
+                                                           check_inputs=False))
+    assert (launches, syncs) == (1, 0), count.last
+    launches, syncs, _ = count(lambda: dk.group_advantages(rewards, emb, mask, diversity="darling",
+                                                           darling_reward="minmax", backend="triton",
+                                                           check_inputs=False))
+    assert (launches, syncs) == (2, 0)
+    launches, syncs, _ = count(lambda: dk.partition_diversity(emb, mask, backend="triton", check_inputs=False))
+    assert (launches, syncs) == (1, 0), count.last
