@@ -555,9 +555,6 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
         out.norms = new_output((batch, group), acc, device, poison)
         out.inverse = new_output((batch, group, group), acc, device, poison) if config.needs_logdet else None
 
-    def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.contiguous()
-
     pair_index = inputs.pair_index
     present = tuple(t is not None for t in (emb, inputs.mask, inputs.ref, inputs.scores, inputs.lengths,
                                             inputs.nll_logps, inputs.nll_tokens))
@@ -572,6 +569,10 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
         config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
         config.quality_quantile, **constants)
     return out
+
+
+def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.contiguous()
 
 
 @functools.lru_cache(maxsize=256)
@@ -1053,10 +1054,10 @@ def group_preference_loss(
         vector, stats, totals, chosen_counts, rejected_counts = tensors.aux
         metrics = MetricVector(vector, METRIC, metric_names(config, emb is not None))
         logdet = None
-        if config.needs_logdet:
-            logdet = stats[:, STAT["logdet"]]
-            logdet = logdet if logdet.dtype == reference.compute_dtype(emb.dtype) else logdet.to(
-                reference.compute_dtype(emb.dtype))
+        if config.needs_logdet:  # in emb's accumulation dtype (the stats are in the call's)
+            logdet = stats.select(1, COL_LOGDET)
+            if (logdet.dtype == torch.float64) != (emb.dtype == torch.float64):
+                logdet = logdet.to(reference.compute_dtype(emb.dtype))
         output = LossOutput(total, metrics, logdet, chosen_counts, rejected_counts)
         if in_kernel_checks:
             raise_kernel_checks(totals, stats, group, args.needs_emb_reason)
@@ -1111,8 +1112,8 @@ def _checked_arguments(policy_logps: object, rewards: object, emb: object, ref_l
     try:
         values = tuple(options.values())
         key = (values, tuple(map(type, values)), _metadata(policy_logps), _metadata(rewards), _metadata(emb),
-               _metadata(ref_logps), _metadata(mask), _metadata(pair_index),
-               *(_metadata(value) for value in extras.values()))
+               *(None if value is None else _metadata(value)
+                 for value in (ref_logps, mask, pair_index, *extras.values())))
         plan = _PLANS.get(key)
     except TypeError:  # an unhashable option: the checks explain it
         key, plan = None, None
