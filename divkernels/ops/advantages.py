@@ -223,7 +223,7 @@ def group_advantages(
                          + (" or partition labels" if diversity == "darling" else ""))
     device = check_same_device(rewards=rewards, emb=emb, mask=mask, partition=partition)
     uses_emb = diversity != "none" and partition is None
-    chosen = resolve_backend(backend, op="group_advantages", device=device, group_size=group, kernels=("triton",))
+    resolved = resolve_backend(backend, op="group_advantages", device=device, group_size=group, kernels=("triton",))
 
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
@@ -233,7 +233,7 @@ def group_advantages(
     checks.finite("rewards", rewards, valid)
     if diversity != "none":
         checks.group_size(valid, f"diversity={diversity!r}")
-    if chosen == "triton":
+    if resolved == "triton":
         with torch.no_grad():
             function = advantages_op if torch.compiler.is_compiling() else advantages_forward
             advantages, bad = function(

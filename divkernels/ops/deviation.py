@@ -139,14 +139,14 @@ def deviation(
     """
     emb, mask = check_emb_and_mask(emb, mask)
     batch, group, _ = emb.shape
-    chosen = resolve_backend(backend, op="deviation", device=emb.device, group_size=group, kernels=("triton",))
+    resolved = resolve_backend(backend, op="deviation", device=emb.device, group_size=group, kernels=("triton",))
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
     def valid() -> torch.Tensor:
         return reference.valid_mask(mask, batch, group, emb.device)
 
     checks.group_size(valid, "deviation")
-    if chosen == "triton":
+    if resolved == "triton":
         if torch.compiler.is_compiling():
             dev, _, norms = deviation_op(emb, contiguous_mask(mask))
         else:

@@ -813,15 +813,15 @@ def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, che
     reference backend is traced as the PyTorch it is."""
     emb, extras, mask = args.emb, args.extras, args.mask
     batch, group = args.policy_logps.shape
-    chosen = resolve_backend(options["backend"], op="group_preference_loss", device=args.device, group_size=group,
+    resolved = resolve_backend(options["backend"], op="group_preference_loss", device=args.device, group_size=group,
                              kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
                              emb_dtype=None if emb is None else emb.dtype)
     valid = reference.valid_mask(mask, batch, group, args.device)
-    in_kernel_checks = check_inputs and chosen == "triton" and len(args.encoders) <= 1
+    in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
     checks = DataChecks(check_inputs and not in_kernel_checks)  # device-side asserts while compiling
     if checks.enabled:
         _host_data_checks(checks, args, valid, options["loss"])
-    if chosen == "reference":
+    if resolved == "reference":
         checks.finite("emb", emb, valid)
         reference_options = {k: v for k, v in options.items() if k not in ("pairs", "backend")}
         output = reference.group_preference_loss(args.policy_logps, args.rewards, args.encoders or None,
@@ -833,14 +833,14 @@ def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, che
         return output
     weights = extras["weights"]
     if len(args.encoders) > 1:
-        devs = [deviation(e.detach(), mask, backend=chosen if chosen == "triton" else "auto", check_inputs=False)
+        devs = [deviation(e.detach(), mask, backend=resolved if resolved == "triton" else "auto", check_inputs=False)
                 for e in args.encoders]
         weights = reference.deviation_weights(devs, valid, options["deviation_norm"], options["min_deviation"])
     key, names, needs_logdet = _config_for_compile(
         options["loss"], options["diversity"], args.pairs, options["beta"], options["orpo_lambda"],
         options["simpo_gamma"], options["deviation_norm"], options["min_deviation"], options["diversity_alpha"],
         options["eps"], options["quality_quantile"], options["orpo_weighting"], options["divpo_pools"],
-        weights is not None, options["cpo_alpha"], in_kernel_checks, args.needs_emb_reason is not None, chosen,
+        weights is not None, options["cpo_alpha"], in_kernel_checks, args.needs_emb_reason is not None, resolved,
         emb is not None)
     store_state = (emb is not None and emb.requires_grad and torch.is_grad_enabled()
                    and options["diversity_alpha"] > 0)
@@ -1022,11 +1022,11 @@ def group_preference_loss(
     policy_logps, rewards, ref_logps, mask = args.policy_logps, args.rewards, args.ref_logps, args.mask
     emb, extras = args.emb, args.extras
     batch, group = policy_logps.shape
-    chosen = resolve_backend(backend, op="group_preference_loss", device=args.device, group_size=group,
+    resolved = resolve_backend(backend, op="group_preference_loss", device=args.device, group_size=group,
                              kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
                              emb_dtype=None if emb is None else emb.dtype)
     # the Triton forward checks one embedding tensor itself (stat columns, one sync in raise_kernel_checks)
-    in_kernel_checks = check_inputs and chosen == "triton" and len(args.encoders) <= 1
+    in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
     checks = DataChecks(check_inputs and not in_kernel_checks)
 
     def valid() -> torch.Tensor:
@@ -1035,18 +1035,18 @@ def group_preference_loss(
     if checks.enabled:
         _host_data_checks(checks, args, valid(), loss)
 
-    if chosen in ("triton", "cuda"):
+    if resolved in ("triton", "cuda"):
         weights = extras["weights"]
         if len(args.encoders) > 1:  # the combined weights of several encoders go in as given weights
-            kernel = "triton" if chosen == "triton" else "auto"
+            kernel = "triton" if resolved == "triton" else "auto"
             devs = [deviation(e.detach(), mask, backend=kernel, check_inputs=False) for e in args.encoders]
             weights = reference.deviation_weights(devs, valid(), deviation_norm, min_deviation)
-        config = plan.configs.get((chosen, in_kernel_checks))
+        config = plan.configs.get((resolved, in_kernel_checks))
         if config is None:
-            config = plan.configs[chosen, in_kernel_checks] = LossConfig(
+            config = plan.configs[resolved, in_kernel_checks] = LossConfig(
                 loss, diversity, args.pairs, beta, orpo_lambda, simpo_gamma, deviation_norm, min_deviation,
                 diversity_alpha, eps, quality_quantile, orpo_weighting, divpo_pools, weights is not None, cpo_alpha,
-                in_kernel_checks, args.needs_emb_reason is not None, chosen)
+                in_kernel_checks, args.needs_emb_reason is not None, resolved)
         tensors = LossTensors(policy_logps, rewards, ref_logps, emb, contiguous_mask(mask), args.pair_index,
                               extras["divpo_scores"], None if weights is None else weights.detach(),
                               extras["token_counts"], extras["nll_logps"], extras["nll_tokens"], poison_outputs())

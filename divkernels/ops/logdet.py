@@ -234,7 +234,7 @@ def logdet_diversity(
     check_scalar("eps", eps, low=0.0, low_open=True)
     check_choice("kernel", kernel, KERNELS)
     batch, group, _ = emb.shape
-    chosen = resolve_backend(backend, op="logdet_diversity", device=emb.device, group_size=group,
+    resolved = resolve_backend(backend, op="logdet_diversity", device=emb.device, group_size=group,
                              kernels=("triton",))
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
@@ -242,7 +242,7 @@ def logdet_diversity(
         return reference.valid_mask(mask, batch, group, emb.device)
 
     checks.group_size(valid, "logdet_diversity")
-    if chosen == "triton":
+    if resolved == "triton":
         if torch.compiler.is_compiling():
             logdet, gains, _, _, norms = logdet_op(emb, contiguous_mask(mask), eps, kernel, None)
         else:

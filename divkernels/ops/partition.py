@@ -191,7 +191,7 @@ def partition_diversity(
         device = check_same_device(partition=partition, mask=mask)
         if group < 2:
             raise ValueError(f"partition must hold G >= 2 responses per group, got G={group}")
-    chosen = resolve_backend(backend, op="partition_diversity", device=device, group_size=group,
+    resolved = resolve_backend(backend, op="partition_diversity", device=device, group_size=group,
                              kernels=("triton",))
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
@@ -199,7 +199,7 @@ def partition_diversity(
         return reference.valid_mask(mask, batch, group, device)
 
     checks.group_size(valid, "partition_diversity")
-    if chosen == "triton":
+    if resolved == "triton":
         with torch.no_grad():
             emb_in = None if emb is None else emb.detach()
             if torch.compiler.is_compiling():

@@ -378,14 +378,14 @@ def pairwise_similarity(
     if gamma is not None:
         check_scalar("gamma", gamma, low=0.0, low_open=True)
     batch, group, _ = emb.shape
-    chosen = resolve_backend(backend, op="pairwise_similarity", device=emb.device, group_size=group,
+    resolved = resolve_backend(backend, op="pairwise_similarity", device=emb.device, group_size=group,
                              kernels=("triton",))
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
     def valid() -> torch.Tensor:
         return reference.valid_mask(mask, batch, group, emb.device)
 
-    if chosen == "triton":
+    if resolved == "triton":
         function = similarity_op if torch.compiler.is_compiling() else SimilarityFunction.apply
         sim, norms = function(emb, contiguous_mask(mask), kernel, gamma)
         checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
