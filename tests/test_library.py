@@ -97,6 +97,11 @@ def _loss_step(backend: str, check_inputs: bool):
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_fullgraph_compile_of_a_loss_step_equals_eager(backend: str, check_inputs: bool, compiler: str,
                                                        generator: torch.Generator) -> None:
+    _compare_compiled_loss_step(backend, check_inputs, compiler, generator)
+
+
+def _compare_compiled_loss_step(backend: str, check_inputs: bool, compiler: str, generator: torch.Generator) -> None:
+    """Loss, a metric, logdet and the gradients of a compiled step equal the eager step's."""
     torch._dynamo.reset()
     emb, mask = _groups(generator, torch.float32)
     policy = torch.where(mask, random_logps(3, 6, generator, torch.float32), -1.0).requires_grad_()
@@ -135,18 +140,7 @@ def test_fullgraph_compile_of_the_diversity_ops_equals_eager(generator: torch.Ge
 
 def test_fullgraph_compile_on_every_loss_backend(loss_backend: str, generator: torch.Generator) -> None:
     """The CUDA extension (host build on CPU) behind the same custom ops, checks as device asserts."""
-    torch._dynamo.reset()
-    emb, mask = _groups(generator, torch.float32)
-    policy = torch.where(mask, random_logps(3, 6, generator, torch.float32), -1.0).requires_grad_()
-    ref = random_logps(3, 6, generator, torch.float32)
-    rewards = torch.randn(3, 6, generator=generator)
-    step = _loss_step(loss_backend, True)
-    eager = step(policy, ref, rewards, emb, mask)
-    eager_grads = torch.autograd.grad(eager[0], (policy, emb))
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(policy, ref, rewards, emb, mask)
-    compiled_grads = torch.autograd.grad(compiled[0], (policy, emb))
-    for got, want in zip((*compiled, *compiled_grads), (*eager, *eager_grads), strict=True):
-        assert_close(got, want, rtol=1e-5)
+    _compare_compiled_loss_step(loss_backend, True, "aot_eager", generator)
 
 
 def test_compiled_data_checks_still_raise(generator: torch.Generator) -> None:
