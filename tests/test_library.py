@@ -105,13 +105,13 @@ def _compare_compiled_loss_step(backend: str, check_inputs: bool, compiler: str,
     torch._dynamo.reset()
     emb, mask = _groups(generator, torch.float32)
     policy = torch.where(mask, random_logps(3, 6, generator, torch.float32), -1.0).requires_grad_()
-    ref = random_logps(3, 6, generator, torch.float32)
+    ref = torch.where(mask, random_logps(3, 6, generator, torch.float32), -1.0).requires_grad_()
     rewards = torch.randn(3, 6, generator=generator)
     step = _loss_step(backend, check_inputs)
     eager = step(policy, ref, rewards, emb, mask)
-    eager_grads = torch.autograd.grad(eager[0], (policy, emb))
+    eager_grads = torch.autograd.grad(eager[0], (policy, ref, emb))
     compiled = torch.compile(step, fullgraph=True, backend=compiler)(policy, ref, rewards, emb, mask)
-    compiled_grads = torch.autograd.grad(compiled[0], (policy, emb))
+    compiled_grads = torch.autograd.grad(compiled[0], (policy, ref, emb))
     for got, want in zip((*compiled, *compiled_grads), (*eager, *eager_grads), strict=True):
         assert_close(got, want, rtol=1e-5)
 

@@ -120,7 +120,8 @@ def test_darling_with_labels_and_minmax_rewards_match_the_oracle(transitive: boo
     emb, mask = groups_on_device(5, 9, 12, generator, torch.float64)
     labels = torch.randint(0, 3, (5, 9), generator=generator).to(DEVICE)
     rewards = torch.randn(5, 9, generator=generator, dtype=torch.float64).to(DEVICE)
-    rewards[-1] += 10.0  # the batch's largest rewards sit in the last group (the range reduction must see it)
+    valid_last = mask[-1].nonzero().flatten()  # the batch's extremes sit in the last group: the range
+    rewards[-1, valid_last[0]], rewards[-1, valid_last[-1]] = -20.0, 20.0  # reduction must see all of it
     got = dk.partition_diversity(partition=labels, mask=mask, transitive=transitive, backend="triton")
     want = oracle.partition_diversity(None, mask.cpu(), 0.9, labels=labels.cpu(), transitive=transitive)
     assert_matches(got, want, RTOL[torch.float32], atol=1e-7)
