@@ -38,6 +38,11 @@ class MetricVector(Mapping):
     def __len__(self) -> int:
         return len(self._names)
 
+    def floats(self) -> dict[str, float]:
+        """Every metric as a Python float, with one copy of the vector (one host sync)."""
+        values = self.vector.tolist()
+        return {name: values[self._index[name]] for name in self._names}
+
     def __repr__(self) -> str:
         return repr(dict(self.items()))
 
@@ -67,10 +72,10 @@ class LossOutput:
 
     def log_dict(self, prefix: str = "") -> dict[str, float]:
         """Metrics as Python floats for a logger (one host sync for all of them)."""
-        names = list(self.metrics)
-        if isinstance(self.metrics, MetricVector):  # one copy of the whole vector
-            vector = self.metrics.vector.tolist()
-            values = [vector[self.metrics._index[name]] for name in names]
+        if isinstance(self.metrics, MetricVector):
+            floats = self.metrics.floats()
         else:
+            names = list(self.metrics)
             values = torch.stack([self.metrics[name] for name in names]).tolist() if names else []
-        return {prefix + name: value for name, value in zip(names, values, strict=True)}
+            floats = dict(zip(names, values, strict=True))
+        return {prefix + name: value for name, value in floats.items()}

@@ -12,7 +12,6 @@ Two kinds of checks:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -130,6 +129,12 @@ def nonfinite_groups(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(value) & valid).any(-1)
 
 
+# What a failed data check says; ``{groups}``: the first failing groups.
+NONFINITE_MESSAGE = ("{name} has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
+                     "check)")
+POSITIVE_MESSAGE = "{name} must be finite and > 0 for valid responses; groups {groups} are not"
+
+
 class DataChecks:
     """Data-dependent checks collected as ``[B]`` device flags and resolved by one host sync."""
 
@@ -153,8 +158,7 @@ class DataChecks:
 
     def nonfinite(self, name: str, bad_groups: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         """``bad_groups`` ``[B]``: groups where ``name`` has NaN/inf (e.g. flagged by a kernel)."""
-        self.require(bad_groups, lambda groups: f"{name} has NaN or inf in valid responses of groups {groups} "
-                                                "(check_inputs=False skips this check)")
+        self.require(bad_groups, lambda groups: NONFINITE_MESSAGE.format(name=name, groups=groups))
 
     def group_size(self, valid: torch.Tensor | Callable[[], torch.Tensor], reason: str) -> None:
         """Every group needs at least two valid responses (deviation and logdet need a pair)."""
@@ -225,13 +229,12 @@ def check_encoders(emb: object, batch: int, group: int) -> list[torch.Tensor]:
     return encoders
 
 
-@functools.lru_cache(maxsize=256, typed=True)
 def check_group_loss_options(loss: str, diversity: str, pairs: str, deviation_norm: str, orpo_weighting: str,
                              divpo_pools: str, backend: str, beta: float, orpo_lambda: float, simpo_gamma: float,
                              min_deviation: float, diversity_alpha: float, eps: float, quality_quantile: float,
                              cpo_alpha: float) -> None:
-    """The choices and scalars of :func:`divkernels.group_preference_loss` (cached: a training loop
-    passes the same ones every step, so this costs one lookup; a failing call raises and is not cached)."""
+    """The choices and scalars of :func:`divkernels.group_preference_loss` (run once per call signature,
+    see ``divkernels.ops.group_loss._checked_arguments``)."""
     from divkernels.types import (
         BACKENDS,
         DEVIATION_NORMS,
@@ -271,13 +274,7 @@ def check_group_loss_arguments(policy_logps: object, rewards: object, emb: objec
     combinations); data checks (NaN, group sizes) happen on the device, see ``check_inputs``."""
     options = (loss, diversity, pairs, deviation_norm, orpo_weighting, divpo_pools, backend, beta, orpo_lambda,
                simpo_gamma, min_deviation, diversity_alpha, eps, quality_quantile, cpo_alpha)
-    if torch.compiler.is_compiling():  # traced once per compile: no cache (which Dynamo would not honour)
-        check_group_loss_options.__wrapped__(*options)
-    else:
-        try:
-            check_group_loss_options(*options)
-        except TypeError:  # an unhashable argument (a tensor for a scalar): check without the cache for its message
-            check_group_loss_options.__wrapped__(*options)
+    check_group_loss_options(*options)
     has_nll = (loss == "orpo" and orpo_weighting == "dorpo") or cpo_alpha > 0
     if (extras.get("nll_logps") is not None or extras.get("nll_tokens") is not None) and not has_nll:
         raise ValueError("nll_logps / nll_tokens feed the NLL term of loss='orpo' (orpo_weighting='dorpo') or of "

@@ -118,14 +118,8 @@ def pytest_make_collect_report(collector: pytest.Collector):
 def loss_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every backend of ``group_preference_loss``, for hand-derived cases: on CPU Triton runs under
     the interpreter and CUDA through its host build (``DIVKERNELS_CUDA_HOST_EMULATION``)."""
-    from divkernels import _cuda
-    from divkernels.backend import backend_unavailable_reason
+    from helpers import use_backend
 
     name = request.param
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and device.type == "cpu":
-        monkeypatch.setenv(_cuda.ENV_HOST_EMULATION, "1")
-    reason = backend_unavailable_reason(name, device)
-    if reason is not None:
-        pytest.skip(f"backend={name!r} cannot run here: {reason}")
+    use_backend(name, torch.device("cuda" if torch.cuda.is_available() else "cpu"), monkeypatch)
     return name

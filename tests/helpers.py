@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 
 import divkernels as dk
@@ -202,3 +203,17 @@ def compare_loss(inputs: dict[str, torch.Tensor], options: dict[str, object], rt
     tensors = {name: inputs.get(name) for name in ("policy_logps", "ref_logps", "emb")}
     differentiable = tuple(name for name, value in tensors.items() if value is not None)
     compare_backends(op, tensors, differentiable, rtol, generator, atol, backend=backend, against=against)
+
+
+def use_backend(name: str, device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip unless backend ``name`` runs on ``device``: on CPU Triton runs under the interpreter and the
+    CUDA backend through its host build (``DIVKERNELS_CUDA_HOST_EMULATION``, set for the test). CI's
+    strict mode turns such a skip into a failure."""
+    from divkernels import _cuda
+    from divkernels.backend import backend_unavailable_reason
+
+    if name == "cuda" and device.type == "cpu":
+        monkeypatch.setenv(_cuda.ENV_HOST_EMULATION, "1")
+    reason = backend_unavailable_reason(name, device)
+    if reason is not None:
+        pytest.skip(f"backend={name!r} cannot run here: {reason}")

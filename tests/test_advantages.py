@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, random_groups, random_logps
+from helpers import assert_close, random_groups, random_logps, use_backend
 
 import divkernels as dk
-from divkernels.backend import backend_unavailable_reason
 
 
 def _trl_grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -73,11 +72,10 @@ def test_darling_multiplies_the_raw_reward_by_partition_diversity() -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_darling_classes_are_connected_components(backend: str) -> None:
+def test_darling_classes_are_connected_components(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A chain e0 ~ e1 ~ e2 ~ e3 (neighbours at cos 0.92, the rest below tau = 0.9) is one class, as
     union-find makes it; transitive=False counts only direct neighbours."""
-    if backend_unavailable_reason(backend, torch.device("cpu")) is not None:
-        pytest.skip(backend_unavailable_reason(backend, torch.device("cpu")))
+    use_backend(backend, torch.device("cpu"), monkeypatch)
     angles = torch.tensor([0.0, 0.4, 0.8, 1.2, 3.0], dtype=torch.float64)
     emb = torch.stack([angles.cos(), angles.sin()], -1)[None]
     chain = dk.partition_diversity(emb, tau=0.9, backend=backend)

@@ -25,6 +25,7 @@ from helpers import (
     random_groups,
     random_logps,
     random_loss_inputs,
+    use_backend,
 )
 
 import divkernels as dk
@@ -46,11 +47,7 @@ def kernel_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """A kernel backend that runs here: Triton under the interpreter, CUDA through its host build."""
     name = request.param
     with pytest.MonkeyPatch.context() as patch:
-        if name == "cuda" and DEVICE.type == "cpu":
-            patch.setenv(_cuda.ENV_HOST_EMULATION, "1")
-        reason = backend_unavailable_reason(name, DEVICE)
-        if reason is not None:
-            pytest.skip(f"backend={name!r} cannot run here: {reason}")
+        use_backend(name, DEVICE, patch)
         request.node.add_marker(pytest.mark.triton if name == "triton" else pytest.mark.cuda_ext)
         yield name
 
@@ -128,10 +125,10 @@ def test_fused_loss_with_embeddings_longer_than_a_tile(kernel_backend: str, grou
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_diversity_ops_with_embeddings_longer_than_a_tile(dtype: torch.dtype, generator: torch.Generator) -> None:
+def test_diversity_ops_with_embeddings_longer_than_a_tile(dtype: torch.dtype, generator: torch.Generator,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton's similarity, deviation and logdet kernels (the CUDA extension has only the fused loss)."""
-    if backend_unavailable_reason("triton", DEVICE) is not None:
-        pytest.skip(backend_unavailable_reason("triton", DEVICE))
+    use_backend("triton", DEVICE, monkeypatch)
     emb, mask = random_groups(3, 16, LONG_D, generator, dtype=dtype)
     emb = emb.to(DEVICE)
     eps = 0.5
@@ -225,13 +222,8 @@ def test_every_option_matches_the_reference(kernel_backend: str, options: dict[s
 def test_cuda_and_triton_agree_in_fp32(generator: torch.Generator) -> None:
     """Two fp32 kernels with different accumulation orders: each within its bound of fp64, so of each other."""
     for name in KERNEL_BACKENDS:
-        reason = backend_unavailable_reason(name, DEVICE)
-        if name == "cuda" and DEVICE.type == "cpu":
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv(_cuda.ENV_HOST_EMULATION, "1")
-                reason = backend_unavailable_reason(name, DEVICE)
-        if reason is not None:
-            pytest.skip(f"{name}: {reason}")
+        with pytest.MonkeyPatch.context() as patch:
+            use_backend(name, DEVICE, patch)
     inputs = random_loss_inputs(3, 16, LONG_D, generator, torch.float32, DEVICE)
     eps = 0.5
     rtol = 2 * accumulation_rtol(torch.float32, LONG_D + 16, condition_number(inputs["emb"], inputs["mask"], eps) ** 2)
@@ -254,12 +246,11 @@ def test_cuda_and_triton_agree_in_fp32(generator: torch.Generator) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_fused_loss_retries_a_group_in_fp64(generator: torch.Generator) -> None:
+def test_fused_loss_retries_a_group_in_fp64(generator: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 duplicates with eps = 1e-9 (1 + 1e-9 == 1 in fp32): K is singular in fp32, and Triton's
     fused loss sweeps that group again in fp64, as the logdet op does. Weights, logdet, the loss
     and the gradient through the regularizer all come from the retried sweep."""
-    if backend_unavailable_reason("triton", DEVICE) is not None:
-        pytest.skip(backend_unavailable_reason("triton", DEVICE))
+    use_backend("triton", DEVICE, monkeypatch)
     inputs = random_loss_inputs(3, 6, 12, generator, torch.float32, DEVICE)
     emb, mask = inputs["emb"].clone(), inputs["mask"].clone()
     mask[:2] = True
@@ -288,10 +279,7 @@ def test_cuda_fp32_cannot_factor_what_fp32_cannot_represent() -> None:
     """The CUDA kernel has no fp64 retry: a group singular in fp32 is a clear error, never a number;
     with float64 embeddings the same group factors."""
     with pytest.MonkeyPatch.context() as patch:
-        if DEVICE.type == "cpu":
-            patch.setenv(_cuda.ENV_HOST_EMULATION, "1")
-        if backend_unavailable_reason("cuda", DEVICE) is not None:
-            pytest.skip(backend_unavailable_reason("cuda", DEVICE))
+        use_backend("cuda", DEVICE, patch)
         emb = torch.zeros(2, 2, 4, device=DEVICE)
         emb[:, :, 0] = 1.0
         policy = torch.tensor([[-1.0, -2.0], [-1.5, -0.5]], device=DEVICE)

@@ -13,12 +13,12 @@ import itertools
 
 import pytest
 import torch
+from helpers import random_groups, random_logps, random_pair_index
 
 import divkernels as dk
 from divkernels.benchmarks.host import LaunchCounter, triton_launches
 from divkernels.ops.common import ENV_POISON
 from divkernels.types import DIVERSITIES, LOSSES
-from tests.helpers import random_groups, random_logps, random_pair_index
 
 
 @pytest.fixture(autouse=True)

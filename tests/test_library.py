@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close, random_groups, random_logps
 
 import divkernels as dk
 from divkernels.loss_config import LossConfig
@@ -18,7 +19,6 @@ from divkernels.ops.group_loss import group_loss_backward_op, group_loss_forward
 from divkernels.ops.logdet import logdet_op
 from divkernels.ops.partition import partition_op
 from divkernels.ops.similarity import similarity_backward_op, similarity_op
-from tests.helpers import assert_close, random_groups, random_logps
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="needs torch.library.opcheck")
 

@@ -13,8 +13,9 @@ import torch
 from divkernels import reference
 from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
+    accumulation_dtype,
     any_bad,
-    contiguous_mask,
+    contiguous,
     is_finite,
     new_output,
     num_warps_for,
@@ -109,6 +110,11 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
         tl.store(out_ptr + b * G + offs, centered, mask=inside)
 
 
+def uses_embeddings(diversity: str, labels: torch.Tensor | None) -> bool:
+    """The diversity is measured on ``emb`` (every mode but "none", and darling given labels)."""
+    return diversity != "none" and labels is None
+
+
 def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: torch.Tensor | None,
                        mask: torch.Tensor | None, diversity: str, alpha: float, tau: float, eps: float,
                        scale: str, min_diversity: float, transitive: bool,
@@ -116,8 +122,8 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
     """``(advantages [B, G], bad [B])`` in one launch (two for darling with min-max rewards)."""
     batch, group = rewards.shape
     out_dtype = reference.compute_dtype(rewards.dtype)
-    uses_emb = diversity in ("dqo", "deviation") or (diversity == "darling" and labels is None)
-    (emb, labels, dim, *strides), flags, acc = link_launch_arguments(emb if uses_emb else None, labels, group)
+    (emb, labels, dim, *strides), flags, acc = link_launch_arguments(
+        emb if uses_embeddings(diversity, labels) else None, labels, group)
     out = new_output((batch, group), out_dtype, rewards.device)
     bad = new_output((batch,), acc, rewards.device)
     two_phase = diversity == "darling" and darling_reward == "minmax"
@@ -143,8 +149,7 @@ def advantages_op(rewards: torch.Tensor, emb: torch.Tensor | None, labels: torch
 
 @advantages_op.register_fake
 def _(rewards, emb, labels, mask, diversity, alpha, tau, eps, scale, min_diversity, transitive, darling_reward):
-    uses_emb = diversity in ("dqo", "deviation") or (diversity == "darling" and labels is None)
-    acc = torch.float64 if uses_emb and emb.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(*((emb.dtype,) if uses_embeddings(diversity, labels) else ()))
     return (rewards.new_empty(rewards.shape, dtype=reference.compute_dtype(rewards.dtype)),
             rewards.new_empty((rewards.shape[0],), dtype=acc))
 
@@ -222,7 +227,7 @@ def group_advantages(
         raise ValueError(f"diversity={diversity!r} needs emb [B, G, D]"
                          + (" or partition labels" if diversity == "darling" else ""))
     device = check_same_device(rewards=rewards, emb=emb, mask=mask, partition=partition)
-    uses_emb = diversity != "none" and partition is None
+    uses_emb = uses_embeddings(diversity, partition)
     resolved = resolve_backend(backend, op="group_advantages", device=device, group_size=group, kernels=("triton",))
 
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
@@ -237,7 +242,7 @@ def group_advantages(
         with torch.no_grad():
             function = advantages_op if torch.compiler.is_compiling() else advantages_forward
             advantages, bad = function(
-                rewards, None if emb is None else emb.detach(), partition, contiguous_mask(mask), diversity, alpha,
+                rewards, None if emb is None else emb.detach(), partition, contiguous(mask), diversity, alpha,
                 tau, eps, reference.default_scale(diversity, scale), min_diversity, transitive, darling_reward)
         if uses_emb:
             checks.nonfinite("emb", lambda: bad > 0)

@@ -88,6 +88,7 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def contiguous_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Kernels index the ``[B, G]`` mask as ``b * G + g``; None means every response is real."""
-    return None if mask is None else mask.contiguous()
+def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A contiguous copy (or the tensor itself) for kernels that index ``[B, G]`` inputs as ``b * G + g``;
+    None stays None (an absent optional input, e.g. ``mask=None``: every response is real)."""
+    return None if tensor is None else tensor.contiguous()

@@ -13,7 +13,7 @@ from divkernels import reference
 from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     accumulation_dtype,
-    contiguous_mask,
+    contiguous,
     dot_precision,
     embedding_block,
     group_block,
@@ -148,9 +148,9 @@ def deviation(
     checks.group_size(valid, "deviation")
     if resolved == "triton":
         if torch.compiler.is_compiling():
-            dev, _, norms = deviation_op(emb, contiguous_mask(mask))
+            dev, _, norms = deviation_op(emb, contiguous(mask))
         else:
-            dev, norms = DeviationFunction.apply(emb, contiguous_mask(mask))
+            dev, norms = DeviationFunction.apply(emb, contiguous(mask))
         checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
     else:
         checks.finite("emb", emb, valid)

@@ -28,7 +28,7 @@ gradient.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +40,7 @@ from divkernels.loss_config import CHECK_STATS, METRIC, STAT, STATS, ForwardOutp
 from divkernels.ops.common import (
     accumulation_dtype,
     any_bad,
-    contiguous_mask,
+    contiguous,
     dot_precision,
     embedding_block,
     group_block,
@@ -64,7 +64,14 @@ from divkernels.ops.similarity import (
     store_square,
 )
 from divkernels.types import LossOutput, MetricVector
-from divkernels.validation import DataChecks, GroupLossArguments, check_group_loss_arguments, too_few_message
+from divkernels.validation import (
+    NONFINITE_MESSAGE,
+    POSITIVE_MESSAGE,
+    DataChecks,
+    GroupLossArguments,
+    check_group_loss_arguments,
+    too_few_message,
+)
 
 LN2 = tl.constexpr(reference.LN2)
 DIVPO_TIE_RTOL = tl.constexpr(reference.DIVPO_TIE_RTOL)
@@ -571,10 +578,6 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
     return out
 
 
-def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.contiguous()
-
-
 @functools.lru_cache(maxsize=256)
 def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torch.dtype | None, acc: torch.dtype,
                        present: tuple[bool, ...], store_state: bool, num_stats: int) -> dict[str, object]:
@@ -814,8 +817,8 @@ def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, che
     emb, extras, mask = args.emb, args.extras, args.mask
     batch, group = args.policy_logps.shape
     resolved = resolve_backend(options["backend"], op="group_preference_loss", device=args.device, group_size=group,
-                             kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
-                             emb_dtype=None if emb is None else emb.dtype)
+                               kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
+                               emb_dtype=None if emb is None else emb.dtype)
     valid = reference.valid_mask(mask, batch, group, args.device)
     in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
     checks = DataChecks(check_inputs and not in_kernel_checks)  # device-side asserts while compiling
@@ -831,32 +834,59 @@ def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, che
             check_factorization(checks, lambda: torch.isnan(output.logdet))
         checks.raise_if_failed()
         return output
-    weights = extras["weights"]
-    if len(args.encoders) > 1:
-        devs = [deviation(e.detach(), mask, backend=resolved if resolved == "triton" else "auto", check_inputs=False)
-                for e in args.encoders]
-        weights = reference.deviation_weights(devs, valid, options["deviation_norm"], options["min_deviation"])
+    weights = _kernel_weights(args, resolved, valid, options)
     key, names, needs_logdet = _config_for_compile(
-        options["loss"], options["diversity"], args.pairs, options["beta"], options["orpo_lambda"],
-        options["simpo_gamma"], options["deviation_norm"], options["min_deviation"], options["diversity_alpha"],
-        options["eps"], options["quality_quantile"], options["orpo_weighting"], options["divpo_pools"],
-        weights is not None, options["cpo_alpha"], in_kernel_checks, args.needs_emb_reason is not None, resolved,
-        emb is not None)
+        *_config_fields(options, args, weights is not None, in_kernel_checks, resolved), emb is not None)
     store_state = (emb is not None and emb.requires_grad and torch.is_grad_enabled()
                    and options["diversity_alpha"] > 0)
     loss, vector, stats, _, chosen_counts, rejected_counts, *_ = group_loss_forward_op(
-        args.policy_logps, args.rewards, args.ref_logps, emb, contiguous_mask(mask), args.pair_index,
+        args.policy_logps, args.rewards, args.ref_logps, emb, contiguous(mask), args.pair_index,
         extras["divpo_scores"], None if weights is None else weights.detach(), extras["token_counts"],
         extras["nll_logps"], extras["nll_tokens"], key, store_state, args.needs_emb_reason or "")
-    logdet = None
-    if needs_logdet:
-        logdet = stats[:, STAT["logdet"]].to(reference.compute_dtype(emb.dtype))
-        if not in_kernel_checks:
-            check_factorization(checks, lambda: torch.isnan(logdet))
-    if emb is not None and not in_kernel_checks:
-        checks.nonfinite("emb", lambda: stats[:, STAT["emb_nonfinite"]] > 0)
+    logdet = _logdet_column(stats, emb) if needs_logdet else None
+    output = LossOutput(loss, MetricVector(vector, METRIC, names), logdet, chosen_counts, rejected_counts)
+    _check_kernel_outputs(checks, output, stats, emb, in_kernel_checks)
     checks.raise_if_failed()
-    return LossOutput(loss, MetricVector(vector, METRIC, names), logdet, chosen_counts, rejected_counts)
+    return output
+
+
+def _config_fields(options: dict, args: GroupLossArguments, given_weights: bool, in_kernel_checks: bool,
+                   resolved: str) -> tuple:
+    """:class:`LossConfig`'s fields, in order, for one call."""
+    return (options["loss"], options["diversity"], args.pairs, options["beta"], options["orpo_lambda"],
+            options["simpo_gamma"], options["deviation_norm"], options["min_deviation"], options["diversity_alpha"],
+            options["eps"], options["quality_quantile"], options["orpo_weighting"], options["divpo_pools"],
+            given_weights, options["cpo_alpha"], in_kernel_checks, args.needs_emb_reason is not None, resolved)
+
+
+def _kernel_weights(args: GroupLossArguments, resolved: str, valid: torch.Tensor | Callable[[], torch.Tensor],
+                    options: dict) -> torch.Tensor | None:
+    """The weights the kernels take as given: the caller's, or the DDPO weights combined over several
+    encoders (the kernels weigh one encoder's deviation themselves); None otherwise."""
+    if len(args.encoders) <= 1:
+        return args.extras["weights"]
+    kernel = "triton" if resolved == "triton" else "auto"
+    devs = [deviation(e.detach(), args.mask, backend=kernel, check_inputs=False) for e in args.encoders]
+    return reference.deviation_weights(devs, valid() if callable(valid) else valid, options["deviation_norm"],
+                                       options["min_deviation"])
+
+
+def _logdet_column(stats: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """``[B]`` logdet from the per-group stats, in ``emb``'s accumulation dtype (the stats are in the call's)."""
+    logdet, dtype = stats.select(1, STAT["logdet"]), reference.compute_dtype(emb.dtype)
+    return logdet if logdet.dtype == dtype else logdet.to(dtype)
+
+
+def _check_kernel_outputs(checks: DataChecks, output: LossOutput, stats: torch.Tensor, emb: torch.Tensor | None,
+                          in_kernel_checks: bool) -> None:
+    """The checks of a kernel call the forward kernel did not resolve itself: NaN/inf in ``emb`` (from the
+    kernel's norms) and a failed factorization (a NaN logdet)."""
+    if in_kernel_checks:
+        return
+    if emb is not None:  # first: a non-finite emb is why its factorization failed
+        checks.nonfinite("emb", lambda: stats[:, STAT["emb_nonfinite"]] > 0)
+    if output.logdet is not None:
+        check_factorization(checks, lambda: torch.isnan(output.logdet))
 
 
 @functools.lru_cache(maxsize=64)
@@ -875,23 +905,12 @@ def metric_names(config: LossConfig, has_emb: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
-# Messages of the in-kernel data checks (loss_config.CHECK_STATS), naming the failing groups.
+# Messages of the data checks (loss_config.CHECK_STATS; the host checks say the same), naming the failing groups.
 CHECK_MESSAGES = {
-    "emb_nonfinite": "emb has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this check)",
-    "bad_policy_logps": "policy_logps has NaN or inf in valid responses of groups {groups} (check_inputs=False skips "
-                        "this check)",
-    "bad_rewards": "rewards has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
-                   "check)",
-    "bad_ref_logps": "ref_logps has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
-                     "check)",
-    "bad_divpo_scores": "divpo_scores has NaN or inf in valid responses of groups {groups} (check_inputs=False "
-                        "skips this check)",
-    "bad_weights": "weights has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
-                   "check)",
-    "bad_token_counts": "token_counts must be finite and > 0 for valid responses; groups {groups} are not",
-    "bad_nll_logps": "nll_logps has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
-                     "check)",
-    "bad_nll_tokens": "nll_tokens must be finite and > 0 for valid responses; groups {groups} are not",
+    **{f"bad_{name}": NONFINITE_MESSAGE.replace("{name}", name)
+       for name in ("policy_logps", "rewards", "ref_logps", "divpo_scores", "weights", "nll_logps")},
+    **{f"bad_{name}": POSITIVE_MESSAGE.replace("{name}", name) for name in ("token_counts", "nll_tokens")},
+    "emb_nonfinite": NONFINITE_MESSAGE.replace("{name}", "emb"),
     "orpo_nonnegative": "loss='orpo' needs mean token log-probs < 0 in policy_logps; groups {groups} have values >= 0",
     "bad_pair_index": "pair_index rows of groups {groups} do not name two different valid responses in [0, {group}) "
                       "(use (-1, -1) for padding rows)",
@@ -1023,8 +1042,8 @@ def group_preference_loss(
     emb, extras = args.emb, args.extras
     batch, group = policy_logps.shape
     resolved = resolve_backend(backend, op="group_preference_loss", device=args.device, group_size=group,
-                             kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
-                             emb_dtype=None if emb is None else emb.dtype)
+                               kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
+                               emb_dtype=None if emb is None else emb.dtype)
     # the Triton forward checks one embedding tensor itself (stat columns, one sync in raise_kernel_checks)
     in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
     checks = DataChecks(check_inputs and not in_kernel_checks)
@@ -1036,33 +1055,22 @@ def group_preference_loss(
         _host_data_checks(checks, args, valid(), loss)
 
     if resolved in ("triton", "cuda"):
-        weights = extras["weights"]
-        if len(args.encoders) > 1:  # the combined weights of several encoders go in as given weights
-            kernel = "triton" if resolved == "triton" else "auto"
-            devs = [deviation(e.detach(), mask, backend=kernel, check_inputs=False) for e in args.encoders]
-            weights = reference.deviation_weights(devs, valid(), deviation_norm, min_deviation)
+        weights = _kernel_weights(args, resolved, valid, options)
         config = plan.configs.get((resolved, in_kernel_checks))
         if config is None:
             config = plan.configs[resolved, in_kernel_checks] = LossConfig(
-                loss, diversity, args.pairs, beta, orpo_lambda, simpo_gamma, deviation_norm, min_deviation,
-                diversity_alpha, eps, quality_quantile, orpo_weighting, divpo_pools, weights is not None, cpo_alpha,
-                in_kernel_checks, args.needs_emb_reason is not None, resolved)
-        tensors = LossTensors(policy_logps, rewards, ref_logps, emb, contiguous_mask(mask), args.pair_index,
+                *_config_fields(options, args, weights is not None, in_kernel_checks, resolved))
+        tensors = LossTensors(policy_logps, rewards, ref_logps, emb, contiguous(mask), args.pair_index,
                               extras["divpo_scores"], None if weights is None else weights.detach(),
                               extras["token_counts"], extras["nll_logps"], extras["nll_tokens"], poison_outputs())
         total = GroupPreferenceLossFunction.apply(policy_logps, ref_logps, emb, extras["nll_logps"], tensors, config)
         vector, stats, totals, chosen_counts, rejected_counts = tensors.aux
         metrics = MetricVector(vector, METRIC, metric_names(config, emb is not None))
-        logdet = None
-        if config.needs_logdet:  # in emb's accumulation dtype (the stats are in the call's)
-            logdet = stats.select(1, COL_LOGDET)
-            if (logdet.dtype == torch.float64) != (emb.dtype == torch.float64):
-                logdet = logdet.to(reference.compute_dtype(emb.dtype))
-        output = LossOutput(total, metrics, logdet, chosen_counts, rejected_counts)
+        output = LossOutput(total, metrics, _logdet_column(stats, emb) if config.needs_logdet else None,
+                            chosen_counts, rejected_counts)
         if in_kernel_checks:
             raise_kernel_checks(totals, stats, group, args.needs_emb_reason)
-        elif emb is not None:
-            checks.nonfinite("emb", lambda: stats[:, STAT["emb_nonfinite"]] > 0)
+        _check_kernel_outputs(checks, output, stats, emb, in_kernel_checks)
     else:
         checks.finite("emb", emb, valid)
         output = reference.group_preference_loss(
@@ -1071,8 +1079,8 @@ def group_preference_loss(
             simpo_gamma=simpo_gamma, deviation_norm=deviation_norm, min_deviation=min_deviation,
             orpo_weighting=orpo_weighting, diversity_alpha=diversity_alpha, eps=eps,
             quality_quantile=quality_quantile, divpo_pools=divpo_pools, cpo_alpha=cpo_alpha, **extras)
-    if output.logdet is not None and not in_kernel_checks:
-        check_factorization(checks, lambda: torch.isnan(output.logdet))
+        if output.logdet is not None:
+            check_factorization(checks, lambda: torch.isnan(output.logdet))
     checks.raise_if_failed()
     return output
 
@@ -1120,11 +1128,12 @@ def _checked_arguments(policy_logps: object, rewards: object, emb: object, ref_l
     if plan is None:
         args = check_group_loss_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index=pair_index,
                                           **options, **extras)
+        plan = _Plan(args.pairs, args.needs_emb_reason, args.device)
         if key is not None:
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
-            _PLANS[key] = _Plan(args.pairs, args.needs_emb_reason, args.device)
-        return args, _PLANS.get(key) or _Plan(args.pairs, args.needs_emb_reason, args.device)
+            _PLANS[key] = plan
+        return args, plan
     encoders = [] if emb is None else list(emb) if isinstance(emb, (list, tuple)) else [emb]
     args = GroupLossArguments(policy_logps, rewards, encoders, ref_logps, mask, plan.pairs,
                               pair_index, extras, plan.needs_emb_reason, plan.device)
@@ -1140,20 +1149,18 @@ def _host_data_checks(checks: DataChecks, args: GroupLossArguments, valid: torch
         checks.finite(name, value, valid)
     if args.needs_emb_reason is not None:
         checks.group_size(valid, args.needs_emb_reason)
+
+    def message(name: str) -> Callable[[list[int]], str]:
+        return lambda groups: CHECK_MESSAGES[name].format(groups=groups, group=group)
+
     if loss == "orpo":
-        checks.require((valid & (policy_logps >= 0)).any(-1),
-                       lambda groups: f"loss='orpo' needs mean token log-probs < 0 in policy_logps; "
-                                      f"groups {groups} have values >= 0")
+        checks.require((valid & (policy_logps >= 0)).any(-1), message("orpo_nonnegative"))
     if args.pair_index is not None:
-        checks.require(_bad_pair_rows(args.pair_index, valid),
-                       lambda groups: f"pair_index rows of groups {groups} do not name two different valid "
-                                      f"responses in [0, {group}) (use (-1, -1) for padding rows)")
+        checks.require(_bad_pair_rows(args.pair_index, valid), message("bad_pair_index"))
     for name in ("token_counts", "nll_tokens"):
         value = extras.get(name)
         if value is not None:
-            checks.require((valid & ~(value > 0)).any(-1),
-                           lambda groups, name=name: f"{name} must be finite and > 0 for valid responses; groups "
-                                                     f"{groups} are not")
+            checks.require((valid & ~(value > 0)).any(-1), message(f"bad_{name}"))
 
 
 def _bad_pair_rows(pair_index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     KERNEL_IDS,
     accumulation_dtype,
-    contiguous_mask,
+    contiguous,
     dot_precision,
     embedding_block,
     group_block,
@@ -235,7 +235,7 @@ def logdet_diversity(
     check_choice("kernel", kernel, KERNELS)
     batch, group, _ = emb.shape
     resolved = resolve_backend(backend, op="logdet_diversity", device=emb.device, group_size=group,
-                             kernels=("triton",))
+                               kernels=("triton",))
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
     def valid() -> torch.Tensor:
@@ -244,9 +244,9 @@ def logdet_diversity(
     checks.group_size(valid, "logdet_diversity")
     if resolved == "triton":
         if torch.compiler.is_compiling():
-            logdet, gains, _, _, norms = logdet_op(emb, contiguous_mask(mask), eps, kernel, None)
+            logdet, gains, _, _, norms = logdet_op(emb, contiguous(mask), eps, kernel, None)
         else:
-            logdet, gains, norms = LogdetFunction.apply(emb, contiguous_mask(mask), eps, kernel, None)
+            logdet, gains, norms = LogdetFunction.apply(emb, contiguous(mask), eps, kernel, None)
         checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
     else:
         checks.finite("emb", emb, valid)

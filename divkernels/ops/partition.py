@@ -12,8 +12,9 @@ import torch
 from divkernels import reference
 from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
+    accumulation_dtype,
     any_bad,
-    contiguous_mask,
+    contiguous,
     dot_precision,
     embedding_block,
     group_block,
@@ -102,7 +103,7 @@ def link_launch_arguments(emb: torch.Tensor | None, labels: torch.Tensor | None,
     """``(emb, labels, D, strides)``, their compile-time flags and the accumulation dtype, for the
     kernels that call :func:`group_links` (partition, DARLING advantages)."""
     dim = emb.shape[2] if emb is not None else 1
-    acc = torch.float64 if emb is not None and emb.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(*((emb.dtype,) if emb is not None else ()))
     block_g = group_block(group)
     tensors = (emb, None if labels is None else labels.contiguous(), dim,
                *(emb.stride() if emb is not None else (0, 0, 0)))
@@ -136,7 +137,7 @@ def partition_op(emb: torch.Tensor | None, labels: torch.Tensor | None, mask: to
 @partition_op.register_fake
 def _(emb, labels, mask, tau, min_diversity, transitive):
     source = emb if emb is not None else labels
-    acc = torch.float64 if emb is not None and emb.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(*((emb.dtype,) if emb is not None else ()))
     return source.new_empty(tuple(source.shape[:2]), dtype=acc), source.new_empty((source.shape[0],), dtype=acc)
 
 
@@ -192,7 +193,7 @@ def partition_diversity(
         if group < 2:
             raise ValueError(f"partition must hold G >= 2 responses per group, got G={group}")
     resolved = resolve_backend(backend, op="partition_diversity", device=device, group_size=group,
-                             kernels=("triton",))
+                               kernels=("triton",))
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
     def valid() -> torch.Tensor:
@@ -203,9 +204,9 @@ def partition_diversity(
         with torch.no_grad():
             emb_in = None if emb is None else emb.detach()
             if torch.compiler.is_compiling():
-                div, bad = partition_op(emb_in, partition, contiguous_mask(mask), tau, min_diversity, transitive)
+                div, bad = partition_op(emb_in, partition, contiguous(mask), tau, min_diversity, transitive)
             else:
-                div, bad = partition_forward(emb_in, partition, contiguous_mask(mask), group, tau, min_diversity,
+                div, bad = partition_forward(emb_in, partition, contiguous(mask), group, tau, min_diversity,
                                              transitive)
         checks.nonfinite("emb", lambda: bad > 0)
     else:

@@ -29,7 +29,7 @@ from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     KERNEL_IDS,
     accumulation_dtype,
-    contiguous_mask,
+    contiguous,
     dot_precision,
     embedding_block,
     group_block,
@@ -270,9 +270,6 @@ def similarity_backward(grad: torch.Tensor, sim: torch.Tensor, norms: torch.Tens
     grid = (batch, -(-dim // block_d))  # ceil(D / BLOCK_D) slices of D
     strides = grad.stride() if mode == 0 else (0, 0, 0)
 
-    def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.contiguous()
-
     _similarity_backward_kernel[grid](
         grad if mode == 0 else contiguous(grad), contiguous(grad_extra), inverse, sim, norms, mask, emb, grad_emb,
         group, dim, default_gamma(kernel, gamma, dim), *strides, *emb.stride(),
@@ -379,7 +376,7 @@ def pairwise_similarity(
         check_scalar("gamma", gamma, low=0.0, low_open=True)
     batch, group, _ = emb.shape
     resolved = resolve_backend(backend, op="pairwise_similarity", device=emb.device, group_size=group,
-                             kernels=("triton",))
+                               kernels=("triton",))
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
     def valid() -> torch.Tensor:
@@ -387,7 +384,7 @@ def pairwise_similarity(
 
     if resolved == "triton":
         function = similarity_op if torch.compiler.is_compiling() else SimilarityFunction.apply
-        sim, norms = function(emb, contiguous_mask(mask), kernel, gamma)
+        sim, norms = function(emb, contiguous(mask), kernel, gamma)
         checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
     else:
         checks.finite("emb", emb, valid)
