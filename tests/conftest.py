@@ -26,6 +26,35 @@ from hypothesis import settings
 # reads this when a kernel is defined, so it is set before any test imports divkernels' kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _decode_bf16_dot_operands() -> None:
+    """Triton's interpreter (3.9) hands bf16 ``tl.dot`` operands to NumPy as their raw uint16 bits
+    (NumPy has no bf16), so the product is garbage; decode them to fp32 first. Products of bf16 values
+    are exact in fp32, so this is what the tensor cores compute (fp32 accumulate)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    if getattr(original, "decodes_bf16", False):
+        return
+
+    def decoded(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data.reshape(handle.data.shape), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, decoded(a), decoded(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot.decodes_bf16 = True
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _decode_bf16_dot_operands()
 # Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
 os.environ.setdefault("DIVKERNELS_POISON_OUTPUTS", "1")
 

@@ -217,19 +217,45 @@ def test_fp32_duplicates_stay_close_to_fp64() -> None:
     assert_matches(gains, ref_gains, 2e-3)
 
 
+@pytest.mark.parametrize(("dtype", "delta"), [(torch.bfloat16, 2.0**-10), (torch.float16, 2.0**-13)])
+def test_half_backward_keeps_the_bits_of_a_that_the_half_dtype_drops(dtype: torch.dtype, delta: float) -> None:
+    """``d emb = A emb`` takes half-precision operands on the tensor cores, with the fp32 ``A`` split into
+    two half parts. Two equal rows and ``A = [[1 + delta, -1], [-1, 1 + delta]]`` (``delta`` below the
+    half dtype's resolution at 1) cancel to exactly ``delta * e``: a kernel that rounded ``A`` to the
+    half dtype would return 0."""
+    row = torch.tensor([1.0, -2.0, 0.5, 4.0] * 4)
+    emb = torch.stack([row, row]).unsqueeze(0).to(dtype).to(DEVICE).requires_grad_(True)
+    sim = dk.pairwise_similarity(emb, kernel="dot", backend="triton")
+    # dL/dS = W, so A = W + W^T: W_ii = (1 + delta) / 2, W_ij = -1/2
+    weights = torch.tensor([[(1 + delta) / 2, -0.5], [-0.5, (1 + delta) / 2]], device=DEVICE).unsqueeze(0)
+    (grad,) = torch.autograd.grad((sim * weights).sum(), emb)
+    want = (delta * row).to(dtype).to(DEVICE)
+    assert torch.equal(grad[0, 0], want) and torch.equal(grad[0, 1], want), grad
+
+
 # The interpreter's numpy warns on the fp32 sweep's log(0) that the fp64 retry then replaces.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_fp64_retry_rescues_a_group_fp32_cannot_factor() -> None:
-    """eps = 1e-9 vanishes next to 1 in fp32: duplicates make K exactly singular there. The kernel's
-    device-side flag re-sweeps that group in fp64; the other group keeps its fp32 result."""
-    emb = torch.zeros(2, 2, 4, device=DEVICE)
+    """eps = 1e-9 vanishes next to 1 in fp32: duplicates make K exactly singular there. The fp32
+    sweep's NaN flags that group and the fix-up launch sweeps it again in fp64; the other groups keep
+    their fp32 result. The same for the DQO gains inside the advantages kernel."""
+    emb = torch.zeros(3, 2, 4, device=DEVICE)
     emb[0, :, 0] = 1.0  # exact duplicates: S = [[1, 1], [1, 1]] exactly
     emb[1, 0, 0] = 1.0
     emb[1, 1, 1] = 1.0  # orthogonal
-    logdet = dk.logdet_diversity(emb, eps=1e-9, backend="triton")
-    assert torch.isfinite(logdet).all()
+    emb[2, :, 2] = 2.0  # duplicates again: a flagged group after an unflagged one
+    logdet, gains = dk.logdet_diversity(emb, eps=1e-9, return_gains=True, backend="triton")
+    assert torch.isfinite(logdet).all() and torch.isfinite(gains).all()
     assert logdet[0].item() == pytest.approx(math.log(2e-9), rel=1e-6)
     assert logdet[1].item() == pytest.approx(0.0, abs=1e-6)
+    want_logdet, want_gains = dk.logdet_diversity(emb.double(), eps=1e-9, return_gains=True, backend="reference")
+    torch.testing.assert_close(logdet.double(), want_logdet, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gains.double(), want_gains, rtol=1e-6, atol=1e-6)
+    rewards = torch.tensor([[1.0, 0.0], [0.5, -1.0], [2.0, 1.0]], device=DEVICE)
+    got = dk.group_advantages(rewards, emb, diversity="dqo", alpha=0.5, eps=1e-9, backend="triton")
+    want = dk.group_advantages(rewards.double(), emb.double(), diversity="dqo", alpha=0.5, eps=1e-9,
+                               backend="reference")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_nan_input_is_reported_by_the_kernel_flags() -> None:

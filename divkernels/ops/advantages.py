@@ -24,7 +24,7 @@ from divkernels.ops.common import (
     triton_dtype,
 )
 from divkernels.ops.deviation import deviation_from_similarity
-from divkernels.ops.logdet import check_factorization, diagonal, logdet_and_inverse
+from divkernels.ops.logdet import check_factorization, diagonal, fixup_launches, logdet_and_inverse
 from divkernels.ops.partition import closure_steps, group_links, link_launch_arguments, partition_from_links
 from divkernels.ops.similarity import gram_matrix, load_valid_rows, similarity_from_gram
 from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES, DARLING_REWARDS
@@ -49,17 +49,22 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
                        STD: tl.constexpr, PHASE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
                        TRANSITIVE: tl.constexpr, STEPS: tl.constexpr, BLOCK_G: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr,
-                       PRECISION: tl.constexpr, RETRY_FP64: tl.constexpr):
+                       PRECISION: tl.constexpr, FIXUP: tl.constexpr):
     """Advantages of group ``b`` (DIVERSITY: 0 none, 1 darling, 2 dqo, 3 deviation).
 
     ``r' = r`` / ``r * div_i`` / ``r + alpha gain_i`` / ``r + alpha dev_i``, then
     ``A = (r' - mean) / (std + 1e-4)`` over the valid responses (``STD``, unbiased std) or ``r' - mean``.
     PHASE 0 does it all; for darling's min-max rewards PHASE 1 writes ``div`` and the group's reward
-    range, PHASE 2 reduces the ranges of the whole batch and finishes.
+    range, PHASE 2 reduces the ranges of the whole batch and finishes. ``FIXUP`` (dqo): only if the
+    group's advantages hold a NaN (the first launch's fp32 sweep failed), all again with a float64 sweep.
     """
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     inside = offs < G
+    if FIXUP:
+        first = tl.load(out_ptr + b * G + offs, mask=inside, other=0.0)
+        if tl.sum(tl.where(first == first, 0, 1), axis=0) == 0:
+            return
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     rewards = tl.load(rewards_ptr + b * G + offs, mask=valid, other=0.0).to(OUT)
     if PHASE == 2:
@@ -74,7 +79,7 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
         sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
         tl.store(bad_ptr + b, any_bad(valid & ~is_finite(norms)))
         if DIVERSITY == 2:  # DQO gain: log det K - log det K_-i = -log (K^-1)_ii
-            _, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, RETRY_FP64)
+            _, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, False, FIXUP)
             measure = tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0).to(OUT)
         else:
             measure = deviation_from_similarity(sim, valid).to(OUT)
@@ -119,7 +124,8 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
                        mask: torch.Tensor | None, diversity: str, alpha: float, tau: float, eps: float,
                        scale: str, min_diversity: float, transitive: bool,
                        darling_reward: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(advantages [B, G], bad [B])`` in one launch (two for darling with min-max rewards)."""
+    """``(advantages [B, G], bad [B])`` in one launch (two for darling with min-max rewards, and for dqo in
+    float32: the float64 fix-up of ``logdet.fixup_launches``)."""
     batch, group = rewards.shape
     out_dtype = reference.compute_dtype(rewards.dtype)
     (emb, labels, dim, *strides), flags, acc = link_launch_arguments(
@@ -132,9 +138,13 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
                  min_diversity, *strides)
     constants = dict(DIVERSITY=ADVANTAGE_DIVERSITIES.index(diversity), STD=scale == "std", HAS_MASK=mask is not None,
                      TRANSITIVE=transitive, STEPS=closure_steps(group), BLOCK_B=128, OUT=triton_dtype(out_dtype),
-                     RETRY_FP64=acc == torch.float32, num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
-    for phase in (1, 2) if two_phase else (0,):
-        _advantages_kernel[(batch,)](*arguments, PHASE=phase, **constants)
+                     num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
+    if two_phase:
+        launches = ((1, False), (2, False))
+    else:  # dqo sweeps K: fp32 groups whose sweep fails go again in float64 (logdet.fixup_launches)
+        launches = [(0, fixup) for fixup in (fixup_launches(acc) if diversity == "dqo" else (False,))]
+    for phase, fixup in launches:
+        _advantages_kernel[(batch,)](*arguments, PHASE=phase, FIXUP=fixup, **constants)
     return out, bad
 
 

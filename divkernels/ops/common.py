@@ -18,8 +18,12 @@ except ImportError:  # the reference backend works without Triton; backend.py sa
 KERNEL_IDS = {"cosine": 0, "dot": 1, "rbf": 2}
 # Smallest tile side tl.dot accepts.
 MIN_BLOCK = 16
-# Register budget of one program's [BLOCK_G, BLOCK_D] embedding tile (elements).
+# Register budget of one program's [BLOCK_G, BLOCK_D] embedding tile (elements): half-precision tiles
+# go to the tensor cores as they are; fp32/fp64 tiles take an IEEE dot on the CUDA cores, whose operand
+# layouts hold the tile several times over, so they get narrower slices (the compiled sm_90 kernels
+# spill at G = 16-64 with 8192, none with 512: benchmarks/results/sm90_kernel_resources.csv).
 TILE_ELEMENTS = 8192
+WIDE_TILE_ELEMENTS = 512
 ENV_POISON = "DIVKERNELS_POISON_OUTPUTS"
 
 
@@ -45,13 +49,26 @@ def group_block(group: int) -> int:
     return max(MIN_BLOCK, next_power_of_2(group))
 
 
-def embedding_block(block_g: int, dim: int) -> int:
-    """Width of the slice of D that one loop step loads: the tile stays within the budget."""
-    return max(MIN_BLOCK, min(TILE_ELEMENTS // block_g, 128, next_power_of_2(dim)))
+def embedding_block(block_g: int, dim: int, emb_dtype: torch.dtype) -> int:
+    """Width of the slice of D that one loop step loads: the tile stays within the dtype's budget."""
+    budget = TILE_ELEMENTS if emb_dtype in (torch.bfloat16, torch.float16) else WIDE_TILE_ELEMENTS
+    return max(MIN_BLOCK, min(budget // block_g, 128, next_power_of_2(dim)))
 
 
-def num_warps_for(block_g: int) -> int:
-    """More warps for larger ``G x G`` tiles, so each thread holds a bounded share of them."""
+def num_warps_for(block_g: int, heavy: bool = False) -> int:
+    """Warps per program, so that each thread holds a bounded share of the ``G x G`` tiles.
+
+    G <= 16: one warp. A 16 x 16 tile is 8 values per thread, every row/column reduction of the
+    elimination stays inside the warp (shuffles, no shared memory, no barrier) and the 16-row
+    ``tl.dot`` is one warp's MMA tile; more warps would only duplicate it. Larger tiles: 4 / 8 / 16
+    warps (32 / 64 / 128), the fewest with which the compiled kernels keep their tiles in registers.
+    ``heavy``: the fused loss forward, which keeps the most G x G tiles alive; at G = 128 it takes 32
+    warps (64 registers per thread), which halves its spills against 16.
+    """
+    if block_g <= 16:
+        return 1
+    if block_g >= 128 and heavy:
+        return 32
     return 4 if block_g <= 32 else 8 if block_g <= 64 else 16
 
 
@@ -65,12 +82,13 @@ def triton_dtype(dtype: torch.dtype):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """Precision of ``tl.dot`` on upcast inputs.
+    """How the kernels' ``tl.dot`` takes ``emb`` of this dtype.
 
-    bf16/fp16 values are exact in TF32, so TF32 tensor cores lose nothing; float32 must not go
-    through TF32 (reference.py, Numerics: logdet errors ~5e-2 at cond ~1e6), float64 stays float64.
+    ``"native"``: bf16/fp16 go into the tensor cores as they are (fp32 accumulate; exact for the Gram,
+    ``split_dot`` for ``d emb = A emb``); float32 must not go through TF32 (reference.py, Numerics:
+    logdet errors ~5e-2 at cond ~1e6), so ``"ieee"``; float64 stays float64.
     """
-    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"
+    return "native" if dtype in (torch.bfloat16, torch.float16) else "ieee"
 
 
 def poison_outputs() -> bool:

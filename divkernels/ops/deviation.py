@@ -66,7 +66,8 @@ def deviation_forward(emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
     block_g = group_block(group)
     _deviation_forward_kernel[(batch,)](
         emb, mask, dev, sim, norms, group, dim, *emb.stride(), HAS_MASK=mask is not None, BLOCK_G=block_g,
-        BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype),
+        BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc),
+        PRECISION=dot_precision(emb.dtype),
         num_warps=num_warps_for(block_g))
     return dev, sim, norms
 

@@ -295,7 +295,7 @@ def _group_loss_forward_kernel(
         finite = (norms == norms) & (norms < float("inf"))
         emb_nonfinite = tl.sum(tl.where(valid & ~finite, 1.0, 0.0), axis=0)
         if NEED_LOGDET:
-            logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, RETRY_FP64)
+            logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, RETRY_FP64, False)
             residual = 1.0 / diagonal(inverse, BLOCK_G)
             if STORE_STATE:
                 store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
@@ -590,9 +590,10 @@ def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torc
         ORPO_DORPO=config.dorpo, DIVPO_RANKED=config.ranked_pools, HAS_EMB=has_emb, HAS_MASK=has_mask,
         HAS_REF=has_ref, HAS_SCORES=has_scores, HAS_LENGTHS=has_lengths, HAS_NLL_LOGPS=has_nll_logps,
         HAS_NLL_TOKENS=has_nll_tokens, NEED_LOGDET=config.needs_logdet and has_emb, STORE_STATE=store_state,
-        NUM_STATS=num_stats, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc),
+        NUM_STATS=num_stats, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim, emb_dtype or acc),
+        ACC=triton_dtype(acc),
         PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc), RETRY_FP64=acc == torch.float32,
-        CHECK=config.check_inputs, NEED_TWO=config.needs_two, num_warps=num_warps_for(block_g))
+        CHECK=config.check_inputs, NEED_TWO=config.needs_two, num_warps=num_warps_for(block_g, heavy=True))
 
 
 # Step 1 of each kernel backend, chosen here and nowhere else; steps 2 and 3 are shared.
@@ -627,7 +628,8 @@ def _backward_constants(config: LossConfig, group: int, dim: int, emb_dtype: tor
     block_g = group_block(group)
     return dict(DORPO=config.dorpo, HAS_CPO=config.cpo_alpha > 0, NLL_TO_POLICY=nll_to_policy,
                 NEED_POLICY=need_policy, NEED_REF=need_ref, NEED_NLL=need_nll, EMB_GRAD=emb_grad,
-                HAS_MASK=has_mask, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc),
+                HAS_MASK=has_mask, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim, emb_dtype or acc),
+                ACC=triton_dtype(acc),
                 PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc),
                 num_warps=num_warps_for(block_g))
 

@@ -4,9 +4,11 @@ Forward, one program per group: Gram -> ``S`` -> ``K = S + eps I`` (padding: ide
 Gauss-Jordan sweep of ``K`` in registers. Without pivoting on an SPD matrix the sweep's pivots are
 the ``d_k`` of ``K = L D L^T`` (``d_k = L_kk^2`` of the Cholesky factor), so
 ``logdet = sum_k log d_k``, and the swept matrix is ``K^{-1}``; the gains
-``-log (K^{-1})_ii`` follow. A non-positive pivot (``K`` numerically indefinite in fp32) sets a
-device-side flag and the group is swept again in fp64 inside the same program; if that fails
-too, its logdet and inverse are NaN (no host sync either way).
+``-log (K^{-1})_ii`` follow. A non-positive pivot (``K`` numerically indefinite in fp32) makes the
+group's logdet NaN, and a second launch of the same kernel (``FIXUP``) sweeps exactly those groups
+again in fp64 while every other program returns at once; if that fails too, its logdet and
+inverse stay NaN. No host sync either way, and the fp64 tile never occupies the first launch's
+registers (two launches forward in fp32, one in fp64).
 
 Backward: ``d logdet / dK = K^{-1}`` and ``d gain_i / dK = k_i k_i^T / (K^{-1})_ii`` (``k_i`` the
 i-th column of ``K^{-1}``), so ``dL/dS = g K^{-1} + K^{-1} diag(g_gain / diag K^{-1}) K^{-1}``,
@@ -72,20 +74,41 @@ def gauss_jordan_inverse(matrix, G, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, RETRY_FP64: tl.constexpr):
-    """``(log det K, K^{-1})`` of ``K = S + eps I`` on the valid rows, NaN if K cannot be swept."""
+def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, RETRY_FP64: tl.constexpr, FP64: tl.constexpr):
+    """``(log det K, K^{-1})`` of ``K = S + eps I`` on the valid rows, NaN if K cannot be swept.
+
+    ``FP64``: sweep in float64 (the fix-up launch of :func:`fixup_launches`), results in ``sim``'s dtype.
+    ``RETRY_FP64``: sweep in ``sim``'s dtype and, if a pivot is not positive, again in float64 in
+    the same program (the fused loss, whose launch budget has no room for a fix-up launch; it costs
+    the registers of a float64 tile).
+    """
     offs = tl.arange(0, BLOCK_G)
     ridge = tl.where((offs[:, None] == offs[None, :]) & valid[:, None], eps, 0.0)
-    logdet, inverse, bad_pivots = gauss_jordan_inverse(sim + ridge, G, BLOCK_G)
-    if RETRY_FP64:
-        if bad_pivots > 0:
-            logdet64, inverse64, bad_pivots = gauss_jordan_inverse(sim.to(tl.float64) + ridge.to(tl.float64), G,
-                                                                   BLOCK_G)
-            logdet = logdet64.to(logdet.dtype)
-            inverse = inverse64.to(inverse.dtype)
+    if FP64:
+        logdet64, inverse64, bad_pivots = gauss_jordan_inverse(sim.to(tl.float64) + ridge.to(tl.float64), G,
+                                                               BLOCK_G)
+        logdet = logdet64.to(sim.dtype)
+        inverse = inverse64.to(sim.dtype)
+    else:
+        logdet, inverse, bad_pivots = gauss_jordan_inverse(sim + ridge, G, BLOCK_G)
+        if RETRY_FP64:
+            if bad_pivots > 0:
+                logdet64, inverse64, bad_pivots = gauss_jordan_inverse(sim.to(tl.float64) + ridge.to(tl.float64),
+                                                                       G, BLOCK_G)
+                logdet = logdet64.to(logdet.dtype)
+                inverse = inverse64.to(inverse.dtype)
     logdet = tl.where(bad_pivots > 0, float("nan"), logdet)
     inverse = tl.where(bad_pivots > 0, float("nan"), inverse)
     return logdet, inverse
+
+
+def fixup_launches(acc: torch.dtype) -> tuple[bool, ...]:
+    """``FIXUP`` of each launch of a kernel that sweeps ``K``: ``(False,)`` in float64; ``(False, True)``
+    in float32, where a second launch of the same kernel sweeps again in float64 only the groups whose
+    fp32 sweep failed (their logdet is NaN: a device-side flag, no host sync) and returns at once
+    for every other group. Keeping the float64 sweep out of the first launch keeps its tile out of
+    the hot kernel's registers."""
+    return (False, True) if acc == torch.float32 else (False,)
 
 
 @triton.jit
@@ -99,13 +122,19 @@ def diagonal(tile, BLOCK_G: tl.constexpr):
 def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr, sim_ptr, norms_ptr, G, D, eps,
                            gamma, stride_b, stride_g, stride_d, KERNEL: tl.constexpr, HAS_MASK: tl.constexpr,
                            BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                           PRECISION: tl.constexpr, RETRY_FP64: tl.constexpr):
+                           PRECISION: tl.constexpr, FIXUP: tl.constexpr):
+    """Group ``b``'s logdet, gains, ``K^-1``, ``S`` and norms. ``FIXUP``: only if its logdet is NaN (the
+    first launch's fp32 sweep failed), all again with a float64 sweep."""
     b = tl.program_id(0).to(tl.int64)
+    if FIXUP:
+        first = tl.load(logdet_ptr + b)
+        if first == first:
+            return
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
     sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
-    logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, RETRY_FP64)
+    logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, False, FIXUP)
     tl.store(logdet_ptr + b, logdet)
     tl.store(gains_ptr + b * G + offs, tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0), mask=offs < G)
     store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
@@ -124,17 +153,19 @@ def logdet_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, ker
     sim = new_output((batch, group, group), acc, emb.device)
     norms = new_output((batch, group), acc, emb.device)
     block_g = group_block(group)
-    _logdet_forward_kernel[(batch,)](
-        emb, mask, logdet, gains, inverse, sim, norms, group, dim, eps, default_gamma(kernel, gamma, dim),
-        *emb.stride(), KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
-        BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype),
-        RETRY_FP64=acc == torch.float32, num_warps=num_warps_for(block_g))
+    for fixup in fixup_launches(acc):
+        _logdet_forward_kernel[(batch,)](
+            emb, mask, logdet, gains, inverse, sim, norms, group, dim, eps, default_gamma(kernel, gamma, dim),
+            *emb.stride(), KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
+            BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc),
+            PRECISION=dot_precision(emb.dtype), FIXUP=fixup, num_warps=num_warps_for(block_g))
     return logdet, gains, inverse, sim, norms
 
 
 class LogdetFunction(torch.autograd.Function):
     """``(logdet, gains)`` with the Triton forward and the shared similarity backward, which forms
-    ``dL/dS = g K^-1 + K^-1 diag(h / diag K^-1) K^-1`` in the kernel (one launch each way)."""
+    ``dL/dS = g K^-1 + K^-1 diag(h / diag K^-1) K^-1`` in the kernel (two launches forward with the fp32
+    fix-up, one backward)."""
 
     @staticmethod
     def forward(ctx, emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str,

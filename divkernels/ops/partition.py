@@ -107,7 +107,8 @@ def link_launch_arguments(emb: torch.Tensor | None, labels: torch.Tensor | None,
     block_g = group_block(group)
     tensors = (emb, None if labels is None else labels.contiguous(), dim,
                *(emb.stride() if emb is not None else (0, 0, 0)))
-    flags = dict(HAS_LABELS=labels is not None, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim),
+    emb_dtype = emb.dtype if emb is not None else acc
+    flags = dict(HAS_LABELS=labels is not None, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim, emb_dtype),
                  ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype if emb is not None else acc))
     return tensors, flags, acc
 

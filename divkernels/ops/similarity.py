@@ -91,8 +91,14 @@ def gram_matrix(emb_ptr, stride_g, stride_d, valid, D, BLOCK_G: tl.constexpr, BL
     for start in range(0, D, BLOCK_D):
         cols = start + offs_d
         ptrs = emb_ptr + offs_g[:, None] * stride_g + cols[None, :] * stride_d
-        rows = tl.load(ptrs, mask=valid[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
-        gram += tl.dot(rows, tl.trans(rows), input_precision=PRECISION, out_dtype=ACC)
+        rows = tl.load(ptrs, mask=valid[:, None] & (cols[None, :] < D), other=0.0)
+        if PRECISION == "native":
+            # bf16/fp16 operands straight into the tensor cores: each product of two 8/11-bit
+            # mantissas is exact in the fp32 accumulator, so this equals the upcast product
+            gram += tl.dot(rows, tl.trans(rows), out_dtype=ACC)
+        else:
+            rows = rows.to(ACC)
+            gram += tl.dot(rows, tl.trans(rows), input_precision=PRECISION, out_dtype=ACC)
     return gram
 
 
@@ -172,10 +178,29 @@ def emb_backward(grad_sym, b, start, valid, sim_ptr, norms_ptr, emb_ptr, grad_em
             grad_rows += a_col[:, None] * row[None, :]
     else:
         rows = tl.load(emb_ptr + b * stride_eb + offs[:, None] * stride_eg + offs_d[None, :] * stride_ed,
-                       mask=valid[:, None] & (offs_d[None, :] < D), other=0.0).to(ACC)
-        grad_rows = tl.dot(a, rows, input_precision=PRECISION, out_dtype=ACC)
+                       mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        if PRECISION == "native":
+            grad_rows = split_dot(a, rows, ACC)
+        else:
+            grad_rows = tl.dot(a, rows.to(ACC), input_precision=PRECISION, out_dtype=ACC)
     out = grad_emb_ptr + b * G * D + offs[:, None] * D + offs_d[None, :]
     tl.store(out, grad_rows.to(grad_emb_ptr.dtype.element_ty), mask=(offs[:, None] < G) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def split_dot(a, rows, ACC: tl.constexpr):
+    """``a @ rows`` for an fp32 ``a`` and half-precision ``rows`` on the half tensor cores.
+
+    ``a = s (hi + lo)`` with ``hi``, ``lo`` in ``rows``' dtype and ``s`` a power of two that puts
+    ``max |a|`` near 1 (fp16's range holds it); two dots with fp32 accumulation then carry ``a`` to
+    ~2^-16 (bf16) / 2^-22 (fp16) of ``max |a|``, far below the half-precision output's rounding.
+    """
+    big = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
+    scale = tl.exp2(tl.ceil(tl.log2(tl.maximum(big, 1e-30))))
+    scaled = a / scale
+    hi = scaled.to(rows.dtype)
+    lo = (scaled - hi.to(ACC)).to(rows.dtype)
+    return (tl.dot(hi, rows, out_dtype=ACC) + tl.dot(lo, rows, out_dtype=ACC)) * scale
 
 
 @triton.jit
@@ -247,7 +272,8 @@ def similarity_forward(emb: torch.Tensor, mask: torch.Tensor | None, kernel: str
     _similarity_forward_kernel[(batch,)](
         emb, mask, sim, norms, group, dim, default_gamma(kernel, gamma, dim), *emb.stride(),
         KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
-        BLOCK_D=embedding_block(block_g, dim), ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype),
+        BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc),
+        PRECISION=dot_precision(emb.dtype),
         num_warps=num_warps_for(block_g))
     return sim, norms
 
@@ -266,7 +292,7 @@ def similarity_backward(grad: torch.Tensor, sim: torch.Tensor, norms: torch.Tens
     acc = accumulation_dtype(emb.dtype)
     grad_emb = new_output((batch, group, dim), emb.dtype, emb.device)
     block_g = group_block(group)
-    block_d = embedding_block(block_g, dim)
+    block_d = embedding_block(block_g, dim, emb.dtype)
     grid = (batch, -(-dim // block_d))  # ceil(D / BLOCK_D) slices of D
     strides = grad.stride() if mode == 0 else (0, 0, 0)
 

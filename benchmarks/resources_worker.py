@@ -1,0 +1,89 @@
+"""Compile recorded Triton launches for real GPUs, without a GPU (run by ``resources.py``).
+
+``python resources_worker.py JOBS.json`` reads launches recorded under the Triton interpreter
+(kernel, arguments, launch options, and the archs to build for), and for each arch rebuilds the
+launch's specialization with Triton's own argument binder for the CUDA target (ints equal to 1 become
+constexprs, ints and 16-byte aligned pointers get ``tt.divisibility = 16``, as on a GPU), compiles it
+with ``triton.compile`` down to a cubin (Triton ships ptxas) and prints one JSON line per (launch,
+arch): shared memory, registers, spill stack and SASS instruction count, or the compiler's error.
+Must run without ``TRITON_INTERPRET``, so the kernels are ``JITFunction`` s.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+
+def decode(value: object) -> object:
+    """A recorded argument back as the launch had it: a small CPU tensor of the dtype and alignment
+    (the binder reads only ``dtype`` and ``data_ptr()``), a Triton dtype, or the plain value."""
+    if isinstance(value, dict) and "tensor" in value:
+        dtype = getattr(torch, value["tensor"])
+        storage = torch.empty(16, dtype=dtype)
+        return storage if value["aligned"] else storage[1:]
+    if isinstance(value, dict) and "tl_dtype" in value:
+        return tl.dtype(value["tl_dtype"])
+    return value
+
+
+def cubin_report(cubin: bytes) -> dict[str, int]:
+    """Registers, stack (spills) and SASS instruction count of the kernel in a cubin (Triton's cuobjdump)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", handle.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([str(tool), "-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    names = {"REG": "registers", "SHARED": "static_shared_bytes", "STACK": "stack"}
+    report = {names[key]: int(number) for key, number in re.findall(r"\b(REG|SHARED|STACK):(\d+)", usage)}
+    report["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line))
+    report["local_loads_stores"] = sum(1 for line in sass.splitlines() if re.search(r"\b(LDL|STL)(\.\w+)*\s", line))
+    return report
+
+
+def compile_launch(launch: dict, arch: int) -> dict:
+    """Compile one recorded launch for ``sm_{arch}`` with a GPU launch's specialization."""
+    kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    args = [decode(value) for value in launch["args"]]
+    kwargs = {key: decode(value) for key, value in launch["kwargs"].items()}
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    return dict(shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                **cubin_report(compiled.asm["cubin"]))
+
+
+def main(path: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+    for job in json.loads(Path(path).read_text()):
+        for arch in job["archs"]:
+            result = {"launch": job["index"], "kernel": job["name"], "arch": arch, "triton": triton.__version__,
+                      "triton_path": str(Path(triton.__file__).resolve()), "num_warps": job["kwargs"].get("num_warps")}
+            try:
+                result.update(compile_launch(job, arch))
+            except Exception as error:  # reported to the caller, which fails with the message
+                result["error"] = f"{type(error).__name__}: {error}"[-2000:]
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
