@@ -61,17 +61,18 @@ def partition_from_links(links, valid, min_diversity, TRANSITIVE: tl.constexpr, 
 
     ``C_i``: the connected component of i in the (symmetrized) link graph among valid responses,
     what DARLING's union-find computes. Reachability ``R`` (links plus the diagonal) doubles the
-    path length it covers per squaring, ``R <- [R R > 0]``; entries are 0/1 and sums <= G, exact
-    in tf32 with float32 accumulation. ``TRANSITIVE=False``: direct links only.
+    path length it covers per squaring, ``R <- [R R > 0]``; entries are 0/1 and sums <= G, so fp16
+    operands on the tensor cores with float32 accumulation are exact (and hold the tile in half the
+    registers of tf32). ``TRANSITIVE=False``: direct links only.
     """
     offs = tl.arange(0, BLOCK_G)
     eye = offs[:, None] == offs[None, :]
     pair = valid[:, None] & valid[None, :]
     links = (links | tl.trans(links)) & pair
     if TRANSITIVE:
-        reach = tl.where(links | eye, 1.0, 0.0)
+        reach = tl.where(links | eye, 1.0, 0.0).to(tl.float16)
         for _ in tl.static_range(STEPS):
-            reach = tl.where(tl.dot(reach, reach, input_precision="tf32") > 0.5, 1.0, 0.0)
+            reach = tl.where(tl.dot(reach, reach, out_dtype=tl.float32) > 0.5, 1.0, 0.0).to(tl.float16)
         links = reach > 0.5
     distinct = tl.sum(tl.where(pair & ~eye & ~links, 1.0, 0.0), axis=1).to(ACC)
     n = tl.sum(valid.to(ACC), axis=0)
