@@ -138,9 +138,9 @@ class LaunchRecorder:
         launch = {"module": fn.__module__, "name": fn.__name__, "args": [_encode(a) for a in args],
                   "kwargs": {key: _encode(value) for key, value in kwargs.items()}}
         # runtime ints by what Triton specializes on; constexprs and launch options by value
-        names = list(inspect.signature(fn).parameters)
-        constant = {name for name, param in inspect.signature(fn).parameters.items()
-                    if "constexpr" in str(param.annotation)}
+        params = inspect.signature(fn).parameters
+        names = list(params)
+        constant = {name for name, param in params.items() if "constexpr" in str(param.annotation)}
         args_key = [value if names[i] in constant else _specialization_class(value)
                     for i, value in enumerate(launch["args"])]
         kwargs_key = {k: v if k in constant or k not in names else _specialization_class(v)
@@ -298,33 +298,6 @@ def workspace_bytes(groups: tuple[int, ...], csrc: Path, folder: Path) -> dict[t
             for size in (4, 8)}
 
 
-def _cuobjdump() -> str:
-    import triton
-
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-
-
-def cubin_functions(cubin: Path) -> dict[str, dict[str, int]]:
-    """``{mangled name: {registers, stack, static_shared, sass_instructions}}`` of every kernel in a cubin."""
-    tool = _cuobjdump()
-    usage = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
-    functions: dict[str, dict[str, int]] = {}
-    for name, body in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:.*)", usage):
-        values = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", body))
-        functions[name] = dict(registers=int(values["REG"]), stack=int(values["STACK"]),
-                               static_shared=int(values["SHARED"]), sass_instructions=0)
-    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    current = None
-    for line in sass.splitlines():
-        match = re.match(r"\s*Function : (\S+)", line)
-        if match:
-            current = match.group(1)
-        elif current in functions and re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line):
-            functions[current]["sass_instructions"] += 1
-    return functions
-
-
 def cuda_rows(archs: tuple[int, ...], groups: tuple[int, ...], dtypes: tuple[str, ...], folder: Path) -> list[dict]:
     """Rows of the CUDA extension's kernels (nvcc from PATH; none without it)."""
     nvcc = shutil.which("nvcc")
@@ -345,6 +318,8 @@ def cuda_rows(archs: tuple[int, ...], groups: tuple[int, ...], dtypes: tuple[str
         # ptxas -v: "Function properties for NAME / S bytes stack frame, N bytes spill stores, ..."
         spills = {name: int(stores) for name, stores in re.findall(
             r"Function properties for (\S+)\s+\d+ bytes stack frame, (\d+) bytes spill stores", build.stderr)}
+        from divkernels.benchmarks.resources_worker import cubin_functions  # imports triton
+
         for mangled, usage in cubin_functions(cubin).items():
             name = subprocess.run([filt, mangled], capture_output=True, text=True, check=True).stdout.strip()
             match = re.match(rf"void divkernels::{kernel}<(\w+), ([\w:]+)>", name)

@@ -40,20 +40,26 @@ def decode(value: object) -> object:
     return value
 
 
-def cubin_report(cubin: bytes) -> dict[str, int]:
-    """Registers, stack (spills) and SASS instruction count of the kernel in a cubin (Triton's cuobjdump)."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(cubin)
-        handle.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", handle.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([str(tool), "-sass", handle.name], capture_output=True, text=True, check=True).stdout
-    names = {"REG": "registers", "SHARED": "static_shared_bytes", "STACK": "stack"}
-    report = {names[key]: int(number) for key, number in re.findall(r"\b(REG|SHARED|STACK):(\d+)", usage)}
-    report["sass_instructions"] = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line))
-    report["local_loads_stores"] = sum(1 for line in sass.splitlines() if re.search(r"\b(LDL|STL)(\.\w+)*\s", line))
-    return report
+def cubin_functions(cubin: Path) -> dict[str, dict[str, int]]:
+    """``{mangled name: {registers, stack, static_shared, sass_instructions}}`` of every kernel in a
+    cubin, from the cuobjdump that Triton ships (also used for the CUDA extension's cubins)."""
+    tool = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    functions: dict[str, dict[str, int]] = {}
+    for name, body in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:.*)", usage):
+        values = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", body))
+        functions[name] = dict(registers=int(values["REG"]), stack=int(values["STACK"]),
+                               static_shared=int(values["SHARED"]), sass_instructions=0)
+    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    current = None
+    for line in sass.splitlines():
+        match = re.match(r"\s*Function : (\S+)", line)
+        if match:
+            current = match.group(1)
+        elif current in functions and re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line):
+            functions[current]["sass_instructions"] += 1
+    return functions
 
 
 def compile_launch(launch: dict, arch: int) -> dict:
@@ -68,8 +74,12 @@ def compile_launch(launch: dict, arch: int) -> dict:
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"])
+        handle.flush()
+        (usage,) = cubin_functions(Path(handle.name)).values()  # a Triton cubin holds one kernel
     return dict(shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
-                **cubin_report(compiled.asm["cubin"]))
+                registers=usage["registers"], stack=usage["stack"], sass_instructions=usage["sass_instructions"])
 
 
 def main(path: str) -> None:
