@@ -37,6 +37,8 @@ if has bench; then
     fi
     python3 -m divkernels.benchmarks --suite "$suite" --out "$out" --budget-s "$budget" "${resume[@]}" 2>&1 \
         | tee "$out/bench-$suite.log" | tail -60
+    # Linear log-probs: fused vs unfused logits, peak memory and time (each case in a fresh process).
+    python3 -m divkernels.benchmarks --suite linear --out "$out" 2>&1 | tee "$out/bench-linear.log" | tail -25
     # Per shape class, the faster of triton/cuda for backend="auto" (commit it as divkernels/dispatch_table.json).
     cp divkernels/dispatch_table.json "$out/dispatch_table.json"
     python3 -m divkernels.benchmarks.dispatch "$out"/*-"$suite"-*.json --table "$out/dispatch_table.json" \

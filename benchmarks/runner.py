@@ -7,6 +7,8 @@ Suites:
   smoke  tiny shapes, to check the runner itself (CPU is fine)
   host   per op and mode: device launches, host syncs and host microseconds of one forward +
          backward (kernels stubbed without a GPU; see host.py); CPU is fine
+  linear sequence log-probs through the LM head: fused (chunked) vs unfused logits, peak extra
+         memory and time over a token sweep and a chunk sweep, each in a fresh process (linear.py)
 
 Each (case, provider) row gets the median time, peak extra memory, the memory floor (bytes that
 must move over the measured copy bandwidth) and the ratio to it. Results go to
@@ -342,10 +344,28 @@ def run_host(device: torch.device, out: Path, repeats: int, log: Callable[[str],
     return 0
 
 
+def run_linear(device: torch.device, out: Path, repeats: int, log: Callable[[str], None]) -> int:
+    """``--suite linear``: memory and time of linear log-probs, fused vs unfused (linear.py), with a plot."""
+    from divkernels.benchmarks import linear
+
+    env = environment(device)
+    log(f"divkernels linear log-probs on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+        f"commit {str(env['commit'])[:12]})")
+    rows = linear.run(device, min(repeats, 5), log)
+    json_path, csv_path = write_results(rows, env, None, result_path(env, out, "linear"), "linear")
+    log("\n" + linear.table(rows))
+    log(f"\nwrote {json_path} and {csv_path}")
+    try:
+        log(f"plot: {linear.plot(rows, env, json_path.with_suffix(''))}")
+    except ImportError:
+        log("plot skipped: matplotlib is not installed")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m divkernels.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("fused", "full", "smoke", "host"), default="fused")
+    parser.add_argument("--suite", choices=("fused", "full", "smoke", "host", "linear"), default="fused")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON/CSV results")
@@ -377,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.suite == "host":
         return run_host(device, args.out, args.repeats, log, args.baseline)
+    if args.suite == "linear":
+        return run_linear(device, args.out, args.repeats, log)
     env = environment(device)
     log(f"divkernels benchmarks, suite {args.suite}, on {env['device']} (torch {env['torch']}, "
         f"triton {env['triton']}, commit {str(env['commit'])[:12]})")

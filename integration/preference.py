@@ -40,11 +40,13 @@ from divkernels.integration.distributed import gather_rows, is_distributed, max_
 from divkernels.integration.embeddings import SentenceEncoder, completion_text, pool_hidden_states
 from divkernels.integration.models import load_causal_lm
 from divkernels.integration.tokenization import TOKENIZATION, TRUNCATION_MODES, tokenize_group, truncate
+from divkernels.ops.hidden_loss import linear_backend
+from divkernels.ops.linear_logps import linear_token_logps
+from divkernels.reference import POOLINGS
 from divkernels.types import DEVIATION_NORMS, DIVERSITIES, DIVPO_POOLS, LOSSES, ORPO_WEIGHTINGS, PAIR_MODES
 from divkernels.validation import check_choice
 
 EMBEDDING_SOURCES = ("encoder", "policy")
-POOLINGS = ("mean", "last")
 Encoder = Callable[[Sequence[str]], torch.Tensor]
 # Per-response statistics of the policy forward that the TRL-named metrics average over pairs.
 RESPONSE_STATS = ("completion_tokens", "sequence_tokens", "mean_logit_sum", "full_logit_sum", "last_logit_sum",
@@ -62,7 +64,10 @@ class DiversityPreferenceConfig(TrainingArguments):
     ``"deviation"`` (DDPO/DORPO) or ``"logdet_gain"``; ``pairs``: ``"auto"`` (the dataset's
     explicit pairs if it has a ``pairs`` column, else every ``r_i > r_j``), ``"all"``,
     ``"best_worst"`` or ``"divpo"``; ``embedding_source``: ``"encoder"`` (frozen sentence encoder)
-    or ``"policy"`` (pooled last hidden states of the response tokens, with gradient).
+    or ``"policy"`` (pooled last hidden states of the response tokens, with gradient);
+    ``fused_linear``: policy and reference log-probs (and the logged logit statistics) through
+    :func:`divkernels.linear_logps` from the LM head's input, without the logits (what TRL's
+    ``use_liger_kernel`` does for its pair losses).
     """
 
     # TRL's defaults that differ from TrainingArguments'
@@ -98,6 +103,11 @@ class DiversityPreferenceConfig(TrainingArguments):
         "help": "Ours: keep a completion's first tokens (None: TRL's rules only)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every torch.nn.Dropout to p=0 (TRL)."})
     kernel_backend: str = field(default="auto", metadata={"help": "divkernels backend for the loss."})
+    fused_linear: bool = field(default=False, metadata={
+        "help": "Policy and reference log-probs from the last hidden states through the LM head in chunks "
+                "(divkernels.linear_logps): the [N, L, V] logits never exist."})
+    linear_chunk_size: int | None = field(default=None, metadata={
+        "help": "Token rows per LM-head chunk with fused_linear (None: chunk * V <= 2^26)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator reads the raw columns."})
 
     def __post_init__(self) -> None:
@@ -110,6 +120,8 @@ class DiversityPreferenceConfig(TrainingArguments):
         check_choice("embedding_source", self.embedding_source, EMBEDDING_SOURCES)
         check_choice("pooling", self.pooling, POOLINGS)
         check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        if self.linear_chunk_size is not None and self.linear_chunk_size < 1:
+            raise ValueError(f"linear_chunk_size must be a positive int or None, got {self.linear_chunk_size}")
         self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
         super().__post_init__()
 
@@ -277,6 +289,74 @@ def sequence_statistics(logits: torch.Tensor, input_ids: torch.Tensor, attention
     return stats
 
 
+def fused_sequence_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                              *, chunk_size: int | None = None, backend: str = "auto") -> dict[str, torch.Tensor]:
+    """:func:`sequence_statistics` from the LM head's input ``hidden [N, L, H]`` and its ``weight [V, H]``
+    (and ``bias``) without the ``[N, L, V]`` logits: log-probs, entropies and argmaxes per token come from
+    :func:`divkernels.ops.linear_logps.linear_token_logps` chunk by chunk, and the logit sums from
+    ``sum_v z_v = h . sum_v W_v + sum_v b_v`` (the head is linear)."""
+    targets = input_ids[:, 1:]
+    predicted_mask = attention_mask[:, 1:].bool()
+    token = linear_token_logps(hidden[:, :-1], weight, targets, predicted_mask, bias=bias, stats=True,
+                               chunk_size=chunk_size, backend=backend)
+    completion = completion_mask[:, 1:].to(token.logps.dtype)
+    predicted = predicted_mask.to(token.logps.dtype)
+    stats = {
+        "completion_logps": (token.logps * completion).sum(-1),
+        "completion_tokens": completion.sum(-1),
+        "nll_logps": (token.logps * predicted).sum(-1),
+        "nll_tokens": predicted.sum(-1),
+        "sequence_tokens": attention_mask.sum(-1).to(token.logps.dtype),
+    }
+    with torch.no_grad():
+        row_sums = hidden.detach().float() @ weight.detach().float().sum(0)
+        if bias is not None:
+            row_sums = row_sums + bias.detach().float().sum()
+        stats["mean_logit_sum"] = (row_sums[:, :-1] / weight.shape[0] * completion).sum(-1)
+        stats["full_logit_sum"] = row_sums[:, :-1].sum(-1)
+        stats["last_logit_sum"] = row_sums[:, -1]
+        stats["top1_correct"] = ((token.argmax == targets).to(completion.dtype) * completion).sum(-1)
+        stats["entropy_sum"] = (token.entropy * completion).sum(-1)
+    return stats
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The LM head of a causal LM (under DDP/accelerate wrappers too), checked to be a plain linear map
+    of the last hidden states: what ``fused_linear`` replaces."""
+    while hasattr(model, "module"):
+        model = model.module
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"fused_linear=True needs a model whose get_output_embeddings() is a torch.nn.Linear, "
+                         f"got {type(head).__name__}")
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise ValueError(f"fused_linear=True computes logits as lm_head(hidden); this model changes them "
+                             f"afterwards (config.{name}={getattr(config, name)}): use fused_linear=False")
+    return head
+
+
+def head_inputs(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.nn.Linear]:
+    """Run ``model`` with the LM head fed an empty slice of its input: returns that input ``[N, L, H]``
+    (the last hidden states, with grad) and the head. A forward pre-hook on the head, so the call goes
+    through every wrapper (DDP's gradient hooks included) and no logits are computed."""
+    head = output_head(model)
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        captured.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(capture)
+    try:
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1], head
+
+
 class DiversityPreferenceTrainer(Trainer):
     """Preference training with :func:`divkernels.group_preference_loss` over groups of responses.
 
@@ -335,6 +415,16 @@ class DiversityPreferenceTrainer(Trainer):
                    pooled: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Per-response statistics (:func:`sequence_statistics`) and, with ``pooled``, the pooled last
         hidden state of the completion tokens ``[N, H]``."""
+        if self.args.fused_linear:
+            hidden, head = head_inputs(model, inputs)
+            stats = fused_sequence_statistics(hidden, head.weight, head.bias, inputs["input_ids"],
+                                              inputs["attention_mask"], inputs["completion_mask"],
+                                              chunk_size=self.args.linear_chunk_size,
+                                              backend=linear_backend(self.args.kernel_backend))
+            self._logits_shape = (hidden.shape[1], head.weight.shape[0])
+            pooled_hidden = pool_hidden_states(hidden.float(), inputs["completion_mask"], self.args.pooling) \
+                if pooled else None
+            return stats, pooled_hidden
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
                         output_hidden_states=pooled)
         stats = sequence_statistics(outputs.logits, inputs["input_ids"], inputs["attention_mask"],

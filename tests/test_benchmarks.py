@@ -146,3 +146,19 @@ def _compile_provider_checks(monkeypatch: pytest.MonkeyPatch) -> None:
                                   compile_backend="eager")
     assert any("recompile" in (row["error"] or "").lower() for row in rows)
     torch._dynamo.reset()
+
+
+def test_linear_suite_measures_both_paths_in_fresh_processes(tmp_path: Path) -> None:
+    """The linear family on a tiny token sweep and chunk sweep: rows, table and plot (numbers not asserted)."""
+    from divkernels.benchmarks import linear
+
+    selected = [linear.LinearCase("tokens", 2, 8, 8, 96, "float32", 4),
+                linear.LinearCase("tokens", 2, 16, 8, 96, "float32", 4),
+                linear.LinearCase("chunk", 2, 16, 8, 96, "float32", 16)]
+    rows = linear.run(torch.device("cpu"), 1, lambda _: None, selected)
+    assert [(row["sweep"], row["provider"]) for row in rows] == [
+        (sweep, provider) for sweep in ("tokens", "tokens", "chunk") for provider in ("fused", "unfused")]
+    assert all(row["error"] is None and row["peak_extra_mib"] is not None and row["median_ms"] > 0 for row in rows)
+    assert "| tokens | 32 | 96 | 4 |" in linear.table(rows)
+    pytest.importorskip("matplotlib")
+    assert linear.plot(rows, {"device": "cpu"}, tmp_path / "linear").exists()

@@ -172,6 +172,44 @@ def test_preference_trainer_lowers_loss_and_logs_metrics(tmp_path: Path, options
         assert all(entry["diversity/deviation"] > 0 for entry in logged)
 
 
+@pytest.mark.parametrize("loss_type", ["dpo", "orpo"])
+def test_fused_linear_trainer_equals_unfused(tmp_path: Path, loss_type: str) -> None:
+    """fused_linear=True on ragged groups with diversity from the policy's pooled hidden states and the
+    logdet regularizer (DPO: the reference's log-probs through the same op): the same logged metrics
+    and weights as the logits path."""
+    runs = []
+    for fused in (False, True):
+        model, tokenizer = tiny()
+        args = config(tmp_path / str(fused), loss_type=loss_type, diversity="deviation", embedding_source="policy",
+                      diversity_alpha=0.1, max_steps=2, logging_steps=1, fused_linear=fused, linear_chunk_size=5)
+        trainer = DiversityPreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(GROUPS),
+                                             processing_class=tokenizer)
+        trainer.train()
+        runs.append(([entry for entry in trainer.state.log_history if "loss" in entry], trainer.model))
+    (plain_log, plain_model), (fused_log, fused_model) = runs
+    assert len(plain_log) == len(fused_log) == 2
+    for want, got in zip(plain_log, fused_log, strict=True):
+        assert set(want) == set(got)
+        for name in set(want) - {"epoch", "step", "learning_rate"}:
+            assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), name
+    for (name, want), (_, got) in zip(plain_model.named_parameters(), fused_model.named_parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_linear_refuses_models_that_change_logits_after_the_head(tmp_path: Path) -> None:
+    from divkernels.integration.preference import output_head
+
+    model, _ = tiny()
+    assert output_head(model) is model.get_output_embeddings()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        output_head(model)
+    with pytest.raises(ValueError, match="torch.nn.Linear"):
+        output_head(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="linear_chunk_size"):
+        config(tmp_path, linear_chunk_size=0)
+
+
 def test_preference_trainer_loss_is_the_library_loss(tmp_path: Path) -> None:
     """The trainer's loss on a batch is ``group_preference_loss`` of the sequence log-probs."""
     model, tokenizer = tiny()

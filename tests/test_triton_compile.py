@@ -25,6 +25,7 @@ from helpers import random_groups, random_logps, random_pair_index
 import divkernels as dk
 from divkernels.backend import triton_interpreter_enabled
 from divkernels.benchmarks import resources
+from divkernels.ops.linear_logps import linear_token_logps
 
 pytestmark = [
     pytest.mark.triton,
@@ -149,4 +150,34 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
             problems += [f"{row['kernel']} G={row['G']} {row['dtype']} spills {row['spill_bytes']} bytes "
                          f"({row['registers']} registers, {row['num_warps']} warps, triton {version})"
                          for row in rows if row["spill_bytes"] and not spill_allowed(row)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_linear_row_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
+    """The LM-head row kernels at a vocabulary larger than one tile (8192-wide tiles, 16 warps), bf16 and
+    fp32 logits, with and without the statistics, forward and backward: they compile for sm_90 with
+    every Triton under test and keep their registers (no local-memory stack)."""
+    recorder = resources.LaunchRecorder()
+    generator = torch.Generator().manual_seed(0)
+    vocab = 2 * 8192 + 5
+    with recorder.recording():
+        for dtype in (torch.bfloat16, torch.float32):
+            hidden = torch.randn(2, 2, 8, generator=generator).to(dtype).requires_grad_(True)
+            weight = torch.randn(vocab, 8, generator=generator).to(dtype).requires_grad_(True)
+            targets = torch.randint(0, vocab, (2, 2), generator=generator)
+            dk.linear_logps(hidden, weight, targets, backend="triton", check_inputs=False).sum().backward()
+            linear_token_logps(hidden.detach(), weight.detach(), targets, stats=True, backend="triton",
+                               check_inputs=False)
+    names = sorted({launch["name"] for launch in recorder.launches})
+    assert names == ["_token_backward_kernel", "_token_forward_kernel"], names
+    assert {launch["kwargs"]["num_warps"] for launch in recorder.launches} == {16}
+    tritons = [None, *filter(None, os.environ.get(ENV_EXTRA_TRITON, "").split(os.pathsep))]
+    problems = []
+    for index, extra in enumerate(tritons):
+        reports = resources.compile_triton(recorder.launches, (90,), tmp_path / f"linear-{index}", extra)
+        assert len(reports) == len(recorder.launches)
+        problems += [f"{r['kernel']} (launch {r['launch']}, triton {r['triton']}): "
+                     f"{r.get('error') or str(r['stack']) + ' bytes of stack'}"
+                     for r in reports if "error" in r or r["stack"]]
     assert not problems, "\n".join(problems)

@@ -27,6 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from divkernels.integration import DiversityPreferenceConfig, DiversityPreferenceTrainer, pairs_to_groups
 from divkernels.integration.demo import build_tokenizer
+from divkernels.ops.linear_logps import linear_token_logps
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
                                                             "ignore::DeprecationWarning")]
@@ -104,9 +105,11 @@ def run_ours(loss: str, model: Any, rows: list[dict[str, Any]], tmp_path: Path,
     return trainer.state.log_history, trainer.model
 
 
-def compare(loss: str, rows: list[dict[str, Any]], tmp_path: Path, **overrides: Any) -> None:
+def compare(loss: str, rows: list[dict[str, Any]], tmp_path: Path, ours: dict[str, Any] | None = None,
+            **overrides: Any) -> None:
+    """``overrides`` go to both trainers, ``ours`` to ours only."""
     trl_history, trl_model = run_trl(loss, tiny_gpt2(), rows, tmp_path, **overrides)
-    our_history, our_model = run_ours(loss, tiny_gpt2(), rows, tmp_path, **overrides)
+    our_history, our_model = run_ours(loss, tiny_gpt2(), rows, tmp_path, **overrides, **(ours or {}))
     trl_steps = [entry for entry in trl_history if "loss" in entry and "train_runtime" not in entry]
     our_steps = [entry for entry in our_history if "loss" in entry and "train_runtime" not in entry]
     assert len(trl_steps) == len(our_steps) == 2
@@ -140,6 +143,34 @@ def test_conversational_rows_equal_trl(loss: str, tmp_path: Path) -> None:
 ], ids=["dpo-keep_start", "ipo-keep_end", "orpo", "simpo"])
 def test_truncation_equals_trl(loss: str, overrides: dict[str, Any], tmp_path: Path) -> None:
     compare(loss, PAIRS, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "orpo", "simpo"])
+def test_fused_linear_equals_trl(loss: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log-probs and logged logit statistics from the LM head's input in chunks of 8 token rows (several
+    per batch), the logits never formed: still TRL's trainer step for step (loss, metrics, weights)."""
+    from divkernels.integration import preference
+
+    vocab = tiny_gpt2().config.vocab_size
+    calls, logits_seen = [], []
+    monkeypatch.setattr(preference, "linear_token_logps",
+                        lambda *args, **kwargs: calls.append(1) or linear_token_logps(*args, **kwargs))
+    real_run_ours = run_ours
+
+    def run_ours_watching(*args: Any, **kwargs: Any) -> tuple[list[dict], Any]:
+        def watch(module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.shape[-1] == vocab and output.numel() > 0:
+                logits_seen.append(tuple(output.shape))
+
+        handle = torch.nn.modules.module.register_module_forward_hook(watch)
+        try:
+            return real_run_ours(*args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setitem(globals(), "run_ours", run_ours_watching)
+    compare(loss, PAIRS, tmp_path, ours={"fused_linear": True, "linear_chunk_size": 8})
+    assert len(calls) >= 2 and not logits_seen, (len(calls), logits_seen)
 
 
 def test_config_defaults_are_trl_defaults(tmp_path: Path) -> None:
