@@ -10,6 +10,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.utils import logging
 
 import divkernels as dk
+from divkernels.integration.distributed import is_distributed, sharded_parameters
 from divkernels.integration.embeddings import SentenceEncoder
 from divkernels.reference import mean_offdiagonal_similarity
 
@@ -84,14 +85,18 @@ class DiversityCallback(TrainerCallback):
         max_new_tokens, generation_kwargs: for ``model.generate``.
         prefix: metric name prefix.
 
-    Under DDP only the main process samples (every process holds the whole model); with a
-    sharded model (FSDP, ZeRO-3) generation needs every process, which this callback does not do.
+    Samples are drawn with the RNG seeded from ``seed`` (default the trainer's ``args.seed``) plus the
+    step, inside a forked RNG state: they do not depend on, or disturb, the training randomness.
+    Under DDP only the main process samples (every process holds the whole model). With a sharded
+    model (FSDP2, FSDP, DeepSpeed ZeRO-3) every process takes part in each forward pass of the
+    generation (``synced_gpus=True``) and draws the same samples; the main process logs.
     """
 
     def __init__(self, trainer: Trainer, prompts: Sequence[str], *, num_samples: int = 8, every_n_steps: int = 100,
                  embed: Callable[[Sequence[str]], torch.Tensor] | None = None,
                  verifier: Callable[[str, str], bool] | None = None, max_new_tokens: int = 64,
-                 generation_kwargs: dict[str, Any] | None = None, prefix: str = "diversity_eval/") -> None:
+                 generation_kwargs: dict[str, Any] | None = None, prefix: str = "diversity_eval/",
+                 seed: int | None = None) -> None:
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to measure diversity, got {num_samples}")
         if not prompts:
@@ -105,19 +110,36 @@ class DiversityCallback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.generation_kwargs = generation_kwargs
         self.prefix = prefix
+        self.seed = seed
+
+    def _sharded(self) -> bool:
+        return is_distributed() and sharded_parameters(self.trainer.model)
 
     def evaluate(self) -> dict[str, float]:
-        """Sample, embed and score now; returns the metrics (prefixed) without logging them."""
+        """Sample, embed and score now; returns the metrics (prefixed) without logging them. With a
+        sharded model every process must call it (they return the same metrics)."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
-        samples = sample_completions(model, trainer.processing_class, self.prompts, self.num_samples,
-                                     max_new_tokens=self.max_new_tokens, generation_kwargs=self.generation_kwargs)
+        generation_kwargs = dict(self.generation_kwargs or {})
+        if self._sharded():
+            generation_kwargs.setdefault("synced_gpus", True)
+        seed = (trainer.args.seed if self.seed is None else self.seed) + trainer.state.global_step
+        devices = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            samples = sample_completions(model, trainer.processing_class, self.prompts, self.num_samples,
+                                         max_new_tokens=self.max_new_tokens, generation_kwargs=generation_kwargs)
         metrics = diversity_metrics(samples, self.embed, prompts=self.prompts, verifier=self.verifier)
         return {self.prefix + name: value for name, value in metrics.items()}
 
     def _evaluate_and_log(self, state: TrainerState) -> None:
         # Under DDP every process holds the whole model: sampling on the main process is enough
-        # (Trainer.log reports from there only).
+        # (Trainer.log reports from there only). A sharded model needs every process to generate.
+        if self._sharded():
+            metrics = self.evaluate()
+            if state.is_world_process_zero:
+                self.trainer.log(metrics)
+            return
         if not state.is_world_process_zero:
             return
         logger.info(f"DiversityCallback: sampling {self.num_samples} completions for {len(self.prompts)} prompts "

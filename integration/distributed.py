@@ -1,11 +1,12 @@
-"""Gathering response groups across processes (DDP under ``torchrun`` / ``accelerate launch``).
+"""Gathering response groups across processes (DDP, FSDP2 or ZeRO-3 under ``torchrun`` / ``accelerate launch``).
 
 When every process gathers the whole batch of groups and computes the same loss on it, the loss
 equals the single-process loss. Gradients must then reach each process's own rows:
 :func:`gather_rows` all-gathers in the forward pass and, in the backward pass, all-reduces the
 gradient of the gathered tensor (every process holds the gradient of the same loss) and keeps
-the local rows. DDP then averages the parameter gradients over the W processes, which undoes the
-factor W of the all-reduce, so the update equals the single-process one.
+the local rows. DDP (and FSDP's reduce-scatter, and ZeRO) then average the parameter gradients over
+the W processes, which undoes the factor W of the all-reduce, so the update equals the
+single-process one.
 """
 
 from __future__ import annotations
@@ -84,6 +85,16 @@ def max_over_processes(values: list[int], device: torch.device) -> list[int]:
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
+
+
+def sharded_parameters(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds only shards of its parameters: FSDP2 (``DTensor`` parameters), FSDP1
+    (flat parameters) or DeepSpeed ZeRO-3 (partitioned parameters). Every process must then take part
+    in each forward pass (generation included)."""
+    for parameter in model.parameters():
+        if type(parameter).__name__ in ("DTensor", "FlatParameter") or hasattr(parameter, "ds_id"):
+            return True
+    return False
 
 
 def gather_objects(items: list[Any]) -> list[Any]:

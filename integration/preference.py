@@ -25,10 +25,12 @@ Under ``torchrun`` / ``accelerate launch`` each process gathers every process's 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +38,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 import divkernels as dk
-from divkernels.integration.distributed import gather_rows, is_distributed, max_over_processes, pad_dim, row_counts
+from divkernels.integration.distributed import (
+    gather_rows,
+    is_distributed,
+    max_over_processes,
+    pad_dim,
+    row_counts,
+    sharded_parameters,
+)
 from divkernels.integration.embeddings import SentenceEncoder, completion_text, pool_hidden_states
 from divkernels.integration.models import load_causal_lm
 from divkernels.integration.tokenization import TOKENIZATION, TRUNCATION_MODES, tokenize_group, truncate
@@ -250,6 +259,54 @@ def create_reference_model(model: PreTrainedModel) -> PreTrainedModel:
     return reference_model
 
 
+def prepare_reference_model(model: torch.nn.Module, accelerator: Any, batch_size: int) -> torch.nn.Module:
+    """The frozen reference, sharded the way the policy is: a DeepSpeed engine without optimizer under
+    ZeRO-3 (partitioned parameters; ZeRO-1/2 shard only optimizer states, so the reference stays whole),
+    FSDP2's ``fully_shard`` with the plugin's settings under FSDP2, else placed on the device as is
+    (DDP needs no wrapper for a model that is never trained). What TRL does for its reference models."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler", "train_batch_size"):
+            config.pop(key, None)
+        config["train_micro_batch_size_per_gpu"] = batch_size
+        config["gradient_accumulation_steps"] = 1
+        zero = config.get("zero_optimization", {})
+        config["zero_optimization"] = ({key: value for key, value in zero.items() if value != "auto"}
+                                       if zero.get("stage") == 3 else {"stage": 0})
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()  # DeepSpeedEngine.eval returns None
+        return engine
+    if getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model).eval()
+    return accelerator.prepare_model(model, evaluation_mode=True)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (under DDP/accelerate wrappers too) is a ``peft`` model with adapters."""
+    if importlib.util.find_spec("peft") is None:
+        return False
+    from peft import PeftModel
+
+    while hasattr(model, "module"):
+        model = model.module
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """The base model of a ``peft`` model: its adapters off for the duration (TRL's reference for PEFT)."""
+    while hasattr(model, "module"):
+        model = model.module
+    with model.disable_adapter():
+        yield
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Every ``torch.nn.Dropout`` module of ``model`` to ``p = 0`` (what TRL's ``disable_dropout`` does)."""
     for module in model.modules():
@@ -331,6 +388,9 @@ def output_head(model: torch.nn.Module) -> torch.nn.Linear:
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"fused_linear=True needs a model whose get_output_embeddings() is a torch.nn.Linear, "
                          f"got {type(head).__name__}")
+    if sharded_parameters(head):
+        raise ValueError("fused_linear=True needs the LM head's whole weight after the forward pass; under FSDP / "
+                         "ZeRO-3 it is sharded then: use fused_linear=False with sharded models")
     for name in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, name, None) not in (None, 1.0):
             raise ValueError(f"fused_linear=True computes logits as lm_head(hidden); this model changes them "
@@ -366,7 +426,10 @@ class DiversityPreferenceTrainer(Trainer):
         train_dataset, eval_dataset: ``datasets.Dataset`` of group rows (see the module
             docstring); for pair rows use :func:`pairs_to_groups` first.
         processing_class: the tokenizer (its pad token, else its EOS token, pads).
-        ref_model: reference model for dpo/ipo; None uses a frozen copy of ``model``.
+        ref_model: reference model for dpo/ipo; None uses a frozen copy of ``model``, or for a
+            ``peft`` model the base model with its adapters disabled (no second copy, as TRL does).
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``): ``model`` is wrapped with it first, as
+            TRL's trainers do with their ``peft_config`` argument.
         encoder: ``texts -> [N, D]`` for ``embedding_source="encoder"``, or a list of them: several
             encoders combine into DDPO/DORPO weights as the authors do (geometric mean of the
             per-encoder min-max scaled deviations; the first encoder serves everything else); None
@@ -377,7 +440,7 @@ class DiversityPreferenceTrainer(Trainer):
     def __init__(self, model: PreTrainedModel | str, args: DiversityPreferenceConfig, train_dataset: Any = None,
                  processing_class: PreTrainedTokenizerBase | None = None, *, eval_dataset: Any = None,
                  ref_model: PreTrainedModel | None = None,
-                 encoder: Encoder | Sequence[Encoder] | None = None, **kwargs: Any) -> None:
+                 encoder: Encoder | Sequence[Encoder] | None = None, peft_config: Any = None, **kwargs: Any) -> None:
         if not isinstance(args, DiversityPreferenceConfig):
             raise TypeError("args must be a DiversityPreferenceConfig")
         if isinstance(model, str):
@@ -386,7 +449,15 @@ class DiversityPreferenceTrainer(Trainer):
             raise ValueError("processing_class (the tokenizer) is required")
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
-        if args.loss_type in ("dpo", "ipo") and ref_model is None:
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if is_peft_model(model):
+                raise ValueError("model is already a peft model; pass peft_config=None")
+            model = get_peft_model(model, peft_config)
+        # with a peft model and no ref_model the reference is the base model, adapters off
+        self.reference_is_base = args.loss_type in ("dpo", "ipo") and ref_model is None and is_peft_model(model)
+        if args.loss_type in ("dpo", "ipo") and ref_model is None and not self.reference_is_base:
             ref_model = create_reference_model(model)
         if args.disable_dropout:
             disable_dropout(model)
@@ -406,8 +477,8 @@ class DiversityPreferenceTrainer(Trainer):
         self.encoders: list[Encoder] = [] if encoder is None else list(encoder) if isinstance(encoder, Sequence) \
             else [encoder]
         self.ref_model = None
-        if args.loss_type in ("dpo", "ipo"):
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        if args.loss_type in ("dpo", "ipo") and ref_model is not None:
+            self.ref_model = prepare_reference_model(ref_model, self.accelerator, args.per_device_train_batch_size)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0.0
 
@@ -457,6 +528,9 @@ class DiversityPreferenceTrainer(Trainer):
         if self.ref_model is not None:
             with torch.no_grad():
                 groups["ref"] = to_groups(self._sequences(self.ref_model, inputs, False)[0]["completion_logps"], mask)
+        elif self.reference_is_base:
+            with torch.no_grad(), adapters_disabled(model):
+                groups["ref"] = to_groups(self._sequences(model, inputs, False)[0]["completion_logps"], mask)
         if from_policy:
             groups["emb"] = to_groups(pooled, mask)
         elif self.encoders:

@@ -350,6 +350,15 @@ MUTANTS = [
            'stats["mean_logit_sum"] = (row_sums[:, :-1] / weight.shape[0] * completion).sum(-1)',
            'stats["mean_logit_sum"] = (row_sums[:, :-1] * completion).sum(-1)',
            (TE, "-k", "fused_linear and dpo")),
+    Mutant("peft: the reference keeps the adapters on", "integration/preference.py",
+           "with torch.no_grad(), adapters_disabled(model):", "with torch.no_grad():",
+           ("tests/test_integration.py", "-k", "peft")),
+    Mutant("zero3: the reference model is not partitioned", "integration/preference.py",
+           "if accelerator.distributed_type == DistributedType.DEEPSPEED:", "if False:",
+           ("tests/test_integration.py", "-k", "zero3")),
+    Mutant("rewards: groups not gathered across processes", "integration/rewards.py",
+           "emb, rows = gather_rows(local, counts)", "emb, rows = local, slice(0, local.shape[0])",
+           ("tests/test_integration.py", "-k", "split_across")),
 ]
 
 

@@ -17,6 +17,8 @@ from divkernels.ops import linear_logps as linear_module
 from divkernels.ops.linear_logps import default_chunk_size, linear_token_logps
 
 BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.triton)]
+# Triton runs on CUDA tensors on a GPU machine and under the interpreter on CPU tensors elsewhere.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # bf16 logits are rounded to bf16 by the head's GEMM (as a bf16 model's are): ~2^-9 of |z| per token.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -31,9 +33,10 @@ def make_inputs(generator: torch.Generator, count: int, length: int, width: int,
         mask[1] = False
     targets = torch.randint(0, vocab, (count, length), generator=generator)
     targets[~mask] = -100  # TRL's ignore index outside the mask
-    return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(), "targets": targets, "mask": mask,
-            "bias": torch.randn(vocab, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
-            if bias else None}
+    bias_value = torch.randn(vocab, generator=generator, dtype=torch.float64).to(dtype) if bias else None
+    return {"hidden": hidden.to(DEVICE).requires_grad_(), "weight": weight.to(DEVICE).requires_grad_(),
+            "targets": targets.to(DEVICE), "mask": mask.to(DEVICE),
+            "bias": bias_value.to(DEVICE).requires_grad_() if bias else None}
 
 
 def reference_and_grads(inputs: dict, seed_grad: torch.Tensor, **options) -> tuple[torch.Tensor, list]:
@@ -65,7 +68,7 @@ def test_matches_unfused_reference(backend: str, dtype: torch.dtype, count: int,
     options = {"temperature": 0.7, "reduction": reduction}
     got = dk.linear_logps(**inputs, chunk_size=chunk, backend=backend, **options)
     assert got.shape == (count,) and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    seed_grad = torch.randn(count, generator=generator, dtype=torch.float64)
+    seed_grad = torch.randn(count, generator=generator, dtype=torch.float64).to(DEVICE)
     want, want_grads = reference_and_grads(inputs, seed_grad, **options)
     assert_matches(got, want, dtype, "logps")
     if reduction == "mean" and count > 2:
@@ -91,7 +94,7 @@ def test_reference_gradcheck(generator: torch.Generator) -> None:
 def test_unmasked_full_sequences_without_bias(backend: str, generator: torch.Generator) -> None:
     """mask=None: every token counts (targets must then all be in range); no bias."""
     inputs = make_inputs(generator, 2, 4, 8, 21, torch.float64, bias=False)
-    inputs["targets"] = torch.randint(0, 21, (2, 4), generator=generator)
+    inputs["targets"] = torch.randint(0, 21, (2, 4), generator=generator).to(DEVICE)
     got = dk.linear_logps(inputs["hidden"], inputs["weight"], inputs["targets"], backend=backend)
     want = reference.linear_logps(inputs["hidden"], inputs["weight"], inputs["targets"])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -147,7 +150,7 @@ def test_weight_gradient_accumulates_in_float32_across_chunks(generator: torch.G
     inputs = make_inputs(generator, 8, 8, 16, 20, torch.bfloat16)
     got = dk.linear_logps(**inputs, chunk_size=2, backend="reference")
     (grad,) = torch.autograd.grad(got.sum(), inputs["weight"])
-    _, want = reference_and_grads(inputs, torch.ones(8, dtype=torch.float64))
+    _, want = reference_and_grads(inputs, torch.ones(8, dtype=torch.float64, device=DEVICE))
     assert_matches(grad, want[1], torch.bfloat16, "d weight")
 
 
@@ -211,15 +214,16 @@ def test_group_loss_from_hidden_equals_loss_of_unfused_logps(backend: str, loss:
     flat = make_inputs(generator, batch * group, length, width, vocab, torch.float64)
     hidden = flat["hidden"].detach().view(batch, group, length, width).requires_grad_()
     weight = flat["weight"]
-    targets = torch.randint(0, vocab, (batch, group, length), generator=generator)
-    mask = torch.rand(batch, group, length, generator=generator) < 0.7
+    targets = torch.randint(0, vocab, (batch, group, length), generator=generator).to(DEVICE)
+    mask = (torch.rand(batch, group, length, generator=generator) < 0.7).to(DEVICE)
     mask[..., -1] = True
     nll_mask = mask.clone()
     nll_mask[..., 0] = True
-    group_mask = torch.tensor([[True, True, True], [True, True, False]])
-    rewards = torch.randn(batch, group, generator=generator, dtype=torch.float64)
+    group_mask = torch.tensor([[True, True, True], [True, True, False]], device=DEVICE)
+    rewards = torch.randn(batch, group, generator=generator, dtype=torch.float64).to(DEVICE)
     reduction = "mean" if loss == "orpo" else "sum"
-    ref_logps = None if loss == "orpo" else torch.randn(batch, group, generator=generator, dtype=torch.float64)
+    ref_logps = None if loss == "orpo" else torch.randn(batch, group, generator=generator,
+                                                        dtype=torch.float64).to(DEVICE)
     options = {"loss": loss, **extra}
     fused = dk.group_preference_loss_from_hidden(
         hidden, weight, targets, mask, rewards, None, ref_logps, group_mask, reduction=reduction, pooling="mean",
@@ -265,3 +269,19 @@ def test_group_loss_from_hidden_errors(generator: torch.Generator) -> None:
         call(hidden, weight, targets, mask, rewards, pooling="max")
     with pytest.raises(ValueError, match="group_mask"):
         call(hidden, weight, targets, mask, rewards, group_mask=torch.ones(2, 2, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_vocabulary_scale(dtype: torch.dtype, generator: torch.Generator) -> None:
+    """On a GPU, at a real vocabulary (8192-wide tiles, 16 warps, several chunks): forward and every
+    gradient against the float64 reference, outputs poisoned before the kernels write them."""
+    inputs = make_inputs(generator, 4, 256, 256, 32_000, dtype)
+    got = dk.linear_logps(**inputs, chunk_size=384, backend="triton")
+    seed_grad = torch.randn(4, generator=generator, dtype=torch.float64).to(DEVICE)
+    want, want_grads = reference_and_grads(inputs, seed_grad)
+    assert_matches(got, want, dtype, "logps")
+    grads = torch.autograd.grad((got * seed_grad.to(got.dtype)).sum(), [inputs["hidden"], inputs["weight"],
+                                                                         inputs["bias"]])
+    for name, grad, want_grad in zip(("hidden", "weight", "bias"), grads, want_grads, strict=True):
+        assert_matches(grad, want_grad, dtype, f"d {name}")
