@@ -4,7 +4,7 @@ Suites:
   fused  the kernel issue's targets: fused DDPO + logdet regularizer, bf16 emb, at
          (B, G, D) = (256, 16, 4096) and (4096, 16, 2048), forward and forward+backward
   full   every op family over the shapes of the benchmark issue, bf16 and fp32
-  smoke  tiny shapes, to check the runner itself (CPU is fine)
+  smoke  tiny shapes, to check the runner itself (CPU is fine, about a minute)
   host   per op and mode: device launches, host syncs and host microseconds of one forward +
          backward (kernels stubbed without a GPU; see host.py); CPU is fine
   linear sequence log-probs through the LM head: fused (chunked) vs unfused logits, peak extra
@@ -45,7 +45,9 @@ GROUP_SWEEP = [(256, group, 1024) for group in (2, 4, 8, 16, 32, 64, 128)]
 DIM_SWEEP = [(256, 16, dim) for dim in (256, 1024, 2048, 4096, 8192)]
 PAIR_SHAPES = [(16384, 2, 1), (262144, 2, 1)]  # plain DPO on (chosen, rejected) pairs: vs Liger
 TARGET_SHAPES = [(256, 16, 4096), (4096, 16, 2048)]
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# Results go to a folder in the working directory unless --out names another one; the committed results
+# live in benchmarks/results/ (--out benchmarks/results).
+DEFAULT_OUT = Path("benchmark_results")
 CHECKPOINT_ROWS = 10  # rows between partial writes of the result files
 
 
@@ -368,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=("fused", "full", "smoke", "host", "linear"), default="fused")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON/CSV results")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for <device>-<suite>-<date>.json / .csv and plots (default: ./%(default)s; "
+                             "benchmarks/results to update the committed results)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,5 +1,6 @@
-"""``python -m divkernels``: ``info`` (versions, device, which backends can run and why not) and
-``demo`` (diversity-aware preference training of a tiny LM on CPU; ``demo --help``)."""
+"""``python -m divkernels``: ``info`` (versions, device, which backends can run and why not),
+``demo`` (diversity-aware preference training of a tiny LM on CPU; ``demo --help``) and ``study``
+(the pass@k study; ``study --help``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import platform
 import sys
 
 import torch
+
+DESCRIPTION = ("divkernels: fused diversity-aware post-training ops. Commands: info (versions, device, which "
+               "backends can run here and why not), demo (diversity-aware preference training of a tiny LM on "
+               "CPU; see demo --help), study (pass@k of seven training methods over seeds on CPU; see "
+               "study --help).")
 
 
 def _version(package: str) -> str:
@@ -52,10 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         from divkernels.integration.demo import main as demo
 
         return demo(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m divkernels", description=__doc__)
+    if argv and argv[0] == "study":
+        from divkernels.integration.study import main as study
+
+        return study(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m divkernels", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device and available backends")
     commands.add_parser("demo", help="diversity-aware preference training of a tiny LM (see demo --help)")
+    commands.add_parser("study", help="pass@k study of seven methods over seeds, on CPU (see study --help)")
     parser.parse_args(argv)
     print(info())
     return 0

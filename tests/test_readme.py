@@ -1,5 +1,5 @@
-"""The README's Python examples run as written, in order, sharing one namespace (as a reader
-pasting them into one session would)."""
+"""The README's Python examples run as written, each on its own (a fresh namespace), and leave
+nothing in the working directory."""
 
 from __future__ import annotations
 
@@ -20,7 +20,27 @@ def test_readme_has_examples() -> None:
 def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if any("divkernels.integration" in block for block in BLOCKS):
         pytest.importorskip("trl")
-    monkeypatch.chdir(tmp_path)  # the examples' output folders
-    namespace: dict[str, object] = {}
-    for index, block in enumerate(BLOCKS):
-        exec(compile(block, f"README.md python block {index}", "exec"), namespace)
+    monkeypatch.chdir(tmp_path)  # anything an example writes lands here, and nothing may
+    for index, block in enumerate(BLOCKS):  # each example runs on its own, as a reader pastes it
+        exec(compile(block, f"README.md python block {index}", "exec"), {"__name__": f"readme_block_{index}"})
+    assert not list(tmp_path.iterdir()), f"the examples wrote {sorted(p.name for p in tmp_path.iterdir())}"
+
+
+def test_demo_table_is_the_committed_run() -> None:
+    """The README's demo table is generated from integration/demo_results.json (``demo --readme``)."""
+    import json
+
+    from divkernels.integration import demo
+
+    results = json.loads(demo.RESULTS_FILE.read_text())
+    assert demo.readme_block(results) in README.read_text(), "run: python -m divkernels demo --readme README.md"
+
+
+def test_study_table_is_the_committed_run() -> None:
+    """The README's study table is generated from integration/study_results.json (``study --readme``)."""
+    import json
+
+    from divkernels.integration import study
+
+    results = json.loads(study.RESULTS_FILE.read_text())
+    assert study.readme_block(results) in README.read_text(), "run: python -m divkernels study --readme README.md"
