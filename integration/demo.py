@@ -288,11 +288,16 @@ def readme_block(results: dict[str, Any]) -> str:
             f"scale {results['scale']})\n\n{table(results['results'], results['k'])}\n{README_END}")
 
 
+def replace_readme_block(readme: Path, block: str, begin: str, end: str) -> None:
+    """Replace the text from the line ``begin`` to the line ``end`` of ``readme`` with ``block``."""
+    text = readme.read_text()
+    start, stop = text.index(begin), text.index(end) + len(end)
+    readme.write_text(text[:start] + block + text[stop:])
+
+
 def write_readme_table(readme: Path, results: dict[str, Any]) -> None:
     """Replace the demo block of ``readme`` with :func:`readme_block` of ``results``."""
-    text = readme.read_text()
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    readme.write_text(text[:start] + readme_block(results) + text[end:])
+    replace_readme_block(readme, readme_block(results), README_BEGIN, README_END)
 
 
 def table(results: dict[str, dict[str, float]], k: int) -> str:

@@ -58,8 +58,8 @@ class Settings:
     seeds: int = 3
     samples: int = 64
     sft_steps: int = 200  # SFT pass@1 ~0.1 and pass@16 ~0.8: best-of-k has room to matter
-    preference_steps: int = 40
-    grpo_steps: int = 20
+    preference_steps: int = 100
+    grpo_steps: int = 60
     group_size: int = 8
 
 
@@ -229,9 +229,7 @@ def readme_block(results: dict[str, Any]) -> str:
 
 
 def write_readme_table(readme: Path, results: dict[str, Any]) -> None:
-    text = readme.read_text()
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    readme.write_text(text[:start] + readme_block(results) + text[end:])
+    demo.replace_readme_block(readme, readme_block(results), README_BEGIN, README_END)
 
 
 def plot(summary: dict[str, dict[str, Any]], out: Path) -> list[Path]:
