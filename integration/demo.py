@@ -19,6 +19,7 @@ the output folder. Seeded: the same command prints the same table on the same ma
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -60,11 +61,11 @@ def prompt_for(target: int) -> str:
     return " ".join(str(target)) + " ="
 
 
-def is_correct(prompt: str, completion: str) -> bool:
-    """Verifier: exactly three digits whose sum is the prompt's target."""
+def is_correct(prompt: str, completion: str, length: int = ANSWER_LENGTH) -> bool:
+    """Verifier: exactly ``length`` digits (the demo: three) whose sum is the prompt's target."""
     target = int("".join(token for token in prompt.split() if token in DIGITS))
     digits = completion.split()
-    return len(digits) == ANSWER_LENGTH and all(d in DIGITS for d in digits) and sum(map(int, digits)) == target
+    return len(digits) == length and all(d in DIGITS for d in digits) and sum(map(int, digits)) == target
 
 
 def correctness_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
@@ -72,23 +73,26 @@ def correctness_reward(prompts: list[str], completions: list[str], **_: Any) -> 
     return [float(is_correct(p, c)) for p, c in zip(prompts, completions, strict=True)]
 
 
-def solutions(target: int) -> list[str]:
-    return [" ".join(map(str, digits)) for digits in
-            ((a, b, c) for a in range(10) for b in range(10) for c in range(10)) if sum(digits) == target]
+def solutions(target: int, length: int = ANSWER_LENGTH) -> list[str]:
+    """Every string of ``length`` digits that sum to ``target``, in lexicographic order."""
+    return [" ".join(map(str, digits)) for digits in itertools.product(range(10), repeat=length)
+            if sum(digits) == target]
 
 
-def sft_examples(count: int, rng: random.Random, noise: float = 0.2) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs: correct answers Zipf-distributed over a shuffled solution list
-    (a few answers dominate, as after ordinary fine-tuning), and a share of random digit strings."""
-    ranked = {target: rng.sample(solutions(target), len(solutions(target))) for target in TARGETS}
+def sft_examples(count: int, rng: random.Random, noise: float = 0.2, *, targets: list[int] = TARGETS,
+                 length: int = ANSWER_LENGTH, skew: float = 1.1) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs: correct answers Zipf-distributed (exponent ``skew``) over a shuffled
+    solution list (a few answers dominate, as after ordinary fine-tuning), and a share ``noise`` of
+    random digit strings."""
+    ranked = {target: rng.sample(solutions(target, length), len(solutions(target, length))) for target in targets}
     examples = []
     for _ in range(count):
-        target = rng.choice(TARGETS)
+        target = rng.choice(targets)
         if rng.random() < noise:
-            completion = " ".join(rng.choice(DIGITS) for _ in range(ANSWER_LENGTH))
+            completion = " ".join(rng.choice(DIGITS) for _ in range(length))
         else:
             answers = ranked[target]
-            weights = [1.0 / (rank + 1) ** 1.1 for rank in range(len(answers))]
+            weights = [1.0 / (rank + 1) ** skew for rank in range(len(answers))]
             completion = rng.choices(answers, weights)[0]
         examples.append((prompt_for(target), completion))
     return examples

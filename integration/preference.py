@@ -50,7 +50,7 @@ from divkernels.integration.embeddings import SentenceEncoder, completion_text, 
 from divkernels.integration.models import load_causal_lm
 from divkernels.integration.tokenization import TOKENIZATION, TRUNCATION_MODES, tokenize_group, truncate
 from divkernels.ops.hidden_loss import linear_backend
-from divkernels.ops.linear_logps import linear_token_logps
+from divkernels.ops.linear_logps import token_outputs
 from divkernels.reference import POOLINGS
 from divkernels.types import DEVIATION_NORMS, DIVERSITIES, DIVPO_POOLS, LOSSES, ORPO_WEIGHTINGS, PAIR_MODES
 from divkernels.validation import check_choice
@@ -259,6 +259,13 @@ def create_reference_model(model: PreTrainedModel) -> PreTrainedModel:
     return reference_model
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without its DDP / accelerate wrappers (``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def prepare_reference_model(model: torch.nn.Module, accelerator: Any, batch_size: int) -> torch.nn.Module:
     """The frozen reference, sharded the way the policy is: a DeepSpeed engine without optimizer under
     ZeRO-3 (partitioned parameters; ZeRO-1/2 shard only optimizer states, so the reference stays whole),
@@ -293,17 +300,13 @@ def is_peft_model(model: torch.nn.Module) -> bool:
         return False
     from peft import PeftModel
 
-    while hasattr(model, "module"):
-        model = model.module
-    return isinstance(model, PeftModel)
+    return isinstance(unwrapped(model), PeftModel)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """The base model of a ``peft`` model: its adapters off for the duration (TRL's reference for PEFT)."""
-    while hasattr(model, "module"):
-        model = model.module
-    with model.disable_adapter():
+    with unwrapped(model).disable_adapter():
         yield
 
 
@@ -314,19 +317,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def sequence_statistics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sequence ``[N]`` statistics of a causal LM's ``logits [N, L, V]``, position ``t`` predicting
-    token ``t + 1``: the completion's summed log-probs and token count, every predicted token's
-    summed log-probs and count (the NLL of TRL's ORPO/CPO covers prompt and completion), and, without
-    grad, what TRL's metrics average: completion-token sums of the per-position mean logit, of
-    top-1 hits and of the entropy (DPOTrainer), and the sum of all logits over every position but
-    the last and at the last position (ORPO's and CPO's ``logits/*``, padding included)."""
-    last_logit_sum = logits[:, -1].detach().float().sum(-1)
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    log_probs = logits.log_softmax(-1)
-    token_logps = log_probs.gather(-1, targets[..., None])[..., 0]
+def _sequence_sums(token_logps: torch.Tensor, entropy: torch.Tensor, argmax: torch.Tensor,
+                   row_logit_sums: torch.Tensor, vocab: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``[N]`` sums of :func:`sequence_statistics` from per-position values: token log-probs
+    ``[N, L - 1]`` (with grad), entropies and argmaxes ``[N, L - 1]`` and logit sums over the
+    vocabulary ``[N, L]`` (without)."""
     completion = completion_mask[:, 1:].to(token_logps.dtype)
     predicted = attention_mask[:, 1:].to(token_logps.dtype)
     stats = {
@@ -337,13 +333,30 @@ def sequence_statistics(logits: torch.Tensor, input_ids: torch.Tensor, attention
         "sequence_tokens": attention_mask.sum(-1).to(token_logps.dtype),
     }
     with torch.no_grad():
-        stats["mean_logit_sum"] = (logits.mean(-1) * completion).sum(-1)
-        stats["full_logit_sum"] = logits.sum((-2, -1))
-        stats["last_logit_sum"] = last_logit_sum
-        stats["top1_correct"] = ((logits.argmax(-1) == targets).to(token_logps.dtype) * completion).sum(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        stats["mean_logit_sum"] = (row_logit_sums[:, :-1] / vocab * completion).sum(-1)
+        stats["full_logit_sum"] = row_logit_sums[:, :-1].sum(-1)
+        stats["last_logit_sum"] = row_logit_sums[:, -1]
+        stats["top1_correct"] = ((argmax == input_ids[:, 1:]).to(completion.dtype) * completion).sum(-1)
         stats["entropy_sum"] = (entropy * completion).sum(-1)
     return stats
+
+
+def sequence_statistics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sequence ``[N]`` statistics of a causal LM's ``logits [N, L, V]``, position ``t`` predicting
+    token ``t + 1``: the completion's summed log-probs and token count, every predicted token's
+    summed log-probs and count (the NLL of TRL's ORPO/CPO covers prompt and completion), and, without
+    grad, what TRL's metrics average: completion-token sums of the per-position mean logit, of
+    top-1 hits and of the entropy (DPOTrainer), and the sum of all logits over every position but
+    the last and at the last position (ORPO's and CPO's ``logits/*``, padding included)."""
+    log_probs = logits[:, :-1].float().log_softmax(-1)
+    token_logps = log_probs.gather(-1, input_ids[:, 1:, None])[..., 0]
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        argmax = logits[:, :-1].argmax(-1)
+        row_sums = logits.detach().sum(-1, dtype=torch.float32)
+    return _sequence_sums(token_logps, entropy, argmax, row_sums, logits.shape[-1], input_ids, attention_mask,
+                          completion_mask)
 
 
 def fused_sequence_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -351,38 +364,22 @@ def fused_sequence_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: 
                               *, chunk_size: int | None = None, backend: str = "auto") -> dict[str, torch.Tensor]:
     """:func:`sequence_statistics` from the LM head's input ``hidden [N, L, H]`` and its ``weight [V, H]``
     (and ``bias``) without the ``[N, L, V]`` logits: log-probs, entropies and argmaxes per token come from
-    :func:`divkernels.ops.linear_logps.linear_token_logps` chunk by chunk, and the logit sums from
+    :func:`divkernels.ops.linear_logps.token_outputs` chunk by chunk (masked by the sums), and the logit sums from
     ``sum_v z_v = h . sum_v W_v + sum_v b_v`` (the head is linear)."""
-    targets = input_ids[:, 1:]
-    predicted_mask = attention_mask[:, 1:].bool()
-    token = linear_token_logps(hidden[:, :-1], weight, targets, predicted_mask, bias=bias, stats=True,
-                               chunk_size=chunk_size, backend=backend)
-    completion = completion_mask[:, 1:].to(token.logps.dtype)
-    predicted = predicted_mask.to(token.logps.dtype)
-    stats = {
-        "completion_logps": (token.logps * completion).sum(-1),
-        "completion_tokens": completion.sum(-1),
-        "nll_logps": (token.logps * predicted).sum(-1),
-        "nll_tokens": predicted.sum(-1),
-        "sequence_tokens": attention_mask.sum(-1).to(token.logps.dtype),
-    }
+    token = token_outputs(hidden[:, :-1], weight, input_ids[:, 1:], attention_mask[:, 1:].bool(), bias=bias,
+                               stats=True, chunk_size=chunk_size, backend=backend)
     with torch.no_grad():
         row_sums = hidden.detach().float() @ weight.detach().float().sum(0)
         if bias is not None:
             row_sums = row_sums + bias.detach().float().sum()
-        stats["mean_logit_sum"] = (row_sums[:, :-1] / weight.shape[0] * completion).sum(-1)
-        stats["full_logit_sum"] = row_sums[:, :-1].sum(-1)
-        stats["last_logit_sum"] = row_sums[:, -1]
-        stats["top1_correct"] = ((token.argmax == targets).to(completion.dtype) * completion).sum(-1)
-        stats["entropy_sum"] = (token.entropy * completion).sum(-1)
-    return stats
+    return _sequence_sums(token.logps, token.entropy, token.argmax, row_sums, weight.shape[0], input_ids,
+                          attention_mask, completion_mask)
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Linear:
     """The LM head of a causal LM (under DDP/accelerate wrappers too), checked to be a plain linear map
     of the last hidden states: what ``fused_linear`` replaces."""
-    while hasattr(model, "module"):
-        model = model.module
+    model = unwrapped(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     if not isinstance(head, torch.nn.Linear):

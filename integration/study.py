@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import math
+import platform
 import random
 import statistics
 import time
@@ -36,7 +37,6 @@ import torch
 
 from divkernels.integration import demo
 
-DIGITS = demo.DIGITS
 ANSWER_LENGTH = 4
 TARGETS = [6, 10, 14, 18, 22, 26, 30, 33]
 METHODS = ("DPO", "DDPO", "DORPO", "DivPO", "GRPO", "GRPO+DARLING", "GRPO+DQO")
@@ -66,15 +66,12 @@ class Settings:
 QUICK = Settings(seeds=1, samples=16, sft_steps=100, preference_steps=6, grpo_steps=4)
 
 
-def prompt_for(target: int) -> str:
-    return " ".join(str(target)) + " ="
+prompt_for = demo.prompt_for
 
 
 def is_correct(prompt: str, completion: str) -> bool:
     """Exactly four digits whose sum is the prompt's number."""
-    target = int("".join(token for token in prompt.split() if token in DIGITS))
-    digits = completion.split()
-    return len(digits) == ANSWER_LENGTH and all(d in DIGITS for d in digits) and sum(map(int, digits)) == target
+    return demo.is_correct(prompt, completion, ANSWER_LENGTH)
 
 
 def correctness_reward(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
@@ -82,25 +79,12 @@ def correctness_reward(prompts: list[str], completions: list[str], **_: Any) -> 
 
 
 def solutions(target: int) -> list[str]:
-    import itertools
-
-    return [" ".join(map(str, digits)) for digits in itertools.product(range(10), repeat=ANSWER_LENGTH)
-            if sum(digits) == target]
+    return demo.solutions(target, ANSWER_LENGTH)
 
 
 def sft_examples(count: int, rng: random.Random, noise: float = 0.3) -> list[tuple[str, str]]:
-    """Zipf-distributed correct answers over a shuffled solution list, and a share of random strings."""
-    ranked = {target: rng.sample(solutions(target), len(solutions(target))) for target in TARGETS}
-    examples = []
-    for _ in range(count):
-        target = rng.choice(TARGETS)
-        if rng.random() < noise:
-            completion = " ".join(rng.choice(DIGITS) for _ in range(ANSWER_LENGTH))
-        else:
-            answers = ranked[target]
-            completion = rng.choices(answers, [1.0 / (rank + 1) ** 1.2 for rank in range(len(answers))])[0]
-        examples.append((prompt_for(target), completion))
-    return examples
+    """The demo's skewed SFT data for the study's targets and four-digit answers."""
+    return demo.sft_examples(count, rng, noise, targets=TARGETS, length=ANSWER_LENGTH, skew=1.2)
 
 
 def prompts() -> list[str]:
@@ -297,8 +281,6 @@ def run(out: Path, settings: Settings, log: Any = print, methods: tuple[str, ...
             log(f"seed {seed}: {method} pass@1 {runs[method][-1]['pass@1']:.3f}, distinct correct of 16 "
                 f"{runs[method][-1]['distinct_correct@16']:.2f} ({time.time() - start:.0f} s)")
     summary = summarize(runs)
-    import platform
-
     results = {"settings": settings.__dict__, "targets": TARGETS, "minutes": (time.time() - start) / 60,
                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "summary": summary,
                "runs": runs}

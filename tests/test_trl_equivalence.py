@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from divkernels.integration import DiversityPreferenceConfig, DiversityPreferenceTrainer, pairs_to_groups
 from divkernels.integration.demo import build_tokenizer
-from divkernels.ops.linear_logps import linear_token_logps
+from divkernels.ops.linear_logps import token_outputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
                                                             "ignore::DeprecationWarning")]
@@ -153,8 +153,8 @@ def test_fused_linear_equals_trl(loss: str, tmp_path: Path, monkeypatch: pytest.
 
     vocab = tiny_gpt2().config.vocab_size
     calls, logits_seen = [], []
-    monkeypatch.setattr(preference, "linear_token_logps",
-                        lambda *args, **kwargs: calls.append(1) or linear_token_logps(*args, **kwargs))
+    monkeypatch.setattr(preference, "token_outputs",
+                        lambda *args, **kwargs: calls.append(1) or token_outputs(*args, **kwargs))
     real_run_ours = run_ours
 
     def run_ours_watching(*args: Any, **kwargs: Any) -> tuple[list[dict], Any]:

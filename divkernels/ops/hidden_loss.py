@@ -1,6 +1,6 @@
 """The group preference loss straight from the policy's last hidden states: no logits ever exist.
 
-:func:`divkernels.ops.linear_logps.linear_token_logps` gives every response's token log-probs chunk by
+:func:`divkernels.ops.linear_logps.token_outputs` gives every response's token log-probs chunk by
 chunk through the LM head; the sequence sums (and ORPO's NLL over another token mask) are ``O(B G T)``
 reductions of them, and :func:`divkernels.group_preference_loss` takes it from there. Gradients run
 back through the same chunks (the head's GEMMs recomputed per chunk), so peak extra memory is one
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from divkernels.ops.group_loss import group_preference_loss
-from divkernels.ops.linear_logps import linear_token_logps
+from divkernels.ops.linear_logps import token_outputs
 from divkernels.reference import POOLINGS, pool_hidden_states, sequence_logps
 from divkernels.types import LossOutput
 from divkernels.validation import check_choice, check_float_tensor
@@ -86,14 +86,14 @@ def group_preference_loss_from_hidden(
         raise ValueError(f"group_mask must be a bool tensor [B, G] = [{batch}, {group}] or None")
     rows = batch * group
     counted = mask if group_mask is None else mask & group_mask[..., None]
-    scored = counted if nll_mask is None else counted | (nll_mask & counted.any(-1, keepdim=True))
-    token = linear_token_logps(hidden.reshape(rows, length, width), weight, targets.reshape(rows, length),
-                               scored.reshape(rows, length), bias=bias, temperature=temperature,
-                               chunk_size=chunk_size, backend=linear_backend(backend), check_inputs=check_inputs)
+    nll = None if nll_mask is None else nll_mask & counted.any(-1, keepdim=True)  # real responses only
+    scored = counted if nll is None else counted | nll
+    token = token_outputs(hidden.reshape(rows, length, width), weight, targets.reshape(rows, length),
+                          scored.reshape(rows, length), bias=bias, temperature=temperature, chunk_size=chunk_size,
+                          backend=linear_backend(backend), check_inputs=check_inputs)
     token_logps = token.logps.view(batch, group, length)
     policy_logps = sequence_logps(token_logps, counted, reduction)
-    if nll_mask is not None:
-        nll = nll_mask & counted.any(-1, keepdim=True)
+    if nll is not None:
         loss_options["nll_logps"] = sequence_logps(token_logps, nll, "sum")
         loss_options["nll_tokens"] = nll.sum(-1).clamp_min(1).to(policy_logps.dtype)
     if pooling is not None:

@@ -100,7 +100,8 @@ def _row_launch(vocab: int) -> dict[str, int]:
 
 @dataclass
 class TokenOutputs:
-    """Per-token results of one chunk or of all ``M`` rows (float32, float64 for float64 inputs)."""
+    """Per-token results: of one chunk or of all ``M`` rows inside, ``[N, T]`` from :func:`linear_token_logps`
+    (float32, float64 for float64 inputs; argmax int64)."""
 
     logps: torch.Tensor
     lse: torch.Tensor
@@ -256,17 +257,8 @@ class LinearTokenLogpsFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-@dataclass
-class TokenStats:
-    """``[N, T]`` per-token results of :func:`linear_token_logps` (float32, float64 for float64 inputs)."""
-
-    logps: torch.Tensor
-    entropy: torch.Tensor | None
-    argmax: torch.Tensor | None
-
-
 def _check_inputs(hidden: object, weight: object, targets: object, mask: object, bias: object, temperature: float,
-                  reduction: str, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     hidden = check_float_tensor("hidden", hidden, 3, "[N, T, H]")
     weight = check_float_tensor("weight", weight, 2, "[V, H]")
     count, length, width = hidden.shape
@@ -295,10 +287,51 @@ def _check_inputs(hidden: object, weight: object, targets: object, mask: object,
             raise ValueError(f"mask must be [N, T] = [{count}, {length}], got {tuple(mask.shape)}")
     check_same_device(hidden=hidden, weight=weight, targets=targets, mask=mask, bias=bias)
     check_scalar("temperature", temperature, low=0.0, low_open=True)
-    check_choice("reduction", reduction, REDUCTIONS)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return targets.to(torch.int64), bias
+
+
+def token_outputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    stats: bool = False,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> TokenOutputs:
+    """:func:`linear_token_logps` before masking: outside ``mask`` the log-probs are those of a placeholder
+    token, for callers that mask (or weight) the tokens themselves, so that it happens once."""
+    targets, bias = _check_inputs(hidden, weight, targets, mask, bias, temperature, chunk_size)
+    count, length, width = hidden.shape
+    vocab = weight.shape[0]
+    resolved = resolve_backend(backend, op="linear_logps", device=hidden.device, group_size=0, kernels=("triton",))
+    rows = count * length
+    # Tokens outside the mask may hold anything (-100, padding): clamped into range they read some column,
+    # and the caller's mask gives them no gradient. Ids out of range inside the mask fail the check below.
+    safe_targets = targets.clamp(0, vocab - 1).reshape(rows).contiguous()
+    chunk = min(chunk_size or default_chunk_size(rows, vocab), max(rows, 1))
+    logps, lse, entropy, argmax = LinearTokenLogpsFunction.apply(
+        hidden.reshape(rows, width), weight, bias, safe_targets, 1.0 / temperature, chunk, resolved, stats)
+    shape = lambda t: None if t is None else t.view(count, length)  # noqa: E731
+    logps, lse, entropy, argmax = shape(logps), shape(lse), shape(entropy), shape(argmax)
+    if check_inputs:
+        # every row's lse, masked or not: a NaN row outside the mask still reaches dW through the GEMMs
+        checks = DataChecks(True)
+        out_of_range = (targets < 0) | (targets >= vocab)
+        checks.require((out_of_range if mask is None else out_of_range & mask).any(-1),
+                       lambda rows: f"targets must be token ids in [0, {vocab}) (weight's V) where mask is True; "
+                                    f"sequences {rows} have ids out of range")
+        checks.require((~torch.isfinite(lse)).any(-1),
+                       lambda rows: f"hidden, weight or bias hold NaN/inf: the logits of sequences {rows} are "
+                                    "not finite")
+        checks.raise_if_failed()
+    return TokenOutputs(logps, lse, entropy, argmax)
 
 
 def linear_token_logps(
@@ -313,37 +346,14 @@ def linear_token_logps(
     stats: bool = False,
     backend: str = "auto",
     check_inputs: bool = True,
-) -> TokenStats:
-    """Per-token log-probs ``[N, T]`` of :func:`linear_logps` (0 where ``mask`` is False), and with
-    ``stats`` each token's entropy and argmax (no grad; what TRL's metrics read from the logits)."""
-    targets, bias = _check_inputs(hidden, weight, targets, mask, bias, temperature, "sum", chunk_size)
-    count, length, width = hidden.shape
-    vocab = weight.shape[0]
-    resolved = resolve_backend(backend, op="linear_logps", device=hidden.device, group_size=0, kernels=("triton",))
-    rows = count * length
-    # Tokens outside the mask may hold anything (-100, padding): they read logit 0 and get no gradient.
-    # Ids out of range inside the mask read a clamped column and fail the check below.
-    safe_targets = targets if mask is None else torch.where(mask, targets, 0)
-    safe_targets = safe_targets.clamp(0, vocab - 1).reshape(rows).contiguous()
-    chunk = min(chunk_size or default_chunk_size(rows, vocab), max(rows, 1))
-    logps, lse, entropy, argmax = LinearTokenLogpsFunction.apply(
-        hidden.reshape(rows, width), weight, bias, safe_targets, 1.0 / temperature, chunk, resolved, stats)
-    shape = lambda t: None if t is None else t.view(count, length)  # noqa: E731
-    logps, lse, entropy, argmax = shape(logps), shape(lse), shape(entropy), shape(argmax)
+) -> TokenOutputs:
+    """Per-token log-probs ``[N, T]`` of :func:`linear_logps` (0 where ``mask`` is False) and log-sum-exps,
+    and with ``stats`` each token's entropy and argmax (no grad; what TRL's metrics read from the logits)."""
+    out = token_outputs(hidden, weight, targets, mask, bias=bias, temperature=temperature, chunk_size=chunk_size,
+                        stats=stats, backend=backend, check_inputs=check_inputs)
     if mask is not None:
-        logps = torch.where(mask, logps, 0.0)
-    if check_inputs:
-        # every row's lse, masked or not: a NaN row outside the mask still reaches dW through the GEMMs
-        checks = DataChecks(True)
-        out_of_range = (targets < 0) | (targets >= vocab)
-        checks.require((out_of_range if mask is None else out_of_range & mask).any(-1),
-                       lambda rows: f"targets must be token ids in [0, {vocab}) (weight's V) where mask is True; "
-                                    f"sequences {rows} have ids out of range")
-        checks.require((~torch.isfinite(lse)).any(-1),
-                       lambda rows: f"hidden, weight or bias hold NaN/inf: the logits of sequences {rows} are "
-                                    "not finite")
-        checks.raise_if_failed()
-    return TokenStats(logps, entropy, argmax)
+        out.logps = torch.where(mask, out.logps, 0.0)
+    return out
 
 
 def linear_logps(
@@ -389,7 +399,7 @@ def linear_logps(
         ``[N]`` float32 (float64 for float64 ``hidden``); differentiable w.r.t. hidden, weight, bias.
     """
     check_choice("reduction", reduction, REDUCTIONS)
-    token = linear_token_logps(hidden, weight, targets, mask, bias=bias, temperature=temperature,
-                               chunk_size=chunk_size, backend=backend, check_inputs=check_inputs)
-    return sequence_logps(token.logps, mask, reduction)
+    token = token_outputs(hidden, weight, targets, mask, bias=bias, temperature=temperature, chunk_size=chunk_size,
+                          backend=backend, check_inputs=check_inputs)
+    return sequence_logps(token.logps, mask, reduction)  # masks the tokens
 
