@@ -6,6 +6,8 @@
 * :class:`DarlingReward`, :class:`DiversityBonusReward`: reward functions for TRL's ``GRPOTrainer``.
 * :class:`DiversityCallback`: diversity / pass@k tracking for any ``Trainer``.
 * :class:`SentenceEncoder`, :func:`pool_hidden_states`: embedding sources.
+* :mod:`divkernels.integration.verl` (imported on its own, needs verl): ``DiversityRewardManager``,
+  DARLING / DQO / deviation for verl's PPO/GRPO trainer.
 * ``python -m divkernels.integration.train``: the trainer from the command line (one process, DDP,
   FSDP2 and ZeRO-3 through ``accelerate launch --config_file integration/configs/*.yaml``).
 

@@ -359,6 +359,19 @@ MUTANTS = [
     Mutant("rewards: groups not gathered across processes", "integration/rewards.py",
            "emb, rows = gather_rows(local, counts)", "emb, rows = local, slice(0, local.shape[0])",
            ("tests/test_integration.py", "-k", "split_across")),
+    Mutant("verl: a retried member counts twice", "integration/verl.py",
+           "            return group.members[member]\n        index = len(group.quality)",
+           "            pass\n        index = len(group.quality)",
+           ("tests/test_verl.py", "-k", "retries or streaming")),
+    Mutant("verl: packed rows taken in batch order, not by group", "integration/verl.py",
+           "packed[rows, slots] = emb[positions]", "packed[rows, slots] = emb[:len(positions)]",
+           ("tests/test_verl.py", "-k", "score_groups")),
+    Mutant("verl: DARLING without its floor", "integration/verl.py",
+           "min_diversity=settings.min_diversity,", "min_diversity=0.0,",
+           ("tests/test_verl.py", "-k", "score_groups")),
+    Mutant("verl: the measure of a singleton is not neutral", "integration/verl.py",
+           'neutral = 1.0 if settings.diversity == "darling" else 0.0', "neutral = 0.0",
+           ("tests/test_verl.py", "-k", "score_groups or waits")),
 ]
 
 

@@ -1,0 +1,13 @@
+"""verl custom reward function for tests/test_verl.py (``reward.custom_reward_function.path``): the demo's
+verifier, with the prompt text as the ground truth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from divkernels.integration.demo import is_correct
+
+
+def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info: Any = None,
+                  **kwargs: Any) -> float:
+    return 1.0 if is_correct(ground_truth, solution_str) else 0.0
