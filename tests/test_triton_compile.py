@@ -9,7 +9,8 @@ sm_90 (and sm_80 for the largest tiles) in worker processes without ``TRITON_INT
 specialization a GPU launch gets (Triton's own binder: ints equal to 1 are constants, ints and
 pointers divisible by 16 are marked so). Each must compile, fit the arch's shared memory per block,
 and, with the installed Triton (the one that builds the committed resource table), not spill at
-G <= 64 (but the float64 fused loss); every version's remaining spills are printed.
+G <= 64 (but the float64 fused loss and the loss's one-program float64 fix-up); every version's
+remaining spills are printed.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ BRANCH_CONFIGS = [("dpo", "none", "all"), ("ipo", "deviation", "best_worst"), ("
 
 def spill_allowed(row: dict) -> bool:
     """Where spills remain (printed, listed in benchmarks/README.md): G = 128, whose G x G tiles take
-    16-32 registers per thread each, and the float64 fused loss forward at G = 64 (a test precision:
-    twice the registers per value). Nothing else spills at G <= 64."""
+    16-32 registers per thread each; the float64 fused loss forward at G = 64 (a test precision:
+    twice the registers per value); and the fused loss's fix-up + finalize kernel, one program that
+    redoes only the groups whose float32 sweep failed, with a float64 tile (its spills stay in that
+    one program's L1). Nothing else spills at G <= 64."""
     fp64_loss = row["dtype"] == "float64" and row["kernel"].endswith("_group_loss_forward_kernel")
-    return row["G"] > 64 or (row["G"] == 64 and fp64_loss)
+    fixup = row["kernel"].endswith("_group_loss_fixup_finalize_kernel")
+    return row["G"] > 64 or (row["G"] == 64 and fp64_loss) or fixup
 
 
 def every_kernel_path() -> None:

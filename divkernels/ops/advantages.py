@@ -79,7 +79,7 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
         sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
         tl.store(bad_ptr + b, any_bad(valid & ~is_finite(norms)))
         if DIVERSITY == 2:  # DQO gain: log det K - log det K_-i = -log (K^-1)_ii
-            _, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, False, FIXUP)
+            _, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, FIXUP)
             measure = tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0).to(OUT)
         else:
             measure = deviation_from_similarity(sim, valid).to(OUT)

@@ -9,7 +9,9 @@ included) and no host sync with ``check_inputs=False``:
    ``pair_index``), weight them, and write the group's partial sums (loss, metrics, data checks),
    the gradient of its pair losses w.r.t. the log-probs and its pair counts;
 2. finalize, one program: sum the partial sums over the batch and write the loss, every metric
-   (one float32 vector; the metrics are views of it) and the totals the backward needs;
+   (one float32 vector; the metrics are views of it) and the totals the backward needs. With a
+   float32 logdet it first redoes, with a float64 sweep, the groups whose float32 sweep failed
+   (logdet NaN), so the float64 tile stays out of step 1's registers;
 3. backward, one program per (group, slice of D): scale the saved per-response gradient by the
    upstream gradient (and the NLL term's), write the gradients of the policy, reference and NLL
    log-probs in their dtypes, and, when ``emb`` needs one, the regularizer's
@@ -248,8 +250,8 @@ def normalize_to_mean_one(raw, valid):
 
 
 @triton.jit
-def _group_loss_forward_kernel(
-    emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
+def group_forward(
+    b, emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
     nll_logps_ptr, nll_tokens_ptr,
     stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
     G, D, P, stride_b, stride_g, stride_d,
@@ -259,9 +261,10 @@ def _group_loss_forward_kernel(
     HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
     NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    RETRY_FP64: tl.constexpr, CHECK: tl.constexpr, NEED_TWO: tl.constexpr,
+    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, SWEEP_FP64: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    """Group ``b``'s forward (step 1 of the module docstring). ``SWEEP_FP64``: sweep ``K`` in float64,
+    the finalize kernel's fix-up of a group whose float32 sweep failed (its logdet is NaN)."""
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     pair_valid = valid[:, None] & valid[None, :]
@@ -295,7 +298,7 @@ def _group_loss_forward_kernel(
         finite = (norms == norms) & (norms < float("inf"))
         emb_nonfinite = tl.sum(tl.where(valid & ~finite, 1.0, 0.0), axis=0)
         if NEED_LOGDET:
-            logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, RETRY_FP64, False)
+            logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, SWEEP_FP64)
             residual = 1.0 / diagonal(inverse, BLOCK_G)
             if STORE_STATE:
                 store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
@@ -426,6 +429,34 @@ def _group_loss_forward_kernel(
         tl.store(stats + COL_FACTORIZATION_FAILED, tl.where(logdet == logdet, 0.0, 1.0))
 
 
+# The forward's arguments after the group index, in group_forward's order (the finalize kernel's
+# fix-up passes the same ones).
+@triton.jit
+def _group_loss_forward_kernel(
+    emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
+    nll_logps_ptr, nll_tokens_ptr,
+    stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
+    G, D, P, stride_b, stride_g, stride_d,
+    beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
+    LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr, ORPO_DORPO: tl.constexpr,
+    DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
+    NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK: tl.constexpr, NEED_TWO: tl.constexpr,
+):
+    """Step 1: one program per group, ``K`` swept in the accumulation dtype (a float32 sweep that
+    fails leaves NaN, which the finalize kernel's fix-up replaces)."""
+    group_forward(
+        tl.program_id(0).to(tl.int64), emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr,
+        scores_ptr, weights_ptr, lengths_ptr, nll_logps_ptr, nll_tokens_ptr, stats_ptr, grad_policy_ptr,
+        chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr, G, D, P, stride_b, stride_g,
+        stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile, LOSS, PAIRS, WEIGHTS, NORM,
+        ORPO_DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS,
+        HAS_NLL_TOKENS, NEED_LOGDET, STORE_STATE, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO,
+        False)
+
+
 @triton.jit
 def explicit_pairs(pair_index_ptr, P, valid, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
     """``(C, bad)``: the ``[BLOCK_G, BLOCK_G]`` count of each (chosen, rejected) row of one group's
@@ -458,6 +489,56 @@ def pick(vector, index, BLOCK: tl.constexpr):
 def _group_loss_finalize_kernel(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha,
                                 cpo_alpha, NUM_STATS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
                                 DORPO: tl.constexpr, HAS_CPO: tl.constexpr, ACC: tl.constexpr):
+    """Step 2, one program: :func:`finalize_batch`."""
+    finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha, NUM_STATS,
+                   BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
+
+
+@triton.jit
+def _group_loss_fixup_finalize_kernel(
+    stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha,
+    emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
+    nll_logps_ptr, nll_tokens_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr,
+    inverse_ptr, G, D, P, stride_b, stride_g, stride_d,
+    beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
+    NUM_STATS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DORPO: tl.constexpr,
+    HAS_CPO: tl.constexpr, ACC: tl.constexpr,
+    LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr,
+    DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
+    STORE_STATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK: tl.constexpr, NEED_TWO: tl.constexpr,
+):
+    """Step 2 when the forward swept ``K`` in float32 (Triton, with a logdet). First, every group
+    whose float32 sweep failed runs the group forward again with a float64 sweep and overwrites its
+    outputs; such a group's logdet is NaN, the forward's device-side flag. Then
+    :func:`finalize_batch`. This keeps the float64 tile out of the forward kernel's registers and
+    the fused loss at four launches. Such groups are rare (``K`` near singular in float32), and this
+    one program redoes them one after another."""
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        logdets = tl.load(stats_ptr + rows * NUM_STATS + COL_LOGDET, mask=rows < B, other=0.0)
+        if tl.sum((logdets != logdets).to(tl.int32), axis=0) > 0:
+            for b in range(start, tl.minimum(start + BLOCK_B, B)):
+                logdet = tl.load(stats_ptr + b * NUM_STATS + COL_LOGDET)
+                if logdet != logdet:
+                    group_forward(
+                        tl.cast(b, tl.int64), emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr,
+                        scores_ptr, weights_ptr, lengths_ptr, nll_logps_ptr, nll_tokens_ptr, stats_ptr,
+                        grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr, G,
+                        D, P, stride_b, stride_g, stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps,
+                        quality_quantile, LOSS, PAIRS, WEIGHTS, NORM, DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK,
+                        HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS, HAS_NLL_TOKENS, True, STORE_STATE,
+                        NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, True)
+    tl.debug_barrier()  # the rewritten stats rows (written by other threads) are summed next
+    finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha, NUM_STATS,
+                   BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
+
+
+@triton.jit
+def finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha,
+                   NUM_STATS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DORPO: tl.constexpr,
+                   HAS_CPO: tl.constexpr, ACC: tl.constexpr):
     """Batch totals of the ``[B, NUM_STATS]`` partial sums; the loss
     ``weighted_loss / P + c NLL - alpha * logdet / B`` (``c``: DORPO's mean weight or CPO's alpha,
     ``NLL = -nll_logps / nll_tokens``) and the metrics in the order of ``loss_config.METRICS``."""
@@ -567,14 +648,17 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
                                             inputs.nll_logps, inputs.nll_tokens))
     constants = _forward_constants(config, group, dim, None if emb is None else emb.dtype, acc, present,
                                    store_state, num_stats)
-    _group_loss_forward_kernel[(batch,)](
-        emb, inputs.mask, policy.contiguous(), contiguous(inputs.ref), inputs.rewards.contiguous(),
-        contiguous(pair_index), contiguous(inputs.scores), contiguous(inputs.weights), contiguous(inputs.lengths),
-        contiguous(inputs.nll_logps), contiguous(inputs.nll_tokens),
-        out.stats, out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse,
-        group, dim, 0 if pair_index is None else pair_index.shape[1], *(emb.stride() if emb is not None else (0, 0, 0)),
-        config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
-        config.quality_quantile, **constants)
+    args = (emb, inputs.mask, policy.contiguous(), contiguous(inputs.ref), inputs.rewards.contiguous(),
+            contiguous(pair_index), contiguous(inputs.scores), contiguous(inputs.weights), contiguous(inputs.lengths),
+            contiguous(inputs.nll_logps), contiguous(inputs.nll_tokens),
+            out.stats, out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse,
+            group, dim, 0 if pair_index is None else pair_index.shape[1],
+            *(emb.stride() if emb is not None else (0, 0, 0)),
+            config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
+            config.quality_quantile)
+    _group_loss_forward_kernel[(batch,)](*args, **constants)
+    if constants["NEED_LOGDET"] and acc == torch.float32:
+        out.fixup = (args, constants)
     return out
 
 
@@ -592,7 +676,7 @@ def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torc
         HAS_NLL_TOKENS=has_nll_tokens, NEED_LOGDET=config.needs_logdet and has_emb, STORE_STATE=store_state,
         NUM_STATS=num_stats, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim, emb_dtype or acc),
         ACC=triton_dtype(acc),
-        PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc), RETRY_FP64=acc == torch.float32,
+        PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc),
         CHECK=config.check_inputs, NEED_TWO=config.needs_two, num_warps=num_warps_for(block_g, heavy=True))
 
 
@@ -600,18 +684,33 @@ def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torc
 FORWARDS = {"triton": triton_forward, "cuda": cuda_backend.forward}
 
 
-def finalize(stats: torch.Tensor, batch: int, config: LossConfig, loss_dtype: torch.dtype,
-             poison: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 2: ``(totals [NUM_STATS], loss [], metrics [len(METRICS)] float32)`` in one launch."""
+def finalize(stats: torch.Tensor, batch: int, config: LossConfig, loss_dtype: torch.dtype, poison: bool,
+             fixup: tuple[tuple, dict] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 2: ``(totals [NUM_STATS], loss [], metrics [len(METRICS)] float32)`` in one launch.
+    ``fixup``: the Triton forward's ``(arguments, constants)`` when its float32 sweeps need the
+    float64 fix-up (``ForwardOutputs.fixup``)."""
     num_stats = stats.shape[1]
     device = stats.device
     totals = new_output((num_stats,), stats.dtype, device, poison)
     loss = new_output((), loss_dtype, device, poison)
     metrics = new_output((len(METRIC),), torch.float32, device, poison)
-    _group_loss_finalize_kernel[(1,)](
-        stats, totals, loss, metrics, batch, float(max(batch, 1)), config.diversity_alpha, config.cpo_alpha,
-        **_finalize_constants(config, num_stats, stats.dtype))
+    head = (stats, totals, loss, metrics, batch, float(max(batch, 1)), config.diversity_alpha, config.cpo_alpha)
+    constants = _finalize_constants(config, num_stats, stats.dtype)
+    if fixup is None:
+        _group_loss_finalize_kernel[(1,)](*head, **constants)
+    else:
+        args, forward_constants = fixup
+        stats_index = 11  # the forward's arguments hold stats after the 11 inputs; the head has it
+        _group_loss_fixup_finalize_kernel[(1,)](*head, *args[:stats_index], *args[stats_index + 1:], **constants,
+                                                **_fixup_constants(forward_constants))
     return totals, loss, metrics
+
+
+def _fixup_constants(forward_constants: dict[str, object]) -> dict[str, object]:
+    """The forward kernel's constants that the fix-up's group forward takes (the rest are the
+    finalize kernel's, or fixed: the fix-up runs only with a logdet)."""
+    shared = {"ORPO_DORPO", "NEED_LOGDET", "NUM_STATS", "ACC"}
+    return {name: value for name, value in forward_constants.items() if name not in shared}
 
 
 @functools.lru_cache(maxsize=64)
@@ -641,7 +740,7 @@ def fused_forward(inputs: LossTensors, config: LossConfig, store_state: bool) ->
     acc = accumulation_dtype(policy.dtype, *((emb.dtype,) if emb is not None else ()))
     out = FORWARDS[config.kernel_backend](inputs, config, store_state, acc)
     totals, loss, metrics = finalize(out.stats, policy.shape[0], config, reference.compute_dtype(policy.dtype),
-                                     inputs.poison)
+                                     inputs.poison, out.fixup)
     return out, totals, loss, metrics
 
 

@@ -74,13 +74,11 @@ def gauss_jordan_inverse(matrix, G, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, RETRY_FP64: tl.constexpr, FP64: tl.constexpr):
+def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, FP64: tl.constexpr):
     """``(log det K, K^{-1})`` of ``K = S + eps I`` on the valid rows, NaN if K cannot be swept.
 
-    ``FP64``: sweep in float64 (the fix-up launch of :func:`fixup_launches`), results in ``sim``'s dtype.
-    ``RETRY_FP64``: sweep in ``sim``'s dtype and, if a pivot is not positive, again in float64 in
-    the same program (the fused loss, whose launch budget has no room for a fix-up launch; it costs
-    the registers of a float64 tile).
+    ``FP64``: sweep in float64 (the fix-ups: :func:`fixup_launches`, the fused loss's finalize
+    kernel), results in ``sim``'s dtype.
     """
     offs = tl.arange(0, BLOCK_G)
     ridge = tl.where((offs[:, None] == offs[None, :]) & valid[:, None], eps, 0.0)
@@ -91,12 +89,6 @@ def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, RETRY_FP64: tl
         inverse = inverse64.to(sim.dtype)
     else:
         logdet, inverse, bad_pivots = gauss_jordan_inverse(sim + ridge, G, BLOCK_G)
-        if RETRY_FP64:
-            if bad_pivots > 0:
-                logdet64, inverse64, bad_pivots = gauss_jordan_inverse(sim.to(tl.float64) + ridge.to(tl.float64),
-                                                                       G, BLOCK_G)
-                logdet = logdet64.to(logdet.dtype)
-                inverse = inverse64.to(inverse.dtype)
     logdet = tl.where(bad_pivots > 0, float("nan"), logdet)
     inverse = tl.where(bad_pivots > 0, float("nan"), inverse)
     return logdet, inverse
@@ -134,7 +126,7 @@ def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
     sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
-    logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, False, FIXUP)
+    logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, FIXUP)
     tl.store(logdet_ptr + b, logdet)
     tl.store(gains_ptr + b * G + offs, tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0), mask=offs < G)
     store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
