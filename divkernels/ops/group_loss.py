@@ -118,52 +118,83 @@ def log1mexp(x):
 
 
 @triton.jit
-def pair_loss_terms(policy, ref, weight, length, beta, orpo_lambda, simpo_gamma, LOSS: tl.constexpr,
-                    ORPO_DORPO: tl.constexpr):
-    """Per pair (i chosen, j rejected) of one group: ``(l_ij, dl/du_ij, slope_i, implicit reward_i, odds_ij)``.
-
-    ``slope_k = du_kj / d pi_k`` (``du_ik / d pi_k`` is its negative); ``implicit`` is what TRL
-    logs as rewards/chosen and rewards/rejected. IPO divides each log-ratio by its completion
-    length (TRL's DPOTrainer; ``length`` is 1 without token counts). DORPO puts the chosen weight
-    inside the log-sigmoid, ``l = -lambda log sigmoid(w_i u_ij)``, and leaves its NLL term to the
-    batch reduction; ORPO's ``"pair"`` weighting keeps the NLL ``-pi_i`` in each pair's loss.
-    ``odds`` is ORPO's (weighted) log-odds difference, for its metrics; 0 for the other losses.
-    """
-    odds = tl.zeros([policy.shape[0], policy.shape[0]], dtype=policy.dtype)
+def response_terms(policy, ref, length, beta, orpo_lambda, LOSS: tl.constexpr):
+    """Per response of one group: ``(key, slope, implicit)``; the pair logit is built from the keys
+    (:func:`pair_loss_terms`). ``slope_k = du_kj / d pi_k`` (``du_ik / d pi_k`` is its negative);
+    ``implicit`` is what TRL logs as rewards/chosen and rewards/rejected. IPO divides each
+    log-ratio by its completion length (TRL's DPOTrainer; ``length`` is 1 without token counts)."""
     if LOSS == 0 or LOSS == 1:
         margin = policy - ref
         if LOSS == 0:
-            u = beta * (margin[:, None] - margin[None, :])
-            loss = softplus(-u)
-            dloss = -sigmoid(-u)
+            key = margin
             slope = tl.full(policy.shape, beta, policy.dtype)
         else:
-            per_token = margin / length
-            u = per_token[:, None] - per_token[None, :] - 0.5 / beta
-            loss = u * u
-            dloss = 2.0 * u
+            key = margin / length
             slope = 1.0 / length
         implicit = beta * margin
     elif LOSS == 2:
-        log_odds = policy - log1mexp(policy)
-        u = log_odds[:, None] - log_odds[None, :]
-        if ORPO_DORPO:
-            odds = weight[:, None] * u
-            loss = orpo_lambda * softplus(-odds)
-            dloss = -orpo_lambda * weight[:, None] * sigmoid(-odds)
-        else:
-            odds = u
-            loss = orpo_lambda * softplus(-u) - policy[:, None]
-            dloss = -orpo_lambda * sigmoid(-u)
+        key = policy - log1mexp(policy)  # ORPO's log-odds
         slope = -1.0 / expm1(policy)
         implicit = orpo_lambda * policy
     else:
-        u = beta * (policy[:, None] - policy[None, :]) - simpo_gamma
-        loss = softplus(-u)
-        dloss = -sigmoid(-u)
+        key = policy
         slope = tl.full(policy.shape, beta, policy.dtype)
         implicit = beta * policy
-    return loss, dloss, slope, implicit, odds
+    return key, slope, implicit
+
+
+@triton.jit
+def pair_loss_terms(key_i, key, weight_i, policy_i, beta, orpo_lambda, simpo_gamma, LOSS: tl.constexpr,
+                    ORPO_DORPO: tl.constexpr):
+    """Per pair (i chosen in a chunk of rows, j rejected): ``(l_ij, dl/du_ij, odds_ij)``, ``[rows, BLOCK_G]``.
+
+    ``key_i``, ``weight_i``, ``policy_i``: the chunk's rows; ``key``: every response's. DORPO puts
+    the chosen weight inside the log-sigmoid, ``l = -lambda log sigmoid(w_i u_ij)``, and leaves its
+    NLL term to the batch reduction; ORPO's ``"pair"`` weighting keeps the NLL ``-pi_i`` in each
+    pair's loss. ``odds`` is ORPO's (weighted) log-odds difference, for its metrics; 0 otherwise.
+    """
+    odds = tl.zeros([key_i.shape[0], key.shape[0]], dtype=key.dtype)
+    if LOSS == 0:
+        u = beta * (key_i[:, None] - key[None, :])
+        loss = softplus(-u)
+        dloss = -sigmoid(-u)
+    elif LOSS == 1:
+        u = key_i[:, None] - key[None, :] - 0.5 / beta
+        loss = u * u
+        dloss = 2.0 * u
+    elif LOSS == 2:
+        u = key_i[:, None] - key[None, :]
+        if ORPO_DORPO:
+            odds = weight_i[:, None] * u
+            loss = orpo_lambda * softplus(-odds)
+            dloss = -orpo_lambda * weight_i[:, None] * sigmoid(-odds)
+        else:
+            odds = u
+            loss = orpo_lambda * softplus(-u) - policy_i[:, None]
+            dloss = -orpo_lambda * sigmoid(-u)
+    else:
+        u = beta * (key_i[:, None] - key[None, :]) - simpo_gamma
+        loss = softplus(-u)
+        dloss = -sigmoid(-u)
+    return loss, dloss, odds
+
+
+@triton.jit
+def rows_of(vector, rows, BLOCK_G: tl.constexpr, PAIR_ROWS: tl.constexpr):
+    """``vector[rows]`` (``[PAIR_ROWS]``) of a ``[BLOCK_G]`` vector, selected in registers."""
+    if PAIR_ROWS == BLOCK_G:
+        return vector
+    offs = tl.arange(0, BLOCK_G)
+    return tl.sum(tl.where(rows[:, None] == offs[None, :], vector[None, :], 0), axis=1)
+
+
+@triton.jit
+def at_rows(part, rows, BLOCK_G: tl.constexpr, PAIR_ROWS: tl.constexpr):
+    """The ``[BLOCK_G]`` vector holding ``part`` (``[PAIR_ROWS]``) at ``rows`` and 0 elsewhere."""
+    if PAIR_ROWS == BLOCK_G:
+        return part
+    offs = tl.arange(0, BLOCK_G)
+    return tl.sum(tl.where(rows[:, None] == offs[None, :], part[:, None], 0), axis=0)
 
 
 @triton.jit
@@ -205,7 +236,7 @@ def divpo_pools(reward, valid, quality_quantile, RANKED: tl.constexpr, BLOCK_G: 
 
 @triton.jit
 def divpo_pair(reward, top, bottom, top_score, bottom_score, BLOCK_G: tl.constexpr):
-    """DivPO's one pair as a ``[BLOCK_G, BLOCK_G]`` 0/1 tile (``reference.pair_counts_divpo``): the most
+    """DivPO's one pair ``(chosen, rejected, exists)`` (``reference.pair_counts_divpo``): the most
     diverse of ``top`` against the least diverse of ``bottom``, if the chosen reward is higher."""
     offs = tl.arange(0, BLOCK_G)
     chosen = first_near_extreme(top_score, top, 1.0, BLOCK_G)
@@ -213,20 +244,17 @@ def divpo_pair(reward, top, bottom, top_score, bottom_score, BLOCK_G: tl.constex
     exists = (tl.sum(top.to(tl.int32), axis=0) > 0) & (tl.sum(bottom.to(tl.int32), axis=0) > 0)
     chosen_reward = tl.sum(tl.where(offs == chosen, reward, 0.0), axis=0)
     rejected_reward = tl.sum(tl.where(offs == rejected, reward, 0.0), axis=0)
-    exists = exists & (chosen_reward > rejected_reward)
-    return tl.where(exists, tl.where((offs[:, None] == chosen) & (offs[None, :] == rejected), 1.0, 0.0), 0.0)
+    return chosen, rejected, exists & (chosen_reward > rejected_reward)
 
 
 @triton.jit
 def best_worst_pair(reward, valid, BLOCK_G: tl.constexpr):
-    """(argmax r, argmin r) over valid responses, first index on ties; none if all r are equal."""
-    offs = tl.arange(0, BLOCK_G)
+    """``(argmax r, argmin r, exists)`` over valid responses, first index on ties; none if all r are equal."""
     best_value = tl.max(tl.where(valid, reward, -float("inf")), axis=0)
     worst_value = tl.min(tl.where(valid, reward, float("inf")), axis=0)
     best = tl.argmax(tl.where(valid, reward, -float("inf")), axis=0, tie_break_left=True)
     worst = tl.argmin(tl.where(valid, reward, float("inf")), axis=0, tie_break_left=True)
-    pair = tl.where((offs[:, None] == best) & (offs[None, :] == worst), 1.0, 0.0)
-    return tl.where(best_value > worst_value, pair, 0.0)
+    return best, worst, best_value > worst_value
 
 
 @triton.jit
@@ -261,24 +289,13 @@ def group_forward(
     HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
     NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, SWEEP_FP64: tl.constexpr,
+    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, SWEEP_FP64: tl.constexpr,
 ):
     """Group ``b``'s forward (step 1 of the module docstring). ``SWEEP_FP64``: sweep ``K`` in float64,
     the finalize kernel's fix-up of a group whose float32 sweep failed (its logdet is NaN)."""
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     pair_valid = valid[:, None] & valid[None, :]
-    # Padded log-probs get a finite stand-in (< 0 keeps log(1 - e^pi) finite); they meet no pair.
-    policy = tl.load(policy_ptr + b * G + offs, mask=valid, other=-1.0).to(ACC)
-    if HAS_REF:
-        ref = tl.load(ref_ptr + b * G + offs, mask=valid, other=-1.0).to(ACC)
-    else:
-        ref = tl.zeros([BLOCK_G], dtype=ACC)
-    reward = tl.load(rewards_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
-    if HAS_LENGTHS:
-        length = tl.load(lengths_ptr + b * G + offs, mask=valid, other=1.0).to(ACC)
-    else:
-        length = tl.full([BLOCK_G], 1.0, ACC)
 
     # -- diversity of the group
     dev = tl.zeros([BLOCK_G], dtype=ACC)
@@ -306,11 +323,24 @@ def group_forward(
             store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
             tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
 
-    # -- pairs: C_ij = how often (i chosen, j rejected) is a pair
-    if PAIRS == 0:
-        counts = tl.where(pair_valid & (reward[:, None] > reward[None, :]), 1.0, 0.0)
-    elif PAIRS == 1:
-        counts = best_worst_pair(reward, valid, BLOCK_G)
+    # The per-response inputs, loaded after the diversity section so that they do not hold registers
+    # through it. Padded log-probs get a finite stand-in (< 0 keeps log(1 - e^pi) finite); they meet
+    # no pair.
+    policy = tl.load(policy_ptr + b * G + offs, mask=valid, other=-1.0).to(ACC)
+    if HAS_REF:
+        ref = tl.load(ref_ptr + b * G + offs, mask=valid, other=-1.0).to(ACC)
+    else:
+        ref = tl.zeros([BLOCK_G], dtype=ACC)
+    reward = tl.load(rewards_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + b * G + offs, mask=valid, other=1.0).to(ACC)
+    else:
+        length = tl.full([BLOCK_G], 1.0, ACC)
+
+    # -- pairs: C_ij = how often (i chosen, j rejected) is a pair; one pair (chosen, rejected, exists)
+    # for best-worst and DivPO, every rewarded order for "all", the rows of pair_index for explicit
+    if PAIRS == 1:
+        chosen, rejected, exists = best_worst_pair(reward, valid, BLOCK_G)
     elif PAIRS == 2:
         top, bottom = divpo_pools(reward, valid, quality_quantile, DIVPO_RANKED, BLOCK_G)
         if HAS_SCORES:
@@ -323,9 +353,9 @@ def group_forward(
         else:
             top_score = dev
             bottom_score = dev
-        counts = divpo_pair(reward, top, bottom, top_score, bottom_score, BLOCK_G)
-    else:
-        counts, bad_pairs = explicit_pairs(pair_index_ptr + b * P * 2, P, valid, BLOCK_G, ACC)
+        chosen, rejected, exists = divpo_pair(reward, top, bottom, top_score, bottom_score, BLOCK_G)
+    elif PAIRS == 3:
+        bad_pairs = explicit_bad_rows(pair_index_ptr + b * P * 2, P, valid, BLOCK_G)
 
     # -- diversity weight of each chosen response (constants for the gradient)
     if WEIGHTS == 0:
@@ -343,22 +373,50 @@ def group_forward(
     else:
         weight = tl.load(weights_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
 
-    # -- pair losses, their gradient w.r.t. the log-probs, and the metric partial sums
-    loss, dloss, slope, implicit, odds = pair_loss_terms(policy, ref, weight, length, beta, orpo_lambda,
-                                                         simpo_gamma, LOSS, ORPO_DORPO)
-    weighted = counts * weight[:, None]
-    if LOSS == 2 and ORPO_DORPO:
-        outer = counts  # the weight is inside DORPO's log-sigmoid
-    else:
-        outer = weighted
-    paired = counts > 0.0
-    loss_sum = tl.sum(tl.sum(tl.where(paired, outer * loss, 0.0), axis=1), axis=0)
-    per_pair = tl.where(paired, outer * dloss, 0.0)
-    grad = slope * (tl.sum(per_pair, axis=1) - tl.sum(per_pair, axis=0))
-    chosen_count = tl.sum(counts, axis=1)
-    rejected_count = tl.sum(counts, axis=0)
+    # -- pair losses, their gradient w.r.t. the log-probs, and the metric partial sums, PAIR_ROWS
+    # chosen rows at a time: a [PAIR_ROWS, BLOCK_G] slice of each pair tile is live, not the whole
+    # G x G tile (at G = 128 the whole tiles do not fit the registers)
+    key, slope, implicit = response_terms(policy, ref, length, beta, orpo_lambda, LOSS)
+    zero = tl.zeros([BLOCK_G], dtype=ACC)
+    loss_sum = tl.sum(zero, axis=0)
+    correct = loss_sum
+    log_odds_ratio = loss_sum
+    log_odds_chosen = loss_sum
+    row_grad, col_grad, chosen_count, rejected_count = zero, zero, zero, zero
+    for start in range(0, BLOCK_G, PAIR_ROWS):
+        rows = start + tl.arange(0, PAIR_ROWS)
+        valid_i = rows_of(valid.to(tl.int32), rows, BLOCK_G, PAIR_ROWS) > 0
+        if PAIRS == 0:
+            reward_i = rows_of(reward, rows, BLOCK_G, PAIR_ROWS)
+            counts = tl.where(valid_i[:, None] & valid[None, :] & (reward_i[:, None] > reward[None, :]), 1.0, 0.0)
+        elif PAIRS == 3:
+            counts = explicit_counts(pair_index_ptr + b * P * 2, P, rows, valid, BLOCK_G, ACC)
+        else:
+            one_pair = tl.where((rows[:, None] == chosen) & (offs[None, :] == rejected), 1.0, 0.0)
+            counts = tl.where(exists, one_pair, 0.0)
+        weight_i = rows_of(weight, rows, BLOCK_G, PAIR_ROWS)
+        loss, dloss, odds = pair_loss_terms(rows_of(key, rows, BLOCK_G, PAIR_ROWS), key, weight_i,
+                                            rows_of(policy, rows, BLOCK_G, PAIR_ROWS), beta, orpo_lambda,
+                                            simpo_gamma, LOSS, ORPO_DORPO)
+        if LOSS == 2 and ORPO_DORPO:
+            outer = counts  # the weight is inside DORPO's log-sigmoid
+        else:
+            outer = counts * weight_i[:, None]
+        paired = counts > 0.0
+        loss_sum += tl.sum(tl.sum(tl.where(paired, outer * loss, 0.0), axis=1), axis=0)
+        per_pair = tl.where(paired, outer * dloss, 0.0)
+        row_grad += at_rows(tl.sum(per_pair, axis=1), rows, BLOCK_G, PAIR_ROWS)
+        col_grad += tl.sum(per_pair, axis=0)
+        chosen_count += at_rows(tl.sum(counts, axis=1), rows, BLOCK_G, PAIR_ROWS)
+        rejected_count += tl.sum(counts, axis=0)
+        implicit_i = rows_of(implicit, rows, BLOCK_G, PAIR_ROWS)
+        correct += tl.sum(tl.sum(tl.where(implicit_i[:, None] > implicit[None, :], counts, 0.0), axis=1), axis=0)
+        log_odds_ratio += tl.sum(tl.sum(tl.where(paired, -counts * softplus(-odds), 0.0), axis=1), axis=0)
+        log_odds_chosen += tl.sum(tl.sum(tl.where(paired, counts * odds, 0.0), axis=1), axis=0)
+    grad = slope * (row_grad - col_grad)
+    weighted_count = chosen_count * weight  # sum_j C_ij w_i
     if LOSS == 2 and not ORPO_DORPO:
-        grad -= tl.sum(weighted, axis=1)  # the per-pair NLL -pi_i
+        grad -= weighted_count  # the per-pair NLL -pi_i
     tl.store(grad_policy_ptr + b * G + offs, tl.where(valid, grad, 0.0), mask=offs < G)
     # pair counts of each response: the backward's NLL gradient and the callers' per-pair statistics
     tl.store(chosen_counts_ptr + b * G + offs, tl.where(valid, chosen_count, 0.0), mask=offs < G)
@@ -373,14 +431,13 @@ def group_forward(
     else:
         nll_tokens = tl.full([BLOCK_G], 1.0, ACC)
 
-    num_pairs = tl.sum(tl.sum(counts, axis=1), axis=0)
+    num_pairs = tl.sum(chosen_count, axis=0)
     stats = stats_ptr + b * NUM_STATS
     tl.store(stats + COL_WEIGHTED_LOSS, loss_sum)
     tl.store(stats + COL_PAIRS, num_pairs)
-    tl.store(stats + COL_CHOSEN_REWARD, tl.sum(tl.sum(counts * implicit[:, None], axis=1), axis=0))
-    tl.store(stats + COL_REJECTED_REWARD, tl.sum(tl.sum(counts * implicit[None, :], axis=1), axis=0))
-    correct = tl.where(implicit[:, None] > implicit[None, :], counts, 0.0)
-    tl.store(stats + COL_CORRECT, tl.sum(tl.sum(correct, axis=1), axis=0))
+    tl.store(stats + COL_CHOSEN_REWARD, tl.sum(chosen_count * implicit, axis=0))
+    tl.store(stats + COL_REJECTED_REWARD, tl.sum(rejected_count * implicit, axis=0))
+    tl.store(stats + COL_CORRECT, correct)
     tl.store(stats + COL_NO_PAIRS, tl.where(num_pairs == 0.0, 1.0, 0.0))
     tl.store(stats + COL_DEVIATION, tl.sum(dev, axis=0))
     tl.store(stats + COL_MEAN_SIMILARITY, mean_similarity)
@@ -388,14 +445,13 @@ def group_forward(
     tl.store(stats + COL_LOGDET, logdet)
     tl.store(stats + COL_VALID, tl.sum(valid.to(ACC), axis=0))
     tl.store(stats + COL_EMB_NONFINITE, emb_nonfinite)
-    tl.store(stats + COL_WEIGHT_SUM, tl.sum(tl.sum(weighted, axis=1), axis=0))
+    tl.store(stats + COL_WEIGHT_SUM, tl.sum(tl.where(valid, weighted_count, 0.0), axis=0))
     tl.store(stats + COL_NLL_LOGPS, tl.sum(tl.where(valid, chosen_count * nll_logps, 0.0), axis=0))
     tl.store(stats + COL_NLL_TOKENS, tl.sum(tl.where(valid, chosen_count * nll_tokens, 0.0), axis=0))
     tl.store(stats + COL_LOGPS_CHOSEN, tl.sum(tl.where(valid, chosen_count * policy, 0.0), axis=0))
     tl.store(stats + COL_LOGPS_REJECTED, tl.sum(tl.where(valid, rejected_count * policy, 0.0), axis=0))
-    log_odds_ratio = tl.sum(tl.sum(tl.where(paired, -counts * softplus(-odds), 0.0), axis=1), axis=0)
     tl.store(stats + COL_LOG_ODDS_RATIO, log_odds_ratio)
-    tl.store(stats + COL_LOG_ODDS_CHOSEN, tl.sum(tl.sum(tl.where(paired, counts * odds, 0.0), axis=1), axis=0))
+    tl.store(stats + COL_LOG_ODDS_CHOSEN, log_odds_chosen)
     if CHECK:  # the data checks of check_inputs=True: 1 where group b fails one (CHECK_STATS)
         tl.store(stats + COL_BAD_POLICY_LOGPS, any_bad(valid & ~is_finite(policy)))
         tl.store(stats + COL_BAD_REWARDS, any_bad(valid & ~is_finite(reward)))
@@ -443,7 +499,7 @@ def _group_loss_forward_kernel(
     HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
     NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    CHECK: tl.constexpr, NEED_TWO: tl.constexpr,
+    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr,
 ):
     """Step 1: one program per group, ``K`` swept in the accumulation dtype (a float32 sweep that
     fails leaves NaN, which the finalize kernel's fix-up replaces)."""
@@ -454,29 +510,41 @@ def _group_loss_forward_kernel(
         stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile, LOSS, PAIRS, WEIGHTS, NORM,
         ORPO_DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS,
         HAS_NLL_TOKENS, NEED_LOGDET, STORE_STATE, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO,
-        False)
+        PAIR_ROWS, False)
 
 
 @triton.jit
-def explicit_pairs(pair_index_ptr, P, valid, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
-    """``(C, bad)``: the ``[BLOCK_G, BLOCK_G]`` count of each (chosen, rejected) row of one group's
-    ``pair_index [P, 2]`` (``(-1, -1)`` rows are padding), and how many rows name no two different
-    valid responses (out of range, padded, equal, or half negative)."""
+def explicit_pair(pair_index_ptr, p, valid, BLOCK_G: tl.constexpr):
+    """Row ``p`` of one group's ``pair_index [P, 2]``: ``(chosen, rejected, good, padding)``; ``good``:
+    two different valid responses; ``(-1, -1)`` rows are padding."""
     offs = tl.arange(0, BLOCK_G)
-    counts = tl.zeros([BLOCK_G, BLOCK_G], dtype=ACC)
+    chosen = tl.load(pair_index_ptr + 2 * p).to(tl.int32)
+    rejected = tl.load(pair_index_ptr + 2 * p + 1).to(tl.int32)
+    chosen_valid = tl.sum(tl.where((offs == chosen) & valid, 1, 0), axis=0) > 0
+    rejected_valid = tl.sum(tl.where((offs == rejected) & valid, 1, 0), axis=0) > 0
+    return chosen, rejected, chosen_valid & rejected_valid & (chosen != rejected), (chosen < 0) & (rejected < 0)
+
+
+@triton.jit
+def explicit_bad_rows(pair_index_ptr, P, valid, BLOCK_G: tl.constexpr):
+    """How many rows of ``pair_index`` name no two different valid responses (out of range,
+    padded, equal, or half negative)."""
     bad = tl.sum(tl.zeros([BLOCK_G], dtype=tl.int32), axis=0)
     for p in range(0, P):
-        chosen = tl.load(pair_index_ptr + 2 * p).to(tl.int32)
-        rejected = tl.load(pair_index_ptr + 2 * p + 1).to(tl.int32)
-        padding = (chosen < 0) & (rejected < 0)
-        chosen_valid = tl.sum(tl.where((offs == chosen) & valid, 1, 0), axis=0) > 0
-        rejected_valid = tl.sum(tl.where((offs == rejected) & valid, 1, 0), axis=0) > 0
-        good = chosen_valid & rejected_valid & (chosen != rejected)
+        _, _, good, padding = explicit_pair(pair_index_ptr, p, valid, BLOCK_G)
         bad += tl.where(padding | good, 0, 1)
-        counts += tl.where((offs[:, None] == chosen) & (offs[None, :] == rejected) & good, 1.0, 0.0)
-    return counts, bad
+    return bad
 
 
+@triton.jit
+def explicit_counts(pair_index_ptr, P, rows, valid, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+    """``C[rows, :]``: how often each (chosen in ``rows``, rejected) is a good row of ``pair_index``."""
+    offs = tl.arange(0, BLOCK_G)
+    counts = tl.zeros([rows.shape[0], BLOCK_G], dtype=ACC)
+    for p in range(0, P):
+        chosen, rejected, good, _ = explicit_pair(pair_index_ptr, p, valid, BLOCK_G)
+        counts += tl.where((rows[:, None] == chosen) & (offs[None, :] == rejected) & good, 1.0, 0.0)
+    return counts
 
 
 @triton.jit
@@ -507,7 +575,7 @@ def _group_loss_fixup_finalize_kernel(
     DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
     STORE_STATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    CHECK: tl.constexpr, NEED_TWO: tl.constexpr,
+    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr,
 ):
     """Step 2 when the forward swept ``K`` in float32 (Triton, with a logdet). First, every group
     whose float32 sweep failed runs the group forward again with a float64 sweep and overwrites its
@@ -529,7 +597,7 @@ def _group_loss_fixup_finalize_kernel(
                         D, P, stride_b, stride_g, stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps,
                         quality_quantile, LOSS, PAIRS, WEIGHTS, NORM, DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK,
                         HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS, HAS_NLL_TOKENS, True, STORE_STATE,
-                        NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, True)
+                        NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, PAIR_ROWS, True)
     tl.debug_barrier()  # the rewritten stats rows (written by other threads) are summed next
     finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha, NUM_STATS,
                    BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
@@ -677,7 +745,15 @@ def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torc
         NUM_STATS=num_stats, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim, emb_dtype or acc),
         ACC=triton_dtype(acc),
         PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc),
-        CHECK=config.check_inputs, NEED_TWO=config.needs_two, num_warps=num_warps_for(block_g, heavy=True))
+        CHECK=config.check_inputs, NEED_TWO=config.needs_two, PAIR_ROWS=pair_rows(block_g),
+        num_warps=num_warps_for(block_g, heavy=True))
+
+
+def pair_rows(block_g: int) -> int:
+    """Chosen rows per step of the forward's pair section: the whole tile up to G = 64; 32 rows at
+    G = 128, where the pair section's G x G tiles (counts, losses, their gradients) did not fit the
+    registers together."""
+    return block_g if block_g <= 64 else 32
 
 
 # Step 1 of each kernel backend, chosen here and nowhere else; steps 2 and 3 are shared.
