@@ -285,18 +285,25 @@ def _nvcc_flags(arch: int) -> list[str]:
             "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 
 
-def workspace_bytes(groups: tuple[int, ...], csrc: Path, folder: Path) -> dict[tuple[int, int], int]:
-    """``{(G, sizeof T): bytes}`` of the dynamic shared workspace, from group_math.h's own
-    ``workspace_elements`` (compiled for the host, so the table never restates the formula)."""
+# Each CUDA kernel's dynamic shared memory, as group_math.h sizes it.
+CUDA_WORKSPACE = {"group_loss_forward_kernel": "workspace_elements",
+                  "similarity_backward_kernel": "backward_workspace_elements"}
+
+
+def workspace_bytes(groups: tuple[int, ...], csrc: Path, folder: Path) -> dict[tuple[str, int, int], int]:
+    """``{(kernel, G, sizeof T): bytes}`` of each CUDA kernel's dynamic shared workspace, from
+    group_math.h's own functions (compiled for the host, so the table never restates the formula)."""
     source = folder / "workspace.cpp"
+    prints = "".join(f'std::printf("%lld\\n", (long long)divkernels::{function}(std::atoi(argv[i]))); '
+                     for function in CUDA_WORKSPACE.values())
     source.write_text('#include "group_math.h"\n#include <cstdio>\n#include <cstdlib>\n'
-                      "int main(int argc, char** argv) { for (int i = 1; i < argc; ++i) "
-                      "std::printf(\"%lld\\n\", (long long)divkernels::workspace_elements(std::atoi(argv[i]))); }\n")
+                      f"int main(int argc, char** argv) {{ for (int i = 1; i < argc; ++i) {{ {prints}}} }}\n")
     binary = folder / "workspace"
     subprocess.run(["c++", "-std=c++17", f"-I{csrc}", str(source), "-o", str(binary)], check=True)
-    out = subprocess.run([str(binary), *map(str, groups)], capture_output=True, text=True, check=True).stdout
-    return {(group, size): int(line) * size for group, line in zip(groups, out.split(), strict=True)
-            for size in (4, 8)}
+    out = iter(subprocess.run([str(binary), *map(str, groups)], capture_output=True, text=True, check=True)
+               .stdout.split())
+    elements = {(kernel, group): int(next(out)) for group in groups for kernel in CUDA_WORKSPACE}
+    return {(kernel, group, size): count * size for (kernel, group), count in elements.items() for size in (4, 8)}
 
 
 def cuda_rows(archs: tuple[int, ...], groups: tuple[int, ...], dtypes: tuple[str, ...], folder: Path) -> list[dict]:
@@ -333,7 +340,7 @@ def cuda_rows(archs: tuple[int, ...], groups: tuple[int, ...], dtypes: tuple[str
             size = 8 if acc == "double" else 4
             for group in groups:
                 threads = _cuda_threads(kernel, group)
-                shared = usage["static_shared"] + workspace[group, size]
+                shared = usage["static_shared"] + workspace[kernel, group, size]
                 rows.append(dict(backend="cuda", kernel=kernel, **{"pass": pass_}, G=group, dtype=dtype,
                                  num_warps=threads // 32, registers=usage["registers"], spill_bytes=spills[mangled],
                                  shared_bytes=shared,

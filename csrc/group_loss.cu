@@ -49,7 +49,7 @@ std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor
     using T = decltype(acc_tag);
     using E = decltype(emb_tag);
     auto kernel = group_loss_forward_kernel<T, E>;
-    const size_t bytes = shared_bytes(kernel, a.G, sizeof(T));
+    const size_t bytes = shared_bytes(kernel, a.G, workspace_elements(int(a.G)), sizeof(T));
     const auto strides = emb ? emb->strides() : at::IntArrayRef{};
     kernel<<<unsigned(a.B), threads_for(a.G), bytes, stream>>>(
         emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0, emb ? strides[1] : 0, emb ? strides[2] : 0,

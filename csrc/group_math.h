@@ -108,12 +108,22 @@ struct Workspace {
 constexpr int kNumVectors = 25;
 constexpr int kNumScalars = 4;
 
-DK_HD int tile_ld(int G) { return (G > kChunk + 1 ? G : kChunk + 1); }
+// Row stride of W: at least kChunk columns, and odd, so that consecutive rows of one column fall in
+// different shared-memory banks (a stride of 64 or 128 floats would put them all in one bank).
+DK_HD int tile_ld(int G) { return (G > kChunk ? G : kChunk) + 1; }
 
 // Workspace floats for a group of G (the kernels size their dynamic shared memory with it).
 DK_HD int64_t workspace_elements(int G) {
   return int64_t(G) * G + int64_t(G) * tile_ld(G) + int64_t(kNumVectors) * G + kNumScalars;
 }
+
+// The backward's: the workspace, then a G x kChunk stage of emb columns (apply_backward_matrix).
+DK_HD int64_t backward_workspace_elements(int G) { return workspace_elements(G) + int64_t(G) * kChunk; }
+
+// The Gram step and the backward give each thread a kBlock x 1 column of outputs per shared load
+// of the other operand (register blocking: kBlock + 1 loads per kBlock multiply-adds, instead of 2
+// loads per multiply-add); kBlock x kBlock for the Gram, whose both operands are W.
+constexpr int kBlock = 4;
 
 template <class T>
 DK_HD Workspace<T> carve_workspace(T* base, int* picks, int G) {
@@ -181,12 +191,17 @@ DK_HD void load_group_inputs(const Par& par, Workspace<T> ws, int64_t b, int G, 
 // ------------------------------------------------------------------ Gram matrix and similarity
 
 // S = E E^T over the valid rows of emb[b] (fp32/fp64 accumulation), kChunk columns at a time: the
-// chunk is staged in W (row stride tile_ld, padded against bank conflicts), then every (i <= j)
-// entry adds its dot product. Padded rows read as 0.
+// chunk is staged in W (row stride tile_ld: odd, so column walks are conflict-free). Then each
+// thread (ti, tj) adds the kBlock x kBlock entries (ti + r nb, tj + s nb), nb = ceil(G / kBlock):
+// per column kBlock + kBlock shared loads for kBlock^2 multiply-adds. Threads of a warp share ti
+// (its loads are broadcasts) and take consecutive tj (consecutive rows: different banks). Every
+// entry is its own dot product in column order, so S_ij and S_ji are the same products summed in
+// the same order: S is exactly symmetric. Padded rows read as 0.
 template <class T, class E, class Par>
 DK_HD void gram_matrix(const Par& par, Workspace<T> ws, const E* emb, int64_t stride_g, int64_t stride_d, int G,
                        int64_t D, bool vector_loads) {
   const int ld = tile_ld(G);
+  const int nb = (G + kBlock - 1) / kBlock;
   constexpr int kPerVector = 16 / int(sizeof(E));  // elements per 16-byte load
   constexpr int kVectors = kChunk / kPerVector;     // 16-byte loads per tile row
   par.for_each(G * G, [&](int k) { ws.S[k] = T(0); });
@@ -214,19 +229,26 @@ DK_HD void gram_matrix(const Par& par, Workspace<T> ws, const E* emb, int64_t st
       });
     }
     par.sync();
-    par.for_each(G * G, [&](int k) {
-      const int i = k / G, j = k % G;
-      if (i > j) return;
-      T acc = 0;
-      for (int c = 0; c < kChunk; ++c) acc += ws.W[i * ld + c] * ws.W[j * ld + c];
-      ws.S[k] += acc;
+    par.for_each(nb * nb, [&](int k) {
+      const int ti = k / nb, tj = k % nb;
+      T acc[kBlock][kBlock] = {};
+      for (int c = 0; c < kChunk; ++c) {
+        T left[kBlock], right[kBlock];
+        for (int r = 0; r < kBlock; ++r) {
+          const int i = ti + r * nb, j = tj + r * nb;
+          left[r] = i < G ? ws.W[i * ld + c] : T(0);
+          right[r] = j < G ? ws.W[j * ld + c] : T(0);
+        }
+        for (int r = 0; r < kBlock; ++r)
+          for (int q = 0; q < kBlock; ++q) acc[r][q] += left[r] * right[q];
+      }
+      for (int r = 0; r < kBlock; ++r)
+        for (int q = 0; q < kBlock; ++q) {
+          const int i = ti + r * nb, j = tj + q * nb;
+          if (i < G && j < G) ws.S[i * G + j] += acc[r][q];
+        }
     });
   }
-  par.sync();
-  par.for_each(G * G, [&](int k) {
-    const int i = k / G, j = k % G;
-    if (i > j) ws.S[k] = ws.S[j * G + i];
-  });
   par.sync();
 }
 
@@ -720,21 +742,44 @@ DK_HD void cosine_backward_matrix(const Par& par, Workspace<T> ws, int64_t b, in
   par.sync();
 }
 
-// grad_emb[b, i, d0 : d0 + width] = sum_j A_ij E[b, j, d] (padded rows of E read as 0).
+// grad_emb[b, i, d0 : d0 + width] = sum_j A_ij E[b, j, d] (A in W, row stride G; padded rows of E
+// read as 0 and never loaded). kChunk columns at a time are staged in `stage` (G x kChunk, read from
+// global memory once, coalesced); then thread (ti, c) sums the kBlock rows ti + r nb of column c:
+// each staged value feeds kBlock outputs from a register, and the threads of a warp share ti (A's
+// loads are broadcasts) and take consecutive c (conflict-free).
 template <class T, class E, class Par>
-DK_HD void apply_backward_matrix(const Par& par, Workspace<T> ws, int64_t b, int G, int64_t D, int64_t d0, int width,
-                                 const E* emb, int64_t stride_b, int64_t stride_g, int64_t stride_d, E* grad_emb) {
-  par.for_each(G * width, [&](int k) {
-    const int i = k / width;
-    const int64_t d = d0 + k % width;
-    if (d >= D) return;
-    T acc = 0;
-    for (int j = 0; j < G; ++j) {
-      if (ws.valid[j] == T(0)) continue;
-      acc += ws.W[i * G + j] * static_cast<T>(emb[b * stride_b + j * stride_g + d * stride_d]);
-    }
-    grad_emb[(b * G + i) * D + d] = static_cast<E>(acc);
-  });
+DK_HD void apply_backward_matrix(const Par& par, Workspace<T> ws, T* stage, int64_t b, int G, int64_t D, int64_t d0,
+                                 int width, const E* emb, int64_t stride_b, int64_t stride_g, int64_t stride_d,
+                                 E* grad_emb) {
+  const int nb = (G + kBlock - 1) / kBlock;
+  const int64_t end = d0 + width < D ? d0 + width : D;
+  for (int64_t c0 = d0; c0 < end; c0 += kChunk) {
+    par.for_each(G * kChunk, [&](int k) {
+      const int j = k / kChunk;
+      const int64_t d = c0 + k % kChunk;
+      stage[k] = (ws.valid[j] != T(0) && d < end) ? static_cast<T>(emb[b * stride_b + j * stride_g + d * stride_d])
+                                                  : T(0);
+    });
+    par.sync();
+    par.for_each(nb * kChunk, [&](int k) {
+      const int ti = k / kChunk, c = k % kChunk;
+      const int64_t d = c0 + c;
+      if (d >= end) return;
+      T acc[kBlock] = {};
+      for (int j = 0; j < G; ++j) {
+        const T value = stage[j * kChunk + c];
+        for (int r = 0; r < kBlock; ++r) {
+          const int i = ti + r * nb;
+          if (i < G) acc[r] += ws.W[i * G + j] * value;
+        }
+      }
+      for (int r = 0; r < kBlock; ++r) {
+        const int i = ti + r * nb;
+        if (i < G) grad_emb[(b * G + i) * D + d] = static_cast<E>(acc[r]);
+      }
+    });
+    par.sync();  // the next chunk overwrites the stage
+  }
 }
 
 }  // namespace divkernels

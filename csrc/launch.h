@@ -197,10 +197,11 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_sim, const at::Tenso
 }
 
 #if defined(__CUDACC__)
-// Dynamic shared memory for a group of G, raised above 48 KiB where the device allows it.
+// Dynamic shared memory of `elements` values for a group of G, raised above 48 KiB where the device
+// allows it.
 template <class Kernel>
-size_t shared_bytes(Kernel kernel, int64_t G, size_t element) {
-  const size_t bytes = size_t(workspace_elements(int(G))) * element;
+size_t shared_bytes(Kernel kernel, int64_t G, int64_t elements, size_t element) {
+  const size_t bytes = size_t(elements) * element;
   const int device = c10::cuda::current_device();
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));

@@ -1,7 +1,8 @@
 // Backward of the cosine similarity (shared by every op that differentiates through S):
 // dL/d emb = A emb with A from dL/dS, S and the norms (group_math.h: cosine_backward_matrix).
 // Grid (B, ceil(D / kBackwardWidth)): each block rebuilds the group's G x G matrix A in shared
-// memory (O(G^2), cheap) and writes its slice of D, reading emb once in total.
+// memory (O(G^2), cheap) and writes its slice of D through a shared stage of emb columns, reading
+// emb once in total.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ATen.h>
@@ -26,7 +27,8 @@ __global__ void similarity_backward_kernel(const T* __restrict__ grad_sim, int64
   const int64_t b = blockIdx.x;
   cosine_backward_matrix(par, ws, b, G, mask, grad_sim, gs_b, gs_i, gs_j, sim, norms, scale, factor);
   const int64_t d0 = int64_t(blockIdx.y) * kBackwardWidth;
-  apply_backward_matrix(par, ws, b, G, D, d0, kBackwardWidth, emb, stride_b, stride_g, stride_d, grad_emb);
+  T* stage = reinterpret_cast<T*>(shared) + workspace_elements(G);
+  apply_backward_matrix(par, ws, stage, b, G, D, d0, kBackwardWidth, emb, stride_b, stride_g, stride_d, grad_emb);
 }
 
 at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
@@ -41,7 +43,7 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
     using T = decltype(acc_tag);
     using E = decltype(emb_tag);
     auto kernel = similarity_backward_kernel<T, E>;
-    const size_t bytes = shared_bytes(kernel, a.G, sizeof(T));
+    const size_t bytes = shared_bytes(kernel, a.G, backward_workspace_elements(int(a.G)), sizeof(T));
     const dim3 grid(unsigned(a.B), unsigned((a.D + kBackwardWidth - 1) / kBackwardWidth));
     kernel<<<grid, 256, bytes, stream>>>(grad_sim.data_ptr<T>(), grad_sim.stride(0), grad_sim.stride(1),
                                          grad_sim.stride(2), sim.data_ptr<T>(), norms.data_ptr<T>(),

@@ -56,7 +56,8 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
   dispatch_types(a.acc, emb.scalar_type(), [&](auto acc_tag, auto emb_tag) {
     using T = decltype(acc_tag);
     using E = decltype(emb_tag);
-    std::vector<T> workspace(size_t(workspace_elements(int(a.G))), T(NAN));
+    std::vector<T> workspace(size_t(backward_workspace_elements(int(a.G))), T(NAN));
+    T* stage = workspace.data() + workspace_elements(int(a.G));
     int picks[2];
     for (int64_t b = 0; b < a.B; ++b) {
       for (int64_t d0 = 0; d0 < a.D; d0 += kWidth) {
@@ -64,7 +65,7 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
         cosine_backward_matrix(BlockPar{}, ws, b, int(a.G), data_or_null<bool>(mask), grad_sim.data_ptr<T>(),
                                grad_sim.stride(0), grad_sim.stride(1), grad_sim.stride(2), sim.data_ptr<T>(),
                                norms.data_ptr<T>(), data_or_null<T>(scale), factor);
-        apply_backward_matrix(BlockPar{}, ws, b, int(a.G), a.D, d0, kWidth, emb.data_ptr<E>(), emb.stride(0),
+        apply_backward_matrix(BlockPar{}, ws, stage, b, int(a.G), a.D, d0, kWidth, emb.data_ptr<E>(), emb.stride(0),
                               emb.stride(1), emb.stride(2), a.grad_emb.data_ptr<E>());
       }
     }
