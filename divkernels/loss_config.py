@@ -146,6 +146,6 @@ class ForwardOutputs:
     sim: torch.Tensor | None = None  # [B, G, G], [B, G], [B, G, G] when emb needs a gradient
     norms: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
-    # Triton: the forward launch's (arguments, constants) when its float32 sweeps may need the finalize
-    # kernel's float64 fix-up (None otherwise, and for CUDA)
+    # Triton: (the forward launch's arguments but stats, the fix-up's constants) when its float32 sweeps
+    # may need the finalize kernel's float64 fix-up (None otherwise, and for CUDA)
     fixup: tuple[tuple, dict] | None = None

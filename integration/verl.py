@@ -192,7 +192,7 @@ def score_groups(quality: torch.Tensor, emb: torch.Tensor, group_ids: Sequence[H
             packed_measure = dk.deviation(packed, mask, backend=settings.backend)
         measure[positions] = packed_measure[rows, slots].to(torch.float64)
     if settings.diversity == "darling":
-        return quality * measure, measure
+        return reference.darling_rewards(quality, torch.ones_like(quality, dtype=torch.bool), measure), measure
     return quality + settings.alpha * measure, measure
 
 

@@ -355,7 +355,7 @@ def group_forward(
             bottom_score = dev
         chosen, rejected, exists = divpo_pair(reward, top, bottom, top_score, bottom_score, BLOCK_G)
     elif PAIRS == 3:
-        bad_pairs = explicit_bad_rows(pair_index_ptr + b * P * 2, P, valid, BLOCK_G)
+        bad_pairs = tl.sum(tl.zeros([BLOCK_G], dtype=tl.int32), axis=0)  # the same count from every chunk
 
     # -- diversity weight of each chosen response (constants for the gradient)
     if WEIGHTS == 0:
@@ -385,12 +385,12 @@ def group_forward(
     row_grad, col_grad, chosen_count, rejected_count = zero, zero, zero, zero
     for start in range(0, BLOCK_G, PAIR_ROWS):
         rows = start + tl.arange(0, PAIR_ROWS)
-        valid_i = rows_of(valid.to(tl.int32), rows, BLOCK_G, PAIR_ROWS) > 0
         if PAIRS == 0:
+            valid_i = rows_of(valid.to(tl.int32), rows, BLOCK_G, PAIR_ROWS) > 0
             reward_i = rows_of(reward, rows, BLOCK_G, PAIR_ROWS)
             counts = tl.where(valid_i[:, None] & valid[None, :] & (reward_i[:, None] > reward[None, :]), 1.0, 0.0)
         elif PAIRS == 3:
-            counts = explicit_counts(pair_index_ptr + b * P * 2, P, rows, valid, BLOCK_G, ACC)
+            counts, bad_pairs = explicit_counts(pair_index_ptr + b * P * 2, P, rows, valid, BLOCK_G, ACC)
         else:
             one_pair = tl.where((rows[:, None] == chosen) & (offs[None, :] == rejected), 1.0, 0.0)
             counts = tl.where(exists, one_pair, 0.0)
@@ -526,25 +526,18 @@ def explicit_pair(pair_index_ptr, p, valid, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def explicit_bad_rows(pair_index_ptr, P, valid, BLOCK_G: tl.constexpr):
-    """How many rows of ``pair_index`` name no two different valid responses (out of range,
-    padded, equal, or half negative)."""
-    bad = tl.sum(tl.zeros([BLOCK_G], dtype=tl.int32), axis=0)
-    for p in range(0, P):
-        _, _, good, padding = explicit_pair(pair_index_ptr, p, valid, BLOCK_G)
-        bad += tl.where(padding | good, 0, 1)
-    return bad
-
-
-@triton.jit
 def explicit_counts(pair_index_ptr, P, rows, valid, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
-    """``C[rows, :]``: how often each (chosen in ``rows``, rejected) is a good row of ``pair_index``."""
+    """``(C[rows, :], bad)``: how often each (chosen in ``rows``, rejected) is a good row of
+    ``pair_index``, and how many rows name no two different valid responses (out of range, padded,
+    equal, or half negative; the same for every ``rows``)."""
     offs = tl.arange(0, BLOCK_G)
     counts = tl.zeros([rows.shape[0], BLOCK_G], dtype=ACC)
+    bad = tl.sum(tl.zeros([BLOCK_G], dtype=tl.int32), axis=0)
     for p in range(0, P):
-        chosen, rejected, good, _ = explicit_pair(pair_index_ptr, p, valid, BLOCK_G)
+        chosen, rejected, good, padding = explicit_pair(pair_index_ptr, p, valid, BLOCK_G)
         counts += tl.where((rows[:, None] == chosen) & (offs[None, :] == rejected) & good, 1.0, 0.0)
-    return counts
+        bad += tl.where(padding | good, 0, 1)
+    return counts, bad
 
 
 @triton.jit
@@ -716,17 +709,18 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
                                             inputs.nll_logps, inputs.nll_tokens))
     constants = _forward_constants(config, group, dim, None if emb is None else emb.dtype, acc, present,
                                    store_state, num_stats)
-    args = (emb, inputs.mask, policy.contiguous(), contiguous(inputs.ref), inputs.rewards.contiguous(),
-            contiguous(pair_index), contiguous(inputs.scores), contiguous(inputs.weights), contiguous(inputs.lengths),
-            contiguous(inputs.nll_logps), contiguous(inputs.nll_tokens),
-            out.stats, out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse,
-            group, dim, 0 if pair_index is None else pair_index.shape[1],
-            *(emb.stride() if emb is not None else (0, 0, 0)),
-            config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
-            config.quality_quantile)
-    _group_loss_forward_kernel[(batch,)](*args, **constants)
+    given = (emb, inputs.mask, policy.contiguous(), contiguous(inputs.ref), inputs.rewards.contiguous(),
+             contiguous(pair_index), contiguous(inputs.scores), contiguous(inputs.weights), contiguous(inputs.lengths),
+             contiguous(inputs.nll_logps), contiguous(inputs.nll_tokens))
+    after_stats = (out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse,
+                   group, dim, 0 if pair_index is None else pair_index.shape[1],
+                   *(emb.stride() if emb is not None else (0, 0, 0)),
+                   config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
+                   config.quality_quantile)
+    _group_loss_forward_kernel[(batch,)](*given, out.stats, *after_stats, **constants)
     if constants["NEED_LOGDET"] and acc == torch.float32:
-        out.fixup = (args, constants)
+        out.fixup = ((*given, *after_stats), _fixup_constants(config, group, dim, None if emb is None else emb.dtype,
+                                                              acc, present, store_state, num_stats))
     return out
 
 
@@ -763,8 +757,7 @@ FORWARDS = {"triton": triton_forward, "cuda": cuda_backend.forward}
 def finalize(stats: torch.Tensor, batch: int, config: LossConfig, loss_dtype: torch.dtype, poison: bool,
              fixup: tuple[tuple, dict] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 2: ``(totals [NUM_STATS], loss [], metrics [len(METRICS)] float32)`` in one launch.
-    ``fixup``: the Triton forward's ``(arguments, constants)`` when its float32 sweeps need the
-    float64 fix-up (``ForwardOutputs.fixup``)."""
+    ``fixup``: ``ForwardOutputs.fixup``, when the Triton forward's float32 sweeps need the float64 fix-up."""
     num_stats = stats.shape[1]
     device = stats.device
     totals = new_output((num_stats,), stats.dtype, device, poison)
@@ -775,18 +768,17 @@ def finalize(stats: torch.Tensor, batch: int, config: LossConfig, loss_dtype: to
     if fixup is None:
         _group_loss_finalize_kernel[(1,)](*head, **constants)
     else:
-        args, forward_constants = fixup
-        stats_index = 11  # the forward's arguments hold stats after the 11 inputs; the head has it
-        _group_loss_fixup_finalize_kernel[(1,)](*head, *args[:stats_index], *args[stats_index + 1:], **constants,
-                                                **_fixup_constants(forward_constants))
+        args, fixup_constants = fixup
+        _group_loss_fixup_finalize_kernel[(1,)](*head, *args, **constants, **fixup_constants)
     return totals, loss, metrics
 
 
-def _fixup_constants(forward_constants: dict[str, object]) -> dict[str, object]:
-    """The forward kernel's constants that the fix-up's group forward takes (the rest are the
-    finalize kernel's, or fixed: the fix-up runs only with a logdet)."""
+@functools.lru_cache(maxsize=256)
+def _fixup_constants(*forward_key: object) -> dict[str, object]:
+    """The forward kernel's constants (``_forward_constants(*forward_key)``) that the fix-up's group
+    forward takes; the rest are the finalize kernel's, or fixed (the fix-up runs only with a logdet)."""
     shared = {"ORPO_DORPO", "NEED_LOGDET", "NUM_STATS", "ACC"}
-    return {name: value for name, value in forward_constants.items() if name not in shared}
+    return {name: value for name, value in _forward_constants(*forward_key).items() if name not in shared}
 
 
 @functools.lru_cache(maxsize=64)
