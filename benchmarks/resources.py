@@ -59,6 +59,9 @@ ENV_INTERPRET = "TRITON_INTERPRET"
 # gains with DivPO pairs: the G x G inverse and the pools live together).
 LOSS_VARIANTS = {"loss[deviation/all]": ("dpo", "deviation", "all"),
                  "loss[logdet_gain/divpo]": ("dpo", "logdet_gain", "divpo")}
+# Appended to the kernel name of a launch with FIXUP=True: the second launch of a kernel that sweeps K,
+# which redoes in float64 only the groups whose float32 sweep failed and returns at once for the others.
+FIXUP_SUFFIX = "[fp64 fix-up]"
 BACKWARD_KERNELS = {"_group_loss_backward_kernel", "_similarity_backward_kernel", "similarity_backward_kernel"}
 # Per-SM limits (CUDA programming guide, compute capabilities 8.0 and 9.0).
 SM_LIMITS = {80: dict(registers=65536, shared=167936, threads=2048, blocks=32),
@@ -247,8 +250,9 @@ def triton_rows(recorded: dict, reports: list[dict]) -> list[dict]:
             if "error" in report:
                 raise RuntimeError(f"{launch['name']} ({label}, sm_{arch}) does not compile: {report['error']}")
             threads = 32 * report["num_warps"]
+            fixup = launch["kwargs"].get("FIXUP", False)  # the second launch: float64 sweep of flagged groups only
             rows.append(dict(
-                backend="triton", kernel=f"{label['op']}:{launch['name']}",
+                backend="triton", kernel=f"{label['op']}:{launch['name']}{FIXUP_SUFFIX if fixup else ''}",
                 **{"pass": "backward" if launch["name"] in BACKWARD_KERNELS else "forward"},
                 G=label["G"], dtype=label["dtype"], num_warps=report["num_warps"], registers=report["registers"],
                 spill_bytes=report["stack"], shared_bytes=report["shared_bytes"],

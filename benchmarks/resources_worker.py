@@ -91,7 +91,10 @@ def main(path: str) -> None:
             try:
                 result.update(compile_launch(job, arch))
             except Exception as error:  # reported to the caller, which fails with the message
-                result["error"] = f"{type(error).__name__}: {error}"[-2000:]
+                causes = [error]  # Triton nests the failing device function's error as __cause__
+                while causes[-1].__cause__ is not None and len(causes) < 8:
+                    causes.append(causes[-1].__cause__)
+                result["error"] = "\n".join(f"{type(e).__name__}: {e}"[-1500:] for e in causes)[-4000:]
             print(json.dumps(result), flush=True)
 
 

@@ -85,6 +85,24 @@ def test_largest_in_kernel_group(generator: torch.Generator) -> None:
                      {"emb": emb}, ("emb",), 1e-8, generator)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_in_column_chunks_at_the_largest_group(dtype: torch.dtype, generator: torch.Generator) -> None:
+    """G = 128: ``d emb = A emb`` takes A 32 columns at a time (``emb_backward``), summing the diagonal
+    term over the chunks; every way a gradient reaches S (dL/dS, deviation, logdet + gains) and every
+    kernel, against the reference."""
+    emb, mask = groups_on_device(2, 128, 24, generator, dtype)
+    rtol = RTOL[dtype]
+    for kernel in ("cosine", "dot", "rbf"):
+        compare_backends(lambda backend, emb, k=kernel: (dk.pairwise_similarity(emb, mask, kernel=k, backend=backend),),
+                         {"emb": emb}, ("emb",), rtol, generator)
+        if kernel != "dot":  # a dot kernel of 128 responses in 24 dimensions is singular
+            compare_backends(lambda backend, emb, k=kernel: dk.logdet_diversity(emb, mask, eps=0.5, kernel=k,
+                                                                                  return_gains=True, backend=backend),
+                             {"emb": emb}, ("emb",), rtol * 100, generator)
+    compare_backends(lambda backend, emb: (dk.deviation(emb, mask, backend=backend),), {"emb": emb}, ("emb",), rtol,
+                     generator)
+
+
 @pytest.mark.parametrize("diversity", ["none", "darling", "dqo", "deviation"])
 @pytest.mark.parametrize("scale", ["std", "none"])
 def test_group_advantages_match_reference(diversity: str, scale: str, generator: torch.Generator) -> None:

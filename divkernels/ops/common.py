@@ -55,6 +55,13 @@ def embedding_block(block_g: int, dim: int, emb_dtype: torch.dtype) -> int:
     return max(MIN_BLOCK, min(budget // block_g, 128, next_power_of_2(dim)))
 
 
+def column_block(block_g: int) -> int:
+    """Columns of the backward's ``G x G`` matrix ``A`` per step of ``d emb = A emb``: the whole tile up to
+    G = 64 (one dot, the diagonal folded in); 32 at G = 128, so that a ``[128, 32]`` chunk of ``A`` meets
+    32 rows of ``emb`` at a time and the whole ``A`` never sits in registers."""
+    return block_g if block_g <= 64 else 32
+
+
 def num_warps_for(block_g: int, heavy: bool = False) -> int:
     """Warps per program, so that each thread holds a bounded share of the ``G x G`` tiles.
 
@@ -70,6 +77,14 @@ def num_warps_for(block_g: int, heavy: bool = False) -> int:
     if block_g >= 128 and heavy:
         return 32
     return 4 if block_g <= 32 else 8 if block_g <= 64 else 16
+
+
+def backward_warps(block_g: int) -> int:
+    """Warps of the backward kernels (``d emb = A emb``, A a column chunk at a time): as
+    ``num_warps_for`` up to G = 64, and 8 at G = 128. Only ``[G, BLOCK_K]`` chunks and the ``[G, BLOCK_D]``
+    output live in registers, which 8 warps hold in ~190-235 registers per thread; 16 warps' cap of 128
+    spills (benchmarks/results/sm90_kernel_resources.csv). Either way one program fills an SM's registers."""
+    return min(num_warps_for(block_g), 8)
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:

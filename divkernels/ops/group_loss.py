@@ -42,6 +42,8 @@ from divkernels.loss_config import CHECK_STATS, METRIC, STAT, STATS, ForwardOutp
 from divkernels.ops.common import (
     accumulation_dtype,
     any_bad,
+    backward_warps,
+    column_block,
     contiguous,
     dot_precision,
     embedding_block,
@@ -60,7 +62,6 @@ from divkernels.ops.logdet import check_factorization, diagonal, logdet_and_inve
 from divkernels.ops.similarity import (
     emb_backward,
     gram_matrix,
-    load_square,
     load_valid_rows,
     similarity_from_gram,
     store_square,
@@ -314,13 +315,19 @@ def group_forward(
         has_similarity = tl.where(other_count > 0.0, 1.0, 0.0)
         finite = (norms == norms) & (norms < float("inf"))
         emb_nonfinite = tl.sum(tl.where(valid & ~finite, 1.0, 0.0), axis=0)
+        # At G = 128, S is stored before the sweep, so that it need not stay live through it, unless
+        # DivPO's ranked pools read it again after; elsewhere late (fewer registers: the compiled table)
+        late = BLOCK_G < 128 or (PAIRS == 2 and DIVPO_RANKED)
+        if STORE_STATE and not late:
+            store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
         if NEED_LOGDET:
             logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, SWEEP_FP64)
             residual = 1.0 / diagonal(inverse, BLOCK_G)
             if STORE_STATE:
                 store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
-        if STORE_STATE:
+        if STORE_STATE and late:
             store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+        if STORE_STATE:
             tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
 
     # The per-response inputs, loaded after the diversity section so that they do not hold registers
@@ -645,7 +652,8 @@ def _group_loss_backward_kernel(
     G, D, stride_eb, stride_eg, stride_ed, alpha_over_batch, cpo_alpha,
     DORPO: tl.constexpr, HAS_CPO: tl.constexpr, NLL_TO_POLICY: tl.constexpr, NEED_POLICY: tl.constexpr,
     NEED_REF: tl.constexpr, NEED_NLL: tl.constexpr, EMB_GRAD: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Gradients of group ``b`` from the upstream ``g`` (read on the device): log-probs in the
     programs of D slice 0, ``emb`` (the regularizer) slice by slice."""
@@ -679,14 +687,11 @@ def _group_loss_backward_kernel(
                 tl.store(grad_policy_ptr + b * G + offs, grad.to(grad_policy_ptr.dtype.element_ty), mask=inside)
         if NEED_REF:  # z = pi - ref: the reference's gradient is the pair part's, negated
             tl.store(grad_ref_ptr + b * G + offs, (-grad).to(grad_ref_ptr.dtype.element_ty), mask=inside)
-    if EMB_GRAD:
+    if EMB_GRAD:  # d (-alpha / B sum_b logdet_b) / dS = -alpha g / B K^-1 on valid pairs (mode 2, no gains)
         valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
-        pair = valid[:, None] & valid[None, :]
-        grad_sim = tl.where(pair, load_square(inverse_ptr + b * G * G, G, BLOCK_G, ACC), 0.0) * (-alpha_over_batch * g)
-        emb_backward(grad_sim + tl.trans(grad_sim), b, tl.program_id(1) * BLOCK_D, valid, sim_ptr, norms_ptr,
-                     emb_ptr, grad_emb_ptr, G, D, 0.0, stride_eb, stride_eg, stride_ed, 0, BLOCK_G, BLOCK_D, ACC,
-                     PRECISION)
-
+        emb_backward(b, tl.program_id(1) * BLOCK_D, valid, inverse_ptr, inverse_ptr, inverse_ptr, -alpha_over_batch * g,
+                     sim_ptr, norms_ptr, mask_ptr, emb_ptr, grad_emb_ptr, G, D, 0.0, 0, 0, 0, stride_eb, stride_eg,
+                     stride_ed, 2, False, 0, HAS_MASK, BLOCK_G, BLOCK_K, BLOCK_D, ACC, PRECISION)
 
 
 def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, acc: torch.dtype) -> ForwardOutputs:
@@ -795,10 +800,11 @@ def _backward_constants(config: LossConfig, group: int, dim: int, emb_dtype: tor
     block_g = group_block(group)
     return dict(DORPO=config.dorpo, HAS_CPO=config.cpo_alpha > 0, NLL_TO_POLICY=nll_to_policy,
                 NEED_POLICY=need_policy, NEED_REF=need_ref, NEED_NLL=need_nll, EMB_GRAD=emb_grad,
-                HAS_MASK=has_mask, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim, emb_dtype or acc),
+                HAS_MASK=has_mask, BLOCK_G=block_g, BLOCK_K=column_block(block_g),
+                BLOCK_D=embedding_block(block_g, dim, emb_dtype or acc),
                 ACC=triton_dtype(acc),
                 PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc),
-                num_warps=num_warps_for(block_g))
+                num_warps=backward_warps(block_g))
 
 
 def fused_forward(inputs: LossTensors, config: LossConfig, store_state: bool) -> tuple[ForwardOutputs, torch.Tensor,

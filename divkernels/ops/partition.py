@@ -71,7 +71,7 @@ def partition_from_links(links, valid, min_diversity, TRANSITIVE: tl.constexpr, 
     links = (links | tl.trans(links)) & pair
     if TRANSITIVE:
         reach = tl.where(links | eye, 1.0, 0.0).to(tl.float16)
-        for _ in tl.static_range(STEPS):
+        for _ in range(STEPS):  # a loop, not unrolled: unrolled squarings overlap in registers (G = 128 spilled)
             reach = tl.where(tl.dot(reach, reach, out_dtype=tl.float32) > 0.5, 1.0, 0.0).to(tl.float16)
         links = reach > 0.5
     distinct = tl.sum(tl.where(pair & ~eye & ~links, 1.0, 0.0), axis=1).to(ACC)

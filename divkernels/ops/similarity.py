@@ -16,8 +16,10 @@ and padding zeroed where ``S`` is constant there):
 * dot: ``A = Gsym``;
 * RBF ``S_ij = exp(-gamma |e_i - e_j|^2)``: with ``M = Gsym * S``, ``A = 2 gamma (M - diag(rowsum M))``.
 
-So the backward launch reads ``emb`` once and writes ``d emb`` once, one program per
-(group, slice of D).
+So the backward launch reads ``emb`` once (at G = 128 the diagonal term reads the slice again, from
+cache) and writes ``d emb`` once, one program per (group, slice of D). Each program forms ``A`` from
+what is in memory, ``BLOCK_K`` columns at a time at G = 128 (``emb_backward``), so no ``G x G`` tile
+but one column chunk is ever live in its registers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     KERNEL_IDS,
     accumulation_dtype,
+    backward_warps,
+    column_block,
     contiguous,
     dot_precision,
     embedding_block,
@@ -46,21 +50,18 @@ NORM_FLOOR = tl.constexpr(reference.NORM_FLOOR)
 
 
 @triton.jit
-def load_valid_rows(mask_ptr, b, G, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr):
-    """``[BLOCK_G]`` bool: row is a real response of group ``b`` (inside G and not masked out)."""
-    offs = tl.arange(0, BLOCK_G)
-    inside = offs < G
+def load_valid(mask_ptr, b, idx, G, HAS_MASK: tl.constexpr):
+    """bool per index in ``idx``: a real response of group ``b`` (inside G and not masked out)."""
+    inside = idx < G
     if HAS_MASK:
-        return inside & (tl.load(mask_ptr + b * G + offs, mask=inside, other=0) != 0)
+        return inside & (tl.load(mask_ptr + b * G + idx, mask=inside, other=0) != 0)
     return inside
 
 
 @triton.jit
-def load_square(ptr, G, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
-    """A contiguous ``[G, G]`` matrix as a ``[BLOCK_G, BLOCK_G]`` tile, 0 outside."""
-    offs = tl.arange(0, BLOCK_G)
-    inside = (offs[:, None] < G) & (offs[None, :] < G)
-    return tl.load(ptr + offs[:, None] * G + offs[None, :], mask=inside, other=0.0).to(ACC)
+def load_valid_rows(mask_ptr, b, G, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``[BLOCK_G]`` bool: row is a real response of group ``b`` (inside G and not masked out)."""
+    return load_valid(mask_ptr, b, tl.arange(0, BLOCK_G), G, HAS_MASK)
 
 
 @triton.jit
@@ -146,45 +147,157 @@ def _similarity_forward_kernel(emb_ptr, mask_ptr, sim_ptr, norms_ptr, G, D, gamm
 
 
 @triton.jit
-def emb_backward(grad_sym, b, start, valid, sim_ptr, norms_ptr, emb_ptr, grad_emb_ptr, G, D, gamma,
-                 stride_eb, stride_eg, stride_ed, KERNEL: tl.constexpr, BLOCK_G: tl.constexpr,
-                 BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """Write ``dL/d emb[b, :, start:start + BLOCK_D]`` from ``Gsym = dL/dS + dL/dS^T`` (zero at padding):
-    build the ``G x G`` matrix ``A`` of the module docstring, then ``d emb = A emb`` on this D slice."""
+def grad_sym_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, b, cols, valid, valid_cols, G,
+                     stride_sb, stride_si, stride_sj, GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                     BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+    """Columns ``cols`` of ``Gsym = G_S + G_S^T`` (``[BLOCK_G, BLOCK_K]``), zero outside valid pairs.
+
+    ``GRAD=0``: ``G_S`` read from memory, the transposed half through swapped strides; ``1``: ``G_S_ij =
+    -p_i`` with ``p = dL/d dev / (n - 1)``, so ``Gsym_ij = -(p_i + p_j)``; ``2``: ``G_S = g K^-1 + K^-1
+    diag(w) K^-1`` with ``w_k = h_k / (K^-1)_kk`` on valid ``k`` (``h = dL/d gains``, ``HAS_EXTRA``): the
+    product as rank-1 terms ``w_k K^-1[:, k] K^-1[k, cols]`` (and its transpose) whose vectors are read from
+    memory, so no ``G x G`` tile is ever held in registers.
+    """
+    offs = tl.arange(0, BLOCK_G)
+    pair = valid[:, None] & valid_cols[None, :]
+    if GRAD == 0:
+        base = grad_ptr + b * stride_sb
+        sym = tl.load(base + offs[:, None] * stride_si + cols[None, :] * stride_sj, mask=pair, other=0.0).to(ACC)
+        sym += tl.load(base + cols[None, :] * stride_si + offs[:, None] * stride_sj, mask=pair, other=0.0).to(ACC)
+    elif GRAD == 1:
+        n = tl.sum(valid.to(ACC), axis=0)
+        per_row = tl.load(grad_ptr + b * G + offs, mask=valid, other=0.0).to(ACC) / tl.maximum(n - 1.0, 1.0)
+        per_col = tl.load(grad_ptr + b * G + cols, mask=valid_cols, other=0.0).to(ACC) / tl.maximum(n - 1.0, 1.0)
+        sym = -(per_row[:, None] + per_col[None, :])
+    else:
+        inv = inverse_ptr + b * G * G
+        rows_in, cols_in = offs < G, cols < G
+        inside = rows_in[:, None] & cols_in[None, :]
+        sym = g * (tl.load(inv + offs[:, None] * G + cols[None, :], mask=inside, other=0.0).to(ACC)
+                   + tl.load(inv + cols[None, :] * G + offs[:, None], mask=inside, other=0.0).to(ACC))
+        if HAS_EXTRA:
+            for k in range(0, G):
+                valid_k = tl.sum(tl.where(offs == k, valid.to(tl.int32), 0), axis=0) > 0
+                w = (tl.load(grad_extra_ptr + b * G + k, mask=valid_k, other=0.0).to(ACC)
+                     / tl.load(inv + k * G + k, mask=valid_k, other=1.0).to(ACC))
+                # term k of (K^-1 diag(w) K^-1)[:, cols] and of its transpose's columns
+                column_k = tl.load(inv + offs * G + k, mask=rows_in, other=0.0).to(ACC)
+                row_k = tl.load(inv + k * G + cols, mask=cols_in, other=0.0).to(ACC)
+                row_k_t = tl.load(inv + k * G + offs, mask=rows_in, other=0.0).to(ACC)
+                column_k_t = tl.load(inv + cols * G + k, mask=cols_in, other=0.0).to(ACC)
+                sym += w * (column_k[:, None] * row_k[None, :] + row_k_t[:, None] * column_k_t[None, :])
+    return tl.where(pair, sym, 0.0)
+
+
+@triton.jit
+def a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, b, cols, valid, valid_cols, norms, G,
+              gamma, stride_sb, stride_si, stride_sj, GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
+              KERNEL: tl.constexpr, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+    """``(C[:, cols], the row sums that r needs)`` for ``A = C - diag(r)`` (``emb_backward``): cosine
+    ``C_ij = Gsym_ij / (n_i n_j)``, dot ``Gsym``, RBF ``2 gamma Gsym_ij S_ij``; the row sums are those of
+    ``Gsym_ij S_ij`` (zero for dot). The cosine and RBF diagonal of ``Gsym`` is zeroed (``S`` is 1 there)."""
+    offs = tl.arange(0, BLOCK_G)
+    sym = grad_sym_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, b, cols, valid, valid_cols, G,
+                           stride_sb, stride_si, stride_sj, GRAD, HAS_EXTRA, BLOCK_G, ACC)
+    if KERNEL == 1:
+        part = sym
+        row_sum = tl.zeros([BLOCK_G], dtype=ACC)
+    else:
+        sym = tl.where(offs[:, None] == cols[None, :], 0.0, sym)
+        inside = (offs[:, None] < G) & (cols[None, :] < G)
+        weighted = sym * tl.load(sim_ptr + b * G * G + offs[:, None] * G + cols[None, :], mask=inside,
+                                 other=0.0).to(ACC)
+        row_sum = tl.sum(weighted, axis=1)
+        if KERNEL == 0:
+            col_norms = tl.load(norms_ptr + b * G + cols, mask=valid_cols, other=1.0).to(ACC)
+            part = sym / (norms[:, None] * tl.maximum(col_norms, NORM_FLOOR)[None, :])
+        else:
+            part = 2.0 * gamma * weighted
+    return part, row_sum
+
+
+@triton.jit
+def diagonal_term(row_sum, raw, norms, gamma, KERNEL: tl.constexpr):
+    """``r`` of ``A = C - diag(r)``: cosine ``c_i / n_i^2`` (the projection on ``e_hat_i``, dropped below the
+    norm floor), RBF ``2 gamma`` times the row sum; dot has none (``row_sum`` is 0)."""
+    if KERNEL == 0:
+        term = tl.where(raw >= NORM_FLOOR, row_sum, 0.0) / (norms * norms)
+    else:
+        term = 2.0 * gamma * row_sum
+    return term
+
+
+@triton.jit
+def times_rows(part, cols, valid_cols, emb_rows, offs_d, in_d, G, stride_eg, stride_ed, BLOCK_G: tl.constexpr,
+               BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``part @ emb[cols, offs_d]`` (``[BLOCK_G, BLOCK_D]`` in ``ACC``); padded and masked rows read as 0."""
+    if ACC == tl.float64:  # noqa: SIM300 (ACC is a constexpr, not a constant)
+        # rank-1 updates part[:, k] emb[k, :] (no fp64 tl.dot: see gram_matrix)
+        product = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
+        c0 = tl.min(cols, axis=0)
+        for k in range(c0, tl.minimum(c0 + cols.shape[0], G)):
+            a_col = tl.sum(tl.where(cols[None, :] == k, part, 0.0), axis=1)
+            valid_k = tl.sum(tl.where(cols == k, valid_cols.to(tl.int32), 0))  # 1: row k is real (never load NaN)
+            row = tl.load(emb_rows + k * stride_eg + offs_d * stride_ed,
+                          mask=in_d & (offs_d * 0 + valid_k > 0), other=0.0).to(ACC)
+            product += a_col[:, None] * row[None, :]
+    else:
+        rows = tl.load(emb_rows + cols[:, None] * stride_eg + offs_d[None, :] * stride_ed,
+                       mask=valid_cols[:, None] & in_d[None, :], other=0.0)
+        if PRECISION == "native":
+            product = split_dot(part, rows, ACC)
+        else:
+            product = tl.dot(part, rows.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+    return product
+
+
+@triton.jit
+def emb_backward(b, start, valid, grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, mask_ptr, emb_ptr,
+                 grad_emb_ptr, G, D, gamma, stride_sb, stride_si, stride_sj, stride_eb, stride_eg, stride_ed,
+                 GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr, KERNEL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Write ``dL/d emb[b, :, start:start + BLOCK_D] = A emb`` (module docstring), with ``A = C - diag(r)``
+    (``a_columns``, ``diagonal_term``).
+
+    ``BLOCK_K = BLOCK_G``: all of ``A`` in one tile, the diagonal folded in, one dot whose output streams
+    to memory. ``BLOCK_K < BLOCK_G`` (G = 128): ``BLOCK_K`` columns of ``C`` at a time meet ``BLOCK_K``
+    rows of ``emb`` and accumulate, while the chunks sum ``r``; ``r_i e_i`` is taken off at the end. So
+    nothing ``G x G`` is ever held in registers.
+    """
     offs = tl.arange(0, BLOCK_G)
     offs_d = start + tl.arange(0, BLOCK_D)
-    eye = offs[:, None] == offs[None, :]
-    if KERNEL == 0:
-        grad_sym = tl.where(eye, 0.0, grad_sym)
-        sim = load_square(sim_ptr + b * G * G, G, BLOCK_G, ACC)
-        raw = tl.load(norms_ptr + b * G + offs, mask=valid, other=1.0).to(ACC)
-        norms = tl.maximum(raw, NORM_FLOOR)
-        projection = tl.where(raw >= NORM_FLOOR, tl.sum(grad_sym * sim, axis=1), 0.0)
-        a = grad_sym / (norms[:, None] * norms[None, :]) - tl.where(eye, (projection / (norms * norms))[:, None], 0.0)
-    elif KERNEL == 1:
-        a = grad_sym
+    in_d = offs_d < D
+    emb_rows = emb_ptr + b * stride_eb
+    raw = tl.load(norms_ptr + b * G + offs, mask=valid, other=1.0).to(ACC)
+    norms = tl.maximum(raw, NORM_FLOOR)
+    if BLOCK_K == BLOCK_G:
+        part, row_sum = a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, b, offs, valid,
+                                  valid, norms, G, gamma, stride_sb, stride_si, stride_sj, GRAD, HAS_EXTRA, KERNEL,
+                                  BLOCK_G, ACC)
+        if KERNEL != 1:
+            part -= tl.where(offs[:, None] == offs[None, :], diagonal_term(row_sum, raw, norms, gamma, KERNEL)[:, None],
+                             0.0)
+        grad_rows = times_rows(part, offs, valid, emb_rows, offs_d, in_d, G, stride_eg, stride_ed, BLOCK_G, BLOCK_D,
+                               ACC, PRECISION)
     else:
-        grad_sym = tl.where(eye, 0.0, grad_sym)
-        weighted = grad_sym * load_square(sim_ptr + b * G * G, G, BLOCK_G, ACC)
-        a = 2.0 * gamma * (weighted - tl.where(eye, tl.sum(weighted, axis=1)[:, None], 0.0))
-    if ACC == tl.float64:  # noqa: SIM300 (ACC is a constexpr, not a constant)
-        # d emb = A emb as rank-1 updates A[:, k] emb[k, :] (no fp64 tl.dot: see gram_matrix)
         grad_rows = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
-        for k in range(0, G):
-            a_col = tl.sum(tl.where(offs[None, :] == k, a, 0.0), axis=1)
-            valid_k = tl.sum(tl.where(offs == k, valid.to(tl.int32), 0))  # 1: row k is real (never load NaN)
-            row = tl.load(emb_ptr + b * stride_eb + k * stride_eg + offs_d * stride_ed,
-                          mask=(offs_d < D) & (offs_d * 0 + valid_k > 0), other=0.0).to(ACC)
-            grad_rows += a_col[:, None] * row[None, :]
-    else:
-        rows = tl.load(emb_ptr + b * stride_eb + offs[:, None] * stride_eg + offs_d[None, :] * stride_ed,
-                       mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        if PRECISION == "native":
-            grad_rows = split_dot(a, rows, ACC)
-        else:
-            grad_rows = tl.dot(a, rows.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+        row_sum = tl.zeros([BLOCK_G], dtype=ACC)
+        for c0 in range(0, G, BLOCK_K):
+            cols = c0 + tl.arange(0, BLOCK_K)
+            valid_cols = load_valid(mask_ptr, b, cols, G, HAS_MASK)
+            part, sums = a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, b, cols, valid,
+                                   valid_cols, norms, G, gamma, stride_sb, stride_si, stride_sj, GRAD, HAS_EXTRA,
+                                   KERNEL, BLOCK_G, ACC)
+            row_sum += sums
+            grad_rows += times_rows(part, cols, valid_cols, emb_rows, offs_d, in_d, G, stride_eg, stride_ed, BLOCK_G,
+                                    BLOCK_D, ACC, PRECISION)
+        if KERNEL != 1:  # the diagonal of A: d e_i -= r_i e_i
+            mine = tl.load(emb_rows + offs[:, None] * stride_eg + offs_d[None, :] * stride_ed,
+                           mask=valid[:, None] & in_d[None, :], other=0.0).to(ACC)
+            grad_rows -= diagonal_term(row_sum, raw, norms, gamma, KERNEL)[:, None] * mine
     out = grad_emb_ptr + b * G * D + offs[:, None] * D + offs_d[None, :]
-    tl.store(out, grad_rows.to(grad_emb_ptr.dtype.element_ty), mask=(offs[:, None] < G) & (offs_d[None, :] < D))
+    tl.store(out, grad_rows.to(grad_emb_ptr.dtype.element_ty), mask=(offs[:, None] < G) & in_d[None, :])
 
 
 @triton.jit
@@ -204,23 +317,12 @@ def split_dot(a, rows, ACC: tl.constexpr):
 
 
 @triton.jit
-def matmul_square(left, right, G, BLOCK_G: tl.constexpr):
-    """``left @ right`` of two ``[BLOCK_G, BLOCK_G]`` tiles as G rank-1 updates (exact in fp64 too)."""
-    offs = tl.arange(0, BLOCK_G)
-    product = tl.zeros([BLOCK_G, BLOCK_G], dtype=left.dtype)
-    for k in range(0, G):
-        column = tl.sum(tl.where(offs[None, :] == k, left, 0.0), axis=1)
-        row = tl.sum(tl.where(offs[:, None] == k, right, 0.0), axis=0)
-        product += column[:, None] * row[None, :]
-    return product
-
-
-@triton.jit
 def _similarity_backward_kernel(grad_ptr, grad_extra_ptr, inverse_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr,
                                 grad_emb_ptr, G, D, gamma, stride_sb, stride_si, stride_sj, stride_eb, stride_eg,
                                 stride_ed, GRAD: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
                                 KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
-                                BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                                PRECISION: tl.constexpr):
     """``dL/d emb`` of one (group, D slice), with ``dL/dS`` formed here from what the op's output got:
 
     ``GRAD=0``: ``dL/dS`` itself (``grad_ptr``, any strides); ``1``: deviation, ``dL/dS_ij = -g_i / (n - 1)``
@@ -229,31 +331,14 @@ def _similarity_backward_kernel(grad_ptr, grad_extra_ptr, inverse_ptr, sim_ptr, 
     ``grad_extra_ptr``: ``dL/d gains [B, G]``, either may be absent).
     """
     b = tl.program_id(0).to(tl.int64)
-    start = tl.program_id(1) * BLOCK_D
-    offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
-    pair = valid[:, None] & valid[None, :]
-    if GRAD == 0:
-        base = grad_ptr + b * stride_sb
-        grad = tl.load(base + offs[:, None] * stride_si + offs[None, :] * stride_sj, mask=pair, other=0.0).to(ACC)
-    elif GRAD == 1:
-        n = tl.sum(valid.to(ACC), axis=0)
-        per_row = tl.load(grad_ptr + b * G + offs, mask=valid, other=0.0).to(ACC) / tl.maximum(n - 1.0, 1.0)
-        grad = tl.where(pair, -per_row[:, None], 0.0)
-    else:
-        inverse = load_square(inverse_ptr + b * G * G, G, BLOCK_G, ACC)
-        grad = tl.zeros([BLOCK_G, BLOCK_G], dtype=ACC)
+    g = 0.0
+    if GRAD == 2:
         if HAS_GRAD:
-            grad += tl.load(grad_ptr + b).to(ACC) * inverse
-        if HAS_EXTRA:
-            diag = tl.sum(tl.where(offs[:, None] == offs[None, :], inverse, 0.0), axis=1)
-            gains = tl.load(grad_extra_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
-            scaled = inverse * tl.where(valid, gains / tl.where(valid, diag, 1.0), 0.0)[None, :]
-            grad += matmul_square(scaled, inverse, G, BLOCK_G)
-        grad = tl.where(pair, grad, 0.0)
-    grad_sym = grad + tl.trans(grad)
-    emb_backward(grad_sym, b, start, valid, sim_ptr, norms_ptr, emb_ptr, grad_emb_ptr, G, D, gamma,
-                 stride_eb, stride_eg, stride_ed, KERNEL, BLOCK_G, BLOCK_D, ACC, PRECISION)
+            g = tl.load(grad_ptr + b).to(ACC)
+    emb_backward(b, tl.program_id(1) * BLOCK_D, valid, grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr,
+                 mask_ptr, emb_ptr, grad_emb_ptr, G, D, gamma, stride_sb, stride_si, stride_sj, stride_eb, stride_eg,
+                 stride_ed, GRAD, HAS_EXTRA, KERNEL, HAS_MASK, BLOCK_G, BLOCK_K, BLOCK_D, ACC, PRECISION)
 
 
 def default_gamma(kernel: str, gamma: float | None, dim: int) -> float:
@@ -300,8 +385,8 @@ def similarity_backward(grad: torch.Tensor, sim: torch.Tensor, norms: torch.Tens
         grad if mode == 0 else contiguous(grad), contiguous(grad_extra), inverse, sim, norms, mask, emb, grad_emb,
         group, dim, default_gamma(kernel, gamma, dim), *strides, *emb.stride(),
         GRAD=mode, HAS_GRAD=grad is not None, HAS_EXTRA=grad_extra is not None, KERNEL=KERNEL_IDS[kernel],
-        HAS_MASK=mask is not None, BLOCK_G=block_g, BLOCK_D=block_d, ACC=triton_dtype(acc),
-        PRECISION=dot_precision(emb.dtype), num_warps=num_warps_for(block_g))
+        HAS_MASK=mask is not None, BLOCK_G=block_g, BLOCK_K=column_block(block_g), BLOCK_D=block_d,
+        ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype), num_warps=backward_warps(block_g))
     return grad_emb
 
 
