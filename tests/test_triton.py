@@ -79,17 +79,18 @@ def test_diversity_ops_match_reference(group: int, dtype: torch.dtype, layout: s
 
 def test_largest_in_kernel_group(generator: torch.Generator) -> None:
     """G = 128, the in-kernel limit: the sweep runs over a full 128 x 128 tile."""
-    emb, mask = groups_on_device(2, 128, 140, generator, torch.float64)
+    emb, mask = groups_on_device(2, 128, 40, generator, torch.float64)  # 3 fp64 D slices
     compare_backends(lambda backend, emb: dk.logdet_diversity(emb, mask, eps=EXACT["eps"], return_gains=True,
                                                               backend=backend),
                      {"emb": emb}, ("emb",), 1e-8, generator)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32])
 def test_backward_in_column_chunks_at_the_largest_group(dtype: torch.dtype, generator: torch.Generator) -> None:
     """G = 128: ``d emb = A emb`` takes A 32 columns at a time (``emb_backward``), summing the diagonal
     term over the chunks; every way a gradient reaches S (dL/dS, deviation, logdet + gains) and every
-    kernel, against the reference."""
+    kernel, against the reference (fp32, the tl.dot path; test_largest_in_kernel_group runs the fp64
+    rank-1 path of the logdet backward at G = 128)."""
     emb, mask = groups_on_device(2, 128, 24, generator, dtype)
     rtol = RTOL[dtype]
     for kernel in ("cosine", "dot", "rbf"):

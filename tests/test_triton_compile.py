@@ -136,7 +136,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
         launch["archs"] = [90]
     # the installed Triton (every table variant; it builds the committed table, so its spill goals are
     # asserted), and any other versions installed with `pip install --target DIR triton==X` and listed
-    # in DIVKERNELS_EXTRA_TRITON (CI adds 3.6, the GPU machines' version: every branch launch, at
+    # in DIVKERNELS_EXTRA_TRITON (e.g. 3.6, the GPU machines' version; not in CI: every branch launch, at
     # G = 2, 16 and 128, and the table variants in the training dtypes, bf16 and fp32, at G = 32 and
     # 64, to bound CI time; their spills are printed)
     import triton
