@@ -14,6 +14,7 @@ Hypothesis: profile ``ci`` (derandomized, set with ``HYPOTHESIS_PROFILE=ci``) in
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import zlib
@@ -53,8 +54,48 @@ def _decode_bf16_dot_operands() -> None:
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter (3.9) patches ``triton.language`` (``inspect.getmembers`` over ``tl``,
+    ``tl.tensor``, ``tl.math``: ~1 ms) again on every device-function call, ``tl.sum`` included, although
+    the launch has already patched the same modules and the nested patch is never undone (the launch's
+    own restore puts the originals back). Inside a launch, skip a patch whose modules are already
+    patched: what the kernels compute is unchanged, and kernels with helpers in loops run several
+    times faster under the interpreter (CI time)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang
+    if getattr(original, "once_per_launch", False):
+        return
+    patched: set[int] = set()  # ids of the language modules the running launch has patched
+
+    class _Undo:
+        def __init__(self, scope) -> None:
+            self.scope = scope
+
+        def restore(self) -> None:
+            self.scope.restore()
+            patched.clear()
+
+    class _Nothing:
+        def restore(self) -> None:  # only a launch's scope is ever restored; kept for safety
+            pass
+
+    def once(fn):
+        langs = {id(value) for value in fn.__globals__.values()
+                 if inspect.ismodule(value) and value in (interpreter.tl, interpreter.tl.core)}
+        if patched and langs <= patched:
+            return _Nothing()
+        scope = original(fn)
+        patched.update(langs)
+        return _Undo(scope)
+
+    once.once_per_launch = True
+    interpreter._patch_lang = once
+
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _decode_bf16_dot_operands()
+    _patch_language_once_per_launch()
 # Kernel outputs start as NaN, so an element a kernel fails to write fails the comparison.
 os.environ.setdefault("DIVKERNELS_POISON_OUTPUTS", "1")
 

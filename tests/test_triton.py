@@ -85,6 +85,25 @@ def test_largest_in_kernel_group(generator: torch.Generator) -> None:
                      {"emb": emb}, ("emb",), 1e-8, generator)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logdet_backward_ignores_the_gradient_of_masked_gains(dtype: torch.dtype, generator: torch.Generator) -> None:
+    """The gains of masked-out responses are constant zeros, so what flows into them must not reach
+    ``emb``, even when it is not finite (``gains.log()`` gives -inf there, and an inf gradient): the
+    kernel's ``emb`` gradient equals the reference's with those entries zeroed (the reference itself
+    turns an inf there into NaN through its Cholesky inverse's backward)."""
+    emb, mask = groups_on_device(3, 8, 12, generator, dtype)
+    assert not mask.all()
+    upstream = torch.randn(3, 8, generator=generator, dtype=dtype).to(DEVICE)
+    grads = {}
+    for backend, into_masked in (("triton", float("inf")), ("reference", 0.0)):
+        leaf = emb.detach().clone().requires_grad_(True)
+        logdet, gains = dk.logdet_diversity(leaf, mask, eps=EXACT["eps"], return_gains=True, backend=backend)
+        torch.autograd.backward((logdet.sum(), gains), (torch.ones((), dtype=dtype, device=DEVICE),
+                                                        upstream.masked_fill(~mask, into_masked)), inputs=[leaf])
+        grads[backend] = leaf.grad[mask]
+    assert_matches(grads["triton"], grads["reference"], RTOL[dtype] * 10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32])
 def test_backward_in_column_chunks_at_the_largest_group(dtype: torch.dtype, generator: torch.Generator) -> None:
     """G = 128: ``d emb = A emb`` takes A 32 columns at a time (``emb_backward``), summing the diagonal

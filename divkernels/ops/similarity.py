@@ -147,16 +147,44 @@ def _similarity_forward_kernel(emb_ptr, mask_ptr, sim_ptr, norms_ptr, G, D, gamm
 
 
 @triton.jit
-def grad_sym_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, b, cols, valid, valid_cols, G,
+def add_gain_columns(sym, grad_extra_ptr, inv, mask_ptr, b, cols, G, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
+                     ACC: tl.constexpr):
+    """``sym`` plus columns ``cols`` of ``P + P^T``, ``P = K^-1 diag(w) K^-1`` with ``w_k = h_k / (K^-1)_kk``
+    on valid ``k`` (``h = dL/d gains``, ``inv``: the group's saved ``K^-1``), as rank-1 terms
+    ``w_k (K^-1[:, k] K^-1[k, cols] + K^-1[k, :]^T K^-1[cols, k]^T)`` whose vectors are read from memory
+    (L1-resident): no ``G x G`` tile is ever held in registers.
+
+    Accumulated into ``sym`` (a second ``[BLOCK_G, BLOCK_K]`` accumulator took ~100 more registers at G = 64).
+    Not a ``tl.dot`` over blocks of k: IEEE fp32 dots run on the CUDA cores with both operands held whole
+    in registers, which took the G = 128 backward from 234 registers and no spills to 255 and 120 bytes
+    spilled (sm_90; a TF32 dot would lose ``K^-1`` of an ill-conditioned ``K``). Each k's validity is
+    one scalar load, not a reduction over a vector.
+    """
+    offs = tl.arange(0, BLOCK_G)
+    rows_in, cols_in = offs < G, cols < G
+    for k in range(0, G):
+        valid_k = k < G
+        if HAS_MASK:
+            valid_k = tl.load(mask_ptr + b * G + k) != 0
+        w = (tl.load(grad_extra_ptr + b * G + k, mask=valid_k, other=0.0).to(ACC)
+             / tl.load(inv + k * G + k, mask=valid_k, other=1.0).to(ACC))
+        column_k = tl.load(inv + offs * G + k, mask=rows_in, other=0.0).to(ACC)
+        row_k = tl.load(inv + k * G + cols, mask=cols_in, other=0.0).to(ACC)
+        row_k_t = tl.load(inv + k * G + offs, mask=rows_in, other=0.0).to(ACC)
+        column_k_t = tl.load(inv + cols * G + k, mask=cols_in, other=0.0).to(ACC)
+        sym += w * (column_k[:, None] * row_k[None, :] + row_k_t[:, None] * column_k_t[None, :])
+    return sym
+
+
+@triton.jit
+def grad_sym_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, mask_ptr, b, cols, valid, valid_cols, G,
                      stride_sb, stride_si, stride_sj, GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
-                     BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+                     HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
     """Columns ``cols`` of ``Gsym = G_S + G_S^T`` (``[BLOCK_G, BLOCK_K]``), zero outside valid pairs.
 
     ``GRAD=0``: ``G_S`` read from memory, the transposed half through swapped strides; ``1``: ``G_S_ij =
     -p_i`` with ``p = dL/d dev / (n - 1)``, so ``Gsym_ij = -(p_i + p_j)``; ``2``: ``G_S = g K^-1 + K^-1
-    diag(w) K^-1`` with ``w_k = h_k / (K^-1)_kk`` on valid ``k`` (``h = dL/d gains``, ``HAS_EXTRA``): the
-    product as rank-1 terms ``w_k K^-1[:, k] K^-1[k, cols]`` (and its transpose) whose vectors are read from
-    memory, so no ``G x G`` tile is ever held in registers.
+    diag(w) K^-1`` with ``w_k = h_k / (K^-1)_kk`` (``h = dL/d gains``, ``HAS_EXTRA``; ``add_gain_columns``).
     """
     offs = tl.arange(0, BLOCK_G)
     pair = valid[:, None] & valid_cols[None, :]
@@ -171,34 +199,24 @@ def grad_sym_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, b, cols, valid, v
         sym = -(per_row[:, None] + per_col[None, :])
     else:
         inv = inverse_ptr + b * G * G
-        rows_in, cols_in = offs < G, cols < G
-        inside = rows_in[:, None] & cols_in[None, :]
+        inside = (offs[:, None] < G) & (cols[None, :] < G)
         sym = g * (tl.load(inv + offs[:, None] * G + cols[None, :], mask=inside, other=0.0).to(ACC)
                    + tl.load(inv + cols[None, :] * G + offs[:, None], mask=inside, other=0.0).to(ACC))
         if HAS_EXTRA:
-            for k in range(0, G):
-                valid_k = tl.sum(tl.where(offs == k, valid.to(tl.int32), 0), axis=0) > 0
-                w = (tl.load(grad_extra_ptr + b * G + k, mask=valid_k, other=0.0).to(ACC)
-                     / tl.load(inv + k * G + k, mask=valid_k, other=1.0).to(ACC))
-                # term k of (K^-1 diag(w) K^-1)[:, cols] and of its transpose's columns
-                column_k = tl.load(inv + offs * G + k, mask=rows_in, other=0.0).to(ACC)
-                row_k = tl.load(inv + k * G + cols, mask=cols_in, other=0.0).to(ACC)
-                row_k_t = tl.load(inv + k * G + offs, mask=rows_in, other=0.0).to(ACC)
-                column_k_t = tl.load(inv + cols * G + k, mask=cols_in, other=0.0).to(ACC)
-                sym += w * (column_k[:, None] * row_k[None, :] + row_k_t[:, None] * column_k_t[None, :])
+            sym = add_gain_columns(sym, grad_extra_ptr, inv, mask_ptr, b, cols, G, HAS_MASK, BLOCK_G, ACC)
     return tl.where(pair, sym, 0.0)
 
 
 @triton.jit
-def a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, b, cols, valid, valid_cols, norms, G,
-              gamma, stride_sb, stride_si, stride_sj, GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
-              KERNEL: tl.constexpr, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+def a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, mask_ptr, b, cols, valid, valid_cols,
+              norms, G, gamma, stride_sb, stride_si, stride_sj, GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
+              KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
     """``(C[:, cols], the row sums that r needs)`` for ``A = C - diag(r)`` (``emb_backward``): cosine
     ``C_ij = Gsym_ij / (n_i n_j)``, dot ``Gsym``, RBF ``2 gamma Gsym_ij S_ij``; the row sums are those of
     ``Gsym_ij S_ij`` (zero for dot). The cosine and RBF diagonal of ``Gsym`` is zeroed (``S`` is 1 there)."""
     offs = tl.arange(0, BLOCK_G)
-    sym = grad_sym_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, b, cols, valid, valid_cols, G,
-                           stride_sb, stride_si, stride_sj, GRAD, HAS_EXTRA, BLOCK_G, ACC)
+    sym = grad_sym_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, mask_ptr, b, cols, valid, valid_cols, G,
+                           stride_sb, stride_si, stride_sj, GRAD, HAS_EXTRA, HAS_MASK, BLOCK_G, ACC)
     if KERNEL == 1:
         part = sym
         row_sum = tl.zeros([BLOCK_G], dtype=ACC)
@@ -228,18 +246,22 @@ def diagonal_term(row_sum, raw, norms, gamma, KERNEL: tl.constexpr):
 
 
 @triton.jit
-def times_rows(part, cols, valid_cols, emb_rows, offs_d, in_d, G, stride_eg, stride_ed, BLOCK_G: tl.constexpr,
-               BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """``part @ emb[cols, offs_d]`` (``[BLOCK_G, BLOCK_D]`` in ``ACC``); padded and masked rows read as 0."""
+def times_rows(part, c0, valid_cols, mask_ptr, b, emb_rows, offs_d, in_d, G, stride_eg, stride_ed,
+               HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+               ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``part @ emb[c0:c0 + BLOCK_K, offs_d]`` (``[BLOCK_G, BLOCK_D]`` in ``ACC``); padded and masked rows
+    read as 0."""
+    cols = c0 + tl.arange(0, BLOCK_K)
     if ACC == tl.float64:  # noqa: SIM300 (ACC is a constexpr, not a constant)
         # rank-1 updates part[:, k] emb[k, :] (no fp64 tl.dot: see gram_matrix)
         product = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
-        c0 = tl.min(cols, axis=0)
-        for k in range(c0, tl.minimum(c0 + cols.shape[0], G)):
+        for k in range(c0, tl.minimum(c0 + BLOCK_K, G)):
             a_col = tl.sum(tl.where(cols[None, :] == k, part, 0.0), axis=1)
-            valid_k = tl.sum(tl.where(cols == k, valid_cols.to(tl.int32), 0))  # 1: row k is real (never load NaN)
-            row = tl.load(emb_rows + k * stride_eg + offs_d * stride_ed,
-                          mask=in_d & (offs_d * 0 + valid_k > 0), other=0.0).to(ACC)
+            valid_k = k < G  # row k is real (never load NaN); a scalar, not a reduction over valid_cols
+            if HAS_MASK:
+                valid_k = tl.load(mask_ptr + b * G + k) != 0
+            row = tl.load(emb_rows + k * stride_eg + offs_d * stride_ed, mask=tl.where(valid_k, in_d, False),
+                          other=0.0).to(ACC)
             product += a_col[:, None] * row[None, :]
     else:
         rows = tl.load(emb_rows + cols[:, None] * stride_eg + offs_d[None, :] * stride_ed,
@@ -272,26 +294,26 @@ def emb_backward(b, start, valid, grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_
     raw = tl.load(norms_ptr + b * G + offs, mask=valid, other=1.0).to(ACC)
     norms = tl.maximum(raw, NORM_FLOOR)
     if BLOCK_K == BLOCK_G:
-        part, row_sum = a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, b, offs, valid,
-                                  valid, norms, G, gamma, stride_sb, stride_si, stride_sj, GRAD, HAS_EXTRA, KERNEL,
-                                  BLOCK_G, ACC)
+        part, row_sum = a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, mask_ptr, b, offs,
+                                  valid, valid, norms, G, gamma, stride_sb, stride_si, stride_sj, GRAD, HAS_EXTRA,
+                                  KERNEL, HAS_MASK, BLOCK_G, ACC)
         if KERNEL != 1:
             part -= tl.where(offs[:, None] == offs[None, :], diagonal_term(row_sum, raw, norms, gamma, KERNEL)[:, None],
                              0.0)
-        grad_rows = times_rows(part, offs, valid, emb_rows, offs_d, in_d, G, stride_eg, stride_ed, BLOCK_G, BLOCK_D,
-                               ACC, PRECISION)
+        grad_rows = times_rows(part, 0, valid, mask_ptr, b, emb_rows, offs_d, in_d, G, stride_eg, stride_ed, HAS_MASK,
+                               BLOCK_G, BLOCK_G, BLOCK_D, ACC, PRECISION)
     else:
         grad_rows = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
         row_sum = tl.zeros([BLOCK_G], dtype=ACC)
         for c0 in range(0, G, BLOCK_K):
             cols = c0 + tl.arange(0, BLOCK_K)
             valid_cols = load_valid(mask_ptr, b, cols, G, HAS_MASK)
-            part, sums = a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, b, cols, valid,
-                                   valid_cols, norms, G, gamma, stride_sb, stride_si, stride_sj, GRAD, HAS_EXTRA,
-                                   KERNEL, BLOCK_G, ACC)
+            part, sums = a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, mask_ptr, b, cols,
+                                   valid, valid_cols, norms, G, gamma, stride_sb, stride_si, stride_sj, GRAD,
+                                   HAS_EXTRA, KERNEL, HAS_MASK, BLOCK_G, ACC)
             row_sum += sums
-            grad_rows += times_rows(part, cols, valid_cols, emb_rows, offs_d, in_d, G, stride_eg, stride_ed, BLOCK_G,
-                                    BLOCK_D, ACC, PRECISION)
+            grad_rows += times_rows(part, c0, valid_cols, mask_ptr, b, emb_rows, offs_d, in_d, G, stride_eg,
+                                    stride_ed, HAS_MASK, BLOCK_G, BLOCK_K, BLOCK_D, ACC, PRECISION)
         if KERNEL != 1:  # the diagonal of A: d e_i -= r_i e_i
             mine = tl.load(emb_rows + offs[:, None] * stride_eg + offs_d[None, :] * stride_ed,
                            mask=valid[:, None] & in_d[None, :], other=0.0).to(ACC)
