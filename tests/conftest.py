@@ -68,26 +68,23 @@ def _patch_language_once_per_launch() -> None:
         return
     patched: set[int] = set()  # ids of the language modules the running launch has patched
 
-    class _Undo:
-        def __init__(self, scope) -> None:
+    class _Scope:  # what the launch restores at its end: its own patch, and the record of it
+        def __init__(self, scope=None) -> None:
             self.scope = scope
 
         def restore(self) -> None:
-            self.scope.restore()
-            patched.clear()
-
-    class _Nothing:
-        def restore(self) -> None:  # only a launch's scope is ever restored; kept for safety
-            pass
+            if self.scope is not None:
+                self.scope.restore()
+                patched.clear()
 
     def once(fn):
         langs = {id(value) for value in fn.__globals__.values()
                  if inspect.ismodule(value) and value in (interpreter.tl, interpreter.tl.core)}
         if patched and langs <= patched:
-            return _Nothing()
+            return _Scope()  # already patched by this launch: nothing to do, nothing to undo
         scope = original(fn)
         patched.update(langs)
-        return _Undo(scope)
+        return _Scope(scope)
 
     once.once_per_launch = True
     interpreter._patch_lang = once

@@ -58,7 +58,7 @@ from divkernels.ops.common import (
     triton_dtype,
 )
 from divkernels.ops.deviation import deviation, deviation_from_similarity
-from divkernels.ops.logdet import check_factorization, diagonal, logdet_and_inverse
+from divkernels.ops.logdet import SIM_BEFORE_SWEEP, check_factorization, diagonal, logdet_and_inverse
 from divkernels.ops.similarity import (
     emb_backward,
     gram_matrix,
@@ -315,9 +315,8 @@ def group_forward(
         has_similarity = tl.where(other_count > 0.0, 1.0, 0.0)
         finite = (norms == norms) & (norms < float("inf"))
         emb_nonfinite = tl.sum(tl.where(valid & ~finite, 1.0, 0.0), axis=0)
-        # At G = 128, S is stored before the sweep, so that it need not stay live through it, unless
-        # DivPO's ranked pools read it again after; elsewhere late (fewer registers: the compiled table)
-        late = BLOCK_G < 128 or (PAIRS == 2 and DIVPO_RANKED)
+        # S stored before the sweep from SIM_BEFORE_SWEEP on, unless DivPO's ranked pools read it after
+        late = BLOCK_G < SIM_BEFORE_SWEEP or (PAIRS == 2 and DIVPO_RANKED)
         if STORE_STATE and not late:
             store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
         if NEED_LOGDET:

@@ -48,6 +48,11 @@ from divkernels.ops.similarity import (
 from divkernels.types import KERNELS
 from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar, nonfinite_groups
 
+# The smallest tile whose S a forward that sweeps K stores before the sweep, not after: at G = 128 an
+# S kept live through the sweep spilled; smaller tiles take fewer registers storing it after
+# (benchmarks/results/sm90_kernel_resources.csv). The logdet forward and the fused loss forward read it.
+SIM_BEFORE_SWEEP = tl.constexpr(128)
+
 
 @triton.jit
 def gauss_jordan_inverse(matrix, G, BLOCK_G: tl.constexpr):
@@ -126,13 +131,14 @@ def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
     sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
-    if BLOCK_G >= 128:  # S stored before the sweep, so that only the swept tile stays live (G = 128 spilled)
+    early = BLOCK_G >= SIM_BEFORE_SWEEP
+    if early:
         store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
     logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, FIXUP)
     tl.store(logdet_ptr + b, logdet)
     tl.store(gains_ptr + b * G + offs, tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0), mask=offs < G)
     store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
-    if BLOCK_G < 128:  # after: fewer registers for the smaller tiles (the compiled table)
+    if not early:
         store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
     tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
 

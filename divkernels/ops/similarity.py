@@ -158,14 +158,12 @@ def add_gain_columns(sym, grad_extra_ptr, inv, mask_ptr, b, cols, G, HAS_MASK: t
     Not a ``tl.dot`` over blocks of k: IEEE fp32 dots run on the CUDA cores with both operands held whole
     in registers, which took the G = 128 backward from 234 registers and no spills to 255 and 120 bytes
     spilled (sm_90; a TF32 dot would lose ``K^-1`` of an ill-conditioned ``K``). Each k's validity is
-    one scalar load, not a reduction over a vector.
+    one scalar load (``load_valid``), not a reduction over a vector.
     """
     offs = tl.arange(0, BLOCK_G)
     rows_in, cols_in = offs < G, cols < G
     for k in range(0, G):
-        valid_k = k < G
-        if HAS_MASK:
-            valid_k = tl.load(mask_ptr + b * G + k) != 0
+        valid_k = load_valid(mask_ptr, b, k, G, HAS_MASK)
         w = (tl.load(grad_extra_ptr + b * G + k, mask=valid_k, other=0.0).to(ACC)
              / tl.load(inv + k * G + k, mask=valid_k, other=1.0).to(ACC))
         column_k = tl.load(inv + offs * G + k, mask=rows_in, other=0.0).to(ACC)
@@ -257,9 +255,7 @@ def times_rows(part, c0, valid_cols, mask_ptr, b, emb_rows, offs_d, in_d, G, str
         product = tl.zeros([BLOCK_G, BLOCK_D], dtype=ACC)
         for k in range(c0, tl.minimum(c0 + BLOCK_K, G)):
             a_col = tl.sum(tl.where(cols[None, :] == k, part, 0.0), axis=1)
-            valid_k = k < G  # row k is real (never load NaN); a scalar, not a reduction over valid_cols
-            if HAS_MASK:
-                valid_k = tl.load(mask_ptr + b * G + k) != 0
+            valid_k = load_valid(mask_ptr, b, k, G, HAS_MASK)  # row k is real (never load NaN): one scalar load
             row = tl.load(emb_rows + k * stride_eg + offs_d * stride_ed, mask=tl.where(valid_k, in_d, False),
                           other=0.0).to(ACC)
             product += a_col[:, None] * row[None, :]
