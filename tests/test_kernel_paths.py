@@ -31,6 +31,8 @@ from helpers import (
 import divkernels as dk
 from divkernels import _cuda, backend
 from divkernels.backend import backend_unavailable_reason
+from divkernels.benchmarks.host import triton_launches
+from divkernels.ops import group_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_BACKENDS = ["triton", "cuda"]
@@ -192,10 +194,9 @@ OPTION_VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("options", OPTION_VARIANTS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_every_option_matches_the_reference(kernel_backend: str, options: dict[str, object],
-                                            generator: torch.Generator) -> None:
-    """Each method's default and each named variant, float64, ragged groups of up to 12."""
+def option_inputs(options: dict[str, object], generator: torch.Generator) -> tuple[dict, dict, float]:
+    """``(inputs, options, rtol)`` of one OPTION_VARIANTS entry: float64, ragged groups of up to 12,
+    with the tensors the variant names (DivPO scores, weights, token counts, NLL sums, encoders)."""
     inputs = random_loss_inputs(4, 12, 9, generator, torch.float64, DEVICE)
     options = dict(options)
     if options.pop("divpo_scores", False):
@@ -216,7 +217,61 @@ def test_every_option_matches_the_reference(kernel_backend: str, options: dict[s
     options = {"beta": 0.25, "orpo_lambda": 0.125, "diversity_alpha": 0.25, **options}
     # several encoders combine by z^(1/K): rounding noise ~1e-16 at a minimum deviation becomes ~1e-16^(1/K)
     rtol = max(1e-9, 10 * 1e-16 ** (1 / encoders)) if encoders > 1 else 1e-9
-    check_loss(kernel_backend, inputs, options, rtol)
+    return inputs, options, rtol
+
+
+@pytest.mark.parametrize("options", OPTION_VARIANTS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_every_option_matches_the_reference(kernel_backend: str, options: dict[str, object],
+                                            generator: torch.Generator) -> None:
+    """Each method's default and each named variant, float64, ragged groups of up to 12."""
+    check_loss(kernel_backend, *option_inputs(options, generator))
+
+
+@pytest.fixture
+def split_everywhere() -> Iterator[None]:
+    """Every Triton loss forward with embeddings split in two launches at any G, as it is from
+    ``SPLIT_FORWARD_FROM`` (128) on (``group_loss.split_forward``)."""
+    caches = (group_loss._forward_constants, group_loss._fixup_constants)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(group_loss, "SPLIT_FORWARD_FROM", 1)
+        for cache in caches:
+            cache.cache_clear()
+        yield
+    for cache in caches:
+        cache.cache_clear()
+
+
+# no sweep: the split's first launch is the similarity forward
+SPLIT_VARIANTS = [*OPTION_VARIANTS, {"loss": "dpo", "diversity": "deviation", "diversity_alpha": 0.0},
+                  {"loss": "orpo", "diversity": "none", "pairs": "divpo", "diversity_alpha": 0.0}]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("options", SPLIT_VARIANTS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_split_forward_matches_the_reference(options: dict[str, object], generator: torch.Generator,
+                                             split_everywhere: None) -> None:
+    """The split forward (the similarity or logdet forward, then the group forward reading S, norms,
+    K^-1 and logdet back a block of rows at a time) in every variant: loss, metrics, logdet and every
+    gradient as the reference; with emb not needing a gradient (S and K^-1 in scratch), the loss
+    and metrics."""
+    with pytest.MonkeyPatch.context() as patch:
+        use_backend("triton", DEVICE, patch)
+        inputs, options, rtol = option_inputs(options, generator)
+        with triton_launches(stub=False) as names:
+            check_loss("triton", inputs, options, rtol)
+        sweeps = options.get("diversity") == "logdet_gain" or options["diversity_alpha"] > 0
+        first = "_logdet_forward_kernel" if sweeps else "_similarity_forward_kernel"
+        assert first in names and "_group_loss_forward_kernel" in names, names
+        detached = {**inputs, "emb": [e.detach() for e in inputs["emb"]] if isinstance(inputs["emb"], list)
+                    else inputs["emb"].detach()}
+        got = dk.group_preference_loss(detached["policy_logps"], detached["rewards"], detached["emb"],
+                                       detached["ref_logps"], detached["mask"], backend="triton",
+                                       **({"nll_logps": detached["nll_logps"]} if "nll_logps" in detached else {}),
+                                       **options)
+        want, _ = loss_and_grads("reference", inputs, options)
+        assert_matches(got.loss, want.loss, rtol)
+        for name, value in want.metrics.items():
+            assert_matches(got.metrics[name], value, rtol)
 
 
 def test_cuda_and_triton_agree_in_fp32(generator: torch.Generator) -> None:
@@ -246,18 +301,22 @@ def test_cuda_and_triton_agree_in_fp32(generator: torch.Generator) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_fused_loss_retries_a_group_in_fp64(generator: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("group", [6, 128])
+def test_fused_loss_retries_a_group_in_fp64(group: int, generator: torch.Generator,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 duplicates with eps = 1e-9 (1 + 1e-9 == 1 in fp32): K is singular in fp32, and Triton's
     fused loss sweeps that group again in fp64, as the logdet op does. Weights, logdet, the loss
-    and the gradient through the regularizer all come from the retried sweep."""
+    and the gradient through the regularizer all come from the retried sweep; at G = 128 the fp32
+    sweep is the split forward's first launch (the logdet forward) and the retry the whole group."""
     use_backend("triton", DEVICE, monkeypatch)
-    inputs = random_loss_inputs(3, 6, 12, generator, torch.float32, DEVICE)
+    dim = 12 if group < 12 else group + 32  # D > G: the fp32 S of the random rows stays positive definite
+    inputs = random_loss_inputs(3, group, dim, generator, torch.float32, DEVICE)
     emb, mask = inputs["emb"].clone(), inputs["mask"].clone()
     mask[:2] = True
-    emb[:2] = torch.randn(2, 6, 12, generator=generator).to(DEVICE)
+    emb[:2] = torch.randn(2, group, dim, generator=generator).to(DEVICE)
     # exact duplicates (one-hot rows scaled by powers of two: every cosine exactly 1 in fp32)
     emb[0] = 0.0
-    emb[0, :, 0] = torch.tensor([1.0, 2.0, 4.0, 0.5, 1.0, 8.0])  # group 0: every response the same
+    emb[0, :, 0] = 2.0 ** (torch.arange(group) % 5 - 1.0)  # group 0: every response the same
     emb[1, :2] = 0.0
     emb[1, 0, 3], emb[1, 1, 3] = 1.0, 4.0  # group 1: one duplicate
     inputs.update(emb=emb, mask=mask)

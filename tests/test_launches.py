@@ -3,7 +3,8 @@
 Every aten op that launches a kernel is seen by a ``TorchDispatchMode``; every Triton launch by a
 hook on the launcher (here the interpreter runs the kernels, so the numbers are real). The fused
 loss's forward + backward (the autograd engine's ``ones_like`` included) takes at most 4 launches
-and no sync in every loss / diversity / pairs mode; the other ops at most 2 each way;
+(5 from G = 128 on, where its forward is split) and no sync in every loss / diversity / pairs mode; the
+other ops at most 2 each way;
 ``check_inputs=True`` adds one sync.
 """
 
@@ -64,6 +65,33 @@ def test_fused_loss_step_is_at_most_four_launches_and_no_sync(pairs: str, genera
         assert launches <= 4, f"{where}: {launches} launches {count.last}"
         assert syncs == 0, f"{where}: {syncs} syncs"
         assert policy.grad is not None and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(("diversity", "alpha", "first"), [("logdet_gain", 0.0, "_logdet_forward_kernel"),
+                                                          ("deviation", 0.1, "_logdet_forward_kernel"),
+                                                          ("deviation", 0.0, "_similarity_forward_kernel")])
+def test_largest_groups_add_one_launch(diversity: str, alpha: float, first: str, generator: torch.Generator) -> None:
+    """From G = 128 on the forward with embeddings is split (group_loss.split_forward): the similarity
+    or logdet forward first, so a step takes at most 5 launches, still without a sync."""
+    emb, mask = random_groups(2, 128, 8, generator, dtype=torch.float32)
+    emb = torch.nan_to_num(emb).to(torch.bfloat16).requires_grad_()
+    policy = random_logps(2, 128, generator, torch.float32).requires_grad_()
+    rewards = torch.randn(2, 128, generator=generator)
+    ref = policy.detach() - 0.1
+
+    def step():
+        policy.grad = emb.grad = None
+        out = dk.group_preference_loss(policy, rewards, emb, ref, mask, diversity=diversity,
+                                       pairs="divpo", diversity_alpha=alpha, backend="triton", check_inputs=False)
+        out.loss.backward()
+        return out
+
+    step()
+    launches, syncs, out = count(step)
+    names = count.last[0]
+    assert names[:2] == [first, "_group_loss_forward_kernel"], names
+    assert launches <= 5 and syncs == 0, count.last
+    assert torch.isfinite(out.loss)
 
 
 def test_checked_loss_adds_one_sync(generator: torch.Generator) -> None:

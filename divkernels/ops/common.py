@@ -69,8 +69,9 @@ def num_warps_for(block_g: int, heavy: bool = False) -> int:
     elimination stays inside the warp (shuffles, no shared memory, no barrier) and the 16-row
     ``tl.dot`` is one warp's MMA tile; more warps would only duplicate it. Larger tiles: 4 / 8 / 16
     warps (32 / 64 / 128), the fewest with which the compiled kernels keep their tiles in registers.
-    ``heavy``: the fused loss forward, which keeps the most G x G tiles alive; at G = 128 it takes 32
-    warps (64 registers per thread), which halves its spills against 16.
+    ``heavy``: the fused loss's whole group forward in one kernel at G = 128, which runs only as the
+    float64 fix-up (the forward with embeddings is split there, ``group_loss.split_forward``) and
+    without embeddings: 32 warps (64 registers per thread), which spilled half as much as 16.
     """
     if block_g <= 16:
         return 1

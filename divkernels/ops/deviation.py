@@ -37,8 +37,13 @@ from divkernels.validation import DataChecks, check_emb_and_mask, nonfinite_grou
 @triton.jit
 def deviation_from_similarity(sim, valid):
     """``[BLOCK_G]`` deviation of each valid response (0 at padding) from a cosine ``S`` tile."""
-    n = tl.sum(valid.to(sim.dtype), axis=0)
-    row_sums = tl.sum(tl.where(valid[None, :], sim, 0.0), axis=1)
+    return deviation_from_row_sums(tl.sum(tl.where(valid[None, :], sim, 0.0), axis=1), valid)
+
+
+@triton.jit
+def deviation_from_row_sums(row_sums, valid):
+    """``(n - sum_{j valid} S_ij) / (n - 1)`` on valid rows, 0 at padding; ``row_sums``: the sums."""
+    n = tl.sum(valid.to(row_sums.dtype), axis=0)
     return tl.where(valid, (n - row_sums) / tl.maximum(n - 1.0, 1.0), 0.0)
 
 

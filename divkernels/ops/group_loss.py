@@ -1,13 +1,15 @@
 """Group-wise preference loss with diversity weights: DPO/IPO/ORPO/SimPO x DDPO/DORPO/DivPO/DQO.
 
 The fused op, four launches for a forward and backward (the autograd engine's ``ones_like``
-included) and no host sync with ``check_inputs=False``:
+included; five from G = 65, a 128 tile, on with embeddings) and no host sync with ``check_inputs=False``:
 
 1. forward, one program per group: stream ``emb[b]`` once for the Gram matrix, form cosine ``S``
    and deviation, sweep ``K = S + eps I`` for logdet and ``K^{-1}`` (when ``logdet_gain`` weights
    or the regularizer need them), select the pairs (all / best-worst / DivPO / explicit rows of
    ``pair_index``), weight them, and write the group's partial sums (loss, metrics, data checks),
-   the gradient of its pair losses w.r.t. the log-probs and its pair counts;
+   the gradient of its pair losses w.r.t. the log-probs and its pair counts. At a 128 tile this is
+   two launches (:func:`split_forward`): the similarity or logdet op's forward kernel writes ``S``,
+   norms (``K^-1``, logdet), and the group kernel reads them back;
 2. finalize, one program: sum the partial sums over the batch and write the loss, every metric
    (one float32 vector; the metrics are views of it) and the totals the backward needs. With a
    float32 logdet it first redoes, with a float64 sweep, the groups whose float32 sweep failed
@@ -39,6 +41,8 @@ from divkernels import reference
 from divkernels.backend import resolve_backend
 from divkernels.backends import cuda as cuda_backend
 from divkernels.loss_config import CHECK_STATS, METRIC, STAT, STATS, ForwardOutputs, LossConfig, LossTensors
+from divkernels.ops import logdet as logdet_op
+from divkernels.ops import similarity as similarity_op
 from divkernels.ops.common import (
     accumulation_dtype,
     any_bad,
@@ -57,7 +61,7 @@ from divkernels.ops.common import (
     triton,
     triton_dtype,
 )
-from divkernels.ops.deviation import deviation, deviation_from_similarity
+from divkernels.ops.deviation import deviation, deviation_from_row_sums, deviation_from_similarity
 from divkernels.ops.logdet import SIM_BEFORE_SWEEP, check_factorization, diagonal, logdet_and_inverse
 from divkernels.ops.similarity import (
     emb_backward,
@@ -279,11 +283,58 @@ def normalize_to_mean_one(raw, valid):
 
 
 @triton.jit
+def group_similarity(b, emb_ptr, valid, D, stride_b, stride_g, stride_d, BLOCK_G: tl.constexpr,
+                     BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """Group ``b``'s cosine ``S`` (``[BLOCK_G, BLOCK_G]``), norms and deviation (``[BLOCK_G]``), and
+    its :func:`similarity_metrics`: ``(S, norms, dev, mean_similarity, has_similarity, emb_nonfinite)``."""
+    offs = tl.arange(0, BLOCK_G)
+    gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+    sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
+    others = valid[:, None] & valid[None, :] & (offs[:, None] != offs[None, :])
+    off_diagonal = tl.sum(tl.sum(tl.where(others, sim, 0.0), axis=1), axis=0)
+    mean_similarity, has_similarity, emb_nonfinite = similarity_metrics(valid, norms, off_diagonal, ACC)
+    return sim, norms, deviation_from_similarity(sim, valid), mean_similarity, has_similarity, emb_nonfinite
+
+
+@triton.jit
+def similarity_metrics(valid, norms, off_diagonal, ACC: tl.constexpr):
+    """One group's ``(mean S over valid pairs i != j, 1 if it has such a pair, non-finite valid rows)``
+    from the sum of ``S`` over those pairs (``off_diagonal``) and the rows' norms."""
+    n = tl.sum(valid.to(ACC), axis=0)
+    other_count = n * (n - 1.0)  # valid ordered pairs i != j
+    mean_similarity = off_diagonal / tl.maximum(other_count, 1.0)
+    has_similarity = tl.where(other_count > 0.0, 1.0, 0.0)
+    finite = (norms == norms) & (norms < float("inf"))
+    emb_nonfinite = tl.sum(tl.where(valid & ~finite, 1.0, 0.0), axis=0)
+    return mean_similarity, has_similarity, emb_nonfinite
+
+
+@triton.jit
+def stored_row_sums(sim_ptr, columns, valid, G, BLOCK_G: tl.constexpr, PAIR_ROWS: tl.constexpr,
+                    ACC: tl.constexpr):
+    """From one group's ``S`` in memory (``[G, G]``, row-major), ``PAIR_ROWS`` rows at a time:
+    ``(row_sums, off_diagonal)``, ``row_sums[i] = sum_{j in columns} S_ij`` (``[BLOCK_G]``) and the sum of
+    ``S_ij`` over valid pairs ``i != j``."""
+    offs = tl.arange(0, BLOCK_G)
+    row_sums = tl.zeros([BLOCK_G], dtype=ACC)
+    off_diagonal = tl.sum(row_sums, axis=0)
+    for start in range(0, BLOCK_G, PAIR_ROWS):
+        rows = start + tl.arange(0, PAIR_ROWS)
+        tile = tl.load(sim_ptr + rows[:, None] * G + offs[None, :], mask=(rows[:, None] < G) & (offs[None, :] < G),
+                       other=0.0).to(ACC)
+        row_sums += at_rows(tl.sum(tl.where(columns[None, :], tile, 0.0), axis=1), rows, BLOCK_G, PAIR_ROWS)
+        valid_i = rows_of(valid.to(tl.int32), rows, BLOCK_G, PAIR_ROWS) > 0
+        others = valid_i[:, None] & valid[None, :] & (rows[:, None] != offs[None, :])
+        off_diagonal += tl.sum(tl.sum(tl.where(others, tile, 0.0), axis=1), axis=0)
+    return row_sums, off_diagonal
+
+
+@triton.jit
 def group_forward(
     b, emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
     nll_logps_ptr, nll_tokens_ptr,
     stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
-    G, D, P, stride_b, stride_g, stride_d,
+    logdet_ptr, G, D, P, stride_b, stride_g, stride_d,
     beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
     LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr, ORPO_DORPO: tl.constexpr,
     DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
@@ -291,12 +342,15 @@ def group_forward(
     NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, SWEEP_FP64: tl.constexpr,
+    DIVERSITY_STORED: tl.constexpr,
 ):
     """Group ``b``'s forward (step 1 of the module docstring). ``SWEEP_FP64``: sweep ``K`` in float64,
-    the finalize kernel's fix-up of a group whose float32 sweep failed (its logdet is NaN)."""
+    the finalize kernel's fix-up of a group whose float32 sweep failed (its logdet is NaN).
+    ``DIVERSITY_STORED``: the second launch of a split forward (:func:`split_forward`); the similarity
+    forward has written ``S`` and norms (the logdet forward, when ``NEED_LOGDET``, also ``K^-1`` and
+    ``logdet_ptr [B]``), which are read here instead of computed."""
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
-    pair_valid = valid[:, None] & valid[None, :]
 
     # -- diversity of the group
     dev = tl.zeros([BLOCK_G], dtype=ACC)
@@ -305,16 +359,18 @@ def group_forward(
     mean_similarity = logdet
     has_similarity = logdet
     emb_nonfinite = logdet
-    if HAS_EMB:
-        gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
-        sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
-        dev = deviation_from_similarity(sim, valid)
-        others = pair_valid & (offs[:, None] != offs[None, :])
-        other_count = tl.sum(tl.sum(others.to(ACC), axis=1), axis=0)
-        mean_similarity = tl.sum(tl.sum(tl.where(others, sim, 0.0), axis=1), axis=0) / tl.maximum(other_count, 1.0)
-        has_similarity = tl.where(other_count > 0.0, 1.0, 0.0)
-        finite = (norms == norms) & (norms < float("inf"))
-        emb_nonfinite = tl.sum(tl.where(valid & ~finite, 1.0, 0.0), axis=0)
+    if HAS_EMB and DIVERSITY_STORED:
+        # from the split forward's first launch (split_forward); S read back a block of rows at a time
+        row_sums, off_diagonal = stored_row_sums(sim_ptr + b * G * G, valid, valid, G, BLOCK_G, PAIR_ROWS, ACC)
+        dev = deviation_from_row_sums(row_sums, valid)
+        norms = tl.load(norms_ptr + b * G + offs, mask=offs < G, other=1.0)
+        mean_similarity, has_similarity, emb_nonfinite = similarity_metrics(valid, norms, off_diagonal, ACC)
+        if NEED_LOGDET:
+            logdet = tl.load(logdet_ptr + b)
+            residual = 1.0 / tl.load(inverse_ptr + b * G * G + offs * (G + 1), mask=offs < G, other=1.0)
+    elif HAS_EMB:
+        sim, norms, dev, mean_similarity, has_similarity, emb_nonfinite = group_similarity(
+            b, emb_ptr, valid, D, stride_b, stride_g, stride_d, BLOCK_G, BLOCK_D, ACC, PRECISION)
         # S stored before the sweep from SIM_BEFORE_SWEEP on, unless DivPO's ranked pools read it after
         late = BLOCK_G < SIM_BEFORE_SWEEP or (PAIRS == 2 and DIVPO_RANKED)
         if STORE_STATE and not late:
@@ -352,6 +408,11 @@ def group_forward(
         if HAS_SCORES:
             top_score = tl.load(scores_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
             bottom_score = top_score
+        elif DIVPO_RANKED and DIVERSITY_STORED:
+            top_sums, _ = stored_row_sums(sim_ptr + b * G * G, top, valid, G, BLOCK_G, PAIR_ROWS, ACC)
+            top_score = deviation_from_row_sums(top_sums, top)
+            bottom_sums, _ = stored_row_sums(sim_ptr + b * G * G, bottom, valid, G, BLOCK_G, PAIR_ROWS, ACC)
+            bottom_score = deviation_from_row_sums(bottom_sums, bottom)
         elif DIVPO_RANKED:
             # deviation within each pool: a pool is the "valid" set of its own deviation
             top_score = deviation_from_similarity(sim, top)
@@ -498,25 +559,25 @@ def _group_loss_forward_kernel(
     emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
     nll_logps_ptr, nll_tokens_ptr,
     stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
-    G, D, P, stride_b, stride_g, stride_d,
+    logdet_ptr, G, D, P, stride_b, stride_g, stride_d,
     beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
     LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr, ORPO_DORPO: tl.constexpr,
     DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
     NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr,
+    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, DIVERSITY_STORED: tl.constexpr,
 ):
-    """Step 1: one program per group, ``K`` swept in the accumulation dtype (a float32 sweep that
-    fails leaves NaN, which the finalize kernel's fix-up replaces)."""
+    """Step 1 (1b of a split forward): one program per group, ``K`` swept in the accumulation dtype
+    (a float32 sweep that fails leaves NaN, which the finalize kernel's fix-up replaces)."""
     group_forward(
         tl.program_id(0).to(tl.int64), emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr,
         scores_ptr, weights_ptr, lengths_ptr, nll_logps_ptr, nll_tokens_ptr, stats_ptr, grad_policy_ptr,
-        chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr, G, D, P, stride_b, stride_g,
-        stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile, LOSS, PAIRS, WEIGHTS, NORM,
-        ORPO_DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS,
+        chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr, logdet_ptr, G, D, P, stride_b,
+        stride_g, stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile, LOSS, PAIRS,
+        WEIGHTS, NORM, ORPO_DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS,
         HAS_NLL_TOKENS, NEED_LOGDET, STORE_STATE, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO,
-        PAIR_ROWS, False)
+        PAIR_ROWS, False, DIVERSITY_STORED)
 
 
 @triton.jit
@@ -592,11 +653,12 @@ def _group_loss_fixup_finalize_kernel(
                     group_forward(
                         tl.cast(b, tl.int64), emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr,
                         scores_ptr, weights_ptr, lengths_ptr, nll_logps_ptr, nll_tokens_ptr, stats_ptr,
-                        grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr, G,
-                        D, P, stride_b, stride_g, stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps,
-                        quality_quantile, LOSS, PAIRS, WEIGHTS, NORM, DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK,
-                        HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS, HAS_NLL_TOKENS, True, STORE_STATE,
-                        NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, PAIR_ROWS, True)
+                        grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
+                        stats_ptr, G, D, P, stride_b, stride_g, stride_d, beta, orpo_lambda, simpo_gamma,
+                        min_deviation, eps, quality_quantile, LOSS, PAIRS, WEIGHTS, NORM, DORPO, DIVPO_RANKED,
+                        HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS, HAS_NLL_TOKENS, True,
+                        STORE_STATE, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, PAIR_ROWS, True,
+                        False)  # the whole group again (stats_ptr: the unread logdet_ptr)
     tl.debug_barrier()  # the rewritten stats rows (written by other threads) are summed next
     finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha, NUM_STATS,
                    BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
@@ -694,7 +756,8 @@ def _group_loss_backward_kernel(
 
 
 def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, acc: torch.dtype) -> ForwardOutputs:
-    """Step 1 on the Triton backend: one launch, one program per group."""
+    """Step 1 on the Triton backend: one launch, one program per group (two with embeddings at a 128
+    tile: :func:`split_forward`)."""
     policy, emb = inputs.policy, inputs.emb
     batch, group = policy.shape
     dim = emb.shape[2] if emb is not None else 1
@@ -716,16 +779,54 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
     given = (emb, inputs.mask, policy.contiguous(), contiguous(inputs.ref), inputs.rewards.contiguous(),
              contiguous(pair_index), contiguous(inputs.scores), contiguous(inputs.weights), contiguous(inputs.lengths),
              contiguous(inputs.nll_logps), contiguous(inputs.nll_tokens))
-    after_stats = (out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse,
-                   group, dim, 0 if pair_index is None else pair_index.shape[1],
-                   *(emb.stride() if emb is not None else (0, 0, 0)),
-                   config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
-                   config.quality_quantile)
-    _group_loss_forward_kernel[(batch,)](*given, out.stats, *after_stats, **constants)
+    buffers = (out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse)
+    strides = emb.stride() if emb is not None else (0, 0, 0)
+    sizes = (group, dim, 0 if pair_index is None else pair_index.shape[1], *strides)
+    scalars = (config.beta, config.orpo_lambda, config.simpo_gamma, config.min_deviation, config.eps,
+               config.quality_quantile)
+    logdet = None
+    if constants["DIVERSITY_STORED"]:  # the first launch of a split forward: the similarity or logdet forward
+        if not store_state:  # S, norms (and K^-1) into scratch, which the second launch reads and nothing keeps
+            scratch = (new_output((batch, group, group), acc, device, poison), new_output((batch, group), acc, device,
+                                                                                       poison))
+            inverse = new_output((batch, group, group), acc, device, poison) if constants["NEED_LOGDET"] else None
+            buffers = (*buffers[:3], *scratch, inverse)
+        sim, norms, inverse = buffers[3:]
+        if constants["NEED_LOGDET"]:
+            logdet_gains = new_output((batch * (group + 1),), acc, device, poison)  # logdet [B], gains [B, G] (unread)
+            logdet = logdet_gains[:batch]
+            logdet_op.launch_forward(emb, inputs.mask, config.eps, "cosine", None,
+                                     (logdet, logdet_gains[batch:].view(batch, group), inverse, sim, norms), False,
+                                     acc)
+        else:
+            similarity_op.launch_forward(emb, inputs.mask, "cosine", None, sim, norms, acc)
+    _group_loss_forward_kernel[(batch,)](*given, out.stats, *buffers, logdet, *sizes, *scalars, **constants)
     if constants["NEED_LOGDET"] and acc == torch.float32:
-        out.fixup = ((*given, *after_stats), _fixup_constants(config, group, dim, None if emb is None else emb.dtype,
-                                                              acc, present, store_state, num_stats))
+        out.fixup = ((*given, *buffers, *sizes, *scalars),
+                     _fixup_constants(config, group, dim, None if emb is None else emb.dtype, acc, present,
+                                      store_state, num_stats))
     return out
+
+
+# From this group tile on, a Triton forward that sweeps K runs as two launches (split_forward).
+SPLIT_FORWARD_FROM = 128
+
+
+def split_forward(block_g: int) -> bool:
+    """Whether the Triton forward (with embeddings) runs as two launches: the similarity op's forward
+    kernel, or the logdet op's when ``K`` is swept (Gram, ``S``, the sweep; ``S``, norms, ``K^-1`` and
+    logdet to memory), then the group forward with ``DIVERSITY_STORED``, which reads them back (``S`` a
+    block of rows at a time) for deviation, the metrics, DivPO's pool deviations and ``1 / K^-1_ii``,
+    and does the pairs.
+
+    Why: at G = 128 one kernel did not fit the registers. With the sweep it spilled 72-144 bytes per
+    thread at 32 warps (64 registers) and 80-136 at 16 (bf16, sm_90; the sweep alone spills 16 bytes
+    under 32 warps' cap); without it, DivPO's rank and pool tiles next to ``S`` spilled 16-64 bytes at
+    either. The similarity and logdet forwards hold their tile at 16 warps without a spill, and the
+    second launch needs ~110 registers there (benchmarks/results/sm90_kernel_resources.csv). The
+    cost: one launch, and ``S`` (and ``K^-1``) written and read once, ``G^2`` floats each per group
+    against ``G D`` values of ``emb`` read; they are written anyway when ``emb`` needs a gradient."""
+    return block_g >= SPLIT_FORWARD_FROM
 
 
 @functools.lru_cache(maxsize=256)
@@ -735,6 +836,7 @@ def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torc
     ``present``: which of emb, mask, ref, scores, lengths, nll_logps, nll_tokens were given."""
     has_emb, has_mask, has_ref, has_scores, has_lengths, has_nll_logps, has_nll_tokens = present
     block_g = group_block(group)
+    split = has_emb and split_forward(block_g)
     return dict(
         LOSS=config.loss_mode, PAIRS=config.pair_mode, WEIGHTS=config.weight_mode, NORM=config.norm_mode,
         ORPO_DORPO=config.dorpo, DIVPO_RANKED=config.ranked_pools, HAS_EMB=has_emb, HAS_MASK=has_mask,
@@ -744,14 +846,15 @@ def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torc
         ACC=triton_dtype(acc),
         PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc),
         CHECK=config.check_inputs, NEED_TWO=config.needs_two, PAIR_ROWS=pair_rows(block_g),
-        num_warps=num_warps_for(block_g, heavy=True))
+        DIVERSITY_STORED=split, num_warps=num_warps_for(block_g, heavy=not split))
 
 
 def pair_rows(block_g: int) -> int:
-    """Chosen rows per step of the forward's pair section: the whole tile up to G = 64; 32 rows at
-    G = 128, where the pair section's G x G tiles (counts, losses, their gradients) did not fit the
-    registers together."""
-    return block_g if block_g <= 64 else 32
+    """Chosen rows per step of the forward's pair section (and of reading back a stored ``S``): the
+    whole tile up to G = 32, then 32 rows. At G = 64 the whole tile took 160-197 registers (bf16/fp32)
+    and spilled 56-104 bytes in float64; 32 rows take 121-143 and do not spill in any dtype, with
+    ~15% fewer instructions (sm_90)."""
+    return min(block_g, 32)
 
 
 # Step 1 of each kernel backend, chosen here and nowhere else; steps 2 and 3 are shared.
@@ -781,8 +884,10 @@ def finalize(stats: torch.Tensor, batch: int, config: LossConfig, loss_dtype: to
 def _fixup_constants(*forward_key: object) -> dict[str, object]:
     """The forward kernel's constants (``_forward_constants(*forward_key)``) that the fix-up's group
     forward takes; the rest are the finalize kernel's, or fixed (the fix-up runs only with a logdet)."""
-    shared = {"ORPO_DORPO", "NEED_LOGDET", "NUM_STATS", "ACC"}
-    return {name: value for name, value in _forward_constants(*forward_key).items() if name not in shared}
+    shared = {"ORPO_DORPO", "NEED_LOGDET", "NUM_STATS", "ACC", "DIVERSITY_STORED"}
+    constants = {name: value for name, value in _forward_constants(*forward_key).items() if name not in shared}
+    # the whole group forward again, at the unsplit forward's warps
+    return {**constants, "num_warps": num_warps_for(constants["BLOCK_G"], heavy=True)}
 
 
 @functools.lru_cache(maxsize=64)

@@ -146,21 +146,31 @@ def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr
 def logdet_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str = "cosine",
                    gamma: float | None = None) -> tuple[torch.Tensor, ...]:
     """Launch the forward kernel: ``(logdet [B], gains [B, G], K^-1, S [B, G, G], norms [B, G])``."""
-    batch, group, dim = emb.shape
+    batch, group, _ = emb.shape
     acc = accumulation_dtype(emb.dtype)
     logdet = new_output((batch,), acc, emb.device)
     gains = new_output((batch, group), acc, emb.device)
     inverse = new_output((batch, group, group), acc, emb.device)
     sim = new_output((batch, group, group), acc, emb.device)
     norms = new_output((batch, group), acc, emb.device)
-    block_g = group_block(group)
     for fixup in fixup_launches(acc):
-        _logdet_forward_kernel[(batch,)](
-            emb, mask, logdet, gains, inverse, sim, norms, group, dim, eps, default_gamma(kernel, gamma, dim),
-            *emb.stride(), KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
-            BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc),
-            PRECISION=dot_precision(emb.dtype), FIXUP=fixup, num_warps=num_warps_for(block_g))
+        launch_forward(emb, mask, eps, kernel, gamma, (logdet, gains, inverse, sim, norms), fixup)
     return logdet, gains, inverse, sim, norms
+
+
+def launch_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str, gamma: float | None,
+                   outputs: tuple[torch.Tensor, ...], fixup: bool, acc: torch.dtype | None = None) -> None:
+    """One launch of the forward kernel, one program per group, into ``outputs = (logdet [B],
+    gains [B, G], K^-1, S [B, G, G], norms [B, G])`` (accumulation dtype, contiguous); ``fixup``: the
+    float64 pass of :func:`fixup_launches`; ``acc``: another accumulation dtype (the fused loss's split
+    forward launches it too, in float64 when its log-probs are float64)."""
+    batch, group, dim = emb.shape
+    block_g = group_block(group)
+    _logdet_forward_kernel[(batch,)](
+        emb, mask, *outputs, group, dim, eps, default_gamma(kernel, gamma, dim), *emb.stride(),
+        KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
+        BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc or accumulation_dtype(emb.dtype)),
+        PRECISION=dot_precision(emb.dtype), FIXUP=fixup, num_warps=num_warps_for(block_g))
 
 
 class LogdetFunction(torch.autograd.Function):

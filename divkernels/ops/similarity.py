@@ -367,18 +367,26 @@ def default_gamma(kernel: str, gamma: float | None, dim: int) -> float:
 def similarity_forward(emb: torch.Tensor, mask: torch.Tensor | None, kernel: str = "cosine",
                        gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: ``(S [B, G, G], raw norms [B, G])`` in the accumulation dtype."""
-    batch, group, dim = emb.shape
+    batch, group, _ = emb.shape
     acc = accumulation_dtype(emb.dtype)
     sim = new_output((batch, group, group), acc, emb.device)
     norms = new_output((batch, group), acc, emb.device)
+    launch_forward(emb, mask, kernel, gamma, sim, norms)
+    return sim, norms
+
+
+def launch_forward(emb: torch.Tensor, mask: torch.Tensor | None, kernel: str, gamma: float | None,
+                   sim: torch.Tensor, norms: torch.Tensor, acc: torch.dtype | None = None) -> None:
+    """One launch of the forward kernel, one program per group, into ``S [B, G, G]`` and ``norms [B, G]``
+    (accumulation dtype, or ``acc``, contiguous). The fused loss's split forward launches it too."""
+    batch, group, dim = emb.shape
     block_g = group_block(group)
     _similarity_forward_kernel[(batch,)](
         emb, mask, sim, norms, group, dim, default_gamma(kernel, gamma, dim), *emb.stride(),
         KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
-        BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc),
+        BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc or accumulation_dtype(emb.dtype)),
         PRECISION=dot_precision(emb.dtype),
         num_warps=num_warps_for(block_g))
-    return sim, norms
 
 
 def similarity_backward(grad: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, emb: torch.Tensor,
