@@ -3,7 +3,7 @@
 Every aten op that launches a kernel is seen by a ``TorchDispatchMode``; every Triton launch by a
 hook on the launcher (here the interpreter runs the kernels, so the numbers are real). The fused
 loss's forward + backward (the autograd engine's ``ones_like`` included) takes at most 4 launches
-(5 from G = 128 on, where its forward is split) and no sync in every loss / diversity / pairs mode; the
+(5 from G = 65, a 128 tile, on, where its forward is split) and no sync in every loss / diversity / pairs mode; the
 other ops at most 2 each way;
 ``check_inputs=True`` adds one sync.
 """
@@ -71,7 +71,7 @@ def test_fused_loss_step_is_at_most_four_launches_and_no_sync(pairs: str, genera
                                                           ("deviation", 0.1, "_logdet_forward_kernel"),
                                                           ("deviation", 0.0, "_similarity_forward_kernel")])
 def test_largest_groups_add_one_launch(diversity: str, alpha: float, first: str, generator: torch.Generator) -> None:
-    """From G = 128 on the forward with embeddings is split (group_loss.split_forward): the similarity
+    """At a 128 tile (G = 65-128) the forward with embeddings is split (group_loss.split_forward): the similarity
     or logdet forward first, so a step takes at most 5 launches, still without a sync."""
     emb, mask = random_groups(2, 128, 8, generator, dtype=torch.float32)
     emb = torch.nan_to_num(emb).to(torch.bfloat16).requires_grad_()
