@@ -786,12 +786,12 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
                config.quality_quantile)
     logdet = None
     if constants["DIVERSITY_STORED"]:  # the first launch of a split forward: the similarity or logdet forward
-        if not store_state:  # S, norms (and K^-1) into scratch, which the second launch reads and nothing keeps
-            scratch = (new_output((batch, group, group), acc, device, poison), new_output((batch, group), acc, device,
-                                                                                       poison))
-            inverse = new_output((batch, group, group), acc, device, poison) if constants["NEED_LOGDET"] else None
-            buffers = (*buffers[:3], *scratch, inverse)
         sim, norms, inverse = buffers[3:]
+        if not store_state:  # S, norms (and K^-1) into scratch, which the second launch reads and nothing keeps
+            sim, norms = new_output((batch, group, group), acc, device, poison), new_output((batch, group), acc,
+                                                                                             device, poison)
+            inverse = new_output((batch, group, group), acc, device, poison) if constants["NEED_LOGDET"] else None
+            buffers = (*buffers[:3], sim, norms, inverse)
         if constants["NEED_LOGDET"]:
             logdet_gains = new_output((batch * (group + 1),), acc, device, poison)  # logdet [B], gains [B, G] (unread)
             logdet = logdet_gains[:batch]
@@ -808,7 +808,7 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
     return out
 
 
-# From this group tile on, a Triton forward that sweeps K runs as two launches (split_forward).
+# From this group tile on, a Triton forward with embeddings runs as two launches (split_forward).
 SPLIT_FORWARD_FROM = 128
 
 
