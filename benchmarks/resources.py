@@ -221,15 +221,17 @@ def compile_triton(launches: list[dict], archs: tuple[int, ...], folder: Path,
     else:  # the worker must import this checkout's divkernels, installed or not
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT.parent), env.get("PYTHONPATH")]))
     jobs = [dict(launch, index=index, archs=list(launch.get("archs", archs))) for index, launch in enumerate(launches)]
-    # the largest kernels first, spread round-robin, so the workers finish together
+    # One file per launch, the largest kernels first; each worker claims the next unclaimed one when it is
+    # done with its last (resources_worker.py), so a run of slow launches does not keep one worker busy
+    # while the others idle (a fixed round-robin split left one of two workers alone for minutes).
     jobs.sort(key=lambda job: -job["kwargs"].get("BLOCK_G", 0))
+    queue = folder / "jobs"
+    queue.mkdir(exist_ok=True)
+    for rank, job in enumerate(jobs):
+        (queue / f"{rank:06d}.json").write_text(json.dumps(job))
     count = max(1, min(processes or os.cpu_count() or 1, len(jobs)))
-    workers = []
-    for number in range(count):
-        path = folder / f"launches-{number}.json"
-        path.write_text(json.dumps(jobs[number::count]))
-        workers.append(subprocess.Popen([sys.executable, str(WORKER), str(path)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env=env))
+    workers = [subprocess.Popen([sys.executable, str(WORKER), str(queue)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env) for _ in range(count)]
     reports = []
     for worker in workers:
         out, err = worker.communicate(timeout=3000)

@@ -1,6 +1,7 @@
 """Compile recorded Triton launches for real GPUs, without a GPU (run by ``resources.py``).
 
-``python resources_worker.py JOBS.json`` reads launches recorded under the Triton interpreter
+``python resources_worker.py JOBS`` takes launches recorded under the Triton interpreter, one JSON file
+each in the folder JOBS, claiming each file by renaming it (so that several workers share the folder)
 (kernel, arguments, launch options, and the archs to build for), and for each arch rebuilds the
 launch's specialization with Triton's own argument binder for the CUDA target (ints equal to 1 become
 constexprs, ints and 16-byte aligned pointers get ``tt.divisibility = 16``, as on a GPU), compiles it
@@ -18,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -82,9 +84,21 @@ def compile_launch(launch: dict, arch: int) -> dict:
                 registers=usage["registers"], stack=usage["stack"], sass_instructions=usage["sass_instructions"])
 
 
+def claimed_jobs(queue: Path) -> Iterator[dict]:
+    """The jobs in ``queue`` (files in name order) that this worker claims: a rename succeeds for one
+    worker only, the others see the file gone and move on."""
+    for path in sorted(queue.glob("*.json")):
+        mine = path.with_suffix(f".{os.getpid()}")
+        try:
+            path.rename(mine)
+        except FileNotFoundError:
+            continue
+        yield json.loads(mine.read_text())
+
+
 def main(path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
-    for job in json.loads(Path(path).read_text()):
+    for job in claimed_jobs(Path(path)):
         for arch in job["archs"]:
             result = {"launch": job["index"], "kernel": job["name"], "arch": arch, "triton": triton.__version__,
                       "triton_path": str(Path(triton.__file__).resolve()), "num_warps": job["kwargs"].get("num_warps")}

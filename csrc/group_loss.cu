@@ -1,7 +1,8 @@
 // Fused group preference loss, forward: one thread block per group.
 //
 // The block stages emb[b] through shared memory kChunk columns at a time (coalesced along D,
-// 16-byte loads when the rows are contiguous and aligned) to accumulate the Gram matrix, then runs
+// 16-byte loads when the rows are contiguous and aligned, the next chunk prefetched into registers
+// during this one's multiply-adds) to accumulate the Gram matrix, then runs
 // the group math of group_math.h on the G x G workspace in shared memory: cosine S, deviation,
 // Cholesky of S + eps I with logdet and K^{-1}, pair selection, diversity weights, pair losses,
 // d loss / d policy and the metric partial sums.
@@ -25,6 +26,7 @@ __global__ void group_loss_forward_kernel(const E* __restrict__ emb, int64_t str
                 outputs);
 }
 
+// At least 2 G threads: gram_matrix's register prefetch holds kVectors / 2 16-byte values per thread.
 inline int threads_for(int64_t G) { return G <= 32 ? 64 : (G <= 64 ? 128 : 256); }
 
 std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,

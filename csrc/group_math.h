@@ -18,8 +18,10 @@
 
 #if defined(__CUDACC__)
 #define DK_HD __host__ __device__ __forceinline__
+#define DK_UNROLL _Pragma("unroll")
 #else
 #define DK_HD inline
+#define DK_UNROLL
 #endif
 
 namespace divkernels {
@@ -67,6 +69,23 @@ struct BlockPar {
   DK_HD void sync() const {
 #if defined(__CUDA_ARCH__)
     __syncthreads();
+#endif
+  }
+  // Thread-private slots of a for_each over n indices, for values a thread keeps in registers
+  // across a sync: slot s is the index this thread visits s-th (t + s blockDim on the GPU; s on the
+  // host, whose one "thread" visits every index). covers(n, slots): `slots` slots reach all n.
+  DK_HD int slot(int s) const {
+#if defined(__CUDA_ARCH__)
+    return int(threadIdx.x) + s * int(blockDim.x);
+#else
+    return s;
+#endif
+  }
+  DK_HD bool covers(int n, int slots) const {
+#if defined(__CUDA_ARCH__)
+    return slots * int(blockDim.x) >= n;
+#else
+    return slots >= n;
 #endif
   }
 };
@@ -197,6 +216,14 @@ DK_HD void load_group_inputs(const Par& par, Workspace<T> ws, int64_t b, int G, 
 // (its loads are broadcasts) and take consecutive tj (consecutive rows: different banks). Every
 // entry is its own dot product in column order, so S_ij and S_ji are the same products summed in
 // the same order: S is exactly symmetric. Padded rows read as 0.
+//
+// With 16-byte loads the next chunk is prefetched into registers (`next`, kSlots 16-byte values
+// per thread) while the multiply-adds of this one run, and written to W after the barrier: the
+// global-memory latency of chunk c + 1 hides behind the arithmetic of chunk c instead of stalling
+// every thread at the barrier (register double buffering; W stays one tile, so the shared memory
+// and the blocks per SM do not change). The launchers give at least 2 G threads (threads_for), so
+// G kVectors / threads <= kVectors / 2 slots suffice; a block that had fewer threads would take the
+// element-wise path below rather than drop columns.
 template <class T, class E, class Par>
 DK_HD void gram_matrix(const Par& par, Workspace<T> ws, const E* emb, int64_t stride_g, int64_t stride_d, int G,
                        int64_t D, bool vector_loads) {
@@ -204,23 +231,51 @@ DK_HD void gram_matrix(const Par& par, Workspace<T> ws, const E* emb, int64_t st
   const int nb = (G + kBlock - 1) / kBlock;
   constexpr int kPerVector = 16 / int(sizeof(E));  // elements per 16-byte load
   constexpr int kVectors = kChunk / kPerVector;     // 16-byte loads per tile row
+#if defined(__CUDA_ARCH__)
+  constexpr int kSlots = kVectors / 2;
+#else
+  constexpr int kSlots = kMaxGroup * kVectors;  // the host's one thread holds a whole chunk
+#endif
+  const int vectors = G * kVectors;
+  const bool prefetch = vector_loads && par.covers(vectors, kSlots);
+  // 16-byte value k of the chunk at column d0: row k / kVectors, columns c .. c + kPerVector - 1
+  // (zeros past D and in padded rows, which are never read).
+  auto load = [&](int k, int64_t d0) {
+    const int i = k / kVectors, c = (k % kVectors) * kPerVector;
+    const int64_t d = d0 + c;
+    Vec16 raw;
+    if (ws.valid[i] != T(0) && d + kPerVector <= D) {
+      raw = *reinterpret_cast<const Vec16*>(emb + i * stride_g + d);
+    } else {
+      E values[kPerVector];
+      for (int v = 0; v < kPerVector; ++v)
+        values[v] = (ws.valid[i] != T(0) && d + v < D) ? emb[i * stride_g + d + v] : E(0);
+      memcpy(&raw, values, sizeof(raw));
+    }
+    return raw;
+  };
+  Vec16 next[kSlots];
+  auto fetch = [&](int64_t d0) {
+    DK_UNROLL
+    for (int s = 0; s < kSlots; ++s) {
+      const int k = par.slot(s);
+      if (k < vectors) next[s] = load(k, d0);
+    }
+  };
   par.for_each(G * G, [&](int k) { ws.S[k] = T(0); });
+  if (prefetch) fetch(0);
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-    par.sync();
-    if (vector_loads) {
-      par.for_each(G * kVectors, [&](int k) {
+    par.sync();  // the last chunk's multiply-adds are done with W
+    if (prefetch) {
+      DK_UNROLL
+      for (int s = 0; s < kSlots; ++s) {
+        const int k = par.slot(s);
+        if (k >= vectors) continue;
         const int i = k / kVectors, c = (k % kVectors) * kPerVector;
-        const int64_t d = d0 + c;
         E values[kPerVector];
-        if (ws.valid[i] != T(0) && d + kPerVector <= D) {
-          const Vec16 raw = *reinterpret_cast<const Vec16*>(emb + i * stride_g + d);
-          memcpy(values, &raw, sizeof(raw));
-        } else {
-          for (int v = 0; v < kPerVector; ++v)
-            values[v] = (ws.valid[i] != T(0) && d + v < D) ? emb[i * stride_g + d + v] : E(0);
-        }
+        memcpy(values, &next[s], sizeof(values));
         for (int v = 0; v < kPerVector; ++v) ws.W[i * ld + c + v] = static_cast<T>(values[v]);
-      });
+      }
     } else {
       par.for_each(G * kChunk, [&](int k) {
         const int i = k / kChunk, c = k % kChunk;
@@ -229,6 +284,7 @@ DK_HD void gram_matrix(const Par& par, Workspace<T> ws, const E* emb, int64_t st
       });
     }
     par.sync();
+    if (prefetch && d0 + kChunk < D) fetch(d0 + kChunk);  // in flight during the multiply-adds below
     par.for_each(nb * nb, [&](int k) {
       const int ti = k / nb, tj = k % nb;
       T acc[kBlock][kBlock] = {};

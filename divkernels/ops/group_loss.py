@@ -886,8 +886,19 @@ def _fixup_constants(*forward_key: object) -> dict[str, object]:
     forward takes; the rest are the finalize kernel's, or fixed (the fix-up runs only with a logdet)."""
     shared = {"ORPO_DORPO", "NEED_LOGDET", "NUM_STATS", "ACC", "DIVERSITY_STORED"}
     constants = {name: value for name, value in _forward_constants(*forward_key).items() if name not in shared}
-    # the whole group forward again, at the unsplit forward's warps
-    return {**constants, "num_warps": num_warps_for(constants["BLOCK_G"], heavy=True)}
+    return {**constants, **fixup_options(constants["BLOCK_G"])}
+
+
+def fixup_options(block_g: int) -> dict[str, int]:
+    """Launch options of the fix-up + finalize kernel. It is one program (grid ``(1,)``) that redoes a
+    failed group's whole forward with a float64 sweep, so blocks per SM do not matter, and its float64
+    tiles are twice the forward's bytes: 4 warps up to G = 16 and 8 at G = 32-64, with ``maxnreg`` 255
+    so that ptxas does not cap the registers for occupancy (with the forward's 1 / 4 warps, or with its
+    own cap of 128 at 4 warps, it spilled 8-24 bytes there: benchmarks/README.md). At G = 128 the
+    unsplit forward's 32 warps, whose hardware cap is 64 registers."""
+    if block_g >= 128:
+        return {"num_warps": num_warps_for(block_g, heavy=True)}
+    return {"num_warps": 4 if block_g <= 16 else 8, "maxnreg": 255}
 
 
 @functools.lru_cache(maxsize=64)

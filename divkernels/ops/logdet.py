@@ -72,7 +72,10 @@ def gauss_jordan_inverse(matrix, G, BLOCK_G: tl.constexpr):
         pivot = tl.sum(tl.where(offs == k, row, 0.0), axis=0)
         bad_pivots += tl.where(pivot > 0.0, 0, 1)
         logdet += tl.log(pivot)
-        scaled_row = tl.where(offs == k, 1.0 / pivot, row / pivot)
+        # one reciprocal per step, then multiplies: a division per element would be a division
+        # subroutine per element, whose calls cost registers (the fp64 fix-ups spilled around them)
+        inverse_pivot = 1.0 / pivot
+        scaled_row = tl.where(offs == k, inverse_pivot, row * inverse_pivot)
         matrix = tl.where(cols == k, 0.0, matrix)
         matrix = tl.where(rows == k, scaled_row[None, :], matrix - col[:, None] * scaled_row[None, :])
     return logdet, matrix, bad_pivots
