@@ -307,7 +307,8 @@ def test_fused_loss_retries_a_group_in_fp64(group: int, generator: torch.Generat
     """fp32 duplicates with eps = 1e-9 (1 + 1e-9 == 1 in fp32): K is singular in fp32, and Triton's
     fused loss sweeps that group again in fp64, as the logdet op does. Weights, logdet, the loss
     and the gradient through the regularizer all come from the retried sweep; at G = 128 the fp32
-    sweep is the split forward's first launch (the logdet forward) and the retry the whole group."""
+    sweep is the split forward's first launch (the logdet forward) and the retry that op's own fix-up
+    launch, from the stored S, before the group kernel reads logdet and K^-1."""
     use_backend("triton", DEVICE, monkeypatch)
     dim = 12 if group < 12 else group + 32  # D > G: the fp32 S of the random rows stays positive definite
     inputs = random_loss_inputs(3, group, dim, generator, torch.float32, DEVICE)

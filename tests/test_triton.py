@@ -276,11 +276,14 @@ def test_half_backward_keeps_the_bits_of_a_that_the_half_dtype_drops(dtype: torc
 
 # The interpreter's numpy warns on the fp32 sweep's log(0) that the fp64 retry then replaces.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_fp64_retry_rescues_a_group_fp32_cannot_factor() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp64_retry_rescues_a_group_fp32_cannot_factor(dtype: torch.dtype) -> None:
     """eps = 1e-9 vanishes next to 1 in fp32: duplicates make K exactly singular there. The fp32
-    sweep's NaN flags that group and the fix-up launch sweeps it again in fp64; the other groups keep
-    their fp32 result. The same for the DQO gains inside the advantages kernel."""
-    emb = torch.zeros(3, 2, 4, device=DEVICE)
+    sweep's NaN flags that group and the fix-up launch sweeps it again in fp64 (the logdet op's from
+    the stored S); the other groups keep their fp32 result. The same for the DQO gains inside the
+    advantages kernel, whose fix-up builds the Gram from bf16 ``emb`` on the float32 path
+    (advantages.fixup_gram). Every value here is exact in bf16."""
+    emb = torch.zeros(3, 2, 4, device=DEVICE, dtype=dtype)
     emb[0, :, 0] = 1.0  # exact duplicates: S = [[1, 1], [1, 1]] exactly
     emb[1, 0, 0] = 1.0
     emb[1, 1, 1] = 1.0  # orthogonal

@@ -46,6 +46,7 @@ BRANCH_CONFIGS = [("dpo", "none", "all"), ("ipo", "deviation", "best_worst"), ("
 
 
 FIXUP_KERNEL = "_group_loss_fixup_finalize_kernel"
+FIXUP_VARIANT, FIXUP_DTYPES = ("loss[logdet_gain/divpo]", 64), ("bfloat16", "float32")
 # The fused loss's launches (its split forward's first launch included), whose branch-covering variants
 # are held to the table's spill rule too. The other ops' branch variants outside the table print their
 # spills (at G = 128: DARLING's advantages 8 bytes on sm_90; on sm_80 partition, advantages and the
@@ -55,25 +56,19 @@ LOSS_KERNELS = {"_group_loss_forward_kernel", FIXUP_KERNEL, "_group_loss_finaliz
 
 
 def spill_allowed(row: dict) -> bool:
-    """Where spills remain (printed, listed in benchmarks/README.md), all at G = 128: float64 (a test
-    precision; a 128 x 128 float64 tile alone is 64 registers per thread at 16 warps), and the float64
-    fix-up launches (the logdet and DQO advantages kernels' second launch, the fused loss's fix-up +
-    finalize kernel), which redo only the groups whose float32 sweep failed, with a float64 tile, and
-    return at once for every other group. Nothing else spills: no kernel in bf16, fp16 or fp32 at any
-    G, and nothing at all at G <= 64 (the fix-ups included; the fused loss's fix-up + finalize kernel,
-    compiled here at G = 16 in every loss branch, keeps 16 bytes at G = 64 in fp32 DivPO, in the table)."""
-    kernel = row["kernel"]
-    fixup = kernel.endswith(FIXUP_KERNEL) or kernel.endswith(resources.FIXUP_SUFFIX)
-    return row["G"] > 64 and (fixup or row["dtype"] == "float64")
+    """Where spills remain (printed, listed in benchmarks/README.md): float64 at G = 128 (a test
+    precision; a 128 x 128 float64 tile alone is 64 registers per thread at 16 warps). Nothing else
+    spills: no kernel in bf16, fp16 or fp32 at any G, the float64 fix-up launches included (the logdet
+    and DQO advantages kernels' second launch, the fused loss's fix-up + finalize kernel, compiled here
+    at G = 16 in every loss branch and at G = 64 in the table's DivPO variant)."""
+    return row["G"] > 64 and row["dtype"] == "float64"
 
 
 def launch_spill_allowed(launch: dict) -> bool:
     """``spill_allowed`` for a launch of the branch-covering calls, which has no table label: its tile
     (``BLOCK_G``) and accumulation dtype (``ACC``) from its launch arguments."""
     kwargs = launch["kwargs"]
-    fixup = launch["name"] == FIXUP_KERNEL or kwargs.get("FIXUP", False)
-    fp64 = kwargs.get("ACC") == {"tl_dtype": "fp64"}
-    return kwargs.get("BLOCK_G", 0) > 64 and (fixup or fp64)
+    return kwargs.get("BLOCK_G", 0) > 64 and kwargs.get("ACC") == {"tl_dtype": "fp64"}
 
 
 def every_kernel_path() -> None:
@@ -139,13 +134,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
             "_similarity_forward_kernel", "_similarity_backward_kernel", "_logdet_forward_kernel",
             "_deviation_forward_kernel", "_partition_kernel", "_advantages_kernel"} <= names, names
     # The fused loss's fix-up + finalize kernel holds a whole group forward, so it compiles as slowly as
-    # the forward: every loss branch at G = 16 (held to spill_allowed) and one G = 128 launch. The
-    # resource table has every size.
-    fixups = [launch for launch in recorder.launches if launch["name"] == FIXUP_KERNEL]
-    keep = {id(launch) for launch in fixups if launch["kwargs"]["BLOCK_G"] == 16}
-    keep |= {id(launch) for launch in [launch for launch in fixups if launch["kwargs"]["BLOCK_G"] == 128][:1]}
+    # the forward: every loss branch at G = 16 here, and below the table's DivPO variant at G = 64 in bf16
+    # and fp32 (its largest tile: at G = 128 the split forward fixes its sweeps itself; it spilled there
+    # last). The resource table has every size.
     recorder.launches = [launch for launch in recorder.launches
-                         if launch["name"] != FIXUP_KERNEL or id(launch) in keep]
+                         if launch["name"] != FIXUP_KERNEL or launch["kwargs"]["BLOCK_G"] == 16]
     for launch in recorder.launches:  # every launch on sm_90; the largest tiles also on sm_80 (less shared memory)
         launch["archs"] = [80, 90] if launch["kwargs"].get("BLOCK_G", 0) >= 64 else [90]
     for launch in recorded["launches"]:
@@ -162,11 +155,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
     for index, extra in enumerate(tritons):
         dtypes = resources.DTYPES if extra is None else EXTRA_TRITON_DTYPES
         groups = resources.GROUPS if extra is None else EXTRA_TRITON_GROUPS
-        # the fix-up + finalize kernel: as above, the branch-covering calls compile it
+        # the fix-up + finalize kernel: as above (with the installed Triton only)
         table = {"launches": recorded["launches"],
                  "rows": [(label, number) for label, number in recorded["rows"]
                           if label["dtype"] in dtypes and label["G"] in groups
-                          and recorded["launches"][number]["name"] != FIXUP_KERNEL]}
+                          and (recorded["launches"][number]["name"] != FIXUP_KERNEL
+                               or (extra is None and (label["op"], label["G"]) == FIXUP_VARIANT
+                                   and label["dtype"] in FIXUP_DTYPES))]}
         used = sorted({number for _, number in table["rows"]})
         launches = recorder.launches + [recorded["launches"][number] for number in used]
         reports = resources.compile_triton(launches, (90,), tmp_path / f"triton-{index}", extra)

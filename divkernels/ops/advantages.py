@@ -16,6 +16,7 @@ from divkernels.ops.common import (
     accumulation_dtype,
     any_bad,
     contiguous,
+    embedding_block,
     is_finite,
     new_output,
     num_warps_for,
@@ -144,8 +145,20 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
     else:  # dqo sweeps K: fp32 groups whose sweep fails go again in float64 (logdet.fixup_launches)
         launches = [(0, fixup) for fixup in (fixup_launches(acc) if diversity == "dqo" else (False,))]
     for phase, fixup in launches:
-        _advantages_kernel[(batch,)](*arguments, PHASE=phase, FIXUP=fixup, **constants)
+        _advantages_kernel[(batch,)](*arguments, PHASE=phase, FIXUP=fixup,
+                                     **{**constants, **fixup_gram(fixup, flags, dim)})
     return out, bad
+
+
+def fixup_gram(fixup: bool, flags: dict[str, object], dim: int) -> dict[str, object]:
+    """How the float64 fix-up launch builds the Gram matrix: from bf16/fp16 ``emb`` upcast to float32 in
+    float32-wide slices (IEEE dot), not on the tensor cores. Its products are exact either way (8/11-bit
+    mantissas); at G = 128 the tensor-core operand tiles next to the float64 sweep spilled 160 bytes on
+    sm_90, the float32 path none (benchmarks/README.md). The fix-up runs rarely, so its speed does not
+    matter."""
+    if not fixup or flags["PRECISION"] != "native":
+        return {}
+    return {"PRECISION": "ieee", "BLOCK_D": embedding_block(flags["BLOCK_G"], dim, torch.float32)}
 
 
 @torch.library.custom_op("divkernels::group_advantages", mutates_args=())

@@ -642,7 +642,8 @@ def _group_loss_fixup_finalize_kernel(
     outputs; such a group's logdet is NaN, the forward's device-side flag. Then
     :func:`finalize_batch`. This keeps the float64 tile out of the forward kernel's registers and
     the fused loss at four launches. Such groups are rare (``K`` near singular in float32), and this
-    one program redoes them one after another."""
+    one program redoes them one after another. Up to G = 64: the split forward (G = 128) fixes its
+    logdet launch's groups itself, before its second launch reads them."""
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         logdets = tl.load(stats_ptr + rows * NUM_STATS + COL_LOGDET, mask=rows < B, other=0.0)
@@ -795,13 +796,16 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
         if constants["NEED_LOGDET"]:
             logdet_gains = new_output((batch * (group + 1),), acc, device, poison)  # logdet [B], gains [B, G] (unread)
             logdet = logdet_gains[:batch]
-            logdet_op.launch_forward(emb, inputs.mask, config.eps, "cosine", None,
-                                     (logdet, logdet_gains[batch:].view(batch, group), inverse, sim, norms), False,
-                                     acc)
+            # and, in float32, its float64 fix-up launch (logdet.fixup_launches): the second launch then
+            # reads a finished logdet and K^-1, and the plain finalize kernel follows (no whole-group fix-up)
+            for fixup in logdet_op.fixup_launches(acc):
+                logdet_op.launch_forward(emb, inputs.mask, config.eps, "cosine", None,
+                                         (logdet, logdet_gains[batch:].view(batch, group), inverse, sim, norms),
+                                         fixup, acc)
         else:
             similarity_op.launch_forward(emb, inputs.mask, "cosine", None, sim, norms, acc)
     _group_loss_forward_kernel[(batch,)](*given, out.stats, *buffers, logdet, *sizes, *scalars, **constants)
-    if constants["NEED_LOGDET"] and acc == torch.float32:
+    if constants["NEED_LOGDET"] and acc == torch.float32 and not constants["DIVERSITY_STORED"]:
         out.fixup = ((*given, *buffers, *sizes, *scalars),
                      _fixup_constants(config, group, dim, None if emb is None else emb.dtype, acc, present,
                                       store_state, num_stats))
@@ -824,8 +828,10 @@ def split_forward(block_g: int) -> bool:
     under 32 warps' cap); without it, DivPO's rank and pool tiles next to ``S`` spilled 16-64 bytes at
     either. The similarity and logdet forwards hold their tile at 16 warps without a spill, and the
     second launch needs ~110 registers there (benchmarks/results/sm90_kernel_resources.csv). The
-    cost: one launch, and ``S`` (and ``K^-1``) written and read once, ``G^2`` floats each per group
-    against ``G D`` values of ``emb`` read; they are written anyway when ``emb`` needs a gradient."""
+    cost: one launch (two with a float32 sweep: the logdet forward's own fix-up launch follows it, and
+    the finalize kernel then redoes nothing), and ``S`` (and ``K^-1``) written and read once, ``G^2``
+    floats each per group against ``G D`` values of ``emb`` read; they are written anyway when ``emb``
+    needs a gradient."""
     return block_g >= SPLIT_FORWARD_FROM
 
 
@@ -886,7 +892,16 @@ def _fixup_constants(*forward_key: object) -> dict[str, object]:
     forward takes; the rest are the finalize kernel's, or fixed (the fix-up runs only with a logdet)."""
     shared = {"ORPO_DORPO", "NEED_LOGDET", "NUM_STATS", "ACC", "DIVERSITY_STORED"}
     constants = {name: value for name, value in _forward_constants(*forward_key).items() if name not in shared}
+    if constants["PRECISION"] == "ieee":  # float32 emb
+        constants["BLOCK_D"] = FIXUP_FP32_BLOCK_D
     return {**constants, **fixup_options(constants["BLOCK_G"])}
+
+
+# Columns of float32 ``emb`` per step of the fix-up's Gram (the forward's: embedding_block, 16 at G = 64).
+# Next to the float64 tiles, a [64, 16] float32 slice left the fix-up + finalize kernel 16 bytes of spill
+# at G = 64 (DivPO, 255 registers, sm_90); 8 columns leave none at 224, and take fewer registers at
+# every G (benchmarks/README.md). The fix-up runs rarely, so the narrower loop costs nothing that matters.
+FIXUP_FP32_BLOCK_D = 8
 
 
 def fixup_options(block_g: int) -> dict[str, int]:
@@ -894,10 +909,9 @@ def fixup_options(block_g: int) -> dict[str, int]:
     failed group's whole forward with a float64 sweep, so blocks per SM do not matter, and its float64
     tiles are twice the forward's bytes: 4 warps up to G = 16 and 8 at G = 32-64, with ``maxnreg`` 255
     so that ptxas does not cap the registers for occupancy (with the forward's 1 / 4 warps, or with its
-    own cap of 128 at 4 warps, it spilled 8-24 bytes there: benchmarks/README.md). At G = 128 the
-    unsplit forward's 32 warps, whose hardware cap is 64 registers."""
-    if block_g >= 128:
-        return {"num_warps": num_warps_for(block_g, heavy=True)}
+    own cap of 128 at 4 warps, it spilled 8-24 bytes there: benchmarks/README.md). It does not run at
+    G = 128, where the split forward's logdet launch has its own float64 fix-up (:func:`triton_forward`);
+    a whole group forward with a float64 128 x 128 tile in one program spilled 320-432 bytes there."""
     return {"num_warps": 4 if block_g <= 16 else 8, "maxnreg": 255}
 
 

@@ -6,9 +6,9 @@ the ``d_k`` of ``K = L D L^T`` (``d_k = L_kk^2`` of the Cholesky factor), so
 ``logdet = sum_k log d_k``, and the swept matrix is ``K^{-1}``; the gains
 ``-log (K^{-1})_ii`` follow. A non-positive pivot (``K`` numerically indefinite in fp32) makes the
 group's logdet NaN, and a second launch of the same kernel (``FIXUP``) sweeps exactly those groups
-again in fp64 while every other program returns at once; if that fails too, its logdet and
-inverse stay NaN. No host sync either way, and the fp64 tile never occupies the first launch's
-registers (two launches forward in fp32, one in fp64).
+again in fp64, from the ``S`` the first launch stored, while every other program returns at once;
+if that fails too, its logdet and inverse stay NaN. No host sync either way, and the fp64 tile
+never occupies the first launch's registers (two launches forward in fp32, one in fp64).
 
 Backward: ``d logdet / dK = K^{-1}`` and ``d gain_i / dK = k_i k_i^T / (K^{-1})_ii`` (``k_i`` the
 i-th column of ``K^{-1}``), so ``dL/dS = g K^{-1} + K^{-1} diag(g_gain / diag K^{-1}) K^{-1}``,
@@ -39,6 +39,7 @@ from divkernels.ops.common import (
 from divkernels.ops.similarity import (
     default_gamma,
     gram_matrix,
+    load_square_transposed,
     load_valid_rows,
     similarity_backward,
     similarity_backward_op,
@@ -124,26 +125,33 @@ def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr
                            BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                            PRECISION: tl.constexpr, FIXUP: tl.constexpr):
     """Group ``b``'s logdet, gains, ``K^-1``, ``S`` and norms. ``FIXUP``: only if its logdet is NaN (the
-    first launch's fp32 sweep failed), all again with a float64 sweep."""
+    first launch's fp32 sweep failed), logdet, gains and ``K^-1`` again from the stored ``S`` with a
+    float64 sweep (no Gram: nothing but the sweep's tile in registers)."""
     b = tl.program_id(0).to(tl.int64)
-    if FIXUP:
+    offs = tl.arange(0, BLOCK_G)
+    early = BLOCK_G >= SIM_BEFORE_SWEEP
+    if FIXUP:  # the first launch stored S and the norms; sweep S again, only where that sweep failed
         first = tl.load(logdet_ptr + b)
         if first == first:
             return
-    offs = tl.arange(0, BLOCK_G)
-    valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
-    gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
-    sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
-    early = BLOCK_G >= SIM_BEFORE_SWEEP
-    if early:
-        store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
-    logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, FIXUP)
+        sim = load_square_transposed(sim_ptr + b * G * G, G, BLOCK_G)
+        # valid after S: read first, one word of it sat in local memory through the sweep (G = 128, sm_90)
+        valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+        logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, True)
+    else:
+        valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
+        gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+        sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
+        if early:
+            store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+        logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, False)
     tl.store(logdet_ptr + b, logdet)
     tl.store(gains_ptr + b * G + offs, tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0), mask=offs < G)
     store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
-    if not early:
-        store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
-    tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
+    if not FIXUP:
+        if not early:
+            store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+        tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
 
 
 def logdet_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str = "cosine",

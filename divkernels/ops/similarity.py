@@ -73,6 +73,18 @@ def store_square(ptr, tile, G, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
+def load_square_transposed(ptr, G, BLOCK_G: tl.constexpr):
+    """Read the transpose of a contiguous ``[G, G]`` matrix (of a symmetric one, like ``S``: itself)
+    into a tile whose padding is the identity's. Its offsets are not :func:`store_square`'s, so a
+    kernel that reads one matrix, works on it and writes another keeps no offsets live in between (the
+    logdet fix-up at G = 128, sm_90: 32 bytes spilled with the same offsets, none with these)."""
+    offs = tl.arange(0, BLOCK_G)
+    inside = (offs[:, None] < G) & (offs[None, :] < G)
+    tile = tl.load(ptr + offs[None, :] * G + offs[:, None], mask=inside, other=0.0)
+    return tl.where(inside, tile, tl.where(offs[:, None] == offs[None, :], 1.0, 0.0))
+
+
+@triton.jit
 def gram_matrix(emb_ptr, stride_g, stride_d, valid, D, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                 ACC: tl.constexpr, PRECISION: tl.constexpr):
     """``E E^T`` of one group (``emb_ptr`` at its first element), accumulated in ``ACC`` over D.
