@@ -399,19 +399,21 @@ DK_HD void logdet_and_inverse(const Par& par, Workspace<T> ws, int G, double eps
 // ------------------------------------------------------------------ pairs and weights
 
 // First index of `pool` whose sign * score is within kDivpoTieRtol of the pool's maximum
-// (reference._first_near_extreme); -1 for an empty pool.
-template <class T>
-DK_HD int first_near_extreme(const T* score, const bool* pool, T sign, int G) {
+// (reference._first_near_extreme); -1 for an empty pool. `in_pool(i)` says whether i is a member,
+// computed again on each pass: an array of members indexed by i would sit in local memory.
+template <class T, class InPool>
+DK_HD int first_near_extreme(const T* score, InPool in_pool, T sign, int G) {
   bool any = false;
   T best = 0;
   for (int i = 0; i < G; ++i) {
-    if (pool[i] && (!any || sign * score[i] > best)) best = sign * score[i];
-    any = any || pool[i];
+    const bool member = in_pool(i);
+    if (member && (!any || sign * score[i] > best)) best = sign * score[i];
+    any = any || member;
   }
   if (!any) return -1;
   const T scale = fabs(best) > T(1) ? fabs(best) : T(1);
   for (int i = 0; i < G; ++i)
-    if (pool[i] && sign * score[i] >= best - T(kDivpoTieRtol) * scale) return i;
+    if (in_pool(i) && sign * score[i] >= best - T(kDivpoTieRtol) * scale) return i;
   return -1;
 }
 
@@ -491,15 +493,9 @@ DK_HD void select_pair(const Par& par, Workspace<T> ws, int G, const LossParams&
       }
       if (chosen < 0 || !(ws.reward[chosen] > ws.reward[rejected])) chosen = rejected = -1;
     } else if (p.pairs == kDivpo) {
-      bool top[kMaxGroup], bottom[kMaxGroup];
-      for (int i = 0; i < G; ++i) {
-        const int pool = divpo_pool(ws, i, threshold, p);
-        top[i] = pool == 1;
-        bottom[i] = pool == -1;
-      }
       const T* score = (p.has_scores || p.divpo_ranked) ? ws.score : ws.dev;
-      chosen = first_near_extreme(score, top, T(1), G);
-      rejected = first_near_extreme(score, bottom, T(-1), G);
+      chosen = first_near_extreme(score, [&](int i) { return divpo_pool(ws, i, threshold, p) == 1; }, T(1), G);
+      rejected = first_near_extreme(score, [&](int i) { return divpo_pool(ws, i, threshold, p) == -1; }, T(-1), G);
       if (chosen < 0 || rejected < 0 || !(ws.reward[chosen] > ws.reward[rejected])) chosen = rejected = -1;
     }
     ws.picks[0] = chosen;
