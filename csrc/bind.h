@@ -4,6 +4,8 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
+
 #include "launch.h"
 
 namespace divkernels {
@@ -23,6 +25,14 @@ inline void define_ops(pybind11::module_& m) {
         "dL/d emb [B, G, D] from factor * scale * dL/dS [B, G, G] (scale: one number on the device, or None)",
         py::arg("grad_sim"), py::arg("sim"), py::arg("norms"), py::arg("emb"), py::arg("mask"), py::arg("scale"),
         py::arg("factor"), py::arg("poison"));
+  m.def(
+      "shared_bytes",
+      [](int64_t G, int64_t element_size) {
+        // the larger of the forward's workspace and the backward's (the workspace and a stage of emb columns)
+        return std::max(workspace_elements(int(G)), backward_workspace_elements(int(G))) * element_size;
+      },
+      "Dynamic shared memory per block (bytes) that the group kernels take for G responses of element_size bytes",
+      py::arg("G"), py::arg("element_size"));
 }
 
 }  // namespace divkernels

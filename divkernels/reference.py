@@ -23,9 +23,8 @@ exact in TF32, so they may use it); the cosine and RBF diagonal is exactly 1, no
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,17 +64,16 @@ def valid_mask(mask: torch.Tensor | None, batch: int, group: int, device: torch.
     return mask
 
 
-@contextlib.contextmanager
-def _ieee_fp32_matmul(x: torch.Tensor) -> Iterator[None]:
-    """Keeps float32 CUDA matmuls off TF32 (see Numerics above: TF32 Gram -> logdet errors ~5e-2)."""
-    if x.is_cuda and x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = True
-    else:
-        yield
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x x^T`` over the last dim, never through TF32 (see Numerics above: a TF32 Gram puts errors of
+    ~5e-2 into ``log det K``). A float32 CUDA matmul may run in TF32 by the process's settings
+    (``torch.backends.cuda.matmul.fp32_precision``), which a library must neither read as a promise nor
+    change, so there the Gram is formed in float64 and rounded once: every product exact, at least as
+    accurate as an IEEE float32 matmul. CPU matmuls and the other dtypes are IEEE already."""
+    if x.is_cuda and x.dtype == torch.float32:
+        wide = x.double()
+        return (wide @ wide.mT).float()
+    return x @ x.mT
 
 
 def _pair_valid(valid: torch.Tensor) -> torch.Tensor:
@@ -113,8 +111,7 @@ def pairwise_similarity(
     batch, group, dim = emb.shape
     valid = valid_mask(mask, batch, group, emb.device)
     x = torch.where(valid[..., None], emb.to(compute_dtype(emb.dtype)), 0.0)
-    with _ieee_fp32_matmul(x):
-        gram = x @ x.mT
+    gram = _gram(x)
     eye = _eye(group, x)
     force_unit_diagonal = True
     if kernel == "cosine":

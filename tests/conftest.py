@@ -152,11 +152,32 @@ def generator(request: pytest.FixtureRequest) -> torch.Generator:
     return torch.Generator().manual_seed(test_seed(request))
 
 
+# Backend-parametrized fixtures, and the marker their kernel backends' cases carry (set at collection,
+# so that ``-m triton`` / ``-m cuda_ext`` selects them; a marker added inside a fixture comes too late).
+BACKEND_FIXTURES = ("kernel_backend", "loss_backend")
+BACKEND_MARKERS = {"triton": "triton", "cuda": "cuda_ext"}
+
+
+def backend_marker(item: pytest.Item) -> str | None:
+    """``triton`` / ``cuda_ext`` for a case of a backend-parametrized fixture that runs that backend."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for fixture in BACKEND_FIXTURES:
+        if fixture in params:
+            return BACKEND_MARKERS.get(params[fixture])
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    cpu_only = pytest.mark.skip(reason="checks what runs without a CUDA device (the interpreter, the host build)")
     for item in items:
+        marker = backend_marker(item)
+        if marker is not None:
+            item.add_marker(getattr(pytest.mark, marker))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "cpu_only" in item.keywords and torch.cuda.is_available():
+            item.add_marker(cpu_only)
 
 
 @pytest.hookimpl(hookwrapper=True)

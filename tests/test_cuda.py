@@ -199,6 +199,28 @@ def test_backend_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
             dk.group_preference_loss(policy, rewards[:, :4].expand(2, 4), backend="cuda")
 
 
+def test_groups_beyond_shared_memory_run_on_triton(monkeypatch: pytest.MonkeyPatch,
+                                                   generator: torch.Generator) -> None:
+    """float64 at G = 128 needs more shared memory per block than any GPU grants (the host build holds
+    to an H100's 227 KiB): backend="cuda" runs such calls on the Triton kernels, without the extension;
+    float32 at G = 128 and float64 at G = 64 stay on the extension."""
+    from divkernels.backends import cuda as cuda_backend
+    from divkernels.ops import group_loss
+
+    extension = _cuda.extension(DEVICE)
+    assert extension.shared_bytes(128, 8) > cuda_backend.shared_limit(DEVICE)
+    assert cuda_backend.fits(128, torch.float32, DEVICE) and cuda_backend.fits(64, torch.float64, DEVICE)
+    assert not cuda_backend.fits(128, torch.float64, DEVICE)
+    calls = []
+    original = group_loss.FORWARDS["cuda"]
+    monkeypatch.setitem(group_loss.FORWARDS, "cuda", lambda *args: calls.append(1) or original(*args))
+    inputs = loss_inputs(2, 128, 16, generator, torch.float64)
+    compare_loss(inputs, {"loss": "dpo", "diversity": "logdet_gain", "diversity_alpha": 0.5}, 1e-8, generator)
+    assert not calls
+    compare_loss(loss_inputs(2, 64, 16, generator, torch.float64), {"loss": "dpo"}, 1e-10, generator)
+    assert calls
+
+
 def test_jit_failure_message_is_short_and_names_cuda_home() -> None:
     log = "\n".join(f"[{i}/4] nvcc ..." for i in range(1, 4)) + "\nFAILED: divkernels_C.so\n" \
         "/usr/bin/ld: cannot find -lcudart: No such file or directory\ncollect2: error: ld returned 1 exit status\n" \
@@ -236,9 +258,14 @@ def launch_arguments(**given: object) -> dict[str, object]:
 # ----------------------------------------------------------------------------- GPU only
 
 
-@pytest.mark.gpu
+# The GPU sweep's sizes; the first, small enough for the host build and the interpreter, runs on CPU
+# too, so that the test's own code is checked before a GPU sees it.
+SWEEP_SIZES = [(2, 16, 24), *[pytest.param(*size, marks=pytest.mark.gpu)
+                              for size in ((64, 16, 1024), (16, 64, 512), (4, 128, 256), (256, 2, 384))]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("batch", "group", "dim"), [(64, 16, 1024), (16, 64, 512), (4, 128, 256), (256, 2, 384)])
+@pytest.mark.parametrize(("batch", "group", "dim"), SWEEP_SIZES)
 def test_gpu_sweep(batch: int, group: int, dim: int, dtype: torch.dtype, generator: torch.Generator) -> None:
     inputs = loss_inputs(batch, group, dim, generator, torch.float32, emb_dtype=dtype)
     for config in LOSS_CONFIGS[::4]:

@@ -50,7 +50,6 @@ def kernel_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     name = request.param
     with pytest.MonkeyPatch.context() as patch:
         use_backend(name, DEVICE, patch)
-        request.node.add_marker(pytest.mark.triton if name == "triton" else pytest.mark.cuda_ext)
         yield name
 
 

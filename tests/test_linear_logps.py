@@ -271,14 +271,21 @@ def test_group_loss_from_hidden_errors(generator: torch.Generator) -> None:
         call(hidden, weight, targets, mask, rewards, group_mask=torch.ones(2, 2, dtype=torch.bool))
 
 
-@pytest.mark.gpu
+# (batch, tokens, hidden, vocab, chunk): a real vocabulary on a GPU; on CPU (the interpreter) one just
+# over two 8192-wide tiles, so that the test's own code runs here too.
+VOCAB_SIZES = [(2, 6, 16, 2 * 8192 + 5, 5),
+               pytest.param(4, 256, 256, 32_000, 384, marks=pytest.mark.gpu)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_vocabulary_scale(dtype: torch.dtype, generator: torch.Generator) -> None:
-    """On a GPU, at a real vocabulary (8192-wide tiles, 16 warps, several chunks): forward and every
-    gradient against the float64 reference, outputs poisoned before the kernels write them."""
-    inputs = make_inputs(generator, 4, 256, 256, 32_000, dtype)
-    got = dk.linear_logps(**inputs, chunk_size=384, backend="triton")
-    seed_grad = torch.randn(4, generator=generator, dtype=torch.float64).to(DEVICE)
+@pytest.mark.parametrize(("batch", "tokens", "hidden", "vocab", "chunk"), VOCAB_SIZES)
+def test_gpu_vocabulary_scale(batch: int, tokens: int, hidden: int, vocab: int, chunk: int, dtype: torch.dtype,
+                              generator: torch.Generator) -> None:
+    """At a real vocabulary (8192-wide tiles, 16 warps, several chunks): forward and every gradient
+    against the float64 reference, outputs poisoned before the kernels write them."""
+    inputs = make_inputs(generator, batch, tokens, hidden, vocab, dtype)
+    got = dk.linear_logps(**inputs, chunk_size=chunk, backend="triton")
+    seed_grad = torch.randn(batch, generator=generator, dtype=torch.float64).to(DEVICE)
     want, want_grads = reference_and_grads(inputs, seed_grad)
     assert_matches(got, want, dtype, "logps")
     grads = torch.autograd.grad((got * seed_grad.to(got.dtype)).sum(), [inputs["hidden"], inputs["weight"],

@@ -13,6 +13,25 @@ from divkernels import _cuda, reference
 from divkernels.loss_config import ForwardOutputs, LossConfig, LossTensors
 from divkernels.ops.common import poison_outputs
 
+# Shared memory per block that the host build stands in for: an H100's / H200's opt-in maximum.
+HOST_SHARED_BYTES = 227 * 1024
+
+
+def shared_limit(device: torch.device) -> int:
+    """Largest dynamic shared memory per block that ``device`` grants (opt-in), in bytes."""
+    if device.type != "cuda":
+        return HOST_SHARED_BYTES
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def fits(group: int, acc: torch.dtype, device: torch.device) -> bool:
+    """Whether the CUDA kernels can hold a group of ``group`` responses in ``acc``: each block keeps the
+    group's ``G x G`` matrices in shared memory (``csrc/group_math.h: workspace_elements``). float64 at
+    G = 128 needs 263 KB, more than any GPU's 227 KiB per block: such calls run on the Triton kernels
+    (which keep the tile in registers), the same math; float32 fits at every G <= 128."""
+    element = torch.finfo(acc).bits // 8
+    return _cuda.extension(device).shared_bytes(group, element) <= shared_limit(device)
+
 
 def forward(inputs: LossTensors, config: LossConfig, store_state: bool, acc: torch.dtype) -> ForwardOutputs:
     """The fused forward through ``csrc/group_loss.cu`` (one thread block per group)."""

@@ -15,6 +15,7 @@ from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     accumulation_dtype,
     any_bad,
+    as_acc,
     contiguous,
     embedding_block,
     is_finite,
@@ -45,12 +46,12 @@ ADVANTAGE_STD_EPS = tl.constexpr(reference.ADVANTAGE_STD_EPS)
 
 
 @triton.jit
-def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, B, G, D, alpha, tau,
-                       eps, min_diversity, stride_b, stride_g, stride_d, DIVERSITY: tl.constexpr,
-                       STD: tl.constexpr, PHASE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
-                       TRANSITIVE: tl.constexpr, STEPS: tl.constexpr, BLOCK_G: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr,
-                       PRECISION: tl.constexpr, FIXUP: tl.constexpr):
+def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, B, G, D,
+                       alpha: tl.float64, tau: tl.float64, eps: tl.float64, min_diversity: tl.float64, stride_b,
+                       stride_g, stride_d, DIVERSITY: tl.constexpr, STD: tl.constexpr, PHASE: tl.constexpr,
+                       HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, TRANSITIVE: tl.constexpr, STEPS: tl.constexpr,
+                       BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
+                       OUT: tl.constexpr, PRECISION: tl.constexpr, FIXUP: tl.constexpr):
     """Advantages of group ``b`` (DIVERSITY: 0 none, 1 darling, 2 dqo, 3 deviation).
 
     ``r' = r`` / ``r * div_i`` / ``r + alpha gain_i`` / ``r + alpha dev_i``, then
@@ -59,6 +60,10 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
     range, PHASE 2 reduces the ranges of the whole batch and finishes. ``FIXUP`` (dqo): only if the
     group's advantages hold a NaN (the first launch's fp32 sweep failed), all again with a float64 sweep.
     """
+    alpha = as_acc(alpha, ACC)
+    tau = as_acc(tau, ACC)
+    eps = as_acc(eps, ACC)
+    min_diversity = as_acc(min_diversity, ACC)
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     inside = offs < G

@@ -34,6 +34,17 @@ def is_finite(x):
 
 
 @triton.jit
+def as_acc(x, ACC: tl.constexpr):
+    """A float kernel argument in the kernel's accumulation dtype, as exact as that dtype allows.
+
+    A GPU launch passes a Python float as fp32 unless the parameter is annotated, so float arguments
+    are declared ``tl.float64`` (0.1 reaches a float64 kernel as 0.1, not as fp32's 0.10000000149) and
+    narrowed here once; the interpreter hands over the Python float itself, which the addition takes
+    exactly in every Triton (3.6-3.9), where ``tl.cast`` would round it through fp32 first."""
+    return (tl.zeros((), ACC) + x).to(ACC)
+
+
+@triton.jit
 def any_bad(flags):
     """1.0 if any element of a ``[BLOCK_G]`` bool vector is set."""
     return tl.where(tl.sum(flags.to(tl.int32), axis=0) > 0, 1.0, 0.0)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from divkernels import reference
-from divkernels.backend import resolve_backend
+from divkernels.backend import backend_unavailable_reason, resolve_backend
 from divkernels.backends import cuda as cuda_backend
 from divkernels.loss_config import CHECK_STATS, METRIC, STAT, STATS, ForwardOutputs, LossConfig, LossTensors
 from divkernels.ops import logdet as logdet_op
@@ -46,6 +46,7 @@ from divkernels.ops import similarity as similarity_op
 from divkernels.ops.common import (
     accumulation_dtype,
     any_bad,
+    as_acc,
     backward_warps,
     column_block,
     contiguous,
@@ -557,19 +558,24 @@ def group_forward(
 @triton.jit
 def _group_loss_forward_kernel(
     emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
-    nll_logps_ptr, nll_tokens_ptr,
-    stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
-    logdet_ptr, G, D, P, stride_b, stride_g, stride_d,
-    beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
-    LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr, ORPO_DORPO: tl.constexpr,
-    DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
-    NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, DIVERSITY_STORED: tl.constexpr,
+    nll_logps_ptr, nll_tokens_ptr, stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr,
+    norms_ptr, inverse_ptr, logdet_ptr, G, D, P, stride_b, stride_g, stride_d, beta: tl.float64,
+    orpo_lambda: tl.float64, simpo_gamma: tl.float64, min_deviation: tl.float64, eps: tl.float64,
+    quality_quantile: tl.float64, LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr,
+    ORPO_DORPO: tl.constexpr, DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr,
+    HAS_NLL_TOKENS: tl.constexpr, NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, CHECK: tl.constexpr,
+    NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, DIVERSITY_STORED: tl.constexpr,
 ):
     """Step 1 (1b of a split forward): one program per group, ``K`` swept in the accumulation dtype
     (a float32 sweep that fails leaves NaN, which the finalize kernel's fix-up replaces)."""
+    beta = as_acc(beta, ACC)
+    orpo_lambda = as_acc(orpo_lambda, ACC)
+    simpo_gamma = as_acc(simpo_gamma, ACC)
+    min_deviation = as_acc(min_deviation, ACC)
+    eps = as_acc(eps, ACC)
+    quality_quantile = as_acc(quality_quantile, ACC)
     group_forward(
         tl.program_id(0).to(tl.int64), emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr,
         scores_ptr, weights_ptr, lengths_ptr, nll_logps_ptr, nll_tokens_ptr, stats_ptr, grad_policy_ptr,
@@ -614,24 +620,27 @@ def pick(vector, index, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _group_loss_finalize_kernel(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha,
-                                cpo_alpha, NUM_STATS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
-                                DORPO: tl.constexpr, HAS_CPO: tl.constexpr, ACC: tl.constexpr):
+def _group_loss_finalize_kernel(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div: tl.float64,
+                                diversity_alpha: tl.float64, cpo_alpha: tl.float64, NUM_STATS: tl.constexpr,
+                                BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DORPO: tl.constexpr,
+                                HAS_CPO: tl.constexpr, ACC: tl.constexpr):
     """Step 2, one program: :func:`finalize_batch`."""
+    batch_div = as_acc(batch_div, ACC)
+    diversity_alpha = as_acc(diversity_alpha, ACC)
+    cpo_alpha = as_acc(cpo_alpha, ACC)
     finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha, NUM_STATS,
                    BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
 
 
 @triton.jit
 def _group_loss_fixup_finalize_kernel(
-    stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha,
-    emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
-    nll_logps_ptr, nll_tokens_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr,
-    inverse_ptr, G, D, P, stride_b, stride_g, stride_d,
-    beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
-    NUM_STATS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DORPO: tl.constexpr,
-    HAS_CPO: tl.constexpr, ACC: tl.constexpr,
-    LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr,
+    stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div: tl.float64, diversity_alpha: tl.float64,
+    cpo_alpha: tl.float64, emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr,
+    lengths_ptr, nll_logps_ptr, nll_tokens_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr,
+    norms_ptr, inverse_ptr, G, D, P, stride_b, stride_g, stride_d, beta: tl.float64, orpo_lambda: tl.float64,
+    simpo_gamma: tl.float64, min_deviation: tl.float64, eps: tl.float64, quality_quantile: tl.float64,
+    NUM_STATS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DORPO: tl.constexpr, HAS_CPO: tl.constexpr,
+    ACC: tl.constexpr, LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, NORM: tl.constexpr,
     DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
     STORE_STATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -644,6 +653,15 @@ def _group_loss_fixup_finalize_kernel(
     the fused loss at four launches. Such groups are rare (``K`` near singular in float32), and this
     one program redoes them one after another. Up to G = 64: the split forward (G = 128) fixes its
     logdet launch's groups itself, before its second launch reads them."""
+    batch_div = as_acc(batch_div, ACC)
+    diversity_alpha = as_acc(diversity_alpha, ACC)
+    cpo_alpha = as_acc(cpo_alpha, ACC)
+    beta = as_acc(beta, ACC)
+    orpo_lambda = as_acc(orpo_lambda, ACC)
+    simpo_gamma = as_acc(simpo_gamma, ACC)
+    min_deviation = as_acc(min_deviation, ACC)
+    eps = as_acc(eps, ACC)
+    quality_quantile = as_acc(quality_quantile, ACC)
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         logdets = tl.load(stats_ptr + rows * NUM_STATS + COL_LOGDET, mask=rows < B, other=0.0)
@@ -711,7 +729,7 @@ def finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, d
 def _group_loss_backward_kernel(
     grad_loss_ptr, totals_ptr, grad_sum_ptr, chosen_counts_ptr, grad_policy_ptr, grad_ref_ptr, grad_nll_ptr,
     inverse_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr, grad_emb_ptr,
-    G, D, stride_eb, stride_eg, stride_ed, alpha_over_batch, cpo_alpha,
+    G, D, stride_eb, stride_eg, stride_ed, alpha_over_batch: tl.float64, cpo_alpha: tl.float64,
     DORPO: tl.constexpr, HAS_CPO: tl.constexpr, NLL_TO_POLICY: tl.constexpr, NEED_POLICY: tl.constexpr,
     NEED_REF: tl.constexpr, NEED_NLL: tl.constexpr, EMB_GRAD: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
@@ -719,6 +737,8 @@ def _group_loss_backward_kernel(
 ):
     """Gradients of group ``b`` from the upstream ``g`` (read on the device): log-probs in the
     programs of D slice 0, ``emb`` (the regularizer) slice by slice."""
+    alpha_over_batch = as_acc(alpha_over_batch, ACC)
+    cpo_alpha = as_acc(cpo_alpha, ACC)
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     g = tl.load(grad_loss_ptr).to(ACC)
@@ -897,11 +917,13 @@ def _fixup_constants(*forward_key: object) -> dict[str, object]:
     return {**constants, **fixup_options(constants["BLOCK_G"])}
 
 
-# Columns of float32 ``emb`` per step of the fix-up's Gram (the forward's: embedding_block, 16 at G = 64).
-# Next to the float64 tiles, a [64, 16] float32 slice left the fix-up + finalize kernel 16 bytes of spill
-# at G = 64 (DivPO, 255 registers, sm_90); 8 columns leave none at 224, and take fewer registers at
-# every G (benchmarks/README.md). The fix-up runs rarely, so the narrower loop costs nothing that matters.
-FIXUP_FP32_BLOCK_D = 8
+# Columns of float32 ``emb`` per step of the fix-up's Gram (the forward's: embedding_block, 16 at G = 64):
+# one, as rank-1 updates (similarity.gram_matrix). Next to the float64 tiles a [64, 16] float32 slice left
+# the fix-up + finalize kernel 16 bytes of spill at G = 64 (DivPO, sm_90, Triton 3.9); an 8-column
+# ``tl.dot`` left none under 3.9 but does not compile under 3.6 (K < 16). One column needs no ``tl.dot``
+# and the fewest registers under every Triton; the fix-up runs rarely, so the scalar loop costs nothing
+# that matters (benchmarks/README.md).
+FIXUP_FP32_BLOCK_D = 1
 
 
 def fixup_options(block_g: int) -> dict[str, int]:
@@ -1113,6 +1135,18 @@ def _config_for_compile(*fields: object) -> tuple[str, tuple[str, ...], bool]:
     return config.key, metric_names(config, fields[-1]), config.needs_logdet
 
 
+def _within_cuda_limits(resolved: str, group: int, policy: torch.Tensor, emb: torch.Tensor | None,
+                        device: torch.device) -> str:
+    """``resolved``, or the Triton kernels (the reference without Triton) where the CUDA kernels cannot
+    hold the group in shared memory (float64 at G > ~100: :func:`divkernels.backends.cuda.fits`)."""
+    if resolved != "cuda":
+        return resolved
+    acc = accumulation_dtype(policy.dtype, *((emb.dtype,) if emb is not None else ()))
+    if cuda_backend.fits(group, acc, device):
+        return resolved
+    return "triton" if backend_unavailable_reason("triton", device) is None else "reference"
+
+
 def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, check_inputs: bool) -> LossOutput:
     """:func:`group_preference_loss` while ``torch.compile`` traces it: the kernels run as the
     custom ops above, Triton's data checks inside its op (one sync there), the other checks as
@@ -1123,6 +1157,7 @@ def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, che
     resolved = resolve_backend(options["backend"], op="group_preference_loss", device=args.device, group_size=group,
                                kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
                                emb_dtype=None if emb is None else emb.dtype)
+    resolved = _within_cuda_limits(resolved, group, args.policy_logps, emb, args.device)
     valid = reference.valid_mask(mask, batch, group, args.device)
     in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
     checks = DataChecks(check_inputs and not in_kernel_checks)  # device-side asserts while compiling
@@ -1348,6 +1383,7 @@ def group_preference_loss(
     resolved = resolve_backend(backend, op="group_preference_loss", device=args.device, group_size=group,
                                kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
                                emb_dtype=None if emb is None else emb.dtype)
+    resolved = _within_cuda_limits(resolved, group, policy_logps, emb, args.device)
     # the Triton forward checks one embedding tensor itself (stat columns, one sync in raise_kernel_checks)
     in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
     checks = DataChecks(check_inputs and not in_kernel_checks)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from divkernels.backend import resolve_backend
-from divkernels.ops.common import accumulation_dtype, new_output, next_power_of_2, tl, triton, triton_dtype
+from divkernels.ops.common import accumulation_dtype, as_acc, new_output, next_power_of_2, tl, triton, triton_dtype
 from divkernels.reference import sequence_logps
 from divkernels.validation import DataChecks, check_choice, check_float_tensor, check_same_device, check_scalar
 
@@ -42,9 +42,10 @@ WEIGHT_GRAD_ROWS = 8192
 
 @triton.jit
 def _token_forward_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr, argmax_ptr, V, stride_row,
-                          inv_temperature, STATS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+                          inv_temperature: tl.float64, STATS: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     """One row: ``lse = log sum_v exp(z_v)`` online over tiles, ``logp = z_y - lse``; with ``STATS`` the
     entropy ``lse - sum_v p_v z_v`` (``t = sum exp(z - m) z`` rescaled like ``s``) and the first argmax."""
+    inv_temperature = as_acc(inv_temperature, ACC)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)
@@ -76,9 +77,10 @@ def _token_forward_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_pt
 
 
 @triton.jit
-def _token_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, V, stride_row, inv_temperature,
+def _token_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, V, stride_row, inv_temperature: tl.float64,
                            BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     """One row, in place: ``Z_v <- g / temperature * ([v = y] - exp(z_v - lse))``."""
+    inv_temperature = as_acc(inv_temperature, ACC)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)

@@ -26,6 +26,7 @@ from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     KERNEL_IDS,
     accumulation_dtype,
+    as_acc,
     contiguous,
     dot_precision,
     embedding_block,
@@ -120,13 +121,15 @@ def diagonal(tile, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr, sim_ptr, norms_ptr, G, D, eps,
-                           gamma, stride_b, stride_g, stride_d, KERNEL: tl.constexpr, HAS_MASK: tl.constexpr,
-                           BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr, sim_ptr, norms_ptr, G, D,
+                           eps: tl.float64, gamma: tl.float64, stride_b, stride_g, stride_d, KERNEL: tl.constexpr,
+                           HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                            PRECISION: tl.constexpr, FIXUP: tl.constexpr):
     """Group ``b``'s logdet, gains, ``K^-1``, ``S`` and norms. ``FIXUP``: only if its logdet is NaN (the
     first launch's fp32 sweep failed), logdet, gains and ``K^-1`` again from the stored ``S`` with a
     float64 sweep (no Gram: nothing but the sweep's tile in registers)."""
+    eps = as_acc(eps, ACC)
+    gamma = as_acc(gamma, ACC)
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     early = BLOCK_G >= SIM_BEFORE_SWEEP

@@ -14,6 +14,7 @@ from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     accumulation_dtype,
     any_bad,
+    as_acc,
     contiguous,
     dot_precision,
     embedding_block,
@@ -80,10 +81,12 @@ def partition_from_links(links, valid, min_diversity, TRANSITIVE: tl.constexpr, 
 
 
 @triton.jit
-def _partition_kernel(emb_ptr, labels_ptr, mask_ptr, div_ptr, bad_ptr, G, D, tau, min_diversity,
+def _partition_kernel(emb_ptr, labels_ptr, mask_ptr, div_ptr, bad_ptr, G, D, tau: tl.float64, min_diversity: tl.float64,
                       stride_b, stride_g, stride_d, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
                       TRANSITIVE: tl.constexpr, STEPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                       ACC: tl.constexpr, PRECISION: tl.constexpr):
+    tau = as_acc(tau, ACC)
+    min_diversity = as_acc(min_diversity, ACC)
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)

@@ -31,6 +31,7 @@ from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     KERNEL_IDS,
     accumulation_dtype,
+    as_acc,
     backward_warps,
     column_block,
     contiguous,
@@ -91,12 +92,14 @@ def gram_matrix(emb_ptr, stride_g, stride_d, valid, D, BLOCK_G: tl.constexpr, BL
 
     Padded rows are never loaded, so NaN there cannot leak in. Each element is read once.
     float64 takes rank-1 updates on CUDA cores, one column of E at a time: Triton up to 3.8 cannot
-    compile an fp64 ``tl.dot`` for sm_80/sm_90 (its fp64 MMA lowering asserts).
+    compile an fp64 ``tl.dot`` for sm_80/sm_90 (its fp64 MMA lowering asserts). So does ``BLOCK_D = 1``
+    in any dtype (the fused loss's fix-up: the fewest registers next to its float64 tiles, and no
+    ``tl.dot`` with K < 16, which Triton 3.6 rejects).
     """
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     gram = tl.zeros([BLOCK_G, BLOCK_G], dtype=ACC)
-    if ACC == tl.float64:  # noqa: SIM300 (ACC is a constexpr, not a constant)
+    if ACC == tl.float64 or BLOCK_D == 1:  # noqa: SIM300 (ACC is a constexpr, not a constant)
         for d in range(0, D):
             col = tl.load(emb_ptr + offs_g * stride_g + d * stride_d, mask=valid != 0, other=0.0).to(ACC)
             gram += col[:, None] * col[None, :]
@@ -145,10 +148,11 @@ def similarity_from_gram(gram, valid, gamma, KERNEL: tl.constexpr, BLOCK_G: tl.c
 
 
 @triton.jit
-def _similarity_forward_kernel(emb_ptr, mask_ptr, sim_ptr, norms_ptr, G, D, gamma,
+def _similarity_forward_kernel(emb_ptr, mask_ptr, sim_ptr, norms_ptr, G, D, gamma: tl.float64,
                                stride_b, stride_g, stride_d,
                                KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
                                BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    gamma = as_acc(gamma, ACC)
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
@@ -348,10 +352,10 @@ def split_dot(a, rows, ACC: tl.constexpr):
 
 @triton.jit
 def _similarity_backward_kernel(grad_ptr, grad_extra_ptr, inverse_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr,
-                                grad_emb_ptr, G, D, gamma, stride_sb, stride_si, stride_sj, stride_eb, stride_eg,
-                                stride_ed, GRAD: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr,
-                                KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
-                                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                                grad_emb_ptr, G, D, gamma: tl.float64, stride_sb, stride_si, stride_sj, stride_eb,
+                                stride_eg, stride_ed, GRAD: tl.constexpr, HAS_GRAD: tl.constexpr,
+                                HAS_EXTRA: tl.constexpr, KERNEL: tl.constexpr, HAS_MASK: tl.constexpr,
+                                BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                                 PRECISION: tl.constexpr):
     """``dL/d emb`` of one (group, D slice), with ``dL/dS`` formed here from what the op's output got:
 
@@ -360,6 +364,7 @@ def _similarity_backward_kernel(grad_ptr, grad_extra_ptr, inverse_ptr, sim_ptr, 
     ``dL/dS = g K^-1 + K^-1 diag(h / diag K^-1) K^-1`` (``grad_ptr``: ``dL/d logdet [B]``,
     ``grad_extra_ptr``: ``dL/d gains [B, G]``, either may be absent).
     """
+    gamma = as_acc(gamma, ACC)
     b = tl.program_id(0).to(tl.int64)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     g = 0.0
