@@ -41,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -93,9 +93,12 @@ def _encode(value: object) -> object:
 
 
 def _specialization_class(value: object) -> object:
-    """What Triton specializes an argument on: ints by (== 1, % 16 == 0), everything else by value."""
+    """What Triton specializes an argument on: ints by (== 1, % 16 == 0), floats not at all (the kernels
+    declare them ``tl.float64``), everything else by value."""
     if isinstance(value, int) and not isinstance(value, bool):
         return ["int", value == 1, value % 16 == 0]
+    if isinstance(value, float):
+        return "float"
     return value
 
 
@@ -129,7 +132,7 @@ class LaunchRecorder:
         recorder = self
 
         def run(self, *args, grid, warmup, **kwargs):
-            recorder.add(self.fn, args, kwargs)
+            recorder.add(self.fn, args, kwargs, self.kwargs.get("do_not_specialize") or ())
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
         InterpretedFunction.run = run
@@ -138,17 +141,23 @@ class LaunchRecorder:
         finally:
             InterpretedFunction.run = original
 
-    def add(self, fn: Callable, args: tuple, kwargs: dict) -> None:
+    def add(self, fn: Callable, args: tuple, kwargs: dict, unspecialized: Iterable[str | int] = ()) -> None:
         launch = {"module": fn.__module__, "name": fn.__name__, "args": [_encode(a) for a in args],
                   "kwargs": {key: _encode(value) for key, value in kwargs.items()}}
         # runtime ints by what Triton specializes on; constexprs and launch options by value
         params = inspect.signature(fn).parameters
         names = list(params)
         constant = {name for name, param in params.items() if "constexpr" in str(param.annotation)}
-        args_key = [value if names[i] in constant else _specialization_class(value)
-                    for i, value in enumerate(launch["args"])]
-        kwargs_key = {k: v if k in constant or k not in names else _specialization_class(v)
-                      for k, v in launch["kwargs"].items()}
+        # do_not_specialize (names or positions): one class for every value, as Triton's binder has it
+        loose = {names[item] if isinstance(item, int) else item for item in unspecialized}
+
+        def key_of(name: str, value: object) -> object:
+            if name in constant:
+                return value
+            return "any" if name in loose else _specialization_class(value)
+
+        args_key = [key_of(names[i], value) for i, value in enumerate(launch["args"])]
+        kwargs_key = {k: key_of(k, v) if k in names else v for k, v in launch["kwargs"].items()}
         key = json.dumps([launch["name"], args_key, kwargs_key], sort_keys=True)
         index = self._keys.get(key)
         if index is None:

@@ -4,6 +4,8 @@ Suites:
   fused  the kernel issue's targets: fused DDPO + logdet regularizer, bf16 emb, at
          (B, G, D) = (256, 16, 4096) and (4096, 16, 2048), forward and forward+backward
   full   every op family over the shapes of the benchmark issue, bf16 and fp32
+  headline  the first check on a new GPU: fused DDPO + logdet, bf16, at (8, 8, 384), (256, 16, 4096)
+         and (4096, 16, 2048), forward and forward+backward; headline-tiny: the same at (2, 8, 32)
   smoke  tiny shapes, to check the runner itself (CPU is fine, about a minute)
   host   per op and mode: device launches, host syncs and host microseconds of one forward +
          backward (kernels stubbed without a GPU; see host.py); CPU is fine
@@ -45,10 +47,17 @@ GROUP_SWEEP = [(256, group, 1024) for group in (2, 4, 8, 16, 32, 64, 128)]
 DIM_SWEEP = [(256, 16, dim) for dim in (256, 1024, 2048, 4096, 8192)]
 PAIR_SHAPES = [(16384, 2, 1), (262144, 2, 1)]  # plain DPO on (chosen, rejected) pairs: vs Liger
 TARGET_SHAPES = [(256, 16, 4096), (4096, 16, 2048)]
+# The first check on a new GPU (benchmarks/device_run.sh): a launch-bound shape and the two targets;
+# "headline-tiny" is the same cases at a size the interpreter runs in seconds (its --dry-run).
+HEADLINE_SHAPES = [(8, 8, 384), *TARGET_SHAPES]
+TINY_SHAPES = [(2, 8, 32)]
 # Results go to a folder in the working directory unless --out names another one; the committed results
 # live in benchmarks/results/ (--out benchmarks/results).
 DEFAULT_OUT = Path("benchmark_results")
 CHECKPOINT_ROWS = 10  # rows between partial writes of the result files
+
+
+SUITES = ("fused", "headline", "headline-tiny", "full", "smoke", "host", "linear")
 
 
 def suite_cases(suite: str) -> list[Case]:
@@ -56,6 +65,9 @@ def suite_cases(suite: str) -> list[Case]:
     both_passes = [False, True]
     if suite == "fused":
         return group_loss.cases(TARGET_SHAPES, [torch.bfloat16], both_passes, ["ddpo+logdet"])
+    if suite in ("headline", "headline-tiny"):
+        shapes = HEADLINE_SHAPES if suite == "headline" else TINY_SHAPES
+        return group_loss.cases(shapes, [torch.bfloat16], both_passes, ["ddpo+logdet"])
     if suite == "smoke":
         shapes = [(4, 8, 32)]
         return (group_loss.cases(shapes, [torch.float32], both_passes, ["ddpo+logdet", "dpo"])
@@ -346,14 +358,23 @@ def run_host(device: torch.device, out: Path, repeats: int, log: Callable[[str],
     return 0
 
 
-def run_linear(device: torch.device, out: Path, repeats: int, log: Callable[[str], None]) -> int:
-    """``--suite linear``: memory and time of linear log-probs, fused vs unfused (linear.py), with a plot."""
+def run_linear(device: torch.device, out: Path, repeats: int, log: Callable[[str], None],
+               only: str | None = None) -> int:
+    """``--suite linear``: memory and time of linear log-probs, fused vs unfused (linear.py), with a plot;
+    ``only``: the cases whose label (``tokens T=1024 chunk=256``) matches."""
     from divkernels.benchmarks import linear
 
     env = environment(device)
     log(f"divkernels linear log-probs on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
         f"commit {str(env['commit'])[:12]})")
-    rows = linear.run(device, min(repeats, 5), log)
+    selected = None
+    if only:
+        pattern = re.compile(only)
+        selected = [case for case in linear.cases(device)
+                    if pattern.search(f"{case.sweep} T={case.length} chunk={case.chunk}")]
+        if not selected:
+            raise SystemExit(f"--only {only!r} matches no case of suite 'linear'")
+    rows = linear.run(device, min(repeats, 5), log, selected)
     json_path, csv_path = write_results(rows, env, None, result_path(env, out, "linear"), "linear")
     log("\n" + linear.table(rows))
     log(f"\nwrote {json_path} and {csv_path}")
@@ -367,7 +388,7 @@ def run_linear(device: torch.device, out: Path, repeats: int, log: Callable[[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m divkernels.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("fused", "full", "smoke", "host", "linear"), default="fused")
+    parser.add_argument("--suite", choices=SUITES, default="fused")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help=f"comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -402,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == "host":
         return run_host(device, args.out, args.repeats, log, args.baseline)
     if args.suite == "linear":
-        return run_linear(device, args.out, args.repeats, log)
+        return run_linear(device, args.out, args.repeats, log, args.only)
     env = environment(device)
     log(f"divkernels benchmarks, suite {args.suite}, on {env['device']} (torch {env['torch']}, "
         f"triton {env['triton']}, commit {str(env['commit'])[:12]})")

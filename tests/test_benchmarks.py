@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,19 @@ def test_triton_provider_runs_a_case(tmp_path: Path) -> None:
 
 
 def test_every_suite_builds_its_cases() -> None:
-    for suite in ("fused", "full", "smoke"):
+    for suite in ("fused", "headline", "headline-tiny", "full", "smoke"):
         assert runner.suite_cases(suite)
     fused = runner.suite_cases("fused")
     assert {(case.batch, case.group, case.dim) for case in fused} == {(256, 16, 4096), (4096, 16, 2048)}
+    headline, tiny = runner.suite_cases("headline"), runner.suite_cases("headline-tiny")
+    assert {(case.batch, case.group, case.dim) for case in headline} == {(8, 8, 384), (256, 16, 4096),
+                                                                         (4096, 16, 2048)}
+    # the dry run measures the same ops, dtypes and passes, only smaller
+
+    def what(cases: list) -> set[str]:
+        return {re.sub(r"B=\d+ G=\d+ D=\d+ ", "", case.label) for case in cases}
+
+    assert what(tiny) == what(headline) and len(tiny) == 2
 
 
 def test_liger_provider_is_skipped_or_matches_our_dpo(tmp_path: Path) -> None:

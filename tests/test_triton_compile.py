@@ -2,21 +2,23 @@
 
 The interpreter runs kernels as NumPy code, so it accepts code that the Triton compiler rejects
 and says nothing about registers or shared memory. Here the ops run under the interpreter on small
-inputs that reach every kernel and constexpr branch (every dtype, loss, diversity and pair mode) and
-on the variants of the resource table (``divkernels.benchmarks.resources``: every op at G = 2 ... 128
-in bf16, fp16, fp32 and fp64, D = 64); each distinct launch is recorded and compiled to a cubin for
-sm_90 (and sm_80 for the largest tiles) in worker processes without ``TRITON_INTERPRET``, with the
-specialization a GPU launch gets (Triton's own binder: ints equal to 1 are constants, ints and
-pointers divisible by 16 are marked so). Each must compile, fit the arch's shared memory per block,
-and, with the installed Triton (the one that builds the committed resource table), not spill where
-``spill_allowed`` says it must not (nowhere but in float64 at G = 128 and the float64 fix-ups), the
-branch-covering launches included; every version's remaining spills are printed.
+inputs that reach every kernel and constexpr branch (every loss, diversity and pair mode; the smallest
+and largest tiles in bf16) and, with ``DIVKERNELS_COMPILE_SWEEP=full``, on every variant of the resource
+table (``divkernels.benchmarks.resources``: every op at G = 2 ... 128 in bf16, fp16, fp32 and fp64,
+D = 64); each distinct launch is recorded and compiled to a cubin for sm_90 (and sm_80 for the largest
+tiles) in worker processes without ``TRITON_INTERPRET``, with the specialization a GPU launch gets
+(Triton's own binder), under the installed Triton and every one listed in ``DIVKERNELS_EXTRA_TRITON``.
+Each must compile and fit the arch's shared memory; with the Triton the resource table was measured with
+(``SPILL_MEASURED``) none may spill where ``spill_allowed`` says it must not; every version's remaining
+spills are printed.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,10 +37,18 @@ pytestmark = [
 # Largest dynamic shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ENV_EXTRA_TRITON = "DIVKERNELS_EXTRA_TRITON"
+# "full": also every variant of the resource table (all G and dtypes; ~25 min on 2 cores, by hand:
+# benchmarks/README.md); otherwise the sample CI runs: the branch-covering launches below (every kernel
+# and constexpr branch, the smallest and largest tiles in every dtype) and the table's fix-up variant.
+ENV_SWEEP = "DIVKERNELS_COMPILE_SWEEP"
 EXTRA_TRITON_DTYPES = ("bfloat16", "float32")
-# The table sizes other Triton versions compile (CI time): those the branch-covering calls (G = 2, 16,
-# 128) leave out, but the smallest tiles (4, 8), which compile as G = 2's do.
+# The table sizes other Triton versions compile in the full sweep: those the branch-covering calls (G = 2,
+# 16, 128) leave out, but the smallest tiles (4, 8), which compile as G = 2's do.
 EXTRA_TRITON_GROUPS = (32, 64)
+# Triton versions (major.minor) whose spills the resource table was measured with: their spill goals are
+# asserted (a spill count belongs to one compiler version); other versions must compile and fit, and
+# their spills are printed.
+SPILL_MEASURED = ("3.9",)
 # (loss, diversity, pairs): every value of each at least once, some together (not all 36 products:
 # each distinct combination is one more compile of the largest kernel).
 BRANCH_CONFIGS = [("dpo", "none", "all"), ("ipo", "deviation", "best_worst"), ("orpo", "logdet_gain", "divpo"),
@@ -69,6 +79,26 @@ def launch_spill_allowed(launch: dict) -> bool:
     (``BLOCK_G``) and accumulation dtype (``ACC``) from its launch arguments."""
     kwargs = launch["kwargs"]
     return kwargs.get("BLOCK_G", 0) > 64 and kwargs.get("ACC") == {"tl_dtype": "fp64"}
+
+
+def fixup_block_d(extra: str) -> int:
+    """``group_loss.fixup_fp32_block_d()`` under the Triton in ``extra`` (the narrowest float32 dot)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra, str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", "from divkernels.ops import group_loss; "
+                             "print(group_loss.fixup_fp32_block_d())"], env=env, capture_output=True, text=True,
+                            check=True)
+    return int(result.stdout.split()[-1])
+
+
+def with_fixup_block_d(launch: dict, block_d: int) -> dict:
+    """``launch`` as the installed divkernels would make it under another Triton: the fused loss's fix-up
+    kernel takes float32 ``emb`` in slices that Triton's ``tl.dot`` accepts (8 columns from 3.7, 16 before)."""
+    kwargs = launch["kwargs"]
+    if launch["name"] != FIXUP_KERNEL or kwargs.get("PRECISION") != "ieee":
+        return launch
+    return {**launch, "kwargs": {**kwargs, "BLOCK_D": block_d}}
 
 
 def every_kernel_path() -> None:
@@ -119,7 +149,11 @@ def every_kernel_path() -> None:
 
     run(16, torch.float32, every_branch=True)
     run(16, torch.float64, every_branch=False)
-    for group, dtype in itertools.product((2, 128), (torch.float32, torch.bfloat16, torch.float16)):
+    # the sample (CI time): the smallest and largest tiles in bf16, the training dtype; the full sweep:
+    # in fp32 and fp16 too
+    full = os.environ.get(ENV_SWEEP, "") == "full"
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if full else (torch.bfloat16,)
+    for group, dtype in itertools.product((2, 128), dtypes):
         run(group, dtype, every_branch=False)
 
 
@@ -128,7 +162,10 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
     recorder = resources.LaunchRecorder()
     with recorder.recording():
         every_kernel_path()
-    recorded = resources.record_variants(resources.GROUPS, resources.DTYPES)
+    full = os.environ.get(ENV_SWEEP, "") == "full"
+    # the sample: the fix-up + finalize kernel's table variant only (it compiles as slowly as the forward)
+    recorded = (resources.record_variants(resources.GROUPS, resources.DTYPES) if full else
+                resources.record_variants((FIXUP_VARIANT[1],), FIXUP_DTYPES, (FIXUP_VARIANT[0],)))
     names = {launch["name"] for launch in recorder.launches}
     assert {"_group_loss_forward_kernel", "_group_loss_finalize_kernel", FIXUP_KERNEL, "_group_loss_backward_kernel",
             "_similarity_forward_kernel", "_similarity_backward_kernel", "_logdet_forward_kernel",
@@ -155,15 +192,18 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
     for index, extra in enumerate(tritons):
         dtypes = resources.DTYPES if extra is None else EXTRA_TRITON_DTYPES
         groups = resources.GROUPS if extra is None else EXTRA_TRITON_GROUPS
+        if not full:
+            dtypes, groups = FIXUP_DTYPES, (FIXUP_VARIANT[1],)
         # the fix-up + finalize kernel: as above (with the installed Triton only)
         table = {"launches": recorded["launches"],
                  "rows": [(label, number) for label, number in recorded["rows"]
                           if label["dtype"] in dtypes and label["G"] in groups
                           and (recorded["launches"][number]["name"] != FIXUP_KERNEL
-                               or (extra is None and (label["op"], label["G"]) == FIXUP_VARIANT
-                                   and label["dtype"] in FIXUP_DTYPES))]}
+                               or ((label["op"], label["G"]) == FIXUP_VARIANT and label["dtype"] in FIXUP_DTYPES))]}
         used = sorted({number for _, number in table["rows"]})
         launches = recorder.launches + [recorded["launches"][number] for number in used]
+        if extra is not None:  # the launches that Triton gets: the fix-up's float32 Gram width is its own
+            launches = [with_fixup_block_d(launch, fixup_block_d(extra)) for launch in launches]
         reports = resources.compile_triton(launches, (90,), tmp_path / f"triton-{index}", extra)
         # the worker must have imported the Triton it was given, not the installed one
         expected = Path(extra).resolve() if extra else Path(triton.__file__).resolve().parent.parent
@@ -171,6 +211,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
         assert not wrong, f"asked for the Triton in {expected}, the worker imported {wrong}"
         assert len(reports) == sum(len(launch["archs"]) for launch in launches)
         version = reports[0]["triton"]
+        measured = ".".join(version.split(".")[:2]) in SPILL_MEASURED
         for report in reports:
             where = (f"{report['kernel']} (launch {report['launch']}, sm_{report['arch']}, "
                      f"{report.get('num_warps')} warps, triton {version})")
@@ -186,7 +227,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
         branch_spills = [(report["kernel"], launches[report["launch"]]["kwargs"].get("BLOCK_G"), report["arch"],
                           report["stack"]) for report in reports if report["launch"] < first and report["stack"]]
         print(f"triton {version}: branch launches with a spill stack:", sorted(branch_spills))
-        if extra is None:
+        if measured:
             problems += [f"{report['kernel']} (launch {report['launch']}, sm_{report['arch']}, "
                          f"BLOCK_G={launches[report['launch']]['kwargs'].get('BLOCK_G')}) spills {report['stack']} "
                          f"bytes ({report['registers']} registers, triton {version})"
@@ -196,11 +237,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
         # back from positions in `launches` to the recorded table's launch numbers
         renumbered = [dict(r, launch=used[r["launch"] - first]) for r in reports if r["launch"] >= first]
         rows = resources.triton_rows(table, renumbered)
-        assert {(row["G"], row["dtype"]) for row in rows} == set(itertools.product(groups, dtypes))
+        assert {(row["G"], row["dtype"]) for row in rows} == set(itertools.product(groups, dtypes)), rows
         spilling = sorted((row["kernel"], row["G"], row["dtype"], row["spill_bytes"]) for row in rows
                           if row["spill_bytes"])
         print(f"triton {version}: variants with a spill stack:", spilling)
-        if extra is None:
+        if measured:
             problems += [f"{row['kernel']} G={row['G']} {row['dtype']} spills {row['spill_bytes']} bytes "
                          f"({row['registers']} registers, {row['num_warps']} warps, triton {version})"
                          for row in rows if row["spill_bytes"] and not spill_allowed(row)]

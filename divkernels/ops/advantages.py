@@ -45,7 +45,7 @@ from divkernels.validation import (
 ADVANTAGE_STD_EPS = tl.constexpr(reference.ADVANTAGE_STD_EPS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # sizes that vary over a run: common.py
 def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, B, G, D,
                        alpha: tl.float64, tau: tl.float64, eps: tl.float64, min_diversity: tl.float64, stride_b,
                        stride_g, stride_d, DIVERSITY: tl.constexpr, STD: tl.constexpr, PHASE: tl.constexpr,

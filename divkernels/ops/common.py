@@ -18,6 +18,14 @@ except ImportError:  # the reference backend works without Triton; backend.py sa
 KERNEL_IDS = {"cosine": 0, "dot": 1, "rbf": 2}
 # Smallest tile side tl.dot accepts.
 MIN_BLOCK = 16
+# Bounded compiles: a training run meets many group sizes G (ragged groups, filtered responses), batch
+# sizes B and pair counts P. Triton compiles one variant per value class of each int argument (== 1,
+# % 16 == 0). B and P only bound loops, so the kernels take them unspecialized (``do_not_specialize``).
+# G stays specialized: it is the row stride of every [B, G, G] matrix, and its divisibility by 16 lets
+# those rows load as 16-byte vectors; without it the G = 128 logdet forward spills 48-496 bytes and the
+# fused loss's backward 32-168 on sm_90 (Triton 3.9). So an op compiles at most three variants per padded
+# tile (``group_block``: 16, 32, 64, 128) and dtype and configuration: by whether G, and the batch
+# stride G * G of a [B, G, G] argument, divide by 16 (tests/test_compile_variants.py counts them).
 # Register budget of one program's [BLOCK_G, BLOCK_D] embedding tile (elements): half-precision tiles
 # go to the tensor cores as they are; fp32/fp64 tiles take an IEEE dot on the CUDA cores, whose operand
 # layouts hold the tile several times over, so they get narrower slices (the compiled sm_90 kernels

@@ -44,6 +44,7 @@ from divkernels.loss_config import CHECK_STATS, METRIC, STAT, STATS, ForwardOutp
 from divkernels.ops import logdet as logdet_op
 from divkernels.ops import similarity as similarity_op
 from divkernels.ops.common import (
+    MIN_BLOCK,
     accumulation_dtype,
     any_bad,
     as_acc,
@@ -555,7 +556,7 @@ def group_forward(
 
 # The forward's arguments after the group index, in group_forward's order (the finalize kernel's
 # fix-up passes the same ones).
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # sizes that vary over a run: common.py
 def _group_loss_forward_kernel(
     emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
     nll_logps_ptr, nll_tokens_ptr, stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr,
@@ -619,7 +620,7 @@ def pick(vector, index, BLOCK: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, BLOCK) == index, vector, 0.0), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # sizes that vary over a run: common.py
 def _group_loss_finalize_kernel(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div: tl.float64,
                                 diversity_alpha: tl.float64, cpo_alpha: tl.float64, NUM_STATS: tl.constexpr,
                                 BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DORPO: tl.constexpr,
@@ -632,7 +633,7 @@ def _group_loss_finalize_kernel(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B,
                    BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "P"])  # sizes that vary over a run: common.py
 def _group_loss_fixup_finalize_kernel(
     stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div: tl.float64, diversity_alpha: tl.float64,
     cpo_alpha: tl.float64, emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr,
@@ -814,13 +815,16 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
             inverse = new_output((batch, group, group), acc, device, poison) if constants["NEED_LOGDET"] else None
             buffers = (*buffers[:3], sim, norms, inverse)
         if constants["NEED_LOGDET"]:
-            logdet_gains = new_output((batch * (group + 1),), acc, device, poison)  # logdet [B], gains [B, G] (unread)
+            # logdet [B], then gains [B, G] (unread) from the next 16-byte boundary: an aligned pointer whatever
+            # B is (one compiled variant, common.py "Bounded compiles")
+            head = -(-batch * acc.itemsize // 16) * 16 // acc.itemsize
+            logdet_gains = new_output((head + batch * group,), acc, device, poison)
             logdet = logdet_gains[:batch]
             # and, in float32, its float64 fix-up launch (logdet.fixup_launches): the second launch then
             # reads a finished logdet and K^-1, and the plain finalize kernel follows (no whole-group fix-up)
             for fixup in logdet_op.fixup_launches(acc):
                 logdet_op.launch_forward(emb, inputs.mask, config.eps, "cosine", None,
-                                         (logdet, logdet_gains[batch:].view(batch, group), inverse, sim, norms),
+                                         (logdet, logdet_gains[head:].view(batch, group), inverse, sim, norms),
                                          fixup, acc)
         else:
             similarity_op.launch_forward(emb, inputs.mask, "cosine", None, sim, norms, acc)
@@ -913,17 +917,25 @@ def _fixup_constants(*forward_key: object) -> dict[str, object]:
     shared = {"ORPO_DORPO", "NEED_LOGDET", "NUM_STATS", "ACC", "DIVERSITY_STORED"}
     constants = {name: value for name, value in _forward_constants(*forward_key).items() if name not in shared}
     if constants["PRECISION"] == "ieee":  # float32 emb
-        constants["BLOCK_D"] = FIXUP_FP32_BLOCK_D
+        constants["BLOCK_D"] = fixup_fp32_block_d()
     return {**constants, **fixup_options(constants["BLOCK_G"])}
 
 
-# Columns of float32 ``emb`` per step of the fix-up's Gram (the forward's: embedding_block, 16 at G = 64):
-# one, as rank-1 updates (similarity.gram_matrix). Next to the float64 tiles a [64, 16] float32 slice left
-# the fix-up + finalize kernel 16 bytes of spill at G = 64 (DivPO, sm_90, Triton 3.9); an 8-column
-# ``tl.dot`` left none under 3.9 but does not compile under 3.6 (K < 16). One column needs no ``tl.dot``
-# and the fewest registers under every Triton; the fix-up runs rarely, so the scalar loop costs nothing
-# that matters (benchmarks/README.md).
-FIXUP_FP32_BLOCK_D = 1
+@functools.cache
+def fixup_fp32_block_d() -> int:
+    """Columns of float32 ``emb`` per step of the fix-up's Gram (the forward's: ``embedding_block``, 16
+    at G = 64): the narrowest float32 ``tl.dot`` the installed Triton compiles for NVIDIA GPUs, 8 from
+    Triton 3.7 on, 16 before. Next to the float64 tiles a [64, 16] float32 slice leaves the fix-up +
+    finalize kernel 16 bytes of spill at G = 64 (DivPO, 255 registers, sm_90, Triton 3.9); 8 columns
+    leave none (benchmarks/README.md). One column at a time (rank-1 updates) spilled 40 bytes there."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        fp32 = tl.float32
+        return max(8, int(min_dot_size(GPUTarget("cuda", 90, 32))(fp32, fp32)[2]))
+    except Exception:  # another backend or layout of Triton: the width every version accepts
+        return MIN_BLOCK
 
 
 def fixup_options(block_g: int) -> dict[str, int]:

@@ -92,14 +92,12 @@ def gram_matrix(emb_ptr, stride_g, stride_d, valid, D, BLOCK_G: tl.constexpr, BL
 
     Padded rows are never loaded, so NaN there cannot leak in. Each element is read once.
     float64 takes rank-1 updates on CUDA cores, one column of E at a time: Triton up to 3.8 cannot
-    compile an fp64 ``tl.dot`` for sm_80/sm_90 (its fp64 MMA lowering asserts). So does ``BLOCK_D = 1``
-    in any dtype (the fused loss's fix-up: the fewest registers next to its float64 tiles, and no
-    ``tl.dot`` with K < 16, which Triton 3.6 rejects).
+    compile an fp64 ``tl.dot`` for sm_80/sm_90 (its fp64 MMA lowering asserts).
     """
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     gram = tl.zeros([BLOCK_G, BLOCK_G], dtype=ACC)
-    if ACC == tl.float64 or BLOCK_D == 1:  # noqa: SIM300 (ACC is a constexpr, not a constant)
+    if ACC == tl.float64:  # noqa: SIM300 (ACC is a constexpr, not a constant)
         for d in range(0, D):
             col = tl.load(emb_ptr + offs_g * stride_g + d * stride_d, mask=valid != 0, other=0.0).to(ACC)
             gram += col[:, None] * col[None, :]
