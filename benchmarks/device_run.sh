@@ -50,7 +50,7 @@ else
     suite=headline
     linear_case='tokens T=1024 chunk=256'
     # GPU-only tests first (the sweeps, the vocabulary scale, the sanitizer), then every kernel path
-    gpu_tests=(tests/test_triton.py tests/test_cuda.py tests/test_linear_logps.py)
+    gpu_tests=(-m "gpu or triton or cuda_ext" tests/test_triton.py tests/test_cuda.py tests/test_linear_logps.py)
     rest=(tests/test_kernel_paths.py tests/test_group_loss.py tests/test_advantages.py tests/test_diversity.py)
     workers=8
 fi
@@ -72,8 +72,7 @@ fi
 # correctness: the GPU-only tests first; xdist spreads whole files over the workers (loadfile)
 xdist=()
 (( workers > 1 )) && xdist=(-n "$workers" --dist loadfile)
-step gpu-tests 150 "$out/tests.log" python3 -m pytest -q -x "${xdist[@]}" -m "gpu or triton or cuda_ext" \
-    "${gpu_tests[@]}"
+step gpu-tests 150 "$out/tests.log" python3 -m pytest -q -x "${xdist[@]}" "${gpu_tests[@]}"
 if (( ${#rest[@]} )); then
     step kernel-tests 120 "$out/tests.log" python3 -m pytest -q "${xdist[@]}" -m "triton or cuda_ext" "${rest[@]}"
 fi
@@ -96,7 +95,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 e = torch.randn(3, 17, 40, device=device, requires_grad=True)
 m = torch.ones(3, 17, dtype=torch.bool, device=device)
 m[1, 9:] = False
-p = -torch.rand(3, 17, device=device, requires_grad=True)
+p = (-torch.rand(3, 17, device=device)).requires_grad_()
 r = torch.randn(3, 17, device=device)
 o = dk.group_preference_loss(p, r, e, p.detach() * 0.9, m, diversity="logdet_gain", diversity_alpha=0.5,
                              backend="cuda")
