@@ -24,6 +24,7 @@ def shared_limit(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
+@torch._dynamo.assume_constant_result  # under torch.compile: decided once while tracing, like the backend
 def fits(group: int, acc: torch.dtype, device: torch.device) -> bool:
     """Whether the CUDA kernels can hold a group of ``group`` responses in ``acc``: each block keeps the
     group's ``G x G`` matrices in shared memory (``csrc/group_math.h: workspace_elements``). float64 at
