@@ -8,7 +8,7 @@ import divkernels as dk
 from divkernels import reference
 from divkernels.benchmarks.harness import Case, clear_grads, element_bytes, embeddings
 
-# The fused pipeline the kernel issue's targets are stated for.
+# The fused pipeline of the speed targets (fused DDPO + logdet regularizer).
 DDPO_LOGDET = {"loss": "dpo", "diversity": "deviation", "diversity_alpha": 0.1}
 VARIANTS = {
     "ddpo+logdet": DDPO_LOGDET,

@@ -1,7 +1,7 @@
 """``python -m divkernels.benchmarks``: fused kernels vs eager PyTorch vs ``torch.compile``.
 
 Suites:
-  fused  the kernel issue's targets: fused DDPO + logdet regularizer, bf16 emb, at
+  fused  the speed targets: fused DDPO + logdet regularizer, bf16 emb, at
          (B, G, D) = (256, 16, 4096) and (4096, 16, 2048), forward and forward+backward
   full   every op family over the shapes of the benchmark issue, bf16 and fp32
   headline  the first check on a new GPU: fused DDPO + logdet, bf16, at (8, 8, 384), (256, 16, 4096)
