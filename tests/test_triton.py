@@ -179,6 +179,27 @@ def test_darling_with_labels_and_minmax_rewards_match_the_oracle(transitive: boo
         assert_matches(got, want, RTOL[torch.float64], atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["darling-raw", "darling-minmax", "deviation"])
+def test_float64_rewards_keep_their_constants_in_float64(case: str) -> None:
+    """Labels or float32 embeddings give no float64 operand, yet float64 rewards' advantages carry
+    DARLING's floor 0.1 and the weight alpha = 0.1 themselves, not float32's 0.10000000149 (a 1.5e-8
+    relative error). The diversity here is exact in any dtype: one class (every response at the floor),
+    or one-hot embeddings whose deviations are 3/4 and 1."""
+    rewards = torch.tensor([[0.0, 1.0, 3.0, 7.0, 2.0]], dtype=torch.float64, device=DEVICE)
+    diversity, _, darling_reward = case.partition("-")
+    if diversity == "darling":
+        labels, emb, measure = torch.zeros(1, 5, dtype=torch.long), None, torch.full((1, 5), 0.1, dtype=torch.float64)
+        quality = rewards.cpu() / 7.0 if darling_reward == "minmax" else rewards.cpu()
+        shaped = quality * measure
+    else:
+        labels, emb, darling_reward = None, torch.eye(4)[[0, 0, 1, 2, 3]][None].to(DEVICE), "raw"
+        shaped = rewards.cpu() + 0.1 * torch.tensor([[0.75, 0.75, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    got = dk.group_advantages(rewards, emb, None, diversity=diversity, alpha=0.1, scale="none", backend="triton",
+                              partition=None if labels is None else labels.to(DEVICE), darling_reward=darling_reward)
+    assert got.dtype == torch.float64
+    assert_matches(got, shaped - shaped.mean(), 16 * 2.0**-53)  # a handful of float64 roundings
+
+
 # ----------------------------------------------------------------------------- fused loss
 
 

@@ -60,10 +60,10 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
     range, PHASE 2 reduces the ranges of the whole batch and finishes. ``FIXUP`` (dqo): only if the
     group's advantages hold a NaN (the first launch's fp32 sweep failed), all again with a float64 sweep.
     """
-    alpha = as_acc(alpha, ACC)
+    alpha = as_acc(alpha, OUT)  # weighs a diversity kept in OUT, the rewards' dtype
     tau = as_acc(tau, ACC)
     eps = as_acc(eps, ACC)
-    min_diversity = as_acc(min_diversity, ACC)
+    min_diversity = as_acc(min_diversity, OUT)  # the floor of a diversity kept in OUT (labels: ACC is fp32)
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     inside = offs < G
