@@ -12,12 +12,12 @@ Must run without ``TRITON_INTERPRET``, so the kernels are ``JITFunction`` s.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,4 +113,8 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(prog="python -m divkernels.benchmarks.resources_worker",
+                                     description="Compile the launches queued in a job folder (written by "
+                                     "divkernels.benchmarks.resources) and print one JSON report per launch and arch.")
+    parser.add_argument("jobs", help="the job folder")
+    main(parser.parse_args().jobs)

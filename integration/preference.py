@@ -100,7 +100,7 @@ class DiversityPreferenceConfig(TrainingArguments):
     min_deviation: float = field(default=0.0, metadata={"help": "Floor on deviation weights."})
     orpo_weighting: str = field(default="dorpo", metadata={
         "help": "dorpo (the authors': weight inside the log-sigmoid, NLL times the mean weight) or pair (ours)."})
-    quality_quantile: float = field(default=0.25, metadata={"help": "DivPO pool share (the authors' rho = 25%)."})
+    quality_quantile: float = field(default=0.25, metadata={"help": "DivPO pool share (the authors' rho: 0.25)."})
     divpo_pools: str = field(default="ranked", metadata={"help": "ranked (DivPO) or threshold (ours)."})
     embedding_source: str = field(default="encoder", metadata={"help": "encoder or policy."})
     pooling: str = field(default="mean", metadata={"help": "Pooling of policy hidden states: mean or last."})
