@@ -85,6 +85,9 @@ class DiversityCallback(TrainerCallback):
         max_new_tokens, generation_kwargs: for ``model.generate``.
         prefix: metric name prefix.
 
+    The metrics are a record of their own in ``state.log_history`` at their step; the trainer's own
+    record of that step (its loss) stays.
+
     Samples are drawn with the RNG seeded from ``seed`` (default the trainer's ``args.seed``) plus the
     step, inside a forked RNG state: they do not depend on, or disturb, the training randomness.
     Under DDP only the main process samples (every process holds the whole model). With a sharded
@@ -132,25 +135,34 @@ class DiversityCallback(TrainerCallback):
         metrics = diversity_metrics(samples, self.embed, prompts=self.prompts, verifier=self.verifier)
         return {self.prefix + name: value for name, value in metrics.items()}
 
-    def _evaluate_and_log(self, state: TrainerState) -> None:
+    def _evaluate_and_log(self, state: TrainerState, control: TrainerControl) -> None:
         # Under DDP every process holds the whole model: sampling on the main process is enough
         # (Trainer.log reports from there only). A sharded model needs every process to generate.
         if self._sharded():
             metrics = self.evaluate()
             if state.is_world_process_zero:
-                self.trainer.log(metrics)
+                self._log(metrics, control)
             return
         if not state.is_world_process_zero:
             return
         logger.info(f"DiversityCallback: sampling {self.num_samples} completions for {len(self.prompts)} prompts "
                     f"at step {state.global_step}")
-        self.trainer.log(self.evaluate())
+        self._log(self.evaluate(), control)
+
+    def _log(self, metrics: dict[str, float], control: TrainerControl) -> None:
+        """Log ``metrics`` as their own record at this step. ``Trainer.log`` clears ``control.should_log``
+        (the callback handler's ``on_log``), which would drop the loss the trainer logs after this step's
+        callbacks: the flag is put back, so the step gets the trainer's record too."""
+        pending = control.should_log
+        self.trainer.log(metrics)
+        control.should_log = pending
+        self.trainer.control.should_log = pending
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        self._evaluate_and_log(state)
+        self._evaluate_and_log(state, control)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         if state.global_step % self.every_n_steps == 0:
-            self._evaluate_and_log(state)
+            self._evaluate_and_log(state, control)

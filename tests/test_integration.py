@@ -12,6 +12,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -376,30 +377,55 @@ def test_diversity_metrics_on_known_samples() -> None:
     assert metrics["vendi"] == pytest.approx(dk.vendi_score(emb).mean().item(), rel=1e-6)
 
 
-def test_callback_logs_diversity_through_any_trainer(tmp_path: Path) -> None:
-    """A plain ``transformers.Trainer`` (causal-LM loss) with the callback: metrics in log_history."""
+def _trainer_with_callback(kind: str, tmp_path: Path, logging_steps: int) -> Any:
+    """A 4-step trainer of ``kind`` (``Trainer`` on a causal-LM loss, TRL's ``DPOTrainer`` on pairs, ours on
+    groups) with a DiversityCallback every 2 steps."""
     model, tokenizer = tiny()
-    texts = [f"<bos> {demo.prompt_for(t)} {demo.solutions(t)[0]} <eos>" for t in demo.TARGETS]
-    encoded = tokenizer(texts, add_special_tokens=False)
-    dataset = Dataset.from_dict({"input_ids": encoded["input_ids"]})
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=2,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    common = {"output_dir": str(tmp_path), "max_steps": 4, "per_device_train_batch_size": 4,
+              "logging_steps": logging_steps, "save_strategy": "no", "report_to": [], "use_cpu": True,
+              "disable_tqdm": True}
+    if kind == "Trainer":
+        texts = [f"<bos> {demo.prompt_for(t)} {demo.solutions(t)[0]} <eos>" for t in demo.TARGETS]
+        dataset = Dataset.from_dict({"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]})
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
+                          processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    elif kind == "DPOTrainer":
+        trl = pytest.importorskip("trl")
+        pairs = [{"prompt": row["prompt"], "chosen": row["completions"][0], "rejected": row["completions"][-1]}
+                 for row in GROUPS]
+        trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(**common, max_length=16),
+                                 train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
+    else:
+        trainer = DiversityPreferenceTrainer(model=model, args=config(tmp_path, **common),
+                                             train_dataset=Dataset.from_list(GROUPS), processing_class=tokenizer)
     prompts = [f"<bos> {demo.prompt_for(t)}" for t in (6, 12)]
     trainer.add_callback(DiversityCallback(trainer, prompts, num_samples=4, every_n_steps=2, embed=bag_embed,
                                            max_new_tokens=4,
                                            verifier=lambda p, c: demo.is_correct(p.removeprefix("<bos> "), c)))
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "diversity_eval/vendi" in entry]
+    return trainer
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["Trainer", "DPOTrainer", "DiversityPreferenceTrainer"])
+def test_callback_logs_diversity_beside_the_trainers_own_records(tmp_path: Path, kind: str,
+                                                                  logging_steps: int) -> None:
+    """Metrics in log_history at steps 0, 2, 4, and the trainer's loss at every step it logs, the steps
+    where the callback logs too included."""
+    trainer = _trainer_with_callback(kind, tmp_path, logging_steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    history = trainer.state.log_history
+    logged = [entry for entry in history if "diversity_eval/vendi" in entry]
     assert [entry["step"] for entry in logged] == [0, 2, 4]
+    assert [entry["step"] for entry in history if "loss" in entry] == list(range(logging_steps, 5, logging_steps))
     for entry in logged:
         assert 1.0 <= entry["diversity_eval/vendi"] <= 4.0 + 1e-6
         assert 0.0 <= entry["diversity_eval/pass@1"] <= entry["diversity_eval/pass@k"] <= 1.0
         assert {"diversity_eval/mean_similarity", "diversity_eval/logdet", "diversity_eval/distinct_2",
                 "diversity_eval/distinct_correct@k"} <= set(entry)
     with pytest.raises(ValueError, match="num_samples"):
-        DiversityCallback(trainer, prompts, num_samples=1, embed=bag_embed)
+        DiversityCallback(trainer, ["<bos> 1 ="], num_samples=1, embed=bag_embed)
 
 
 def test_bundled_sentence_encoder_embeds_offline() -> None:
