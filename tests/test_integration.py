@@ -387,13 +387,15 @@ def _trainer_with_callback(kind: str, tmp_path: Path, logging_steps: int) -> Any
     if kind == "Trainer":
         texts = [f"<bos> {demo.prompt_for(t)} {demo.solutions(t)[0]} <eos>" for t in demo.TARGETS]
         dataset = Dataset.from_dict({"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"]})
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
-                          processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+                          processing_class=tokenizer, data_collator=collator)
     elif kind == "DPOTrainer":
         trl = pytest.importorskip("trl")
         pairs = [{"prompt": row["prompt"], "chosen": row["completions"][0], "rejected": row["completions"][-1]}
                  for row in GROUPS]
-        trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(**common, max_length=16),
+        trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model),
+                                 args=trl.DPOConfig(**common, max_length=16),
                                  train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
     else:
         trainer = DiversityPreferenceTrainer(model=model, args=config(tmp_path, **common),
