@@ -29,6 +29,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -186,8 +187,9 @@ def pairs_to_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def tokenize_rows(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: DiversityPreferenceConfig) -> Any:
     """Add ``prompt_ids`` and ``completion_ids`` (one list per completion) to every group row, as the
     loss's TRL trainer tokenizes (:func:`divkernels.integration.tokenization.tokenize_group`), and
-    drop the groups whose prompt alone fills ``max_length`` under ``keep_start`` truncation (as TRL's
-    DPOTrainer does: no completion token would remain)."""
+    drop the groups whose prompt alone fills ``max_length`` (as TRL's DPOTrainer does under ``keep_start``
+    truncation, and for ORPO/SimPO, whose completions are cut to ``max_length`` minus the prompt): no
+    completion token would remain."""
     def tokenize(row: dict[str, Any]) -> dict[str, Any]:
         if len(row["completions"]) != len(row["rewards"]):
             raise ValueError(f"a row has {len(row['completions'])} completions but {len(row['rewards'])} rewards")
@@ -199,6 +201,12 @@ def tokenize_rows(dataset: Any, tokenizer: PreTrainedTokenizerBase, args: Divers
     dataset = dataset.map(tokenize)
     if args.tokenization == "dpo" and args.max_length is not None and args.truncation_mode == "keep_start":
         dataset = dataset.filter(lambda row: len(row["prompt_ids"][0]) < args.max_length)
+    if args.tokenization == "orpo":  # the prompt alone fills max_length: no completion token is left
+        kept = dataset.filter(lambda row: any(row["completion_ids"]))
+        if len(kept) < len(dataset):
+            warnings.warn(f"groups whose prompt alone fills max_length={args.max_length} are dropped: no "
+                          "completion token is left", UserWarning, stacklevel=2)
+        dataset = kept
     return dataset
 
 
@@ -207,7 +215,8 @@ class GroupPreferenceCollator:
     """Pads a batch of tokenized group rows into one batch of ``prompt + completion`` sequences.
 
     Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (``[N, L]``, right-padded, N the
-    number of responses; sequences truncated to ``max_length`` by ``truncation_mode``),
+    number of responses; sequences truncated to ``max_length`` by ``truncation_mode``; a response left
+    without a completion token is left out, masked in its group, with a warning once),
     ``response_mask`` (``[B, G]`` bool), ``rewards`` (``[B, G]``), ``completion_texts`` (N strings,
     for the encoders) and, when the rows have ``pairs``, ``pair_index`` (``[B, P, 2]``, ``-1`` padded).
     """
@@ -219,29 +228,42 @@ class GroupPreferenceCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         group = max(len(row["completions"]) for row in rows)
         sequences, completion_masks, texts = [], [], []
-        for row in rows:
-            for prompt_ids, completion_ids, completion in zip(row["prompt_ids"], row["completion_ids"],
-                                                              row["completions"], strict=True):
+        kept = [[False] * group for _ in rows]
+        for b, row in enumerate(rows):
+            for i, (prompt_ids, completion_ids, completion) in enumerate(zip(
+                    row["prompt_ids"], row["completion_ids"], row["completions"], strict=True)):
                 ids, mask = truncate(list(prompt_ids) + list(completion_ids),
                                      [0] * len(prompt_ids) + [1] * len(completion_ids), self.max_length,
                                      self.truncation_mode)
+                if not any(mask):  # no completion token left: the response leaves its group
+                    continue
+                kept[b][i] = True
                 sequences.append(ids)
                 completion_masks.append(mask)
                 texts.append(completion_text(completion))
+        if not sequences:
+            raise ValueError(f"no completion token is left in this batch after truncation to max_length="
+                             f"{self.max_length} ({self.truncation_mode}): raise max_length")
+        dropped = sum(len(row["completions"]) for row in rows) - len(sequences)
+        if dropped:
+            warnings.warn(f"responses without a completion token after truncation to max_length={self.max_length} "
+                          f"({self.truncation_mode}) are masked out of their groups", UserWarning, stacklevel=2)
         length = max(len(sequence) for sequence in sequences)
         batch = {
             "input_ids": torch.tensor([s + [self.pad_token_id] * (length - len(s)) for s in sequences]),
             "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
             "completion_mask": torch.tensor([m + [0] * (length - len(m)) for m in completion_masks]),
-            "response_mask": torch.tensor([[i < len(row["completions"]) for i in range(group)] for row in rows]),
+            "response_mask": torch.tensor(kept),
             "rewards": torch.tensor([list(map(float, row["rewards"])) + [0.0] * (group - len(row["rewards"]))
                                      for row in rows]),
             "completion_texts": texts,
         }
-        if "pairs" in rows[0]:
-            most = max(len(row["pairs"]) for row in rows)
-            batch["pair_index"] = torch.tensor([list(row["pairs"]) + [[-1, -1]] * (most - len(row["pairs"]))
-                                                for row in rows], dtype=torch.long).view(len(rows), most, 2)
+        if "pairs" in rows[0]:  # pairs of a masked-out response go too
+            pairs = [[pair for pair in row["pairs"] if kept[b][pair[0]] and kept[b][pair[1]]]
+                     for b, row in enumerate(rows)]
+            most = max(len(row) for row in pairs)
+            batch["pair_index"] = torch.tensor([row + [[-1, -1]] * (most - len(row)) for row in pairs],
+                                               dtype=torch.long).view(len(rows), most, 2)
         return batch
 
 

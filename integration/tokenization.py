@@ -16,7 +16,8 @@ builds them as the TRL trainer of the same loss would (TRL 1.x; the rules below 
   template; the prompt is tokenized without special tokens, each completion as the tail of
   ``prompt + completion`` (the last prompt token goes with the completion when the tokenizer
   merges across the boundary); the BOS token is prepended and the EOS token appended where
-  missing, and a completion is cut so that prompt + completion fit ``max_length``.
+  missing, and a completion is cut so that prompt + completion fit ``max_length`` (a group whose
+  prompt alone fills it is dropped: no completion token is left).
 
 Our own additions, off by default: ``max_prompt_length`` (keep the prompt's last tokens) and
 ``max_completion_length`` (keep a completion's first tokens), applied before TRL's rules.

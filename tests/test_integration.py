@@ -127,6 +127,61 @@ def test_collator_shapes_masks_and_pairs(tmp_path: Path) -> None:
                       config(tmp_path))
 
 
+LONG_PROMPT = {"prompt": "<bos> " + "1 2 " * 10 + "=", "completions": [" 3", " 4 4"], "rewards": [1.0, 0.0]}
+
+
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "orpo", "simpo"])
+def test_prompts_longer_than_max_length_train(tmp_path: Path, loss_type: str, truncation_mode: str) -> None:
+    """A prompt that alone fills ``max_length`` beside normal groups: truncated as TRL truncates (DPO/IPO
+    ``keep_end`` keeps the completions' ends; ``keep_start`` and ORPO/SimPO leave no completion token,
+    and the group is dropped with a warning), and the step trains, never an error."""
+    model, tokenizer = tiny()
+    args = config(tmp_path, loss_type=loss_type, truncation_mode=truncation_mode, max_length=12, max_steps=2,
+                  max_prompt_length=None, diversity="deviation", diversity_alpha=0.5, per_device_train_batch_size=5)
+    rows = [*GROUPS, LONG_PROMPT]
+    warns = pytest.warns(UserWarning, match="no completion token") if loss_type in ("orpo", "simpo") else (
+        contextlib.nullcontext())
+    with warns:
+        trainer = DiversityPreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                             processing_class=tokenizer, encoder=bag_embed)
+    kept = loss_type in ("dpo", "ipo") and truncation_mode == "keep_end"
+    assert len(trainer.train_dataset) == len(rows) - (not kept)
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "orpo", "simpo"])
+def test_a_response_without_tokens_is_masked_out_of_its_group(tmp_path: Path, loss_type: str) -> None:
+    """A response that truncation leaves without a completion token leaves its group (its pairs too): the
+    loss equals that of the group without it."""
+    model, tokenizer = tiny()
+    trainer = DiversityPreferenceTrainer(model=model, args=config(tmp_path, loss_type=loss_type, diversity="deviation",
+                                                                  diversity_alpha=0.5),
+                                         train_dataset=Dataset.from_list(GROUPS), processing_class=tokenizer,
+                                         encoder=bag_embed)
+    rows = [dict(row, pairs=[[0, 1], [1, 2], [0, 2]]) for row in GROUPS[:3]]
+    tokenized = tokenize_rows(Dataset.from_list(rows), tokenizer, trainer.args)
+    emptied = [dict(tokenized[i]) for i in range(len(tokenized))]
+    emptied[0]["completion_ids"] = [ids if j != 1 else [] for j, ids in enumerate(emptied[0]["completion_ids"])]
+    with pytest.warns(UserWarning, match="masked out of their groups"):
+        batch = trainer.data_collator(emptied)
+    assert batch["response_mask"][0].tolist() == [True, False, True, True, False]
+    assert batch["input_ids"].shape[0] == 4 + 3 + 5 - 1 == len(batch["completion_texts"])
+    assert batch["pair_index"][0].tolist() == [[0, 2], [-1, -1], [-1, -1]]
+    without = [dict(row) for row in emptied]
+    without[0] = {key: [value for j, value in enumerate(items) if j != 1] if key in (
+        "completions", "rewards", "prompt_ids", "completion_ids") else items for key, items in without[0].items()}
+    without[0]["pairs"] = [[0, 1]]  # (0, 2) renumbered
+    trainer.model.eval()
+    with torch.no_grad():
+        masked = trainer.compute_loss(trainer.model, batch).item()
+        dropped = trainer.compute_loss(trainer.model, trainer.data_collator(without)).item()
+    assert masked == pytest.approx(dropped, rel=1e-5)
+    with pytest.raises(ValueError, match="no completion token is left"):
+        trainer.data_collator([dict(emptied[1], completion_ids=[[]] * 3)])
+
+
 def test_pool_hidden_states_mean_and_last() -> None:
     hidden = torch.arange(24, dtype=torch.float64).view(2, 3, 4).requires_grad_()
     mask = torch.tensor([[0, 1, 1], [1, 0, 0]])
