@@ -76,8 +76,9 @@ class DiversityPreferenceConfig(TrainingArguments):
     ``"best_worst"`` or ``"divpo"``; ``embedding_source``: ``"encoder"`` (frozen sentence encoder)
     or ``"policy"`` (pooled last hidden states of the response tokens, with gradient);
     ``fused_linear``: policy and reference log-probs (and the logged logit statistics) through
-    :func:`divkernels.linear_logps` from the LM head's input, without the logits (what TRL's
-    ``use_liger_kernel`` does for its pair losses).
+    :func:`divkernels.linear_logps` from the LM head's input, without the logits (what TRL's chunked LM
+    head does for its DPOTrainer); ``None`` (the default) takes it whenever :func:`output_head` accepts
+    the model (a plain linear head, unsharded, no logit softcapping), else the logits, with a warning.
     """
 
     # TRL's defaults that differ from TrainingArguments'
@@ -113,9 +114,11 @@ class DiversityPreferenceConfig(TrainingArguments):
         "help": "Ours: keep a completion's first tokens (None: TRL's rules only)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every torch.nn.Dropout to p=0 (TRL)."})
     kernel_backend: str = field(default="auto", metadata={"help": "divkernels backend for the loss."})
-    fused_linear: bool = field(default=False, metadata={
+    fused_linear: bool | None = field(default=None, metadata={
         "help": "Policy and reference log-probs from the last hidden states through the LM head in chunks "
-                "(divkernels.linear_logps): the [N, L, V] logits never exist."})
+                "(divkernels.linear_logps): the [N, L, V] logits never exist. None: on whenever the model "
+                "allows it (a plain Linear head, unsharded, no logit softcapping), else the logits path; "
+                "False: always the logits."})
     linear_chunk_size: int | None = field(default=None, metadata={
         "help": "Token rows per LM-head chunk with fused_linear (None: chunk * V <= 2^26)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collator reads the raw columns."})
@@ -500,12 +503,28 @@ class DiversityPreferenceTrainer(Trainer):
             self.ref_model = prepare_reference_model(ref_model, self.accelerator, args.per_device_train_batch_size)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0.0
+        self._fused_linear_auto: bool | None = None
+
+    def _fused_linear(self, model: torch.nn.Module) -> bool:
+        """``args.fused_linear``; ``None``: whether :func:`output_head` accepts ``model``, decided at the
+        first batch (after the accelerator has wrapped or sharded it)."""
+        if self.args.fused_linear is not None:
+            return self.args.fused_linear
+        if self._fused_linear_auto is None:
+            try:
+                output_head(model)
+                self._fused_linear_auto = True
+            except ValueError as reason:
+                warnings.warn(f"fused_linear=None: the [N, L, V] logits are formed, since {reason}", UserWarning,
+                              stacklevel=2)
+                self._fused_linear_auto = False
+        return self._fused_linear_auto
 
     def _sequences(self, model: torch.nn.Module, inputs: dict[str, Any],
                    pooled: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Per-response statistics (:func:`sequence_statistics`) and, with ``pooled``, the pooled last
         hidden state of the completion tokens ``[N, H]``."""
-        if self.args.fused_linear:
+        if self._fused_linear(model):
             hidden, head = head_inputs(model, inputs)
             stats = fused_sequence_statistics(hidden, head.weight, head.bias, inputs["input_ids"],
                                               inputs["attention_mask"], inputs["completion_mask"],

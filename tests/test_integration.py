@@ -255,6 +255,24 @@ def test_fused_linear_trainer_equals_unfused(tmp_path: Path, loss_type: str) -> 
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("fused_linear", [None, False])
+def test_default_takes_the_logits_where_the_head_is_not_plain(tmp_path: Path, fused_linear: bool | None) -> None:
+    """fused_linear=None (the default) on a model whose logits are not lm_head(hidden): the logits path, with
+    a warning; fused_linear=False: the logits path, silently."""
+    model, tokenizer = tiny()
+    model.config.final_logit_softcapping = 30.0
+    args = config(tmp_path, max_steps=1, fused_linear=fused_linear)
+    trainer = DiversityPreferenceTrainer(model=model, args=args, train_dataset=Dataset.from_list(GROUPS),
+                                         processing_class=tokenizer, encoder=bag_embed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "logits are formed" in str(w.message)]
+    assert len(said) == (fused_linear is None)
+    assert all("final_logit_softcapping" in message for message in said)
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
 def test_fused_linear_refuses_models_that_change_logits_after_the_head(tmp_path: Path) -> None:
     from divkernels.integration.preference import output_head
 

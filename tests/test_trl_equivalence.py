@@ -145,10 +145,13 @@ def test_truncation_equals_trl(loss: str, overrides: dict[str, Any], tmp_path: P
     compare(loss, PAIRS, tmp_path, **overrides)
 
 
+@pytest.mark.parametrize("ours", [{}, {"fused_linear": True, "linear_chunk_size": 8}], ids=["default", "chunks-of-8"])
 @pytest.mark.parametrize("loss", ["dpo", "orpo", "simpo"])
-def test_fused_linear_equals_trl(loss: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Log-probs and logged logit statistics from the LM head's input in chunks of 8 token rows (several
-    per batch), the logits never formed: still TRL's trainer step for step (loss, metrics, weights)."""
+def test_fused_linear_equals_trl(loss: str, ours: dict[str, Any], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log-probs and logged logit statistics from the LM head's input (by default; and in chunks of 8 token
+    rows, several per batch), the logits never formed: still TRL's trainer step for step (loss, metrics,
+    weights)."""
     from divkernels.integration import preference
 
     vocab = tiny_gpt2().config.vocab_size
@@ -169,7 +172,7 @@ def test_fused_linear_equals_trl(loss: str, tmp_path: Path, monkeypatch: pytest.
             handle.remove()
 
     monkeypatch.setitem(globals(), "run_ours", run_ours_watching)
-    compare(loss, PAIRS, tmp_path, ours={"fused_linear": True, "linear_chunk_size": 8})
+    compare(loss, PAIRS, tmp_path, ours=ours)
     assert len(calls) >= 2 and not logits_seen, (len(calls), logits_seen)
 
 
