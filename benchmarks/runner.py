@@ -11,6 +11,8 @@ Suites:
          backward (kernels stubbed without a GPU; see host.py); CPU is fine
   linear sequence log-probs through the LM head: fused (chunked) vs unfused logits, peak extra
          memory and time over a token sweep and a chunk sweep, each in a fresh process (linear.py)
+  trainer  preference trainers, ours (default, with diversity, with logits) against TRL's DPOTrainer
+         at T = 256, 1024, 2048 tokens: peak extra memory and seconds per step (trainer.py)
 
 Each (case, provider) row gets the median time, peak extra memory, the memory floor (bytes that
 must move over the measured copy bandwidth) and the ratio to it. Results go to
@@ -57,7 +59,7 @@ DEFAULT_OUT = Path("benchmark_results")
 CHECKPOINT_ROWS = 10  # rows between partial writes of the result files
 
 
-SUITES = ("fused", "headline", "headline-tiny", "full", "smoke", "host", "linear")
+SUITES = ("fused", "headline", "headline-tiny", "full", "smoke", "host", "linear", "trainer")
 
 
 def suite_cases(suite: str) -> list[Case]:
@@ -133,21 +135,23 @@ def provider_op(provider: str, case: Case, compiled: dict[tuple, Callable], comp
     return compiled[key]
 
 
+def version_of(module: str) -> str:
+    """``module.__version__``, or "not installed"."""
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
 def environment(device: torch.device) -> dict[str, object]:
     """Device, versions and commit recorded with every result file."""
-    def version(module: str) -> str:
-        try:
-            return __import__(module).__version__
-        except ImportError:
-            return "not installed"
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("DIVKERNELS_COMMIT", "unknown")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": version("triton"),
+    return {"device": name, "torch": torch.__version__, "triton": version_of("triton"),
             "cuda": torch.version.cuda, "python": platform.python_version(), "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -385,6 +389,31 @@ def run_linear(device: torch.device, out: Path, repeats: int, log: Callable[[str
     return 0
 
 
+def run_trainer(device: torch.device, out: Path, log: Callable[[str], None], only: str | None = None) -> int:
+    """``--suite trainer``: peak memory and seconds per step of the preference trainers (trainer.py), with a
+    table and a plot; ``only``: the cases whose label (``ours T=1024``) matches."""
+    from divkernels.benchmarks import trainer
+
+    env = {**environment(device), "transformers": version_of("transformers"), "trl": version_of("trl")}
+    log(f"divkernels trainer suite on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, "
+        f"trl {env['trl']}, commit {str(env['commit'])[:12]})")
+    selected = trainer.cases()
+    if only:
+        pattern = re.compile(only)
+        selected = [case for case in selected if pattern.search(f"{case.trainer} T={case.length}")]
+        if not selected:
+            raise SystemExit(f"--only {only!r} matches no case of suite 'trainer'")
+    rows = trainer.run(device, log, selected)
+    json_path, csv_path = write_results(rows, env, None, result_path(env, out, trainer.RESULTS_NAME), "trainer")
+    log("\n" + trainer.readme_block(json.loads(json_path.read_text())))
+    log(f"\nwrote {json_path} and {csv_path}")
+    try:
+        log(f"plot: {trainer.plot(rows, env, json_path.with_suffix(''))}")
+    except ImportError:
+        log("plot skipped: matplotlib is not installed")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m divkernels.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_host(device, args.out, args.repeats, log, args.baseline)
     if args.suite == "linear":
         return run_linear(device, args.out, args.repeats, log, args.only)
+    if args.suite == "trainer":
+        return run_trainer(device, args.out, log, args.only)
     env = environment(device)
     log(f"divkernels benchmarks, suite {args.suite}, on {env['device']} (torch {env['torch']}, "
         f"triton {env['triton']}, commit {str(env['commit'])[:12]})")

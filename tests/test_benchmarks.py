@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import math
 import re
 from pathlib import Path
 
@@ -172,3 +174,34 @@ def test_linear_suite_measures_both_paths_in_fresh_processes(tmp_path: Path) -> 
     assert "| tokens | 32 | 96 | 4 |" in linear.table(rows)
     pytest.importorskip("matplotlib")
     assert linear.plot(rows, {"device": "cpu"}, tmp_path / "linear").exists()
+
+
+def test_trainer_suite_measures_every_trainer_in_fresh_processes(tmp_path: Path) -> None:
+    """The trainer family at a tiny size: a row per trainer, the table and the plot (numbers not asserted)."""
+    from divkernels.benchmarks import trainer
+
+    pytest.importorskip("transformers")
+    selected = [trainer.TrainerCase(name, 32, vocab=96, width=16) for name in trainer.TRAINERS]
+    rows = trainer.run(torch.device("cpu"), lambda _: None, selected)
+    assert [row["trainer"] for row in rows] == list(trainer.TRAINERS)
+    for row in rows:
+        if row["trainer"] == "trl" and importlib.util.find_spec("trl") is None:
+            assert row["error"] == "skipped: trl is not installed"
+            continue
+        assert row["error"] is None and row["steps"] == trainer.STEPS and row["seconds_per_step"] > 0, row
+        assert row["first_loss"] == pytest.approx(math.log(2), rel=1e-5)  # the same start for every trainer
+    assert "| 32 | ours-logits |" in trainer.table(rows)
+    pytest.importorskip("matplotlib")
+    assert trainer.plot(rows, {"device": "cpu"}, tmp_path / "trainer").exists()
+
+
+def test_trainer_table_is_the_committed_run() -> None:
+    """benchmarks/README.md's trainer table is the committed result file as the code prints it."""
+    from divkernels.benchmarks import trainer
+
+    results_dir = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    committed = sorted(results_dir.glob(f"*-{trainer.RESULTS_NAME}-*.json"))
+    assert committed, "run: python -m divkernels.benchmarks --suite trainer --out benchmarks/results"
+    readme = (results_dir.parent / "README.md").read_text()
+    for path in committed:
+        assert trainer.readme_block(json.loads(path.read_text())) in readme, path.name

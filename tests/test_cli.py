@@ -20,6 +20,7 @@ ENTRY_POINTS = [
     ("divkernels.benchmarks.resources", [], None),
     ("divkernels.benchmarks.dispatch", [], None),
     ("divkernels.benchmarks.resources_worker", [], None),
+    ("divkernels.benchmarks.trainer", [], None),
 ]
 
 
