@@ -3,7 +3,7 @@
 Suites:
   fused  the speed targets: fused DDPO + logdet regularizer, bf16 emb, at
          (B, G, D) = (256, 16, 4096) and (4096, 16, 2048), forward and forward+backward
-  full   every op family over the shapes of the benchmark issue, bf16 and fp32
+  full   every op family over a sweep of shapes, bf16 and fp32
   headline  the first check on a new GPU: fused DDPO + logdet, bf16, at (8, 8, 384), (256, 16, 4096)
          and (4096, 16, 2048), forward and forward+backward; headline-tiny: the same at (2, 8, 32)
   smoke  tiny shapes, to check the runner itself (CPU is fine, about a minute)

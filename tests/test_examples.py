@@ -1,0 +1,46 @@
+"""Every script in examples/ runs as its docstring prints it, at its smallest (2 steps), on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def run(command: list[str], cwd: Path) -> str:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result.stdout
+
+
+def test_every_example_is_tested() -> None:
+    assert {path.name for path in EXAMPLES.glob("*.py")} - {"tiny.py"} == {
+        "ddpo.py", "lora.py", "grpo_darling.py", "fsdp2.py"}
+
+
+@pytest.mark.parametrize("script", ["ddpo.py", "lora.py", "grpo_darling.py"])
+def test_example_runs(script: str, tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    if script == "lora.py":
+        pytest.importorskip("peft")
+    out = run([sys.executable, str(EXAMPLES / script), "--output_dir", "out", "--max_steps", "2"], tmp_path)
+    assert "step 2" in out or "trained" in out, out
+    assert {path.name for path in tmp_path.iterdir()} == {"out"}  # nothing beside its output folder
+
+
+def test_fsdp2_example_runs_under_accelerate_launch(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not installed")
+    out = run([launcher, "launch", "--config_file", str(EXAMPLES / "configs" / "fsdp2_cpu.yaml"),
+               str(EXAMPLES / "fsdp2.py"), "--output_dir", "out", "--max_steps", "2"], tmp_path)
+    assert "step 2: loss" in out, out
