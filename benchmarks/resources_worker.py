@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,8 +103,10 @@ def main(path: str) -> None:
         for arch in job["archs"]:
             result = {"launch": job["index"], "kernel": job["name"], "arch": arch, "triton": triton.__version__,
                       "triton_path": str(Path(triton.__file__).resolve()), "num_warps": job["kwargs"].get("num_warps")}
+            started = time.perf_counter()
             try:
                 result.update(compile_launch(job, arch))
+                result["seconds"] = round(time.perf_counter() - started, 2)
             except Exception as error:  # reported to the caller, which fails with the message
                 causes = [error]  # Triton nests the failing device function's error as __cause__
                 while causes[-1].__cause__ is not None and len(causes) < 8:

@@ -1,4 +1,4 @@
-"""Hugging Face / TRL integration on CPU with tiny models built from configs (issue 5).
+"""Hugging Face / TRL integration on CPU with tiny models built from configs.
 
 Most tests embed with :func:`bag_embed` (digit counts, deterministic, no model load); the
 bundled all-MiniLM-L6-v2 encoder is exercised once and by the demo test.

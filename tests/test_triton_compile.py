@@ -203,7 +203,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
         used = sorted({number for _, number in table["rows"]})
         launches = recorder.launches + [recorded["launches"][number] for number in used]
         if extra is not None:  # the launches that Triton gets: the fix-up's float32 Gram width is its own
-            launches = [with_fixup_block_d(launch, fixup_block_d(extra)) for launch in launches]
+            block_d = fixup_block_d(extra)  # a subprocess under that Triton: asked once
+            launches = [with_fixup_block_d(launch, block_d) for launch in launches]
         reports = resources.compile_triton(launches, (90,), tmp_path / f"triton-{index}", extra)
         # the worker must have imported the Triton it was given, not the installed one
         expected = Path(extra).resolve() if extra else Path(triton.__file__).resolve().parent.parent
