@@ -30,8 +30,14 @@ def fits(group: int, acc: torch.dtype, device: torch.device) -> bool:
     group's ``G x G`` matrices in shared memory (``csrc/group_math.h: workspace_elements``). float64 at
     G = 128 needs 263 KB, more than any GPU's 227 KiB per block: such calls run on the Triton kernels
     (which keep the tile in registers), the same math; float32 fits at every G <= 128."""
-    element = torch.finfo(acc).bits // 8
-    return _cuda.extension(device).shared_bytes(group, element) <= shared_limit(device)
+    key = (group, acc, device.type, device.index)
+    if key not in _FITS:  # per call it is a dict lookup: the extension and the device are asked once
+        element = torch.finfo(acc).bits // 8
+        _FITS[key] = _cuda.extension(device).shared_bytes(group, element) <= shared_limit(device)
+    return _FITS[key]
+
+
+_FITS: dict[tuple[int, torch.dtype, str, int | None], bool] = {}
 
 
 def forward(inputs: LossTensors, config: LossConfig, store_state: bool, acc: torch.dtype) -> ForwardOutputs:
