@@ -9,33 +9,25 @@ gradients equal one process's on the same groups (each process gathers every pro
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny import GROUPS_FILE, save_tiny_model
+from tiny import arguments, save_tiny_model, train_flags
 
 from divkernels.integration import train
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="fsdp2-example")
-    parser.add_argument("--max_steps", type=int, default=6)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, "fsdp2-example", 6, argv)
     from accelerate import PartialState
 
     state = PartialState()
     folder = Path(args.output_dir) / "tiny-model"
     with state.main_process_first():  # one process writes the model, the others read it
         model = save_tiny_model(folder)
-    trainer = train.main([
-        "--model_name_or_path", model, "--dataset", str(GROUPS_FILE), "--output_dir", args.output_dir,
-        "--loss_type", "dpo", "--diversity", "deviation", "--learning_rate", "1e-3",
-        "--per_device_train_batch_size", "2", "--max_steps", str(args.max_steps), "--logging_steps", "2",
-        "--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none", "--save_strategy", "no",
-    ])
+    trainer = train.main([*train_flags(model, args, batch_size=2), "--loss_type", "dpo", "--diversity", "deviation",
+                          "--learning_rate", "1e-3", "--gradient_checkpointing", "False"])
     if state.is_main_process:
         for entry in trainer.state.log_history:
             if "loss" in entry:

@@ -8,7 +8,6 @@ DARLING's published runs take the group mean out without dividing by the std: ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -16,18 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import Dataset
-from tiny import GROUPS_FILE
+from tiny import GROUPS_FILE, arguments
 from trl import GRPOConfig, GRPOTrainer
 
 from divkernels.integration import DarlingReward, demo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="grpo-example")
-    parser.add_argument("--max_steps", type=int, default=8)
-    parser.add_argument("--sft_steps", type=int, default=300, help="supervised warm-up, so that some samples are right")
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, "grpo-example", 8, argv)
     prompts = [json.loads(line)["prompt"] for line in GROUPS_FILE.read_text().splitlines()]
 
     def correct(prompts: list[str], completions: list[str], **_: object) -> list[float]:
@@ -39,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
                         use_cpu=True, seed=0)
     darling = DarlingReward(correct, num_generations=config.num_generations, tau=0.9)
     model, tokenizer = demo.build_model(0), demo.build_tokenizer()
-    demo.train_sft(model, tokenizer, demo.sft_examples(4000, random.Random(0)), steps=args.sft_steps)
+    # a supervised warm-up, so that some samples are right
+    demo.train_sft(model, tokenizer, demo.sft_examples(4000, random.Random(0)), steps=300)
     trainer = GRPOTrainer(model=model, reward_funcs=[darling], args=config,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
     trainer.train()

@@ -6,29 +6,21 @@ adapters off, so no copy of the model is held::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny import GROUPS_FILE, save_tiny_model
+from tiny import arguments, save_tiny_model, train_flags
 
 from divkernels.integration import train
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="lora-example")
-    parser.add_argument("--max_steps", type=int, default=12)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, "lora-example", 12, argv)
     model = save_tiny_model(Path(args.output_dir) / "tiny-model")
-    trainer = train.main([
-        "--model_name_or_path", model, "--dataset", str(GROUPS_FILE), "--output_dir", args.output_dir,
-        "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj,v_proj",
-        "--loss_type", "dpo", "--diversity", "deviation", "--learning_rate", "1e-2",
-        "--per_device_train_batch_size", "4", "--max_steps", str(args.max_steps), "--logging_steps", "2",
-        "--bf16", "False", "--report_to", "none", "--save_strategy", "no",
-    ])
+    trainer = train.main([*train_flags(model, args), "--lora_r", "4", "--lora_alpha", "8",
+                          "--lora_target_modules", "q_proj,v_proj", "--loss_type", "dpo", "--diversity", "deviation",
+                          "--learning_rate", "1e-2"])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     print(f"trained {trainable} of {total} parameters (the LoRA adapters); adapters saved to {args.output_dir}")
