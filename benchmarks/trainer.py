@@ -203,9 +203,9 @@ def table(rows: list[dict]) -> str:
         if row.get("error"):
             lines.append(f"| {row['length']} | {row['trainer']} | {row['error']} | | | |")
             continue
-        base = trl.get(row["length"])
-        memory = f"{row['peak_extra_mib'] / base['peak_extra_mib']:.2f}x" if base else "-"
-        speed = f"{row['seconds_per_step'] / base['seconds_per_step']:.2f}x" if base else "-"
+        base = trl.get(row["length"], {})
+        memory, speed = (f"{row[key] / base[key]:.2f}x" if base.get(key) else "-"  # no ratio to nothing
+                         for key in ("peak_extra_mib", "seconds_per_step"))
         lines.append(f"| {row['length']} | {row['trainer']} | {row['peak_extra_mib']:.0f} | {memory} | "
                      f"{row['seconds_per_step']:.2f} | {speed} |")
     return "\n".join(lines)

@@ -205,3 +205,12 @@ def test_trainer_table_is_the_committed_run() -> None:
     for readme in (results_dir.parent / "README.md", results_dir.parents[1] / "README.md"):
         for path in committed:
             assert trainer.readme_block(json.loads(path.read_text())) in readme.read_text(), (readme, path.name)
+
+
+def test_trainer_table_has_no_ratio_to_a_zero_baseline() -> None:
+    """A TRL row whose peak did not grow (a tiny case) gives "-", not a division by zero."""
+    from divkernels.benchmarks import trainer
+
+    rows = [{"trainer": "trl", "length": 32, "peak_extra_mib": 0.0, "seconds_per_step": 0.1},
+            {"trainer": "ours", "length": 32, "peak_extra_mib": 3.0, "seconds_per_step": 0.05}]
+    assert "| 32 | ours | 3 | - | 0.05 | 0.50x |" in trainer.table(rows)

@@ -37,8 +37,8 @@ pytestmark = [
 # Largest dynamic shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ENV_EXTRA_TRITON = "DIVKERNELS_EXTRA_TRITON"
-# "full": also every variant of the resource table (all G and dtypes; ~25 min on 2 cores, by hand:
-# benchmarks/README.md); otherwise the sample CI runs: the branch-covering launches below (every kernel
+# "full": also every variant of the resource table (all G and dtypes; 18 min on 2 cores with 3.6 and 3.8 as
+# extras, by hand: benchmarks/README.md); otherwise the sample CI runs: the branch-covering launches below (every kernel
 # and constexpr branch, the smallest and largest tiles in every dtype) and the table's fix-up variant.
 ENV_SWEEP = "DIVKERNELS_COMPILE_SWEEP"
 EXTRA_TRITON_DTYPES = ("bfloat16", "float32")
