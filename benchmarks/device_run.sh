@@ -16,7 +16,12 @@
 #   sanitizer.log  compute-sanitizer memcheck of one fused forward + backward on the CUDA backend
 set -uo pipefail
 dry=0
-[[ "${1:-}" == "--dry-run" ]] && dry=1
+case "${1:-}" in
+    "") ;;
+    --dry-run) dry=1 ;;
+    -h|--help) echo "usage: bash benchmarks/device_run.sh [--dry-run]"; sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: bash benchmarks/device_run.sh [--dry-run] (unknown argument: $1)" >&2; exit 2 ;;
+esac
 out="${OUT:-device_out}"
 mkdir -p "$out"
 scratch="$(mktemp -d)"
