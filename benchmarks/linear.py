@@ -104,8 +104,20 @@ def provider_function(provider: str, case: LinearCase) -> Callable[..., torch.Te
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_fresh(command: list[str], *, interpreter: bool = True) -> tuple[dict[str, object] | None, str]:
+    """Run ``python <command>`` in a new process with glibc's malloc set as above (``interpreter=False``:
+    without ``TRITON_INTERPRET``): ``(the JSON object its last line prints, "")`` or ``(None, the error)``."""
+    env = {key: value for key, value in os.environ.items() if interpreter or key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=False,
+                            env={**env, **GLIBC_MALLOC})
+    if result.returncode != 0:
+        return None, (result.stderr.strip().splitlines() or ["failed"])[-1][-300:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), ""
 
 
 def measure_one(case: LinearCase, provider: str, device: torch.device, repeats: int) -> dict[str, object]:
@@ -130,9 +142,9 @@ def measure_one(case: LinearCase, provider: str, device: torch.device, repeats: 
         torch.cuda.synchronize(device)
         peak = (torch.cuda.max_memory_allocated(device) - before) / MIB
     else:
-        before = _peak_rss_mib()
+        before = peak_rss_mib()
         step()
-        peak = _peak_rss_mib() - before
+        peak = peak_rss_mib() - before
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -157,13 +169,11 @@ print(json.dumps(linear.measure_one(linear.LinearCase(**case), provider, torch.d
 
 def measure_in_fresh_process(case: LinearCase, provider: str, device: torch.device, repeats: int) -> dict[str, object]:
     """:func:`measure_one` in a new Python process, so that no earlier case's memory is in its peak."""
-    argument = json.dumps([asdict(case), provider, str(device), repeats])
-    result = subprocess.run([sys.executable, "-c", _CHILD, argument], capture_output=True, text=True, check=False,
-                            env={**os.environ, **GLIBC_MALLOC})
-    if result.returncode != 0:
+    row, error = run_fresh(["-c", _CHILD, json.dumps([asdict(case), provider, str(device), repeats])])
+    if row is None:
         return {**asdict(case), "tokens": case.tokens, "logits_mib": round(case.logits_mib, 1), "provider": provider,
-                "peak_extra_mib": None, "median_ms": None, "error": result.stderr.strip().splitlines()[-1][:300]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+                "peak_extra_mib": None, "median_ms": None, "error": error}
+    return row
 
 
 def run(device: torch.device, repeats: int, log: Callable[[str], None],

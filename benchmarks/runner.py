@@ -362,6 +362,17 @@ def run_host(device: torch.device, out: Path, repeats: int, log: Callable[[str],
     return 0
 
 
+def matching(cases: list, only: str | None, label: Callable[[object], str], suite: str) -> list:
+    """The cases whose ``label`` matches the regex ``only`` (all without one); none matching is an error."""
+    if not only:
+        return cases
+    pattern = re.compile(only)
+    selected = [case for case in cases if pattern.search(label(case))]
+    if not selected:
+        raise SystemExit(f"--only {only!r} matches no case of suite {suite!r}")
+    return selected
+
+
 def run_linear(device: torch.device, out: Path, repeats: int, log: Callable[[str], None],
                only: str | None = None) -> int:
     """``--suite linear``: memory and time of linear log-probs, fused vs unfused (linear.py), with a plot;
@@ -371,13 +382,8 @@ def run_linear(device: torch.device, out: Path, repeats: int, log: Callable[[str
     env = environment(device)
     log(f"divkernels linear log-probs on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
         f"commit {str(env['commit'])[:12]})")
-    selected = None
-    if only:
-        pattern = re.compile(only)
-        selected = [case for case in linear.cases(device)
-                    if pattern.search(f"{case.sweep} T={case.length} chunk={case.chunk}")]
-        if not selected:
-            raise SystemExit(f"--only {only!r} matches no case of suite 'linear'")
+    selected = matching(linear.cases(device), only, lambda case: f"{case.sweep} T={case.length} chunk={case.chunk}",
+                        "linear")
     rows = linear.run(device, min(repeats, 5), log, selected)
     json_path, csv_path = write_results(rows, env, None, result_path(env, out, "linear"), "linear")
     log("\n" + linear.table(rows))
@@ -397,12 +403,7 @@ def run_trainer(device: torch.device, out: Path, log: Callable[[str], None], onl
     env = {**environment(device), "transformers": version_of("transformers"), "trl": version_of("trl")}
     log(f"divkernels trainer suite on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, "
         f"trl {env['trl']}, commit {str(env['commit'])[:12]})")
-    selected = trainer.cases()
-    if only:
-        pattern = re.compile(only)
-        selected = [case for case in selected if pattern.search(f"{case.trainer} T={case.length}")]
-        if not selected:
-            raise SystemExit(f"--only {only!r} matches no case of suite 'trainer'")
+    selected = matching(trainer.cases(), only, lambda case: f"{case.trainer} T={case.length}", "trainer")
     rows = trainer.run(device, log, selected)
     json_path, csv_path = write_results(rows, env, None, result_path(env, out, trainer.RESULTS_NAME), "trainer")
     log("\n" + trainer.readme_block(json.loads(json_path.read_text())))

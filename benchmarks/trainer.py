@@ -18,13 +18,11 @@ steps. Seconds per step: the median over the steps after the first.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import random
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -35,13 +33,12 @@ from typing import Any
 
 import torch
 
-from divkernels.benchmarks.linear import GLIBC_MALLOC
+from divkernels.benchmarks.linear import MIB, peak_rss_mib, run_fresh
 
 TRAINERS = ("trl", "ours", "ours+diversity", "ours-logits")
 LENGTHS = (256, 1024, 2048)
 STEPS = 3
 PAIRS_PER_STEP = 4
-MIB = 2**20
 RESULTS_NAME = "trainer"
 
 
@@ -61,14 +58,10 @@ def cases(lengths: tuple[int, ...] = LENGTHS) -> list[TrainerCase]:
 
 
 def build_tokenizer(vocab: int) -> Any:
-    """A whitespace word-level tokenizer of ``vocab`` tokens (``w3`` ... plus pad, bos, eos)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The demo's word-level tokenizer over ``vocab`` tokens: pad, bos, eos, then ``w3`` ..."""
+    from divkernels.integration import demo
 
-    words = ["<pad>", "<bos>", "<eos>", *(f"w{index}" for index in range(3, vocab))]
-    core = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    return demo.build_tokenizer(["<pad>", "<bos>", "<eos>", *(f"w{index}" for index in range(3, vocab))])
 
 
 def build_model(case: TrainerCase) -> Any:
@@ -121,10 +114,6 @@ def build_trainer(case: TrainerCase, out: str, device: torch.device) -> Any:
                                       processing_class=tokenizer)
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def measure(case: TrainerCase, device: torch.device) -> dict[str, object]:
     """Peak extra memory over ``STEPS`` steps and the median seconds per step after the first."""
     from transformers import TrainerCallback
@@ -146,13 +135,13 @@ def measure(case: TrainerCase, device: torch.device) -> dict[str, object]:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         else:
-            before = _peak_rss_mib()
+            before = peak_rss_mib()
         stamps.append(time.perf_counter())
         trainer.train()
         if device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated(device) - before) / MIB
         else:
-            peak = _peak_rss_mib() - before
+            peak = peak_rss_mib() - before
     steps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
     loss = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {**asdict(case), "pairs_per_step": PAIRS_PER_STEP, "steps": len(steps), "peak_extra_mib": round(peak, 1),
@@ -160,29 +149,13 @@ def measure(case: TrainerCase, device: torch.device) -> dict[str, object]:
             "error": None}
 
 
-def skip_reason(case: TrainerCase) -> str | None:
-    if case.trainer == "trl":
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            return "trl is not installed"
-    return None
-
-
 def measure_in_fresh_process(case: TrainerCase, device: torch.device) -> dict[str, object]:
     """:func:`measure` in a new Python process, so that no earlier case's memory is in its peak."""
-    import os
-
-    reason = skip_reason(case)
-    if reason is not None:
-        return {**asdict(case), "error": f"skipped: {reason}"}
-    env = {**os.environ, **GLIBC_MALLOC}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-m", "divkernels.benchmarks.trainer", json.dumps(asdict(case)),
-                             str(device)], capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        return {**asdict(case), "error": result.stderr.strip().splitlines()[-1][-300:] if result.stderr else "failed"}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    if case.trainer == "trl" and importlib.util.find_spec("trl") is None:
+        return {**asdict(case), "error": "skipped: trl is not installed"}
+    row, error = run_fresh(["-m", "divkernels.benchmarks.trainer", json.dumps(asdict(case)), str(device)],
+                           interpreter=False)
+    return row if row is not None else {**asdict(case), "error": error}
 
 
 def run(device: torch.device, log: Callable[[str], None], selected: list[TrainerCase] | None = None) -> list[dict]:

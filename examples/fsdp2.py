@@ -2,7 +2,7 @@
 way; each process holds a shard of the weights and its own groups, and the loss gathers every process's
 groups, so it equals one process's loss on all of them. On 2 CPU processes (gloo)::
 
-    torchrun --nproc-per-node 2 examples/fsdp2.py --output_dir fsdp2-example     # seconds on 2 CPU cores
+    torchrun --standalone --nproc-per-node 2 examples/fsdp2.py --output_dir fsdp2-example     # seconds on 2 CPU cores
 
 This loop shards the models itself, which is how FSDP2 runs on CPUs (accelerate's FSDP plugin needs GPUs).
 On GPUs the trainer does it all: ``accelerate launch --config_file integration/configs/fsdp2.yaml -m

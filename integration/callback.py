@@ -155,8 +155,7 @@ class DiversityCallback(TrainerCallback):
         callbacks: the flag is put back, so the step gets the trainer's record too."""
         pending = control.should_log
         self.trainer.log(metrics)
-        control.should_log = pending
-        self.trainer.control.should_log = pending
+        control.should_log = pending  # the object the callback handler returns to the trainer
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:

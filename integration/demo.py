@@ -35,12 +35,13 @@ TARGETS = list(range(6, 21))
 ANSWER_LENGTH = 3
 
 
-def build_tokenizer() -> Any:
-    """Word-level tokenizer over digits, ``=`` and special tokens (whitespace separated)."""
+def build_tokenizer(tokens: list[str] = TOKENS) -> Any:
+    """Word-level tokenizer over ``tokens`` (default: digits, ``=`` and the special tokens ``<pad>``,
+    ``<bos>``, ``<eos>``, which come first), whitespace separated."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({token: index for index, token in enumerate(TOKENS)}, unk_token="<pad>"))
+    core = Tokenizer(models.WordLevel({token: index for index, token in enumerate(tokens)}, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")

@@ -140,8 +140,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0) -> None:
-    """``max|actual - expected| <= rtol * max|expected| + atol`` (the norm-wise relative error of
-    METHOD.md), with NaN/inf in exactly the same places; NaN never passes by accident. ``atol`` is
+    """``max|actual - expected| <= rtol * max|expected| + atol`` (the norm-wise relative error),
+    with NaN/inf in exactly the same places; NaN never passes by accident. ``atol`` is
     for quantities that are 0 in exact arithmetic, where both sides are rounding noise."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert actual.shape == expected.shape, (actual.shape, expected.shape)

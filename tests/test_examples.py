@@ -37,6 +37,6 @@ def test_example_runs(script: str, tmp_path: Path) -> None:
 
 def test_fsdp2_example_runs_on_two_processes(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(EXAMPLES / "fsdp2.py"),
-               "--output_dir", "out", "--max_steps", "2"], tmp_path)
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(EXAMPLES / "fsdp2.py"), "--output_dir", "out", "--max_steps", "2"], tmp_path)
     assert "step 2: loss" in out and "over 2 processes" in out, out
