@@ -143,7 +143,8 @@ class ForwardOutputs:
     grad_policy: torch.Tensor  # [B, G] d loss_sum / d policy, unscaled
     chosen_counts: torch.Tensor  # [B, G]
     rejected_counts: torch.Tensor  # [B, G]
-    sim: torch.Tensor | None = None  # [B, G, G], [B, G], [B, G, G] when emb needs a gradient
+    sim: torch.Tensor | None = None  # S, norms [B, G], K^-1 when emb needs a gradient (S, K^-1: [B, G, G], on
+    # Triton with rows padded to a multiple of 16 elements, common.square_shape)
     norms: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
     # Triton: (the forward launch's arguments but stats, the fix-up's constants) when its float32 sweeps

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for sm_80 and sm_90, fits the chip and does not spill, checked without a GPU.
+"""Every Triton kernel compiles for sm_80 and sm_90, fits the chip and spills no more than listed (no GPU).
 
 The interpreter runs kernels as NumPy code, so it accepts code that the Triton compiler rejects
 and says nothing about registers or shared memory. Here the ops run under the interpreter on small
@@ -28,6 +28,7 @@ from helpers import random_groups, random_logps, random_pair_index
 import divkernels as dk
 from divkernels.backend import triton_interpreter_enabled
 from divkernels.benchmarks import resources
+from divkernels.ops.common import group_block
 from divkernels.ops.linear_logps import linear_token_logps
 
 pytestmark = [
@@ -65,20 +66,43 @@ LOSS_KERNELS = {"_group_loss_forward_kernel", FIXUP_KERNEL, "_group_loss_finaliz
                 "_group_loss_backward_kernel", "_logdet_forward_kernel", "_similarity_forward_kernel"}
 
 
+# (kernel, tile): the most bytes it may spill on sm_90 under Triton 3.9, besides float64 at G = 128. Each
+# tile compiles one variant for every G in it (divkernels/ops/common.py, "Bounded compiles"), so G's
+# divisibility by 16 no longer aligns the [B, G] rows; where that leaves a kernel a few registers over the
+# cap of its warps (128 at 16 warps; at 8 warps ptxas keeps 128 for two blocks per SM) it spills this much
+# (logdet and DQO advantages: their float64 fix-up launches; benchmarks/README.md, "One compiled variant
+# per tile"). Before, the G = 128 variants were clean and the G = 65 ... 127 ones spilled more (the table
+# then held only powers of two).
+LISTED_SPILLS = {("_logdet_forward_kernel", 128): 32, ("_partition_kernel", 128): 32,
+                 ("_advantages_kernel", 128): 40, ("_group_loss_forward_kernel", 64): 24}
+# float64 (a test precision) at G <= 64: the fused loss forward's one-warp tile-16 variant
+LISTED_FP64_SPILLS = {("_group_loss_forward_kernel", 16): 24}
+
+
+def listed(kernel: str, tile: int, spill: int, float64: bool) -> bool:
+    """Whether ``spill`` bytes of ``kernel`` at ``tile`` are within the listed ones."""
+    name = kernel.split(":")[-1].removesuffix(resources.FIXUP_SUFFIX)
+    limits = {**LISTED_SPILLS, **(LISTED_FP64_SPILLS if float64 else {})}
+    return spill <= limits.get((name, tile), 0)
+
+
 def spill_allowed(row: dict) -> bool:
     """Where spills remain (printed, listed in benchmarks/README.md): float64 at G = 128 (a test
-    precision; a 128 x 128 float64 tile alone is 64 registers per thread at 16 warps). Nothing else
-    spills: no kernel in bf16, fp16 or fp32 at any G, the float64 fix-up launches included (the logdet
-    and DQO advantages kernels' second launch, the fused loss's fix-up + finalize kernel, compiled here
-    at G = 16 in every loss branch and at G = 64 in the table's DivPO variant)."""
-    return row["G"] > 64 and row["dtype"] == "float64"
+    precision; a 128 x 128 float64 tile alone is 64 registers per thread at 16 warps) and the variants
+    of ``LISTED_SPILLS``, up to their bytes. Nothing else spills, the float64 fix-up launches included
+    (the logdet and DQO advantages kernels' second launch, the fused loss's fix-up + finalize kernel,
+    compiled here at G = 16 in every loss branch and at G = 64 in the table's DivPO variant)."""
+    float64 = row["dtype"] == "float64"
+    return (row["G"] > 64 and float64) or listed(row["kernel"], group_block(row["G"]), row["spill_bytes"], float64)
 
 
-def launch_spill_allowed(launch: dict) -> bool:
+def launch_spill_allowed(launch: dict, spill: int) -> bool:
     """``spill_allowed`` for a launch of the branch-covering calls, which has no table label: its tile
     (``BLOCK_G``) and accumulation dtype (``ACC``) from its launch arguments."""
     kwargs = launch["kwargs"]
-    return kwargs.get("BLOCK_G", 0) > 64 and kwargs.get("ACC") == {"tl_dtype": "fp64"}
+    float64 = kwargs.get("ACC") == {"tl_dtype": "fp64"}
+    tile = kwargs.get("BLOCK_G", 0)
+    return (tile > 64 and float64) or listed(launch["name"], tile, spill, float64)
 
 
 def fixup_block_d(extra: str) -> int:
@@ -234,7 +258,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
                          f"bytes ({report['registers']} registers, triton {version})"
                          for report in reports if report["launch"] < first and report["stack"]
                          and report["arch"] == 90 and report["kernel"] in LOSS_KERNELS
-                         and not launch_spill_allowed(launches[report["launch"]])]
+                         and not launch_spill_allowed(launches[report["launch"]], report["stack"])]
         # back from positions in `launches` to the recorded table's launch numbers
         renumbered = [dict(r, launch=used[r["launch"] - first]) for r in reports if r["launch"] >= first]
         rows = resources.triton_rows(table, renumbered)

@@ -28,7 +28,7 @@ from divkernels.ops.common import (
 from divkernels.ops.deviation import deviation_from_similarity
 from divkernels.ops.logdet import check_factorization, diagonal, fixup_launches, logdet_and_inverse
 from divkernels.ops.partition import closure_steps, group_links, link_launch_arguments, partition_from_links
-from divkernels.ops.similarity import gram_matrix, load_valid_rows, similarity_from_gram
+from divkernels.ops.similarity import gram_matrix, group_start, load_valid_rows, similarity_from_gram
 from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES, DARLING_REWARDS
 from divkernels.validation import (
     DataChecks,
@@ -45,13 +45,13 @@ from divkernels.validation import (
 ADVANTAGE_STD_EPS = tl.constexpr(reference.ADVANTAGE_STD_EPS)
 
 
-@triton.jit(do_not_specialize=["B"])  # sizes that vary over a run: common.py
+@triton.jit(do_not_specialize=["B", "G", "stride_b"])  # sizes that vary over a run: common.py
 def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, B, G, D,
                        alpha: tl.float64, tau: tl.float64, eps: tl.float64, min_diversity: tl.float64, stride_b,
                        stride_g, stride_d, DIVERSITY: tl.constexpr, STD: tl.constexpr, PHASE: tl.constexpr,
                        HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, TRANSITIVE: tl.constexpr, STEPS: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
-                       OUT: tl.constexpr, PRECISION: tl.constexpr, FIXUP: tl.constexpr):
+                       OUT: tl.constexpr, PRECISION: tl.constexpr, FIXUP: tl.constexpr, ALIGNED: tl.constexpr):
     """Advantages of group ``b`` (DIVERSITY: 0 none, 1 darling, 2 dqo, 3 deviation).
 
     ``r' = r`` / ``r * div_i`` / ``r + alpha gain_i`` / ``r + alpha dev_i``, then
@@ -77,11 +77,12 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
         measure = tl.load(out_ptr + b * G + offs, mask=inside, other=0.0).to(OUT)
     elif DIVERSITY == 1:
         links, bad = group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, stride_d, HAS_LABELS,
-                                 BLOCK_G, BLOCK_D, ACC, PRECISION)
+                                 BLOCK_G, BLOCK_D, ACC, PRECISION, ALIGNED)
         measure = partition_from_links(links, valid, min_diversity, TRANSITIVE, STEPS, BLOCK_G, OUT)
         tl.store(bad_ptr + b, bad)
     elif DIVERSITY >= 2:
-        gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+        gram = gram_matrix(group_start(emb_ptr, b, stride_b, ALIGNED), stride_g, stride_d, valid, D, BLOCK_G,
+                           BLOCK_D, ACC, PRECISION)
         sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
         tl.store(bad_ptr + b, any_bad(valid & ~is_finite(norms)))
         if DIVERSITY == 2:  # DQO gain: log det K - log det K_-i = -log (K^-1)_ii
@@ -143,8 +144,8 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
     arguments = (rewards.contiguous(), emb, labels, mask, out, ranges, bad, batch, group, dim, alpha, tau, eps,
                  min_diversity, *strides)
     constants = dict(DIVERSITY=ADVANTAGE_DIVERSITIES.index(diversity), STD=scale == "std", HAS_MASK=mask is not None,
-                     TRANSITIVE=transitive, STEPS=closure_steps(group), BLOCK_B=128, OUT=triton_dtype(out_dtype),
-                     num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
+                     TRANSITIVE=transitive, STEPS=closure_steps(flags["BLOCK_G"]), BLOCK_B=128,
+                     OUT=triton_dtype(out_dtype), num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
     if two_phase:
         launches = ((1, False), (2, False))
     else:  # dqo sweeps K: fp32 groups whose sweep fails go again in float64 (logdet.fixup_launches)

@@ -19,13 +19,16 @@ KERNEL_IDS = {"cosine": 0, "dot": 1, "rbf": 2}
 # Smallest tile side tl.dot accepts.
 MIN_BLOCK = 16
 # Bounded compiles: a training run meets many group sizes G (ragged groups, filtered responses), batch
-# sizes B and pair counts P. Triton compiles one variant per value class of each int argument (== 1,
-# % 16 == 0). B and P only bound loops, so the kernels take them unspecialized (``do_not_specialize``).
-# G stays specialized: it is the row stride of every [B, G, G] matrix, and its divisibility by 16 lets
-# those rows load as 16-byte vectors; without it the G = 128 logdet forward spills 48-496 bytes and the
-# fused loss's backward 32-168 on sm_90 (Triton 3.9). So an op compiles at most three variants per padded
-# tile (``group_block``: 16, 32, 64, 128) and dtype and configuration: by whether G, and the batch
-# stride G * G of a [B, G, G] argument, divide by 16 (tests/test_compile_variants.py counts them).
+# sizes B and pair counts P, and Triton compiles one variant per value class of each int argument (== 1,
+# % 16 == 0). So no kernel specializes on a size that varies over a run: G, B, P and the batch stride of
+# ``emb`` (G * D when contiguous) are ``do_not_specialize``, and each op compiles one variant per padded
+# tile (``group_block``: 16, 32, 64, 128), dtype and configuration (tests/test_compile_variants.py counts
+# them). What the specialization bought, the layout keeps: the kernels' own [B, G, G] matrices (S, K^-1)
+# have rows padded to a multiple of 16 elements (``square_shape``), so rows still load as 16-byte vectors
+# (with rows of stride G the G = 128 logdet forward spilled 48-496 bytes and the fused loss's backward
+# 32-168 on sm_90, Triton 3.9), and ``rows_aligned`` tells a kernel that ``emb``'s rows start on a
+# multiple of 16 elements (``similarity.group_start``), which the unspecialized batch stride no longer says.
+SQUARE_ALIGN = 16
 # Register budget of one program's [BLOCK_G, BLOCK_D] embedding tile (elements): half-precision tiles
 # go to the tensor cores as they are; fp32/fp64 tiles take an IEEE dot on the CUDA cores, whose operand
 # layouts hold the tile several times over, so they get narrower slices (the compiled sm_90 kernels
@@ -68,17 +71,38 @@ def group_block(group: int) -> int:
     return max(MIN_BLOCK, next_power_of_2(group))
 
 
+def padded_row(group: int) -> int:
+    """Row stride of the kernels' ``[B, G, G]`` matrices: G rounded up to a multiple of 16 (also for a
+    symbolic G under ``torch.compile``). ``similarity.square_stride`` computes the same in the kernels."""
+    return (group + SQUARE_ALIGN - 1) // SQUARE_ALIGN * SQUARE_ALIGN
+
+
+def square_shape(batch: int, group: int) -> tuple[int, int, int]:
+    """Shape of a kernel-written ``[B, G, G]`` matrix with padded rows; ``[..., :G]`` is the matrix."""
+    return batch, group, padded_row(group)
+
+
+def rows_aligned(emb: torch.Tensor) -> bool:
+    """``emb``'s batch and row strides are multiples of 16 elements (true for a contiguous ``emb`` whenever
+    16 divides D, whatever G is): its rows may load as 16-byte vectors."""
+    return emb.stride(0) % SQUARE_ALIGN == 0 and emb.stride(1) % SQUARE_ALIGN == 0
+
+
 def embedding_block(block_g: int, dim: int, emb_dtype: torch.dtype) -> int:
     """Width of the slice of D that one loop step loads: the tile stays within the dtype's budget."""
     budget = TILE_ELEMENTS if emb_dtype in (torch.bfloat16, torch.float16) else WIDE_TILE_ELEMENTS
     return max(MIN_BLOCK, min(budget // block_g, 128, next_power_of_2(dim)))
 
 
-def column_block(block_g: int) -> int:
+def column_block(block_g: int, packed: bool = False) -> int:
     """Columns of the backward's ``G x G`` matrix ``A`` per step of ``d emb = A emb``: the whole tile up to
     G = 64 (one dot, the diagonal folded in); 32 at G = 128, so that a ``[128, 32]`` chunk of ``A`` meets
-    32 rows of ``emb`` at a time and the whole ``A`` never sits in registers."""
-    return block_g if block_g <= 64 else 32
+    32 rows of ``emb`` at a time and the whole ``A`` never sits in registers. ``packed``: ``A`` formed from
+    ``pairwise_similarity``'s plain ``S`` and ``dL/dS``, whose rows G apart load element by element (each
+    element its own address): 16 columns at G = 128 (with 32 it spilled 224 bytes in bf16, sm_90)."""
+    if block_g <= 64:
+        return block_g
+    return 16 if packed else 32
 
 
 def num_warps_for(block_g: int, heavy: bool = False) -> int:

@@ -19,16 +19,20 @@ from divkernels.ops.common import (
     group_block,
     new_output,
     num_warps_for,
+    rows_aligned,
+    square_shape,
     tl,
     triton,
     triton_dtype,
 )
 from divkernels.ops.similarity import (
     gram_matrix,
+    group_start,
     load_valid_rows,
     similarity_backward,
     similarity_backward_op,
     similarity_from_gram,
+    square_at,
     store_square,
 )
 from divkernels.validation import DataChecks, check_emb_and_mask, nonfinite_groups
@@ -47,32 +51,34 @@ def deviation_from_row_sums(row_sums, valid):
     return tl.where(valid, (n - row_sums) / tl.maximum(n - 1.0, 1.0), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "stride_b"])  # sizes that vary over a run: common.py
 def _deviation_forward_kernel(emb_ptr, mask_ptr, dev_ptr, sim_ptr, norms_ptr, G, D, stride_b, stride_g, stride_d,
                               HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                              ACC: tl.constexpr, PRECISION: tl.constexpr):
+                              ACC: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
-    gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+    gram = gram_matrix(group_start(emb_ptr, b, stride_b, ALIGNED), stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D,
+                       ACC, PRECISION)
     sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
     tl.store(dev_ptr + b * G + offs, deviation_from_similarity(sim, valid), mask=offs < G)
-    store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+    store_square(square_at(sim_ptr, b, G), sim, G, BLOCK_G)
     tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
 
 
 def deviation_forward(emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Launch the forward kernel: ``(dev [B, G], S [B, G, G], norms [B, G])``, accumulation dtype."""
+    """Launch the forward kernel: ``(dev [B, G], S, norms [B, G])``, accumulation dtype (``S`` with padded
+    rows: ``common.square_shape``)."""
     batch, group, dim = emb.shape
     acc = accumulation_dtype(emb.dtype)
     dev = new_output((batch, group), acc, emb.device)
-    sim = new_output((batch, group, group), acc, emb.device)
+    sim = new_output(square_shape(batch, group), acc, emb.device)
     norms = new_output((batch, group), acc, emb.device)
     block_g = group_block(group)
     _deviation_forward_kernel[(batch,)](
         emb, mask, dev, sim, norms, group, dim, *emb.stride(), HAS_MASK=mask is not None, BLOCK_G=block_g,
         BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc),
-        PRECISION=dot_precision(emb.dtype),
+        PRECISION=dot_precision(emb.dtype), ALIGNED=rows_aligned(emb),
         num_warps=num_warps_for(block_g))
     return dev, sim, norms
 
@@ -106,7 +112,7 @@ def deviation_op(emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
 def _(emb, mask):
     batch, group, _ = emb.shape
     acc = accumulation_dtype(emb.dtype)
-    return (emb.new_empty((batch, group), dtype=acc), emb.new_empty((batch, group, group), dtype=acc),
+    return (emb.new_empty((batch, group), dtype=acc), emb.new_empty(square_shape(batch, group), dtype=acc),
             emb.new_empty((batch, group), dtype=acc))
 
 

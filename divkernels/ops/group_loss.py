@@ -59,6 +59,8 @@ from divkernels.ops.common import (
     next_power_of_2,
     num_warps_for,
     poison_outputs,
+    rows_aligned,
+    square_shape,
     tl,
     triton,
     triton_dtype,
@@ -68,8 +70,11 @@ from divkernels.ops.logdet import SIM_BEFORE_SWEEP, check_factorization, diagona
 from divkernels.ops.similarity import (
     emb_backward,
     gram_matrix,
+    group_start,
     load_valid_rows,
     similarity_from_gram,
+    square_at,
+    square_stride,
     store_square,
 )
 from divkernels.types import LossOutput, MetricVector
@@ -286,11 +291,12 @@ def normalize_to_mean_one(raw, valid):
 
 @triton.jit
 def group_similarity(b, emb_ptr, valid, D, stride_b, stride_g, stride_d, BLOCK_G: tl.constexpr,
-                     BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr):
     """Group ``b``'s cosine ``S`` (``[BLOCK_G, BLOCK_G]``), norms and deviation (``[BLOCK_G]``), and
     its :func:`similarity_metrics`: ``(S, norms, dev, mean_similarity, has_similarity, emb_nonfinite)``."""
     offs = tl.arange(0, BLOCK_G)
-    gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+    gram = gram_matrix(group_start(emb_ptr, b, stride_b, ALIGNED), stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D,
+                       ACC, PRECISION)
     sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
     others = valid[:, None] & valid[None, :] & (offs[:, None] != offs[None, :])
     off_diagonal = tl.sum(tl.sum(tl.where(others, sim, 0.0), axis=1), axis=0)
@@ -314,7 +320,7 @@ def similarity_metrics(valid, norms, off_diagonal, ACC: tl.constexpr):
 @triton.jit
 def stored_row_sums(sim_ptr, columns, valid, G, BLOCK_G: tl.constexpr, PAIR_ROWS: tl.constexpr,
                     ACC: tl.constexpr):
-    """From one group's ``S`` in memory (``[G, G]``, row-major), ``PAIR_ROWS`` rows at a time:
+    """From one group's ``S`` in memory (``[G, G]``, rows ``square_stride(G)`` apart), ``PAIR_ROWS`` rows at a time:
     ``(row_sums, off_diagonal)``, ``row_sums[i] = sum_{j in columns} S_ij`` (``[BLOCK_G]``) and the sum of
     ``S_ij`` over valid pairs ``i != j``."""
     offs = tl.arange(0, BLOCK_G)
@@ -322,8 +328,8 @@ def stored_row_sums(sim_ptr, columns, valid, G, BLOCK_G: tl.constexpr, PAIR_ROWS
     off_diagonal = tl.sum(row_sums, axis=0)
     for start in range(0, BLOCK_G, PAIR_ROWS):
         rows = start + tl.arange(0, PAIR_ROWS)
-        tile = tl.load(sim_ptr + rows[:, None] * G + offs[None, :], mask=(rows[:, None] < G) & (offs[None, :] < G),
-                       other=0.0).to(ACC)
+        tile = tl.load(sim_ptr + rows[:, None] * square_stride(G) + offs[None, :],
+                       mask=(rows[:, None] < G) & (offs[None, :] < G), other=0.0).to(ACC)
         row_sums += at_rows(tl.sum(tl.where(columns[None, :], tile, 0.0), axis=1), rows, BLOCK_G, PAIR_ROWS)
         valid_i = rows_of(valid.to(tl.int32), rows, BLOCK_G, PAIR_ROWS) > 0
         others = valid_i[:, None] & valid[None, :] & (rows[:, None] != offs[None, :])
@@ -344,7 +350,7 @@ def group_forward(
     NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, SWEEP_FP64: tl.constexpr,
-    DIVERSITY_STORED: tl.constexpr,
+    DIVERSITY_STORED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Group ``b``'s forward (step 1 of the module docstring). ``SWEEP_FP64``: sweep ``K`` in float64,
     the finalize kernel's fix-up of a group whose float32 sweep failed (its logdet is NaN).
@@ -363,27 +369,28 @@ def group_forward(
     emb_nonfinite = logdet
     if HAS_EMB and DIVERSITY_STORED:
         # from the split forward's first launch (split_forward); S read back a block of rows at a time
-        row_sums, off_diagonal = stored_row_sums(sim_ptr + b * G * G, valid, valid, G, BLOCK_G, PAIR_ROWS, ACC)
+        row_sums, off_diagonal = stored_row_sums(square_at(sim_ptr, b, G), valid, valid, G, BLOCK_G, PAIR_ROWS, ACC)
         dev = deviation_from_row_sums(row_sums, valid)
         norms = tl.load(norms_ptr + b * G + offs, mask=offs < G, other=1.0)
         mean_similarity, has_similarity, emb_nonfinite = similarity_metrics(valid, norms, off_diagonal, ACC)
         if NEED_LOGDET:
             logdet = tl.load(logdet_ptr + b)
-            residual = 1.0 / tl.load(inverse_ptr + b * G * G + offs * (G + 1), mask=offs < G, other=1.0)
+            residual = 1.0 / tl.load(square_at(inverse_ptr, b, G) + offs * (square_stride(G) + 1), mask=offs < G,
+                                     other=1.0)
     elif HAS_EMB:
         sim, norms, dev, mean_similarity, has_similarity, emb_nonfinite = group_similarity(
-            b, emb_ptr, valid, D, stride_b, stride_g, stride_d, BLOCK_G, BLOCK_D, ACC, PRECISION)
+            b, emb_ptr, valid, D, stride_b, stride_g, stride_d, BLOCK_G, BLOCK_D, ACC, PRECISION, ALIGNED)
         # S stored before the sweep from SIM_BEFORE_SWEEP on, unless DivPO's ranked pools read it after
         late = BLOCK_G < SIM_BEFORE_SWEEP or (PAIRS == 2 and DIVPO_RANKED)
         if STORE_STATE and not late:
-            store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+            store_square(square_at(sim_ptr, b, G), sim, G, BLOCK_G)
         if NEED_LOGDET:
             logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, SWEEP_FP64)
             residual = 1.0 / diagonal(inverse, BLOCK_G)
             if STORE_STATE:
-                store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
+                store_square(square_at(inverse_ptr, b, G), inverse, G, BLOCK_G)
         if STORE_STATE and late:
-            store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+            store_square(square_at(sim_ptr, b, G), sim, G, BLOCK_G)
         if STORE_STATE:
             tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
 
@@ -411,9 +418,9 @@ def group_forward(
             top_score = tl.load(scores_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
             bottom_score = top_score
         elif DIVPO_RANKED and DIVERSITY_STORED:
-            top_sums, _ = stored_row_sums(sim_ptr + b * G * G, top, valid, G, BLOCK_G, PAIR_ROWS, ACC)
+            top_sums, _ = stored_row_sums(square_at(sim_ptr, b, G), top, valid, G, BLOCK_G, PAIR_ROWS, ACC)
             top_score = deviation_from_row_sums(top_sums, top)
-            bottom_sums, _ = stored_row_sums(sim_ptr + b * G * G, bottom, valid, G, BLOCK_G, PAIR_ROWS, ACC)
+            bottom_sums, _ = stored_row_sums(square_at(sim_ptr, b, G), bottom, valid, G, BLOCK_G, PAIR_ROWS, ACC)
             bottom_score = deviation_from_row_sums(bottom_sums, bottom)
         elif DIVPO_RANKED:
             # deviation within each pool: a pool is the "valid" set of its own deviation
@@ -556,7 +563,7 @@ def group_forward(
 
 # The forward's arguments after the group index, in group_forward's order (the finalize kernel's
 # fix-up passes the same ones).
-@triton.jit(do_not_specialize=["P"])  # sizes that vary over a run: common.py
+@triton.jit(do_not_specialize=["G", "P", "stride_b"])  # sizes that vary over a run: common.py
 def _group_loss_forward_kernel(
     emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
     nll_logps_ptr, nll_tokens_ptr, stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr,
@@ -567,7 +574,7 @@ def _group_loss_forward_kernel(
     HAS_REF: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr,
     HAS_NLL_TOKENS: tl.constexpr, NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, CHECK: tl.constexpr,
-    NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, DIVERSITY_STORED: tl.constexpr,
+    NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, DIVERSITY_STORED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Step 1 (1b of a split forward): one program per group, ``K`` swept in the accumulation dtype
     (a float32 sweep that fails leaves NaN, which the finalize kernel's fix-up replaces)."""
@@ -584,7 +591,7 @@ def _group_loss_forward_kernel(
         stride_g, stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile, LOSS, PAIRS,
         WEIGHTS, NORM, ORPO_DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS,
         HAS_NLL_TOKENS, NEED_LOGDET, STORE_STATE, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO,
-        PAIR_ROWS, False, DIVERSITY_STORED)
+        PAIR_ROWS, False, DIVERSITY_STORED, ALIGNED)
 
 
 @triton.jit
@@ -633,7 +640,7 @@ def _group_loss_finalize_kernel(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B,
                    BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
 
 
-@triton.jit(do_not_specialize=["B", "P"])  # sizes that vary over a run: common.py
+@triton.jit(do_not_specialize=["B", "G", "P", "stride_b"])  # sizes that vary over a run: common.py
 def _group_loss_fixup_finalize_kernel(
     stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div: tl.float64, diversity_alpha: tl.float64,
     cpo_alpha: tl.float64, emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr,
@@ -645,7 +652,7 @@ def _group_loss_fixup_finalize_kernel(
     DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
     STORE_STATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr,
+    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Step 2 when the forward swept ``K`` in float32 (Triton, with a logdet). First, every group
     whose float32 sweep failed runs the group forward again with a float64 sweep and overwrites its
@@ -678,7 +685,7 @@ def _group_loss_fixup_finalize_kernel(
                         min_deviation, eps, quality_quantile, LOSS, PAIRS, WEIGHTS, NORM, DORPO, DIVPO_RANKED,
                         HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS, HAS_NLL_TOKENS, True,
                         STORE_STATE, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, PAIR_ROWS, True,
-                        False)  # the whole group again (stats_ptr: the unread logdet_ptr)
+                        False, ALIGNED)  # the whole group again (stats_ptr: the unread logdet_ptr)
     tl.debug_barrier()  # the rewritten stats rows (written by other threads) are summed next
     finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha, NUM_STATS,
                    BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
@@ -726,7 +733,7 @@ def finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, d
         tl.store(metrics_ptr + index, values[index].to(tl.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "stride_eb"])  # sizes that vary over a run: common.py
 def _group_loss_backward_kernel(
     grad_loss_ptr, totals_ptr, grad_sum_ptr, chosen_counts_ptr, grad_policy_ptr, grad_ref_ptr, grad_nll_ptr,
     inverse_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr, grad_emb_ptr,
@@ -734,7 +741,7 @@ def _group_loss_backward_kernel(
     DORPO: tl.constexpr, HAS_CPO: tl.constexpr, NLL_TO_POLICY: tl.constexpr, NEED_POLICY: tl.constexpr,
     NEED_REF: tl.constexpr, NEED_NLL: tl.constexpr, EMB_GRAD: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Gradients of group ``b`` from the upstream ``g`` (read on the device): log-probs in the
     programs of D slice 0, ``emb`` (the regularizer) slice by slice."""
@@ -774,7 +781,7 @@ def _group_loss_backward_kernel(
         valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
         emb_backward(b, tl.program_id(1) * BLOCK_D, valid, inverse_ptr, inverse_ptr, inverse_ptr, -alpha_over_batch * g,
                      sim_ptr, norms_ptr, mask_ptr, emb_ptr, grad_emb_ptr, G, D, 0.0, 0, 0, 0, stride_eb, stride_eg,
-                     stride_ed, 2, False, 0, HAS_MASK, BLOCK_G, BLOCK_K, BLOCK_D, ACC, PRECISION)
+                     stride_ed, 2, False, 0, HAS_MASK, BLOCK_G, BLOCK_K, BLOCK_D, ACC, PRECISION, ALIGNED)
 
 
 def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, acc: torch.dtype) -> ForwardOutputs:
@@ -789,15 +796,16 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
     out = ForwardOutputs(*(new_output(shape, acc, device, poison)
                            for shape in ((batch, num_stats), (batch, group), (batch, group), (batch, group))))
     if store_state:
-        out.sim = new_output((batch, group, group), acc, device, poison)
+        out.sim = new_output(square_shape(batch, group), acc, device, poison)
         out.norms = new_output((batch, group), acc, device, poison)
-        out.inverse = new_output((batch, group, group), acc, device, poison) if config.needs_logdet else None
+        out.inverse = new_output(square_shape(batch, group), acc, device, poison) if config.needs_logdet else None
 
     pair_index = inputs.pair_index
     present = tuple(t is not None for t in (emb, inputs.mask, inputs.ref, inputs.scores, inputs.lengths,
                                             inputs.nll_logps, inputs.nll_tokens))
+    aligned = emb is not None and rows_aligned(emb)
     constants = _forward_constants(config, group, dim, None if emb is None else emb.dtype, acc, present,
-                                   store_state, num_stats)
+                                   store_state, num_stats, aligned)
     given = (emb, inputs.mask, policy.contiguous(), contiguous(inputs.ref), inputs.rewards.contiguous(),
              contiguous(pair_index), contiguous(inputs.scores), contiguous(inputs.weights), contiguous(inputs.lengths),
              contiguous(inputs.nll_logps), contiguous(inputs.nll_tokens))
@@ -810,9 +818,9 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
     if constants["DIVERSITY_STORED"]:  # the first launch of a split forward: the similarity or logdet forward
         sim, norms, inverse = buffers[3:]
         if not store_state:  # S, norms (and K^-1) into scratch, which the second launch reads and nothing keeps
-            sim, norms = new_output((batch, group, group), acc, device, poison), new_output((batch, group), acc,
-                                                                                             device, poison)
-            inverse = new_output((batch, group, group), acc, device, poison) if constants["NEED_LOGDET"] else None
+            sim, norms = new_output(square_shape(batch, group), acc, device, poison), new_output((batch, group), acc,
+                                                                                                 device, poison)
+            inverse = new_output(square_shape(batch, group), acc, device, poison) if constants["NEED_LOGDET"] else None
             buffers = (*buffers[:3], sim, norms, inverse)
         if constants["NEED_LOGDET"]:
             # logdet [B], then gains [B, G] (unread) from the next 16-byte boundary: an aligned pointer whatever
@@ -832,7 +840,7 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
     if constants["NEED_LOGDET"] and acc == torch.float32 and not constants["DIVERSITY_STORED"]:
         out.fixup = ((*given, *buffers, *sizes, *scalars),
                      _fixup_constants(config, group, dim, None if emb is None else emb.dtype, acc, present,
-                                      store_state, num_stats))
+                                      store_state, num_stats, aligned))
     return out
 
 
@@ -861,9 +869,11 @@ def split_forward(block_g: int) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torch.dtype | None, acc: torch.dtype,
-                       present: tuple[bool, ...], store_state: bool, num_stats: int) -> dict[str, object]:
+                       present: tuple[bool, ...], store_state: bool, num_stats: int,
+                       aligned: bool) -> dict[str, object]:
     """The forward kernel's compile-time arguments (cached: a training loop repeats them every step).
-    ``present``: which of emb, mask, ref, scores, lengths, nll_logps, nll_tokens were given."""
+    ``present``: which of emb, mask, ref, scores, lengths, nll_logps, nll_tokens were given; ``aligned``:
+    ``common.rows_aligned(emb)``."""
     has_emb, has_mask, has_ref, has_scores, has_lengths, has_nll_logps, has_nll_tokens = present
     block_g = group_block(group)
     split = has_emb and split_forward(block_g)
@@ -876,7 +886,7 @@ def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torc
         ACC=triton_dtype(acc),
         PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc),
         CHECK=config.check_inputs, NEED_TWO=config.needs_two, PAIR_ROWS=pair_rows(block_g),
-        DIVERSITY_STORED=split, num_warps=num_warps_for(block_g, heavy=not split))
+        DIVERSITY_STORED=split, ALIGNED=aligned, num_warps=num_warps_for(block_g, heavy=not split))
 
 
 def pair_rows(block_g: int) -> int:
@@ -957,8 +967,9 @@ def _finalize_constants(config: LossConfig, num_stats: int, acc: torch.dtype) ->
 
 @functools.lru_cache(maxsize=256)
 def _backward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torch.dtype | None, acc: torch.dtype,
-                        needs: tuple[bool, ...], has_mask: bool) -> dict[str, object]:
-    """``needs``: policy, ref, nll gradients, NLL inside policy_logps, emb gradient in Triton."""
+                        needs: tuple[bool, ...], has_mask: bool, aligned: bool) -> dict[str, object]:
+    """``needs``: policy, ref, nll gradients, NLL inside policy_logps, emb gradient in Triton; ``aligned``:
+    ``common.rows_aligned(emb)``."""
     need_policy, need_ref, need_nll, nll_to_policy, emb_grad = needs
     block_g = group_block(group)
     return dict(DORPO=config.dorpo, HAS_CPO=config.cpo_alpha > 0, NLL_TO_POLICY=nll_to_policy,
@@ -966,7 +977,7 @@ def _backward_constants(config: LossConfig, group: int, dim: int, emb_dtype: tor
                 HAS_MASK=has_mask, BLOCK_G=block_g, BLOCK_K=column_block(block_g),
                 BLOCK_D=embedding_block(block_g, dim, emb_dtype or acc),
                 ACC=triton_dtype(acc),
-                PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc),
+                PRECISION=dot_precision(emb_dtype if emb_dtype is not None else acc), ALIGNED=aligned,
                 num_warps=backward_warps(block_g))
 
 
@@ -1004,7 +1015,7 @@ def fused_backward(grad_loss: torch.Tensor, saved: tuple[torch.Tensor | None, ..
     dim = emb.shape[2] if emb is not None else 1
     constants = _backward_constants(config, group, dim, None if emb is None else emb.dtype, grad_sum.dtype,
                                     (need_policy, need_ref, need_nll, nll_dtype is None, emb_in_triton),
-                                    mask is not None)
+                                    mask is not None, emb is not None and rows_aligned(emb))
     chunks = -(-dim // constants["BLOCK_D"]) if emb_in_triton else 1  # ceil(D / BLOCK_D)
     _group_loss_backward_kernel[(batch, chunks)](
         grad_loss, totals, grad_sum, chosen_counts, grads["policy"], grads["ref"], grads["nll"],
@@ -1082,7 +1093,9 @@ def _(policy, rewards, ref, emb, mask, pair_index, scores, weights, lengths, nll
     def new(*shape: int) -> torch.Tensor:
         return policy.new_empty(shape, dtype=acc)
 
-    square = (batch, group, group) if store_state else (0,)
+    # the kernels' padded rows (common.square_shape) on Triton; the CUDA extension's [B, G, G]
+    square = ((square_shape(batch, group) if loss_config.kernel_backend == "triton" else (batch, group, group))
+              if store_state else (0,))
     return (policy.new_empty((), dtype=reference.compute_dtype(policy.dtype)),
             policy.new_empty((len(METRIC),), dtype=torch.float32), new(batch, num_stats), new(num_stats),
             new(batch, group), new(batch, group), new(batch, group), new(*square),

@@ -33,6 +33,8 @@ from divkernels.ops.common import (
     group_block,
     new_output,
     num_warps_for,
+    rows_aligned,
+    square_shape,
     tl,
     triton,
     triton_dtype,
@@ -40,11 +42,13 @@ from divkernels.ops.common import (
 from divkernels.ops.similarity import (
     default_gamma,
     gram_matrix,
+    group_start,
     load_square_transposed,
     load_valid_rows,
     similarity_backward,
     similarity_backward_op,
     similarity_from_gram,
+    square_at,
     store_square,
 )
 from divkernels.types import KERNELS
@@ -120,11 +124,11 @@ def diagonal(tile, BLOCK_G: tl.constexpr):
     return tl.sum(tl.where(offs[:, None] == offs[None, :], tile, 0.0), axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "stride_b"])  # sizes that vary over a run: common.py
 def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr, sim_ptr, norms_ptr, G, D,
                            eps: tl.float64, gamma: tl.float64, stride_b, stride_g, stride_d, KERNEL: tl.constexpr,
                            HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                           PRECISION: tl.constexpr, FIXUP: tl.constexpr):
+                           PRECISION: tl.constexpr, FIXUP: tl.constexpr, ALIGNED: tl.constexpr):
     """Group ``b``'s logdet, gains, ``K^-1``, ``S`` and norms. ``FIXUP``: only if its logdet is NaN (the
     first launch's fp32 sweep failed), logdet, gains and ``K^-1`` again from the stored ``S`` with a
     float64 sweep (no Gram: nothing but the sweep's tile in registers)."""
@@ -137,35 +141,37 @@ def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr
         first = tl.load(logdet_ptr + b)
         if first == first:
             return
-        sim = load_square_transposed(sim_ptr + b * G * G, G, BLOCK_G)
+        sim = load_square_transposed(square_at(sim_ptr, b, G), G, BLOCK_G)
         # valid after S: read first, one word of it sat in local memory through the sweep (G = 128, sm_90)
         valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
         logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, True)
     else:
         valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
-        gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+        gram = gram_matrix(group_start(emb_ptr, b, stride_b, ALIGNED), stride_g, stride_d, valid, D, BLOCK_G,
+                           BLOCK_D, ACC, PRECISION)
         sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
         if early:
-            store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+            store_square(square_at(sim_ptr, b, G), sim, G, BLOCK_G)
         logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, False)
     tl.store(logdet_ptr + b, logdet)
     tl.store(gains_ptr + b * G + offs, tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0), mask=offs < G)
-    store_square(inverse_ptr + b * G * G, inverse, G, BLOCK_G)
+    store_square(square_at(inverse_ptr, b, G), inverse, G, BLOCK_G)
     if not FIXUP:
         if not early:
-            store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+            store_square(square_at(sim_ptr, b, G), sim, G, BLOCK_G)
         tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
 
 
 def logdet_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str = "cosine",
                    gamma: float | None = None) -> tuple[torch.Tensor, ...]:
-    """Launch the forward kernel: ``(logdet [B], gains [B, G], K^-1, S [B, G, G], norms [B, G])``."""
+    """Launch the forward kernel: ``(logdet [B], gains [B, G], K^-1, S, norms [B, G])``, ``K^-1`` and ``S``
+    with padded rows (``common.square_shape``)."""
     batch, group, _ = emb.shape
     acc = accumulation_dtype(emb.dtype)
     logdet = new_output((batch,), acc, emb.device)
     gains = new_output((batch, group), acc, emb.device)
-    inverse = new_output((batch, group, group), acc, emb.device)
-    sim = new_output((batch, group, group), acc, emb.device)
+    inverse = new_output(square_shape(batch, group), acc, emb.device)
+    sim = new_output(square_shape(batch, group), acc, emb.device)
     norms = new_output((batch, group), acc, emb.device)
     for fixup in fixup_launches(acc):
         launch_forward(emb, mask, eps, kernel, gamma, (logdet, gains, inverse, sim, norms), fixup)
@@ -175,7 +181,8 @@ def logdet_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, ker
 def launch_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: str, gamma: float | None,
                    outputs: tuple[torch.Tensor, ...], fixup: bool, acc: torch.dtype | None = None) -> None:
     """One launch of the forward kernel, one program per group, into ``outputs = (logdet [B],
-    gains [B, G], K^-1, S [B, G, G], norms [B, G])`` (accumulation dtype, contiguous); ``fixup``: the
+    gains [B, G], K^-1, S, norms [B, G])`` (accumulation dtype, contiguous, ``K^-1`` and ``S`` of
+    ``common.square_shape``); ``fixup``: the
     float64 pass of :func:`fixup_launches`; ``acc``: another accumulation dtype (the fused loss's split
     forward launches it too, in float64 when its log-probs are float64)."""
     batch, group, dim = emb.shape
@@ -184,7 +191,7 @@ def launch_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, ker
         emb, mask, *outputs, group, dim, eps, default_gamma(kernel, gamma, dim), *emb.stride(),
         KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
         BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc or accumulation_dtype(emb.dtype)),
-        PRECISION=dot_precision(emb.dtype), FIXUP=fixup, num_warps=num_warps_for(block_g))
+        PRECISION=dot_precision(emb.dtype), FIXUP=fixup, ALIGNED=rows_aligned(emb), num_warps=num_warps_for(block_g))
 
 
 class LogdetFunction(torch.autograd.Function):
@@ -224,7 +231,7 @@ def logdet_op(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, kernel: 
 def _(emb, mask, eps, kernel, gamma):
     batch, group, _ = emb.shape
     acc = accumulation_dtype(emb.dtype)
-    square = emb.new_empty((batch, group, group), dtype=acc)
+    square = emb.new_empty(square_shape(batch, group), dtype=acc)
     return (emb.new_empty((batch,), dtype=acc), emb.new_empty((batch, group), dtype=acc), square,
             torch.empty_like(square), emb.new_empty((batch, group), dtype=acc))
 

@@ -22,11 +22,12 @@ from divkernels.ops.common import (
     is_finite,
     new_output,
     num_warps_for,
+    rows_aligned,
     tl,
     triton,
     triton_dtype,
 )
-from divkernels.ops.similarity import gram_matrix, load_valid_rows, similarity_from_gram
+from divkernels.ops.similarity import gram_matrix, group_start, load_valid_rows, similarity_from_gram
 from divkernels.validation import (
     DataChecks,
     check_emb_and_mask,
@@ -39,7 +40,8 @@ from divkernels.validation import (
 
 @triton.jit
 def group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, stride_d, HAS_LABELS: tl.constexpr,
-                BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """``(links, bad)`` of group ``b``: ``[BLOCK_G, BLOCK_G]`` bool ``i ~ j`` (equal labels, or cosine
     ``S_ij >= tau``), and 1.0 when a valid embedding has NaN/inf (its norm is not finite)."""
     offs = tl.arange(0, BLOCK_G)
@@ -48,7 +50,8 @@ def group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, st
         links = labels[:, None] == labels[None, :]
         bad = tl.sum(tl.zeros([BLOCK_G], dtype=tl.float32), axis=0)
     else:
-        gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+        gram = gram_matrix(group_start(emb_ptr, b, stride_b, ALIGNED), stride_g, stride_d, valid, D, BLOCK_G,
+                           BLOCK_D, ACC, PRECISION)
         sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
         links = sim >= tau
         bad = any_bad(valid & ~is_finite(norms))
@@ -80,25 +83,27 @@ def partition_from_links(links, valid, min_diversity, TRANSITIVE: tl.constexpr, 
     return tl.where(valid, tl.maximum(distinct / tl.maximum(n - 1.0, 1.0), min_diversity), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "stride_b"])  # sizes that vary over a run: common.py
 def _partition_kernel(emb_ptr, labels_ptr, mask_ptr, div_ptr, bad_ptr, G, D, tau: tl.float64, min_diversity: tl.float64,
                       stride_b, stride_g, stride_d, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr,
                       TRANSITIVE: tl.constexpr, STEPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                      ACC: tl.constexpr, PRECISION: tl.constexpr):
+                      ACC: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr):
     tau = as_acc(tau, ACC)
     min_diversity = as_acc(min_diversity, ACC)
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     links, bad = group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, stride_d, HAS_LABELS,
-                             BLOCK_G, BLOCK_D, ACC, PRECISION)
+                             BLOCK_G, BLOCK_D, ACC, PRECISION, ALIGNED)
     div = partition_from_links(links, valid, min_diversity, TRANSITIVE, STEPS, BLOCK_G, ACC)
     tl.store(div_ptr + b * G + offs, div, mask=offs < G)
     tl.store(bad_ptr + b, bad)
 
 
 def closure_steps(group: int) -> int:
-    """Squarings of the reachability tile that cover paths of length ``G - 1``: ``ceil(log2 G)``."""
+    """Squarings of the reachability tile that cover paths of length ``G - 1``: ``ceil(log2 G)``. The
+    launches pass the padded tile's (one compiled variant per tile; a squaring past the closure leaves it
+    unchanged)."""
     return max(1, (max(group, 2) - 1).bit_length())
 
 
@@ -113,7 +118,8 @@ def link_launch_arguments(emb: torch.Tensor | None, labels: torch.Tensor | None,
                *(emb.stride() if emb is not None else (0, 0, 0)))
     emb_dtype = emb.dtype if emb is not None else acc
     flags = dict(HAS_LABELS=labels is not None, BLOCK_G=block_g, BLOCK_D=embedding_block(block_g, dim, emb_dtype),
-                 ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype if emb is not None else acc))
+                 ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype if emb is not None else acc),
+                 ALIGNED=emb is not None and rows_aligned(emb))
     return tensors, flags, acc
 
 
@@ -126,7 +132,7 @@ def partition_forward(emb: torch.Tensor | None, labels: torch.Tensor | None, mas
     div = new_output((batch, group), acc, device)
     bad = new_output((batch,), acc, device)
     _partition_kernel[(batch,)](emb, labels, mask, div, bad, group, dim, tau, min_diversity, *strides,
-                                HAS_MASK=mask is not None, TRANSITIVE=transitive, STEPS=closure_steps(group),
+                                HAS_MASK=mask is not None, TRANSITIVE=transitive, STEPS=closure_steps(flags["BLOCK_G"]),
                                 num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
     return div, bad
 

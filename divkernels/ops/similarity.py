@@ -40,6 +40,7 @@ from divkernels.ops.common import (
     group_block,
     new_output,
     num_warps_for,
+    rows_aligned,
     tl,
     triton,
     triton_dtype,
@@ -66,22 +67,54 @@ def load_valid_rows(mask_ptr, b, G, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexp
 
 
 @triton.jit
-def store_square(ptr, tile, G, BLOCK_G: tl.constexpr):
-    """Write the ``[G, G]`` part of a tile to a contiguous matrix."""
+def square_stride(G):
+    """Row stride of the kernels' ``[B, G, G]`` matrices: G rounded up to a multiple of 16
+    (``common.padded_row``). Written as ``// 16 * 16`` so that the compiler knows it divides by 16 (its
+    alignment analysis multiplies divisors) though G is not specialized: every row starts 16-element aligned."""
+    return (G + 15) // 16 * 16
+
+
+@triton.jit
+def square_at(ptr, b, G):
+    """Group ``b``'s ``[G, G]`` matrix in a ``[B, G, square_stride(G)]`` buffer (``common.square_shape``)."""
+    return ptr + b * G * square_stride(G)
+
+
+@triton.jit
+def group_start(ptr, b, stride_b, ALIGNED: tl.constexpr):
+    """``ptr + b * stride_b``: the first element of group ``b`` of ``emb``. ``stride_b`` is not specialized
+    (it changes with G); ``ALIGNED`` (``common.rows_aligned``: the host saw it divide by 16) restates that it
+    does, as ``// 16 * 16``, so that rows load as vectors as they did when the stride was specialized."""
+    if ALIGNED:
+        stride_b = stride_b // 16 * 16
+    return ptr + b * stride_b
+
+
+@triton.jit
+def store_rows(ptr, tile, G, row, BLOCK_G: tl.constexpr):
+    """Write the first G rows of a tile to one group's matrix, ``row`` columns each (``row >= G``: the
+    columns past G come from the tile's padding, the identity's, zeros), so that no element is left
+    unwritten."""
     offs = tl.arange(0, BLOCK_G)
-    inside = (offs[:, None] < G) & (offs[None, :] < G)
-    tl.store(ptr + offs[:, None] * G + offs[None, :], tile.to(ptr.dtype.element_ty), mask=inside)
+    inside = (offs[:, None] < G) & (offs[None, :] < row)
+    tl.store(ptr + offs[:, None] * row + offs[None, :], tile.to(ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def store_square(ptr, tile, G, BLOCK_G: tl.constexpr):
+    """Write a tile's ``[G, G]`` part to one group's matrix with padded rows (``square_stride(G)`` apart)."""
+    store_rows(ptr, tile, G, square_stride(G), BLOCK_G)
 
 
 @triton.jit
 def load_square_transposed(ptr, G, BLOCK_G: tl.constexpr):
-    """Read the transpose of a contiguous ``[G, G]`` matrix (of a symmetric one, like ``S``: itself)
+    """Read the transpose of one group's ``[G, G]`` matrix (of a symmetric one, like ``S``: itself)
     into a tile whose padding is the identity's. Its offsets are not :func:`store_square`'s, so a
     kernel that reads one matrix, works on it and writes another keeps no offsets live in between (the
     logdet fix-up at G = 128, sm_90: 32 bytes spilled with the same offsets, none with these)."""
     offs = tl.arange(0, BLOCK_G)
     inside = (offs[:, None] < G) & (offs[None, :] < G)
-    tile = tl.load(ptr + offs[None, :] * G + offs[:, None], mask=inside, other=0.0)
+    tile = tl.load(ptr + offs[None, :] * square_stride(G) + offs[:, None], mask=inside, other=0.0)
     return tl.where(inside, tile, tl.where(offs[:, None] == offs[None, :], 1.0, 0.0))
 
 
@@ -145,18 +178,25 @@ def similarity_from_gram(gram, valid, gamma, KERNEL: tl.constexpr, BLOCK_G: tl.c
     return sim, norms
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "stride_b"])  # sizes that vary over a run: common.py
 def _similarity_forward_kernel(emb_ptr, mask_ptr, sim_ptr, norms_ptr, G, D, gamma: tl.float64,
                                stride_b, stride_g, stride_d,
                                KERNEL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexpr,
-                               BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                               BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                               ALIGNED: tl.constexpr, PACKED: tl.constexpr):
+    """``S`` and the norms of group ``b``. ``PACKED``: ``S`` is ``pairwise_similarity``'s own output, a plain
+    ``[B, G, G]`` (rows G apart, the layout every backend returns); otherwise a kernel's padded matrix."""
     gamma = as_acc(gamma, ACC)
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
-    gram = gram_matrix(emb_ptr + b * stride_b, stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D, ACC, PRECISION)
+    gram = gram_matrix(group_start(emb_ptr, b, stride_b, ALIGNED), stride_g, stride_d, valid, D, BLOCK_G, BLOCK_D,
+                       ACC, PRECISION)
     sim, norms = similarity_from_gram(gram, valid, gamma, KERNEL, BLOCK_G)
-    store_square(sim_ptr + b * G * G, sim, G, BLOCK_G)
+    if PACKED:
+        store_rows(sim_ptr + b * G * G, sim, G, G, BLOCK_G)
+    else:
+        store_square(square_at(sim_ptr, b, G), sim, G, BLOCK_G)
     tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
 
 
@@ -176,14 +216,15 @@ def add_gain_columns(sym, grad_extra_ptr, inv, mask_ptr, b, cols, G, HAS_MASK: t
     """
     offs = tl.arange(0, BLOCK_G)
     rows_in, cols_in = offs < G, cols < G
+    row = square_stride(G)
     for k in range(0, G):
         valid_k = load_valid(mask_ptr, b, k, G, HAS_MASK)
         w = (tl.load(grad_extra_ptr + b * G + k, mask=valid_k, other=0.0).to(ACC)
-             / tl.load(inv + k * G + k, mask=valid_k, other=1.0).to(ACC))
-        column_k = tl.load(inv + offs * G + k, mask=rows_in, other=0.0).to(ACC)
-        row_k = tl.load(inv + k * G + cols, mask=cols_in, other=0.0).to(ACC)
-        row_k_t = tl.load(inv + k * G + offs, mask=rows_in, other=0.0).to(ACC)
-        column_k_t = tl.load(inv + cols * G + k, mask=cols_in, other=0.0).to(ACC)
+             / tl.load(inv + k * row + k, mask=valid_k, other=1.0).to(ACC))
+        column_k = tl.load(inv + offs * row + k, mask=rows_in, other=0.0).to(ACC)
+        row_k = tl.load(inv + k * row + cols, mask=cols_in, other=0.0).to(ACC)
+        row_k_t = tl.load(inv + k * row + offs, mask=rows_in, other=0.0).to(ACC)
+        column_k_t = tl.load(inv + cols * row + k, mask=cols_in, other=0.0).to(ACC)
         sym += w * (column_k[:, None] * row_k[None, :] + row_k_t[:, None] * column_k_t[None, :])
     return sym
 
@@ -210,10 +251,11 @@ def grad_sym_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, mask_ptr, b, cols
         per_col = tl.load(grad_ptr + b * G + cols, mask=valid_cols, other=0.0).to(ACC) / tl.maximum(n - 1.0, 1.0)
         sym = -(per_row[:, None] + per_col[None, :])
     else:
-        inv = inverse_ptr + b * G * G
+        inv = square_at(inverse_ptr, b, G)
+        row = square_stride(G)
         inside = (offs[:, None] < G) & (cols[None, :] < G)
-        sym = g * (tl.load(inv + offs[:, None] * G + cols[None, :], mask=inside, other=0.0).to(ACC)
-                   + tl.load(inv + cols[None, :] * G + offs[:, None], mask=inside, other=0.0).to(ACC))
+        sym = g * (tl.load(inv + offs[:, None] * row + cols[None, :], mask=inside, other=0.0).to(ACC)
+                   + tl.load(inv + cols[None, :] * row + offs[:, None], mask=inside, other=0.0).to(ACC))
         if HAS_EXTRA:
             sym = add_gain_columns(sym, grad_extra_ptr, inv, mask_ptr, b, cols, G, HAS_MASK, BLOCK_G, ACC)
     return tl.where(pair, sym, 0.0)
@@ -235,7 +277,9 @@ def a_columns(grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr, mask
     else:
         sym = tl.where(offs[:, None] == cols[None, :], 0.0, sym)
         inside = (offs[:, None] < G) & (cols[None, :] < G)
-        weighted = sym * tl.load(sim_ptr + b * G * G + offs[:, None] * G + cols[None, :], mask=inside,
+        # S: pairwise_similarity's own plain [B, G, G] with GRAD = 0 (its backward), else padded rows
+        row = G if GRAD == 0 else square_stride(G)
+        weighted = sym * tl.load(sim_ptr + b * G * row + offs[:, None] * row + cols[None, :], mask=inside,
                                  other=0.0).to(ACC)
         row_sum = tl.sum(weighted, axis=1)
         if KERNEL == 0:
@@ -288,7 +332,7 @@ def emb_backward(b, start, valid, grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_
                  grad_emb_ptr, G, D, gamma, stride_sb, stride_si, stride_sj, stride_eb, stride_eg, stride_ed,
                  GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr, KERNEL: tl.constexpr, HAS_MASK: tl.constexpr,
                  BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, ALIGNED: tl.constexpr):
     """Write ``dL/d emb[b, :, start:start + BLOCK_D] = A emb`` (module docstring), with ``A = C - diag(r)``
     (``a_columns``, ``diagonal_term``).
 
@@ -300,7 +344,7 @@ def emb_backward(b, start, valid, grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_
     offs = tl.arange(0, BLOCK_G)
     offs_d = start + tl.arange(0, BLOCK_D)
     in_d = offs_d < D
-    emb_rows = emb_ptr + b * stride_eb
+    emb_rows = group_start(emb_ptr, b, stride_eb, ALIGNED)
     raw = tl.load(norms_ptr + b * G + offs, mask=valid, other=1.0).to(ACC)
     norms = tl.maximum(raw, NORM_FLOOR)
     if BLOCK_K == BLOCK_G:
@@ -348,13 +392,14 @@ def split_dot(a, rows, ACC: tl.constexpr):
     return (tl.dot(hi, rows, out_dtype=ACC) + tl.dot(lo, rows, out_dtype=ACC)) * scale
 
 
-@triton.jit
+# dL/dS's batch and row strides vary with G too (GRAD = 0): unspecialized; the host makes its columns unit-stride
+@triton.jit(do_not_specialize=["G", "stride_sb", "stride_si", "stride_eb"])  # sizes that vary over a run: common.py
 def _similarity_backward_kernel(grad_ptr, grad_extra_ptr, inverse_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr,
                                 grad_emb_ptr, G, D, gamma: tl.float64, stride_sb, stride_si, stride_sj, stride_eb,
                                 stride_eg, stride_ed, GRAD: tl.constexpr, HAS_GRAD: tl.constexpr,
                                 HAS_EXTRA: tl.constexpr, KERNEL: tl.constexpr, HAS_MASK: tl.constexpr,
                                 BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                                PRECISION: tl.constexpr):
+                                PRECISION: tl.constexpr, ALIGNED: tl.constexpr):
     """``dL/d emb`` of one (group, D slice), with ``dL/dS`` formed here from what the op's output got:
 
     ``GRAD=0``: ``dL/dS`` itself (``grad_ptr``, any strides); ``1``: deviation, ``dL/dS_ij = -g_i / (n - 1)``
@@ -371,7 +416,7 @@ def _similarity_backward_kernel(grad_ptr, grad_extra_ptr, inverse_ptr, sim_ptr, 
             g = tl.load(grad_ptr + b).to(ACC)
     emb_backward(b, tl.program_id(1) * BLOCK_D, valid, grad_ptr, grad_extra_ptr, inverse_ptr, g, sim_ptr, norms_ptr,
                  mask_ptr, emb_ptr, grad_emb_ptr, G, D, gamma, stride_sb, stride_si, stride_sj, stride_eb, stride_eg,
-                 stride_ed, GRAD, HAS_EXTRA, KERNEL, HAS_MASK, BLOCK_G, BLOCK_K, BLOCK_D, ACC, PRECISION)
+                 stride_ed, GRAD, HAS_EXTRA, KERNEL, HAS_MASK, BLOCK_G, BLOCK_K, BLOCK_D, ACC, PRECISION, ALIGNED)
 
 
 def default_gamma(kernel: str, gamma: float | None, dim: int) -> float:
@@ -386,21 +431,23 @@ def similarity_forward(emb: torch.Tensor, mask: torch.Tensor | None, kernel: str
     acc = accumulation_dtype(emb.dtype)
     sim = new_output((batch, group, group), acc, emb.device)
     norms = new_output((batch, group), acc, emb.device)
-    launch_forward(emb, mask, kernel, gamma, sim, norms)
+    launch_forward(emb, mask, kernel, gamma, sim, norms, packed=True)
     return sim, norms
 
 
 def launch_forward(emb: torch.Tensor, mask: torch.Tensor | None, kernel: str, gamma: float | None,
-                   sim: torch.Tensor, norms: torch.Tensor, acc: torch.dtype | None = None) -> None:
-    """One launch of the forward kernel, one program per group, into ``S [B, G, G]`` and ``norms [B, G]``
-    (accumulation dtype, or ``acc``, contiguous). The fused loss's split forward launches it too."""
+                   sim: torch.Tensor, norms: torch.Tensor, acc: torch.dtype | None = None,
+                   packed: bool = False) -> None:
+    """One launch of the forward kernel, one program per group, into ``S`` and ``norms [B, G]``
+    (accumulation dtype, or ``acc``, contiguous); ``S`` of ``common.square_shape``, or a plain ``[B, G, G]``
+    when ``packed`` (``pairwise_similarity``'s output). The fused loss's split forward launches it too."""
     batch, group, dim = emb.shape
     block_g = group_block(group)
     _similarity_forward_kernel[(batch,)](
         emb, mask, sim, norms, group, dim, default_gamma(kernel, gamma, dim), *emb.stride(),
         KERNEL=KERNEL_IDS[kernel], HAS_MASK=mask is not None, BLOCK_G=block_g,
         BLOCK_D=embedding_block(block_g, dim, emb.dtype), ACC=triton_dtype(acc or accumulation_dtype(emb.dtype)),
-        PRECISION=dot_precision(emb.dtype),
+        PRECISION=dot_precision(emb.dtype), ALIGNED=rows_aligned(emb), PACKED=packed,
         num_warps=num_warps_for(block_g))
 
 
@@ -420,14 +467,17 @@ def similarity_backward(grad: torch.Tensor, sim: torch.Tensor, norms: torch.Tens
     block_g = group_block(group)
     block_d = embedding_block(block_g, dim, emb.dtype)
     grid = (batch, -(-dim // block_d))  # ceil(D / BLOCK_D) slices of D
+    if mode == 0 and grad.stride(2) != 1:  # unit-stride columns (an expanded sum() gradient is copied)
+        grad = grad.contiguous()
     strides = grad.stride() if mode == 0 else (0, 0, 0)
 
     _similarity_backward_kernel[grid](
         grad if mode == 0 else contiguous(grad), contiguous(grad_extra), inverse, sim, norms, mask, emb, grad_emb,
         group, dim, default_gamma(kernel, gamma, dim), *strides, *emb.stride(),
         GRAD=mode, HAS_GRAD=grad is not None, HAS_EXTRA=grad_extra is not None, KERNEL=KERNEL_IDS[kernel],
-        HAS_MASK=mask is not None, BLOCK_G=block_g, BLOCK_K=column_block(block_g), BLOCK_D=block_d,
-        ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype), num_warps=backward_warps(block_g))
+        HAS_MASK=mask is not None, BLOCK_G=block_g, BLOCK_K=column_block(block_g, packed=mode == 0), BLOCK_D=block_d,
+        ACC=triton_dtype(acc), PRECISION=dot_precision(emb.dtype), ALIGNED=rows_aligned(emb),
+        num_warps=backward_warps(block_g))
     return grad_emb
 
 
