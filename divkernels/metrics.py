@@ -26,9 +26,8 @@ def vendi_score(emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
     valid = reference.valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
     checks = DataChecks(True)
     checks.finite("emb", emb, valid)
-    score = reference.vendi_score(emb, valid)
-    checks.raise_if_failed()
-    return score
+    checks.raise_if_failed()  # before the eigensolver, which does not converge on NaN/inf
+    return reference.vendi_score(emb, valid)
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:

@@ -434,11 +434,12 @@ def pair_counts_divpo(rewards: torch.Tensor, valid: torch.Tensor, scores: torch.
 def pair_counts_explicit(pair_index: torch.Tensor, group: int) -> torch.Tensor:
     """``C_bij`` = how often (chosen i, rejected j) appears in ``pair_index [B, P, 2]``.
 
-    Rows with a negative index are padding and give no pair.
+    Rows with a negative index are padding and give no pair; so do rows naming an index >= G (which
+    the op's input check reports).
     """
     batch = pair_index.shape[0]
     chosen, rejected = pair_index[..., 0], pair_index[..., 1]
-    real = (chosen >= 0) & (rejected >= 0)
+    real = (chosen >= 0) & (rejected >= 0) & (chosen < group) & (rejected < group)
     flat = torch.where(real, chosen * group + rejected, 0)
     counts = torch.zeros(batch, group * group, dtype=torch.float32, device=pair_index.device)
     counts.scatter_add_(1, flat, real.to(torch.float32))
@@ -820,6 +821,11 @@ def advantages_from_diversity(rewards: torch.Tensor, valid: torch.Tensor, divers
     return centered
 
 
+# Bound of the importance log-ratio pi - pi_old before exp (verl's ``compute_policy_loss`` clamps it to
+# [-20, 20]): ratios up to e^20 ~ 4.9e8, finite in float32 times any finite advantage below ~7e29.
+LOG_RATIO_CLAMP = 20.0
+
+
 def policy_gradient_loss(
     policy_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -830,7 +836,8 @@ def policy_gradient_loss(
 ) -> torch.Tensor:
     """Sequence-level clipped-ratio policy-gradient loss, mean over valid responses.
 
-    ``ratio = exp(pi - pi_old)``, ``l_i = -min(ratio A_i, clip(ratio, 1 - clip, 1 + clip) A_i)``.
+    ``ratio = exp(pi - pi_old)``, ``l_i = -min(ratio A_i, clip(ratio, 1 - clip, 1 + clip) A_i)``, with
+    ``pi - pi_old`` clamped to ``[-20, 20]`` first (``LOG_RATIO_CLAMP``, verl's bound: no overflow).
     Without ``old_logps`` the ratio is ``exp(pi - pi.detach())`` (value 1, gradient of REINFORCE),
     as TRL's GRPOTrainer does for a single update per generation.
 
@@ -843,7 +850,10 @@ def policy_gradient_loss(
     policy = torch.where(valid, policy_logps.to(dtype), 0.0)
     old = policy.detach() if old_logps is None else torch.where(valid, old_logps.to(dtype), 0.0)
     adv = torch.where(valid, advantages.to(dtype), 0.0).detach()
-    ratio = torch.exp(policy - old)
+    # the log-ratio clamped to +-LOG_RATIO_CLAMP before exp, as verl's policy loss does: a stale or
+    # diverged sample (pi - pi_old > 88 in float32) would otherwise overflow the ratio to inf, and with a
+    # negative advantage the loss and its gradient with it; inside the clamp the loss is unchanged
+    ratio = torch.exp((policy - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     objective = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
     return -torch.where(valid, objective, 0.0).sum() / valid.sum().clamp_min(1)
 

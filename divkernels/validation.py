@@ -86,14 +86,15 @@ def check_mask(mask: object, batch: int, group: int) -> torch.Tensor | None:
 
 
 def check_index_tensor(name: str, value: object, batch: int) -> torch.Tensor:
-    """``pair_index`` must be an integer ``[B, P, 2]`` tensor."""
+    """``pair_index`` must be an integer ``[B, P, 2]`` tensor. The kernels index with int32/int64; any
+    other integer dtype (int8, uint8, int16) is widened to int64 here (every value of it is an index)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B, P, 2] of integers, got {type(value).__name__}")
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
     if value.dim() != 3 or value.shape[0] != batch or value.shape[2] != 2:
         raise ValueError(f"{name} must have shape [B, P, 2] with B={batch}, got {tuple(value.shape)}")
-    return value
+    return value if value.dtype in (torch.int32, torch.int64) else value.to(torch.int64)
 
 
 def check_partition(value: object, batch: int, group: int) -> torch.Tensor:
@@ -170,6 +171,8 @@ class DataChecks:
         """One host sync for all recorded checks; raise ``ValueError`` for the first that failed."""
         if not self._flags:
             return
+        if any(flag.device.type == "meta" for flag in self._flags):
+            return  # meta tensors (deferred init, shape inference) hold no data to check; outputs stay meta
         if torch.compiler.is_compiling():  # no sync inside a graph: device-side asserts, without the group list
             for flag, message in zip(self._flags, self._messages, strict=True):
                 torch._assert_async(~flag.any(), message(["(run eagerly for the group list)"]))

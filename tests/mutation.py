@@ -1,4 +1,4 @@
-"""Mutation check: do the tests kill seeded bugs? ``python tests/mutation.py`` (not run in CI).
+"""Mutation check: do the tests kill seeded bugs? ``python tests/mutation.py`` (CI runs ``--check``).
 
 Each mutant is one small, plausible bug (a sign flip, a dropped factor, an off-by-one loop or
 mask, a skipped retry, a wrong offset, a compile error) in the Python reference, the op wrappers,
@@ -14,11 +14,17 @@ C++ mutants rebuild the host build of ``csrc/`` (about a minute each) in a tempo
     python tests/mutation.py                 # every mutant
     python tests/mutation.py --only triton   # mutants whose name matches a regex
     python tests/mutation.py --list
+    python tests/mutation.py --check         # seconds: every mutant applies, and its checks select tests
+
+``--check`` (in CI) keeps the table from rotting as the code moves: each mutant's text occurs exactly once
+in its file, the mutated Python still parses (a mutant must be a bug, not a syntax error), and each
+mutant's pytest selection collects at least one test in the unmutated tree.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -248,7 +254,10 @@ MUTANTS = [
            "    return tl.sum(tl.where(rows[:, None] + 1 == offs[None, :]",
            (KP, "-k", "largest_group and triton")),
     Mutant("triton: pair section skips its last row chunk", "divkernels/ops/group_loss.py",
-           "for start in range(0, BLOCK_G, PAIR_ROWS):", "for start in range(0, BLOCK_G - PAIR_ROWS, PAIR_ROWS):",
+           "    for start in range(0, BLOCK_G, PAIR_ROWS):\n        rows = start + tl.arange(0, PAIR_ROWS)\n"
+           "        if PAIRS",
+           "    for start in range(0, BLOCK_G - PAIR_ROWS, PAIR_ROWS):\n"
+           "        rows = start + tl.arange(0, PAIR_ROWS)\n        if PAIRS",
            (KP, "-k", "largest_group and triton")),
     Mutant("triton: rejected counts summed along the wrong axis", "divkernels/ops/group_loss.py",
            "rejected_count += tl.sum(counts, axis=0)", "rejected_count += tl.sum(counts, axis=1)",
@@ -455,6 +464,25 @@ MUTANTS = [
     Mutant("verl: the measure of a singleton is not neutral", "integration/verl.py",
            'neutral = 1.0 if settings.diversity == "darling" else 0.0', "neutral = 0.0",
            ("tests/test_verl.py", "-k", "score_groups or waits")),
+    # hostile inputs (tests/test_bad_inputs.py)
+    Mutant("inputs: int8 pair indices not widened", "divkernels/validation.py",
+           "return value if value.dtype in (torch.int32, torch.int64) else value.to(torch.int64)", "return value",
+           ("tests/test_bad_inputs.py",)),
+    Mutant("triton: explicit pair index narrowed to int32", "divkernels/ops/group_loss.py",
+           "    rejected = tl.load(pair_index_ptr + 2 * p + 1)\n",
+           "    rejected = tl.load(pair_index_ptr + 2 * p + 1).to(tl.int32)\n", ("tests/test_bad_inputs.py",)),
+    Mutant("reference: explicit pairs past G counted", "divkernels/reference.py",
+           "real = (chosen >= 0) & (rejected >= 0) & (chosen < group) & (rejected < group)",
+           "real = (chosen >= 0) & (rejected >= 0)", ("tests/test_bad_inputs.py",)),
+    Mutant("reference: importance log-ratio not clamped", "divkernels/reference.py",
+           "ratio = torch.exp((policy - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))",
+           "ratio = torch.exp(policy - old)", ("tests/test_bad_inputs.py",)),
+    Mutant("inputs: checks read meta tensors", "divkernels/validation.py",
+           "        if any(flag.device.type == \"meta\" for flag in self._flags):\n            return",
+           "        if False:\n            return", ("tests/test_bad_inputs.py",)),
+    Mutant("metrics: vendi_score checks after the eigensolver", "divkernels/metrics.py",
+           "    checks.raise_if_failed()  # before the eigensolver", "    pass  # before the eigensolver",
+           ("tests/test_bad_inputs.py",)),
 ]
 
 
@@ -474,6 +502,69 @@ def copy_repository(destination: Path) -> None:
 
 
 NO_TESTS = 5  # pytest's exit status when the selection matched no test: a broken mutant entry, not a kill
+
+
+def anchor_problems(mutants: list[Mutant], root: Path) -> list[str]:
+    """Mutants whose text does not occur exactly once in their file under ``root``, or whose mutated
+    Python file does not parse."""
+    problems = []
+    for mutant in mutants:
+        text = (root / mutant.path).read_text()
+        count = text.count(mutant.old)
+        if count != 1:
+            problems.append(f"mutant {mutant.name!r}: its text occurs {count} times in {mutant.path} (must be once)")
+        elif mutant.path.endswith(".py"):
+            try:
+                compile(text.replace(mutant.old, mutant.new), mutant.path, "exec")
+            except SyntaxError as error:
+                problems.append(f"mutant {mutant.name!r}: the mutated {mutant.path} does not parse ({error})")
+    return problems
+
+
+# Run in one interpreter (imports once): how many tests each pytest selection collects.
+COLLECT = """
+import json, sys
+import pytest
+
+class Count:
+    def __init__(self):
+        self.items, self.skipped = 0, False
+    def pytest_collectreport(self, report):
+        self.skipped = self.skipped or report.skipped
+    def pytest_collection_finish(self, session):
+        self.items = len(session.items)
+
+counts = []
+for args in json.loads(sys.argv[1]):
+    plugin = Count()
+    pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *args], plugins=[plugin])
+    counts.append([plugin.items, plugin.skipped])
+print("COUNTS", json.dumps(counts))
+"""
+
+
+def selection_problems(mutants: list[Mutant], root: Path) -> list[str]:
+    """Mutants whose pytest selection (their checks but the shell commands) collects no test. A test
+    module that skips itself here (an extra that is not installed: verl) is reported, not failed; CI
+    checks those mutants again in the environment that has it (``--only``)."""
+    def selection(mutant: Mutant) -> tuple[str, ...]:
+        return tuple(check for check in mutant.checks if not check.startswith("!"))
+
+    selections = sorted({selection(m) for m in mutants} - {()})
+    result = subprocess.run([sys.executable, "-c", COLLECT, json.dumps(selections)], cwd=root,
+                            capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("COUNTS ")]
+    if not lines:
+        return [f"collecting the mutants' tests failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"]
+    counts = dict(zip(selections, json.loads(lines[-1].removeprefix("COUNTS ")), strict=True))
+    problems = []
+    for mutant in mutants:
+        items, skipped = counts.get(selection(mutant), (1, False))
+        if items == 0 and skipped:
+            print(f"mutant {mutant.name!r}: not checked here (its test module skips itself)")
+        elif items == 0:
+            problems.append(f"mutant {mutant.name!r}: its checks {' '.join(mutant.checks)} select no test")
+    return problems
 
 
 def run_checks(copy: Path, checks: tuple[str, ...], env: dict[str, str], seed: int,
@@ -505,12 +596,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="test seed (default: fresh, printed)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and logs")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that every mutant applies and selects tests (seconds; CI runs it)")
     args = parser.parse_args()
     mutants = [m for m in MUTANTS if args.only is None or re.search(args.only, m.name)]
     if args.list:
         for mutant in mutants:
             print(f"{mutant.name:70s} {mutant.path}")
         return 0
+    if args.check:
+        problems = anchor_problems(mutants, ROOT) or selection_problems(mutants, ROOT)
+        print("\n".join(problems) if problems else f"{len(mutants)} mutants: each applies once and selects tests")
+        return 1 if problems else 0
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     work = Path(tempfile.mkdtemp(prefix="divkernels-mutation-"))
     copy = work / "repo"
@@ -525,12 +622,10 @@ def main() -> int:
         print(f"the copy does not shadow the installed package: {where}", file=sys.stderr)
         return 1
     print(f"{len(mutants)} mutants, seed {seed}, copy in {copy}")
-    for mutant in mutants:
-        text = (copy / mutant.path).read_text()
-        count = text.count(mutant.old)
-        if count != 1:
-            print(f"mutant {mutant.name!r}: its text occurs {count} times in {mutant.path} (must be once)")
-            return 1
+    problems = anchor_problems(mutants, copy)
+    if problems:
+        print("\n".join(problems))
+        return 1
 
     baseline = sorted({check for mutant in mutants for check in mutant.checks
                        if check.startswith("!") or check.endswith(".py") or "::" in check})

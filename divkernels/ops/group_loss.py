@@ -599,8 +599,9 @@ def explicit_pair(pair_index_ptr, p, valid, BLOCK_G: tl.constexpr):
     """Row ``p`` of one group's ``pair_index [P, 2]``: ``(chosen, rejected, good, padding)``; ``good``:
     two different valid responses; ``(-1, -1)`` rows are padding."""
     offs = tl.arange(0, BLOCK_G)
-    chosen = tl.load(pair_index_ptr + 2 * p).to(tl.int32)
-    rejected = tl.load(pair_index_ptr + 2 * p + 1).to(tl.int32)
+    # in the index's own dtype: an int64 index >= 2^31 narrowed to int32 could wrap onto a valid response
+    chosen = tl.load(pair_index_ptr + 2 * p)
+    rejected = tl.load(pair_index_ptr + 2 * p + 1)
     chosen_valid = tl.sum(tl.where((offs == chosen) & valid, 1, 0), axis=0) > 0
     rejected_valid = tl.sum(tl.where((offs == rejected) & valid, 1, 0), axis=0) > 0
     return chosen, rejected, chosen_valid & rejected_valid & (chosen != rejected), (chosen < 0) & (rejected < 0)

@@ -76,11 +76,18 @@ def group_preference_loss_from_hidden(
         check_choice("pooling", pooling, POOLINGS)
         if emb is not None:
             raise ValueError("pass emb or pooling, not both: pooling makes emb from hidden")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor [B, G, T] of token ids, got {type(targets).__name__}")
+    for name, value in (("mask", mask), ("nll_mask", nll_mask)):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dtype != torch.bool):
+            kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"{name} must be a bool tensor [B, G, T]{'' if name == 'mask' else ' or None'}, got "
+                            f"{kind}; pass {name}.bool() for a 0/1 mask")
+    if mask is None:
+        raise TypeError("mask must be a bool tensor [B, G, T], got None")
     for name, value in (("targets", targets), ("mask", mask), ("nll_mask", nll_mask)):
         if isinstance(value, torch.Tensor) and tuple(value.shape) != (batch, group, length):
             raise ValueError(f"{name} must be [B, G, T] = [{batch}, {group}, {length}], got {tuple(value.shape)}")
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError("mask must be a bool tensor [B, G, T]")
     if group_mask is not None and (not isinstance(group_mask, torch.Tensor) or group_mask.dtype != torch.bool
                                    or tuple(group_mask.shape) != (batch, group)):
         raise ValueError(f"group_mask must be a bool tensor [B, G] = [{batch}, {group}] or None")
