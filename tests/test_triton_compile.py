@@ -71,8 +71,7 @@ LOSS_KERNELS = {"_group_loss_forward_kernel", FIXUP_KERNEL, "_group_loss_finaliz
 # divisibility by 16 no longer aligns the [B, G] rows; where that leaves a kernel a few registers over the
 # cap of its warps (128 at 16 warps; at 8 warps ptxas keeps 128 for two blocks per SM) it spills this much
 # (logdet and DQO advantages: their float64 fix-up launches; benchmarks/README.md, "One compiled variant
-# per tile"). Before, the G = 128 variants were clean and the G = 65 ... 127 ones spilled more (the table
-# then held only powers of two).
+# per tile", which compares the variants that specialized on G).
 LISTED_SPILLS = {("_logdet_forward_kernel", 128): 32, ("_partition_kernel", 128): 32,
                  ("_advantages_kernel", 128): 40, ("_group_loss_forward_kernel", 64): 24}
 # float64 (a test precision) at G <= 64: the fused loss forward's one-warp tile-16 variant
