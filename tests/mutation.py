@@ -166,7 +166,7 @@ MUTANTS = [
            "    store_rows(ptr, tile, G, G, BLOCK_G)",
            ("tests/test_triton.py", "-k", "diversity_ops_match")),
     Mutant("triton: emb's group start rounded though its stride is not aligned", "divkernels/ops/common.py",
-           "return emb.stride(0) % SQUARE_ALIGN == 0 and emb.stride(1) % SQUARE_ALIGN == 0",
+           "return emb.stride(0) % ROW_ALIGN == 0 and emb.stride(1) % ROW_ALIGN == 0",
            "return True", ("tests/test_triton.py", "-k", "diversity_ops_match")),
     Mutant("triton: fused loss fix-up redoes the groups that did not fail", "divkernels/ops/group_loss.py",
            "                if logdet != logdet:", "                if logdet == logdet:",

@@ -28,7 +28,9 @@ MIN_BLOCK = 16
 # (with rows of stride G the G = 128 logdet forward spilled 48-496 bytes and the fused loss's backward
 # 32-168 on sm_90, Triton 3.9), and ``rows_aligned`` tells a kernel that ``emb``'s rows start on a
 # multiple of 16 elements (``similarity.group_start``), which the unspecialized batch stride no longer says.
-SQUARE_ALIGN = 16
+# Elements a row start is aligned to: the kernels' padded [B, G, G] rows, emb's rows when ALIGNED (one
+# declaration for the host and the kernels: similarity.square_stride, similarity.group_start).
+ROW_ALIGN = 16
 # Register budget of one program's [BLOCK_G, BLOCK_D] embedding tile (elements): half-precision tiles
 # go to the tensor cores as they are; fp32/fp64 tiles take an IEEE dot on the CUDA cores, whose operand
 # layouts hold the tile several times over, so they get narrower slices (the compiled sm_90 kernels
@@ -74,7 +76,7 @@ def group_block(group: int) -> int:
 def padded_row(group: int) -> int:
     """Row stride of the kernels' ``[B, G, G]`` matrices: G rounded up to a multiple of 16 (also for a
     symbolic G under ``torch.compile``). ``similarity.square_stride`` computes the same in the kernels."""
-    return (group + SQUARE_ALIGN - 1) // SQUARE_ALIGN * SQUARE_ALIGN
+    return (group + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN
 
 
 def square_shape(batch: int, group: int) -> tuple[int, int, int]:
@@ -85,7 +87,7 @@ def square_shape(batch: int, group: int) -> tuple[int, int, int]:
 def rows_aligned(emb: torch.Tensor) -> bool:
     """``emb``'s batch and row strides are multiples of 16 elements (true for a contiguous ``emb`` whenever
     16 divides D, whatever G is): its rows may load as 16-byte vectors."""
-    return emb.stride(0) % SQUARE_ALIGN == 0 and emb.stride(1) % SQUARE_ALIGN == 0
+    return emb.stride(0) % ROW_ALIGN == 0 and emb.stride(1) % ROW_ALIGN == 0
 
 
 def embedding_block(block_g: int, dim: int, emb_dtype: torch.dtype) -> int:

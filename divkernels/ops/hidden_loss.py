@@ -78,13 +78,11 @@ def group_preference_loss_from_hidden(
             raise ValueError("pass emb or pooling, not both: pooling makes emb from hidden")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor [B, G, T] of token ids, got {type(targets).__name__}")
-    for name, value in (("mask", mask), ("nll_mask", nll_mask)):
-        if value is not None and (not isinstance(value, torch.Tensor) or value.dtype != torch.bool):
+    for name, value, optional in (("mask", mask, False), ("nll_mask", nll_mask, True)):
+        if not (optional and value is None) and (not isinstance(value, torch.Tensor) or value.dtype != torch.bool):
             kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-            raise TypeError(f"{name} must be a bool tensor [B, G, T]{'' if name == 'mask' else ' or None'}, got "
-                            f"{kind}; pass {name}.bool() for a 0/1 mask")
-    if mask is None:
-        raise TypeError("mask must be a bool tensor [B, G, T], got None")
+            raise TypeError(f"{name} must be a bool tensor [B, G, T]{' or None' if optional else ''}, got {kind}; "
+                            f"pass {name}.bool() for a 0/1 mask")
     for name, value in (("targets", targets), ("mask", mask), ("nll_mask", nll_mask)):
         if isinstance(value, torch.Tensor) and tuple(value.shape) != (batch, group, length):
             raise ValueError(f"{name} must be [B, G, T] = [{batch}, {group}, {length}], got {tuple(value.shape)}")

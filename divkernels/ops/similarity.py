@@ -30,6 +30,7 @@ from divkernels import reference
 from divkernels.backend import resolve_backend
 from divkernels.ops.common import (
     KERNEL_IDS,
+    ROW_ALIGN,
     accumulation_dtype,
     as_acc,
     backward_warps,
@@ -49,6 +50,7 @@ from divkernels.types import KERNELS
 from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar, nonfinite_groups
 
 NORM_FLOOR = tl.constexpr(reference.NORM_FLOOR)
+ALIGN = tl.constexpr(ROW_ALIGN)
 
 
 @triton.jit
@@ -68,10 +70,10 @@ def load_valid_rows(mask_ptr, b, G, HAS_MASK: tl.constexpr, BLOCK_G: tl.constexp
 
 @triton.jit
 def square_stride(G):
-    """Row stride of the kernels' ``[B, G, G]`` matrices: G rounded up to a multiple of 16
-    (``common.padded_row``). Written as ``// 16 * 16`` so that the compiler knows it divides by 16 (its
+    """Row stride of the kernels' ``[B, G, G]`` matrices: G rounded up to a multiple of ``ROW_ALIGN``
+    (``common.padded_row``). Written as ``// ALIGN * ALIGN`` so that the compiler knows it divides by 16 (its
     alignment analysis multiplies divisors) though G is not specialized: every row starts 16-element aligned."""
-    return (G + 15) // 16 * 16
+    return (G + ALIGN - 1) // ALIGN * ALIGN
 
 
 @triton.jit
@@ -84,9 +86,9 @@ def square_at(ptr, b, G):
 def group_start(ptr, b, stride_b, ALIGNED: tl.constexpr):
     """``ptr + b * stride_b``: the first element of group ``b`` of ``emb``. ``stride_b`` is not specialized
     (it changes with G); ``ALIGNED`` (``common.rows_aligned``: the host saw it divide by 16) restates that it
-    does, as ``// 16 * 16``, so that rows load as vectors as they did when the stride was specialized."""
+    does, as ``// ALIGN * ALIGN``, so that rows load as vectors as they did when the stride was specialized."""
     if ALIGNED:
-        stride_b = stride_b // 16 * 16
+        stride_b = stride_b // ALIGN * ALIGN
     return ptr + b * stride_b
 
 
@@ -392,8 +394,9 @@ def split_dot(a, rows, ACC: tl.constexpr):
     return (tl.dot(hi, rows, out_dtype=ACC) + tl.dot(lo, rows, out_dtype=ACC)) * scale
 
 
-# dL/dS's batch and row strides vary with G too (GRAD = 0): unspecialized; the host makes its columns unit-stride
-@triton.jit(do_not_specialize=["G", "stride_sb", "stride_si", "stride_eb"])  # sizes that vary over a run: common.py
+# dL/dS's strides (GRAD = 0) vary with G and with how it was made (0 for an expanded sum() gradient):
+# unspecialized; its rows are not known aligned anyway, so it loads element by element either way
+@triton.jit(do_not_specialize=["G", "stride_sb", "stride_si", "stride_sj", "stride_eb"])  # common.py
 def _similarity_backward_kernel(grad_ptr, grad_extra_ptr, inverse_ptr, sim_ptr, norms_ptr, mask_ptr, emb_ptr,
                                 grad_emb_ptr, G, D, gamma: tl.float64, stride_sb, stride_si, stride_sj, stride_eb,
                                 stride_eg, stride_ed, GRAD: tl.constexpr, HAS_GRAD: tl.constexpr,
@@ -467,8 +470,6 @@ def similarity_backward(grad: torch.Tensor, sim: torch.Tensor, norms: torch.Tens
     block_g = group_block(group)
     block_d = embedding_block(block_g, dim, emb.dtype)
     grid = (batch, -(-dim // block_d))  # ceil(D / BLOCK_D) slices of D
-    if mode == 0 and grad.stride(2) != 1:  # unit-stride columns (an expanded sum() gradient is copied)
-        grad = grad.contiguous()
     strides = grad.stride() if mode == 0 else (0, 0, 0)
 
     _similarity_backward_kernel[grid](
