@@ -38,10 +38,14 @@ using std::sqrt;
 constexpr int kMaxGroup = 128;
 constexpr int kChunk = 32;             // embedding columns per Gram step
 constexpr double kNormFloor = 1e-12;   // reference.NORM_FLOOR
+// reference.EMB_NORM_LIMIT: larger emb row norms could overflow the Gram; such rows are flagged, not used.
+constexpr double kEmbNormLimit32 = 0x1p60;
+constexpr double kEmbNormLimit64 = 0x1p508;
 constexpr double kDivpoTieRtol = 1e-5; // reference.DIVPO_TIE_RTOL
 constexpr double kDivpoCountSlack = 1e-4;  // reference.DIVPO_COUNT_SLACK
 constexpr double kDeviationTie = 1e-6;     // reference.DEVIATION_TIE
 constexpr double kLn2 = 0.6931471805599453;
+constexpr double kPivotMargin = 256.0;     // reference.PIVOT_MARGIN
 
 // Loss, pair and weight modes: the order of divkernels.types.LOSSES / PAIR_MODES / DIVERSITIES.
 enum Loss : int { kDpo = 0, kIpo = 1, kOrpo = 2, kSimpo = 3 };
@@ -347,7 +351,8 @@ DK_HD void deviation_from_similarity(const Par& par, Workspace<T> ws, int G) {
 
 // K = S + eps I on the valid block (padding: identity). Cholesky K = L L^T in W (lower triangle,
 // left-looking, one column per step, dot products in double), logdet = 2 sum log L_kk, and
-// K^{-1} column by column (L y = e_j, then L^T x = y) written over S. A non-positive or NaN pivot
+// K^{-1} column by column (L y = e_j, then L^T x = y) written over S. A pivot that is NaN or at most
+// reference.pivot_floor (kPivotMargin G u K_kk: L is stored in T, so its rounding error is T's)
 // marks the group failed: logdet and K^{-1} are NaN (the checked Python call raises).
 template <class T, class Par>
 DK_HD void logdet_and_inverse(const Par& par, Workspace<T> ws, int G, double eps) {
@@ -356,11 +361,13 @@ DK_HD void logdet_and_inverse(const Par& par, Workspace<T> ws, int G, double eps
     ws.W[k] = ws.S[k] + ((i == j && ws.valid[i] != T(0)) ? T(eps) : T(0));
   });
   par.sync();
+  const double unit = sizeof(T) == sizeof(double) ? 0x1p-53 : 0x1p-24;
   for (int k = 0; k < G; ++k) {
     par.for_each(1, [&](int) {
       double d = double(ws.W[k * G + k]);
+      const double min_pivot = kPivotMargin * G * unit * d;  // W[k][k] still holds K_kk here
       for (int m = 0; m < k; ++m) d -= double(ws.W[k * G + m]) * double(ws.W[k * G + m]);
-      if (!(d > 0.0)) {
+      if (!(d > min_pivot)) {
         ws.scalars[1] = T(1);
         d = 1.0;  // keep the remaining steps finite; the result is discarded
       }
@@ -688,7 +695,8 @@ DK_HD void write_stats(const Par& par, Workspace<T> ws, int G, const LossParams&
       sums[kLogOddsRatio] += ws.row_log_odds[i];
       sums[kLogOddsChosen] += ws.row_odds[i];
       const T norm = ws.norms[i];
-      if (p.has_emb && ws.valid[i] != T(0) && !(norm == norm && norm < T(INFINITY))) nonfinite += 1;
+      const T limit = sizeof(T) == sizeof(double) ? T(kEmbNormLimit64) : T(kEmbNormLimit32);
+      if (p.has_emb && ws.valid[i] != T(0) && !(norm <= limit)) nonfinite += 1;  // NaN fails <= too
     }
     const T n = ws.scalars[0];
     const T others = n * (n - T(1));

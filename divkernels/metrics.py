@@ -25,7 +25,7 @@ def vendi_score(emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
     emb, mask = check_emb_and_mask(emb, mask)
     valid = reference.valid_mask(mask, emb.shape[0], emb.shape[1], emb.device)
     checks = DataChecks(True)
-    checks.finite("emb", emb, valid)
+    checks.emb(emb, valid)
     checks.raise_if_failed()  # before the eigensolver, which does not converge on NaN/inf
     return reference.vendi_score(emb, valid)
 

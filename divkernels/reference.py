@@ -33,6 +33,11 @@ from divkernels.types import LossOutput
 
 # Floor on embedding norms in cosine similarity, as torch.nn.functional.normalize uses.
 NORM_FLOOR = 1e-12
+# Largest embedding row norm the similarity ops take, per accumulation dtype: 2^60 in float32 (1.2e18),
+# 2^508 in float64 (8.4e152). Every Gram entry is then at most 2^120 (Cauchy-Schwarz: |<e_i, e_j>| <=
+# |e_i| |e_j|) and every RBF squared distance at most 4 * 2^120, far below float32's 2^128, so no
+# accumulation overflows. Larger rows are refused naming emb (cosine is scale-free: divide emb by a constant).
+EMB_NORM_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**508}
 # Added to the group std of GRPO advantages, as TRL's GRPOTrainer does.
 ADVANTAGE_STD_EPS = 1e-4
 # Finite stand-in for padded log-probs: any value < 0 keeps log(1 - exp(pi)) finite.
@@ -50,6 +55,18 @@ DEVIATION_TIE = 1e-6
 DARLING_MIN_DIVERSITY = 0.1
 # DQO's ridge: log det(L + I) (arXiv 2509.04784).
 DQO_EPS = 1.0
+# A pivot of a factorization of K in a precision with unit roundoff u carries an absolute rounding error
+# of up to about G u K_kk (the Cholesky backward error bound, Higham, Accuracy and Stability, Thm 10.3).
+# A pivot at most PIVOT_MARGIN times that has fewer than 8 correct bits (its log is off by up to 1 / 256),
+# so the factorization is declared failed there: float32 sweeps retry in float64, and a float64 failure
+# is reported naming eps. Exact duplicates with a tiny eps (1e-6) fall below it in float32.
+PIVOT_MARGIN = 256.0
+
+
+def pivot_floor(diagonal: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest pivot a factorization of ``K`` in ``dtype`` accepts for rows of ``K_kk = diagonal``."""
+    unit = torch.finfo(dtype).eps / 2
+    return PIVOT_MARGIN * group * unit * diagonal
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,11 +193,13 @@ def logdet_and_inverse(
     ``K`` is formed and factored (Cholesky) in float64, whatever ``S``'s dtype. Returns
     ``(logdet [B], inverse [B, G, G], failed [B] bool)`` in ``S``'s dtype. ``cholesky_ex`` reports
     failure without a host sync; a group that cannot be factored even in float64 (K not positive
-    definite: NaN input or eps too small for the rounding of S) gets NaN, never a number.
+    definite, or a pivot under :func:`pivot_floor`: NaN input or eps too small for the rounding of S)
+    gets NaN, never a number.
     """
     kernel_mat = sim.to(torch.float64) + eps * torch.diag_embed(valid.to(torch.float64))
     chol, info = torch.linalg.cholesky_ex(kernel_mat)
-    failed = info != 0
+    floor = pivot_floor(kernel_mat.diagonal(dim1=-2, dim2=-1), sim.shape[-1], torch.float64)
+    failed = (info != 0) | ~(chol.diagonal(dim1=-2, dim2=-1) ** 2 > floor).all(-1)
     logdet = 2.0 * torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
     inverse = torch.cholesky_inverse(chol)
     logdet = torch.where(failed, torch.nan, logdet)

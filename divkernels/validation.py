@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Offsets within one group are 32-bit in the kernels (rows of emb, columns of S): a group may span at most
+# this many elements. Offsets across groups are 64-bit.
+INDEX_LIMIT = 2**31 - 1
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _DTYPE_NAMES = "float32, bfloat16, float16 or float64"
 
@@ -58,6 +61,12 @@ def check_emb(emb: object) -> torch.Tensor:
         raise ValueError(f"emb must hold G >= 2 responses per group, got G={emb.shape[1]}")
     if emb.shape[2] < 1:
         raise ValueError(f"emb must have embedding size D >= 1, got D={emb.shape[2]}")
+    _, group, dim = emb.shape
+    span = (group - 1) * emb.stride(1) + (dim - 1) * emb.stride(2)
+    if span >= INDEX_LIMIT:  # the kernels index within a group with 32-bit offsets (across groups: 64-bit)
+        hint = "pass emb.contiguous()" if group * dim < INDEX_LIMIT else "split the embedding dimension"
+        raise ValueError(f"emb's strides {emb.stride()} put elements of one group up to {span} apart, past the "
+                         f"2^31 - 1 that the kernels index within a group; {hint}")
     return emb
 
 
@@ -120,20 +129,43 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def nonfinite_groups(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[B]`` True where a valid entry of a ``[B, G]`` or ``[B, G, D]`` tensor is NaN or inf.
-
-    For ``[B, G, D]`` the row is summed in float32 first (one read, no ``[B, G, D]`` temporary); a
-    finite row whose sum overflows float32 is flagged too, since its similarities would overflow.
-    """
-    if value.dim() == 3:
-        value = value.sum(-1, dtype=torch.float32)
+    """``[B]`` True where a valid entry of a ``[B, G]`` tensor is NaN or inf."""
     return (~torch.isfinite(value) & valid).any(-1)
+
+
+def emb_norm_limit(dtype: torch.dtype) -> float:
+    """The largest row norm of ``emb`` the similarity ops take for ``emb`` (or norms) of ``dtype``."""
+    from divkernels.reference import EMB_NORM_LIMIT
+
+    return EMB_NORM_LIMIT[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
+def unusable_emb_groups(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B]`` True where a valid row of ``emb`` ``[B, G, D]`` (or its norms ``[B, G]``, as a kernel computed
+    them) is NaN/inf or has a norm above :func:`emb_norm_limit`: its Gram entries could overflow.
+
+    ``emb``'s norms are taken in its accumulation dtype (one read, no ``[B, G, D]`` temporary); a norm that
+    overflows there is inf, above the limit too, so the result does not depend on how the norm is summed.
+    """
+    wide = torch.float64 if value.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(value, dim=-1, dtype=wide) if value.dim() == 3 else value
+    return (~(norms <= emb_norm_limit(value.dtype)) & valid).any(-1)  # NaN fails <= too
 
 
 # What a failed data check says; ``{groups}``: the first failing groups.
 NONFINITE_MESSAGE = ("{name} has NaN or inf in valid responses of groups {groups} (check_inputs=False skips this "
                      "check)")
+EMB_MESSAGE = ("{name} has NaN or inf, or a row norm above {limit:.3g} (its Gram entries would overflow {dtype}), in "
+               "valid responses of groups {groups}; cosine similarity is scale-free: divide {name} by a constant "
+               "(check_inputs=False skips this check)")
 POSITIVE_MESSAGE = "{name} must be finite and > 0 for valid responses; groups {groups} are not"
+
+
+def emb_message(dtype: torch.dtype, name: str = "emb") -> Callable[[list[int]], str]:
+    """The message of a failed ``emb`` check for ``emb`` (called ``name``) of ``dtype``."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return lambda groups: EMB_MESSAGE.format(name=name, limit=emb_norm_limit(dtype),
+                                             dtype=str(wide).removeprefix("torch."), groups=groups)
 
 
 class DataChecks:
@@ -153,9 +185,22 @@ class DataChecks:
             self._messages.append(message)
 
     def finite(self, name: str, value: torch.Tensor | None, valid: torch.Tensor | Callable[[], torch.Tensor]) -> None:
-        """``value`` (``[B, G]`` or ``[B, G, D]``) must hold no NaN/inf in valid responses."""
+        """``value`` (``[B, G]``) must hold no NaN/inf in valid responses."""
         if value is not None and self.enabled:
             self.nonfinite(name, nonfinite_groups(value, valid() if callable(valid) else valid))
+
+    def emb(self, value: torch.Tensor | None, valid: torch.Tensor | Callable[[], torch.Tensor],
+            name: str = "emb") -> None:
+        """``emb`` ``[B, G, D]`` (or the norms ``[B, G]`` a kernel computed from it): valid rows finite with
+        norms within :func:`emb_norm_limit`."""
+        if value is not None and self.enabled:
+            self.emb_flagged(lambda: unusable_emb_groups(value, valid() if callable(valid) else valid), value.dtype,
+                             name)
+
+    def emb_flagged(self, bad_groups: torch.Tensor | Callable[[], torch.Tensor], dtype: torch.dtype,
+                    name: str = "emb") -> None:
+        """``bad_groups`` ``[B]``: groups a kernel flagged for unusable ``emb`` rows (see :meth:`emb`)."""
+        self.require(bad_groups, emb_message(dtype, name))
 
     def nonfinite(self, name: str, bad_groups: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         """``bad_groups`` ``[B]``: groups where ``name`` has NaN/inf (e.g. flagged by a kernel)."""

@@ -171,7 +171,7 @@ def test_nan_emb_and_unfactorable_groups_raise() -> None:
     emb[1, 2, 0] = torch.nan
     rewards = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
     policy = -torch.rand(3, 4, dtype=torch.float64, device=DEVICE)
-    with pytest.raises(ValueError, match=r"emb has NaN or inf in valid responses of groups \[1\]"):
+    with pytest.raises(ValueError, match=r"emb has NaN or inf.* in valid responses of groups \[1\]"):
         dk.group_preference_loss(policy, rewards, emb, diversity="deviation", backend="cuda")
     out = dk.group_preference_loss(policy, rewards, emb, diversity="logdet_gain", backend="cuda", check_inputs=False)
     assert torch.isnan(out.logdet[1]) and torch.isfinite(out.logdet[[0, 2]]).all()

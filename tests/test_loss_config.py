@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from divkernels import reference
 from divkernels.loss_config import CHECK_STATS, STAT, STATS, WEIGHT_MODES, LossConfig
@@ -30,9 +31,10 @@ def header_enum(name: str) -> list[str]:
 
 
 def header_constant(name: str) -> float:
-    match = re.search(rf"constexpr double {name} = ([0-9.eE+-]+);", HEADER.read_text())
+    match = re.search(rf"constexpr double {name} = ([0-9a-fA-FxpP.+-]+);", HEADER.read_text())
     assert match, f"{name} not found in {HEADER}"
-    return float(match.group(1))
+    text = match.group(1)
+    return float.fromhex(text) if text.lower().startswith("0x") else float(text)
 
 
 def camel(name: str) -> str:
@@ -62,6 +64,11 @@ def test_triton_column_constants_match_python() -> None:
 def test_header_constants_match_reference() -> None:
     assert header_constant("kDivpoCountSlack") == reference.DIVPO_COUNT_SLACK
     assert header_constant("kDeviationTie") == reference.DEVIATION_TIE
+    assert header_constant("kDivpoTieRtol") == reference.DIVPO_TIE_RTOL
+    assert header_constant("kNormFloor") == reference.NORM_FLOOR
+    assert header_constant("kPivotMargin") == reference.PIVOT_MARGIN
+    assert header_constant("kEmbNormLimit32") == reference.EMB_NORM_LIMIT[torch.float32]
+    assert header_constant("kEmbNormLimit64") == reference.EMB_NORM_LIMIT[torch.float64]
 
 
 def test_config_modes_index_the_python_names() -> None:

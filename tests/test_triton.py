@@ -339,7 +339,7 @@ def test_nan_input_is_reported_by_the_kernel_flags() -> None:
         lambda: dk.group_preference_loss(policy, rewards, emb, diversity="deviation", backend="triton"),
     ]
     for call in calls:
-        with pytest.raises(ValueError, match=r"emb has NaN or inf in valid responses of groups \[1\]"):
+        with pytest.raises(ValueError, match=r"emb has NaN or inf.* in valid responses of groups \[1\]"):
             call()
     unchecked = dk.logdet_diversity(emb, backend="triton", check_inputs=False)
     assert torch.isnan(unchecked[1]) and torch.isfinite(unchecked[[0, 2]]).all()

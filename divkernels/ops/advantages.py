@@ -18,7 +18,6 @@ from divkernels.ops.common import (
     as_acc,
     contiguous,
     embedding_block,
-    is_finite,
     new_output,
     num_warps_for,
     tl,
@@ -28,7 +27,13 @@ from divkernels.ops.common import (
 from divkernels.ops.deviation import deviation_from_similarity
 from divkernels.ops.logdet import check_factorization, diagonal, fixup_launches, logdet_and_inverse
 from divkernels.ops.partition import closure_steps, group_links, link_launch_arguments, partition_from_links
-from divkernels.ops.similarity import gram_matrix, group_start, load_valid_rows, similarity_from_gram
+from divkernels.ops.similarity import (
+    gram_matrix,
+    group_start,
+    load_valid_rows,
+    similarity_from_gram,
+    unusable_norms,
+)
 from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES, DARLING_REWARDS
 from divkernels.validation import (
     DataChecks,
@@ -84,7 +89,7 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
         gram = gram_matrix(group_start(emb_ptr, b, stride_b, ALIGNED), stride_g, stride_d, valid, D, BLOCK_G,
                            BLOCK_D, ACC, PRECISION)
         sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
-        tl.store(bad_ptr + b, any_bad(valid & ~is_finite(norms)))
+        tl.store(bad_ptr + b, any_bad(valid & unusable_norms(norms, ACC)))
         if DIVERSITY == 2:  # DQO gain: log det K - log det K_-i = -log (K^-1)_ii
             _, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, FIXUP)
             measure = tl.where(valid, -tl.log(diagonal(inverse, BLOCK_G)), 0.0).to(OUT)
@@ -274,9 +279,9 @@ def group_advantages(
                 rewards, None if emb is None else emb.detach(), partition, contiguous(mask), diversity, alpha,
                 tau, eps, reference.default_scale(diversity, scale), min_diversity, transitive, darling_reward)
         if uses_emb:
-            checks.nonfinite("emb", lambda: bad > 0)
+            checks.emb_flagged(lambda: bad > 0, emb.dtype)
     else:
-        checks.finite("emb", emb if uses_emb else None, valid)
+        checks.emb(emb if uses_emb else None, valid)
         advantages = reference.group_advantages(rewards, emb if uses_emb else None, valid(), diversity=diversity,
                                                 alpha=alpha, tau=tau, eps=eps, scale=scale, partition=partition,
                                                 min_diversity=min_diversity, transitive=transitive,

@@ -35,7 +35,7 @@ from divkernels.ops.similarity import (
     square_at,
     store_square,
 )
-from divkernels.validation import DataChecks, check_emb_and_mask, nonfinite_groups
+from divkernels.validation import DataChecks, check_emb_and_mask
 
 
 @triton.jit
@@ -163,9 +163,9 @@ def deviation(
             dev, _, norms = deviation_op(emb, contiguous(mask))
         else:
             dev, norms = DeviationFunction.apply(emb, contiguous(mask))
-        checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
+        checks.emb(norms, valid)
     else:
-        checks.finite("emb", emb, valid)
+        checks.emb(emb, valid)
         dev = reference.deviation(emb, valid())
     checks.raise_if_failed()
     return dev

@@ -76,6 +76,7 @@ from divkernels.ops.similarity import (
     square_at,
     square_stride,
     store_square,
+    unusable_norms,
 )
 from divkernels.types import LossOutput, MetricVector
 from divkernels.validation import (
@@ -84,6 +85,7 @@ from divkernels.validation import (
     DataChecks,
     GroupLossArguments,
     check_group_loss_arguments,
+    emb_message,
     too_few_message,
 )
 
@@ -312,8 +314,7 @@ def similarity_metrics(valid, norms, off_diagonal, ACC: tl.constexpr):
     other_count = n * (n - 1.0)  # valid ordered pairs i != j
     mean_similarity = off_diagonal / tl.maximum(other_count, 1.0)
     has_similarity = tl.where(other_count > 0.0, 1.0, 0.0)
-    finite = (norms == norms) & (norms < float("inf"))
-    emb_nonfinite = tl.sum(tl.where(valid & ~finite, 1.0, 0.0), axis=0)
+    emb_nonfinite = tl.sum(tl.where(valid & unusable_norms(norms, ACC), 1.0, 0.0), axis=0)
     return mean_similarity, has_similarity, emb_nonfinite
 
 
@@ -1077,7 +1078,8 @@ def group_loss_forward_op(policy: torch.Tensor, rewards: torch.Tensor, ref: torc
                          nll_tokens, poison_outputs())
     out, totals, loss, metrics = fused_forward(inputs, loss_config, store_state)
     if loss_config.check_inputs:
-        raise_kernel_checks(totals, out.stats, policy.shape[1], too_few_reason or None)
+        raise_kernel_checks(totals, out.stats, policy.shape[1], too_few_reason or None,
+                            None if emb is None else emb.dtype)
     return (loss, metrics, out.stats, totals, out.chosen_counts, out.rejected_counts, out.grad_policy,
             *(policy.new_empty(0, dtype=out.stats.dtype) if state is None else state  # distinct: no aliasing
               for state in (out.sim, out.norms, out.inverse)))
@@ -1190,7 +1192,7 @@ def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, che
     if checks.enabled:
         _host_data_checks(checks, args, valid, options["loss"])
     if resolved == "reference":
-        checks.finite("emb", emb, valid)
+        checks.emb(emb, valid)
         reference_options = {k: v for k, v in options.items() if k not in ("pairs", "backend")}
         output = reference.group_preference_loss(args.policy_logps, args.rewards, args.encoders or None,
                                                  args.ref_logps, valid, pairs=args.pairs,
@@ -1249,7 +1251,7 @@ def _check_kernel_outputs(checks: DataChecks, output: LossOutput, stats: torch.T
     if in_kernel_checks:
         return
     if emb is not None:  # first: a non-finite emb is why its factorization failed
-        checks.nonfinite("emb", lambda: stats[:, STAT["emb_nonfinite"]] > 0)
+        checks.emb_flagged(lambda: stats[:, STAT["emb_nonfinite"]] > 0, emb.dtype)
     if output.logdet is not None:
         check_factorization(checks, lambda: torch.isnan(output.logdet))
 
@@ -1275,7 +1277,6 @@ CHECK_MESSAGES = {
     **{f"bad_{name}": NONFINITE_MESSAGE.replace("{name}", name)
        for name in ("policy_logps", "rewards", "ref_logps", "divpo_scores", "weights", "nll_logps")},
     **{f"bad_{name}": POSITIVE_MESSAGE.replace("{name}", name) for name in ("token_counts", "nll_tokens")},
-    "emb_nonfinite": NONFINITE_MESSAGE.replace("{name}", "emb"),
     "orpo_nonnegative": "loss='orpo' needs mean token log-probs < 0 in policy_logps; groups {groups} have values >= 0",
     "bad_pair_index": "pair_index rows of groups {groups} do not name two different valid responses in [0, {group}) "
                       "(use (-1, -1) for padding rows)",
@@ -1286,7 +1287,8 @@ CHECK_ORDER = ("bad_policy_logps", "bad_rewards", "bad_ref_logps", "bad_divpo_sc
                "bad_pair_index", "emb_nonfinite", "factorization_failed")
 
 
-def raise_kernel_checks(totals: torch.Tensor, stats: torch.Tensor, group: int, too_few_reason: str | None) -> None:
+def raise_kernel_checks(totals: torch.Tensor, stats: torch.Tensor, group: int, too_few_reason: str | None,
+                        emb_dtype: torch.dtype | None) -> None:
     """The in-kernel data checks: one host sync reads the totals; a failure names its groups."""
     counts = totals.tolist()
     for name in CHECK_ORDER:
@@ -1298,6 +1300,8 @@ def raise_kernel_checks(totals: torch.Tensor, stats: torch.Tensor, group: int, t
                 checks = DataChecks(True)
                 check_factorization(checks, stats[:, STAT[name]] > 0)
                 checks.raise_if_failed()
+            if name == "emb_nonfinite":
+                raise ValueError(emb_message(emb_dtype or torch.float32)(groups))
             raise ValueError(CHECK_MESSAGES[name].format(groups=groups, group=group))
 
 
@@ -1435,10 +1439,10 @@ def group_preference_loss(
         output = LossOutput(total, metrics, _logdet_column(stats, emb) if config.needs_logdet else None,
                             chosen_counts, rejected_counts)
         if in_kernel_checks:
-            raise_kernel_checks(totals, stats, group, args.needs_emb_reason)
+            raise_kernel_checks(totals, stats, group, args.needs_emb_reason, None if emb is None else emb.dtype)
         _check_kernel_outputs(checks, output, stats, emb, in_kernel_checks)
     else:
-        checks.finite("emb", emb, valid)
+        checks.emb(emb, valid)
         output = reference.group_preference_loss(
             policy_logps, rewards, args.encoders or None, ref_logps, valid(), loss=loss, diversity=diversity,
             pairs=args.pairs, pair_index=args.pair_index, beta=beta, orpo_lambda=orpo_lambda,
@@ -1511,8 +1515,10 @@ def _host_data_checks(checks: DataChecks, args: GroupLossArguments, valid: torch
     extension, several encoders): per-group flags, resolved with one sync by ``checks``."""
     policy_logps, extras, group = args.policy_logps, args.extras, args.policy_logps.shape[1]
     for name, value in (("policy_logps", policy_logps), ("rewards", args.rewards), ("ref_logps", args.ref_logps),
-                        *extras.items(), *((f"emb[{k}]", e) for k, e in enumerate(args.encoders) if k > 0)):
+                        *extras.items()):
         checks.finite(name, value, valid)
+    for k, e in enumerate(args.encoders[1:], start=1):  # the first is checked with the kernel's norms
+        checks.emb(e, valid, f"emb[{k}]")
     if args.needs_emb_reason is not None:
         checks.group_size(valid, args.needs_emb_reason)
 

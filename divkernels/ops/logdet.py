@@ -52,12 +52,15 @@ from divkernels.ops.similarity import (
     store_square,
 )
 from divkernels.types import KERNELS
-from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar, nonfinite_groups
+from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar
 
 # The smallest tile whose S a forward that sweeps K stores before the sweep, not after: at G = 128 an
 # S kept live through the sweep spilled; smaller tiles take fewer registers storing it after
 # (benchmarks/results/sm90_kernel_resources.csv). The logdet forward and the fused loss forward read it.
 SIM_BEFORE_SWEEP = tl.constexpr(128)
+PIVOT_MARGIN = tl.constexpr(reference.PIVOT_MARGIN)
+UNIT_32 = tl.constexpr(torch.finfo(torch.float32).eps / 2)
+UNIT_64 = tl.constexpr(torch.finfo(torch.float64).eps / 2)
 
 
 @triton.jit
@@ -66,17 +69,24 @@ def gauss_jordan_inverse(matrix, G, BLOCK_G: tl.constexpr):
 
     Step k divides row k by the pivot ``p = A_kk`` and eliminates column k from every other row;
     after G steps the tile holds the inverse. Rows past G are the identity's and are not swept.
+    A pivot at or under ``reference.pivot_floor`` of its row (too few correct bits in this dtype) is bad.
     """
     offs = tl.arange(0, BLOCK_G)
     rows = offs[:, None]
     cols = offs[None, :]
     logdet = tl.sum(tl.zeros([BLOCK_G], dtype=matrix.dtype), axis=0)
     bad_pivots = tl.sum(tl.zeros([BLOCK_G], dtype=tl.int32), axis=0)
+    if matrix.dtype == tl.float64:
+        unit = UNIT_64
+    else:
+        unit = UNIT_32
+    floors = diagonal(matrix, BLOCK_G) * (PIVOT_MARGIN * unit * G)
     for k in range(0, G):
         row = tl.sum(tl.where(rows == k, matrix, 0.0), axis=0)
         col = tl.sum(tl.where(cols == k, matrix, 0.0), axis=1)
         pivot = tl.sum(tl.where(offs == k, row, 0.0), axis=0)
-        bad_pivots += tl.where(pivot > 0.0, 0, 1)
+        floor = tl.sum(tl.where(offs == k, floors, 0.0), axis=0)
+        bad_pivots += tl.where(pivot > floor, 0, 1)
         logdet += tl.log(pivot)
         # one reciprocal per step, then multiplies: a division per element would be a division
         # subroutine per element, whose calls cost registers (the fp64 fix-ups spilled around them)
@@ -310,9 +320,9 @@ def logdet_diversity(
             logdet, gains, _, _, norms = logdet_op(emb, contiguous(mask), eps, kernel, None)
         else:
             logdet, gains, norms = LogdetFunction.apply(emb, contiguous(mask), eps, kernel, None)
-        checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
+        checks.emb(norms, valid)
     else:
-        checks.finite("emb", emb, valid)
+        checks.emb(emb, valid)
         logdet, gains = reference.logdet_diversity(emb, valid(), eps, kernel, return_gains=True)
     check_factorization(checks, lambda: torch.isnan(logdet))
     checks.raise_if_failed()

@@ -19,7 +19,6 @@ from divkernels.ops.common import (
     dot_precision,
     embedding_block,
     group_block,
-    is_finite,
     new_output,
     num_warps_for,
     rows_aligned,
@@ -27,7 +26,13 @@ from divkernels.ops.common import (
     triton,
     triton_dtype,
 )
-from divkernels.ops.similarity import gram_matrix, group_start, load_valid_rows, similarity_from_gram
+from divkernels.ops.similarity import (
+    gram_matrix,
+    group_start,
+    load_valid_rows,
+    similarity_from_gram,
+    unusable_norms,
+)
 from divkernels.validation import (
     DataChecks,
     check_emb_and_mask,
@@ -54,7 +59,7 @@ def group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, st
                            BLOCK_D, ACC, PRECISION)
         sim, norms = similarity_from_gram(gram, valid, 0.0, 0, BLOCK_G)
         links = sim >= tau
-        bad = any_bad(valid & ~is_finite(norms))
+        bad = any_bad(valid & unusable_norms(norms, ACC))
     return links, bad
 
 
@@ -219,9 +224,10 @@ def partition_diversity(
             else:
                 div, bad = partition_forward(emb_in, partition, contiguous(mask), group, tau, min_diversity,
                                              transitive)
-        checks.nonfinite("emb", lambda: bad > 0)
+        if emb is not None:
+            checks.emb_flagged(lambda: bad > 0, emb.dtype)
     else:
-        checks.finite("emb", emb, valid)
+        checks.emb(emb, valid)
         div = reference.partition_diversity(emb, valid(), tau, partition, None, min_diversity, transitive)
     checks.raise_if_failed()
     return div

@@ -47,9 +47,11 @@ from divkernels.ops.common import (
     triton_dtype,
 )
 from divkernels.types import KERNELS
-from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar, nonfinite_groups
+from divkernels.validation import DataChecks, check_choice, check_emb_and_mask, check_scalar
 
 NORM_FLOOR = tl.constexpr(reference.NORM_FLOOR)
+NORM_LIMIT_32 = tl.constexpr(reference.EMB_NORM_LIMIT[torch.float32])
+NORM_LIMIT_64 = tl.constexpr(reference.EMB_NORM_LIMIT[torch.float64])
 ALIGN = tl.constexpr(ROW_ALIGN)
 
 
@@ -149,6 +151,17 @@ def gram_matrix(emb_ptr, stride_g, stride_d, valid, D, BLOCK_G: tl.constexpr, BL
             rows = rows.to(ACC)
             gram += tl.dot(rows, tl.trans(rows), input_precision=PRECISION, out_dtype=ACC)
     return gram
+
+
+@triton.jit
+def unusable_norms(norms, ACC: tl.constexpr):
+    """Elementwise: a row norm that is NaN, inf or above ``reference.EMB_NORM_LIMIT`` (its Gram entries could
+    overflow ``ACC``); NaN fails the comparison too."""
+    if ACC == tl.float64:  # noqa: SIM300 (ACC is a constexpr, not a constant)
+        usable = norms <= NORM_LIMIT_64
+    else:
+        usable = norms <= NORM_LIMIT_32
+    return ~usable
 
 
 @triton.jit
@@ -588,9 +601,9 @@ def pairwise_similarity(
     if resolved == "triton":
         function = similarity_op if torch.compiler.is_compiling() else SimilarityFunction.apply
         sim, norms = function(emb, contiguous(mask), kernel, gamma)
-        checks.nonfinite("emb", lambda: nonfinite_groups(norms, valid()))
+        checks.emb(norms, valid)
     else:
-        checks.finite("emb", emb, valid)
+        checks.emb(emb, valid)
         sim = reference.pairwise_similarity(emb, valid(), kernel, gamma)
     checks.raise_if_failed()
     return sim
