@@ -352,7 +352,7 @@ DK_HD void deviation_from_similarity(const Par& par, Workspace<T> ws, int G) {
 // K = S + eps I on the valid block (padding: identity). Cholesky K = L L^T in W (lower triangle,
 // left-looking, one column per step, dot products in double), logdet = 2 sum log L_kk, and
 // K^{-1} column by column (L y = e_j, then L^T x = y) written over S. A pivot that is NaN or at most
-// reference.pivot_floor (kPivotMargin G u K_kk: L is stored in T, so its rounding error is T's)
+// reference.pivot_floor (kPivotMargin G u max K_kk: L is stored in T, so its rounding error is T's)
 // marks the group failed: logdet and K^{-1} are NaN (the checked Python call raises).
 template <class T, class Par>
 DK_HD void logdet_and_inverse(const Par& par, Workspace<T> ws, int G, double eps) {
@@ -361,11 +361,13 @@ DK_HD void logdet_and_inverse(const Par& par, Workspace<T> ws, int G, double eps
     ws.W[k] = ws.S[k] + ((i == j && ws.valid[i] != T(0)) ? T(eps) : T(0));
   });
   par.sync();
-  const double unit = sizeof(T) == sizeof(double) ? 0x1p-53 : 0x1p-24;
+  double largest = 0.0;  // max K_kk over the valid rows: every thread reads W's diagonal after the sync
+  for (int k = 0; k < G; ++k)
+    if (ws.valid[k] != T(0) && double(ws.W[k * G + k]) > largest) largest = double(ws.W[k * G + k]);
+  const double min_pivot = kPivotMargin * G * (sizeof(T) == sizeof(double) ? 0x1p-53 : 0x1p-24) * largest;
   for (int k = 0; k < G; ++k) {
     par.for_each(1, [&](int) {
       double d = double(ws.W[k * G + k]);
-      const double min_pivot = kPivotMargin * G * unit * d;  // W[k][k] still holds K_kk here
       for (int m = 0; m < k; ++m) d -= double(ws.W[k * G + m]) * double(ws.W[k * G + m]);
       if (!(d > min_pivot)) {
         ws.scalars[1] = T(1);

@@ -56,17 +56,19 @@ DARLING_MIN_DIVERSITY = 0.1
 # DQO's ridge: log det(L + I) (arXiv 2509.04784).
 DQO_EPS = 1.0
 # A pivot of a factorization of K in a precision with unit roundoff u carries an absolute rounding error
-# of up to about G u K_kk (the Cholesky backward error bound, Higham, Accuracy and Stability, Thm 10.3).
-# A pivot at most PIVOT_MARGIN times that has fewer than 8 correct bits (its log is off by up to 1 / 256),
-# so the factorization is declared failed there: float32 sweeps retry in float64, and a float64 failure
-# is reported naming eps. Exact duplicates with a tiny eps (1e-6) fall below it in float32.
+# of up to about G u K_kk (the Cholesky backward error bound, Higham, Accuracy and Stability, Thm 10.3),
+# at most G u max_k K_kk. A pivot at most PIVOT_MARGIN times that has fewer than 8 correct bits (its log
+# is off by up to 1 / 256), so the factorization is declared failed there: float32 sweeps retry in
+# float64, and a float64 failure is reported naming eps. Exact duplicates with a tiny eps (1e-6) fall
+# below it in float32. (One floor per group, from the largest valid K_kk: a scalar in the kernels.)
 PIVOT_MARGIN = 256.0
 
 
-def pivot_floor(diagonal: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """The smallest pivot a factorization of ``K`` in ``dtype`` accepts for rows of ``K_kk = diagonal``."""
-    unit = torch.finfo(dtype).eps / 2
-    return PIVOT_MARGIN * group * unit * diagonal
+def pivot_floor(kernel_mat: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B]``: the smallest pivot a factorization in ``dtype`` accepts, ``PIVOT_MARGIN G u max K_kk`` over
+    each group's valid rows."""
+    largest = torch.where(valid, kernel_mat.diagonal(dim1=-2, dim2=-1), 0.0).amax(-1)
+    return PIVOT_MARGIN * kernel_mat.shape[-1] * (torch.finfo(dtype).eps / 2) * largest
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -198,8 +200,8 @@ def logdet_and_inverse(
     """
     kernel_mat = sim.to(torch.float64) + eps * torch.diag_embed(valid.to(torch.float64))
     chol, info = torch.linalg.cholesky_ex(kernel_mat)
-    floor = pivot_floor(kernel_mat.diagonal(dim1=-2, dim2=-1), sim.shape[-1], torch.float64)
-    failed = (info != 0) | ~(chol.diagonal(dim1=-2, dim2=-1) ** 2 > floor).all(-1)
+    floor = pivot_floor(kernel_mat, valid, torch.float64)
+    failed = (info != 0) | ~(chol.diagonal(dim1=-2, dim2=-1) ** 2 > floor[:, None]).all(-1)
     logdet = 2.0 * torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1)
     inverse = torch.cholesky_inverse(chol)
     logdet = torch.where(failed, torch.nan, logdet)

@@ -73,7 +73,7 @@ LOSS_KERNELS = {"_group_loss_forward_kernel", FIXUP_KERNEL, "_group_loss_finaliz
 # (logdet and DQO advantages: their float64 fix-up launches; benchmarks/README.md, "One compiled variant
 # per tile", which compares the variants that specialized on G).
 LISTED_SPILLS = {("_logdet_forward_kernel", 128): 32, ("_partition_kernel", 128): 32,
-                 ("_advantages_kernel", 128): 40, ("_group_loss_forward_kernel", 64): 24}
+                 ("_advantages_kernel", 128): 40, ("_group_loss_forward_kernel", 64): 32}
 # float64 (a test precision) at G <= 64: the fused loss forward's one-warp tile-16 variant
 LISTED_FP64_SPILLS = {("_group_loss_forward_kernel", 16): 24}
 

@@ -64,28 +64,21 @@ UNIT_64 = tl.constexpr(torch.finfo(torch.float64).eps / 2)
 
 
 @triton.jit
-def gauss_jordan_inverse(matrix, G, BLOCK_G: tl.constexpr):
-    """Sweep an SPD tile: ``(sum of log pivots, inverse, number of non-positive pivots)``.
+def gauss_jordan_inverse(matrix, floor, G, BLOCK_G: tl.constexpr):
+    """Sweep an SPD tile: ``(sum of log pivots, inverse, number of pivots at or under floor)``.
 
     Step k divides row k by the pivot ``p = A_kk`` and eliminates column k from every other row;
     after G steps the tile holds the inverse. Rows past G are the identity's and are not swept.
-    A pivot at or under ``reference.pivot_floor`` of its row (too few correct bits in this dtype) is bad.
     """
     offs = tl.arange(0, BLOCK_G)
     rows = offs[:, None]
     cols = offs[None, :]
     logdet = tl.sum(tl.zeros([BLOCK_G], dtype=matrix.dtype), axis=0)
     bad_pivots = tl.sum(tl.zeros([BLOCK_G], dtype=tl.int32), axis=0)
-    if matrix.dtype == tl.float64:
-        unit = UNIT_64
-    else:
-        unit = UNIT_32
-    floors = diagonal(matrix, BLOCK_G) * (PIVOT_MARGIN * unit * G)
     for k in range(0, G):
         row = tl.sum(tl.where(rows == k, matrix, 0.0), axis=0)
         col = tl.sum(tl.where(cols == k, matrix, 0.0), axis=1)
         pivot = tl.sum(tl.where(offs == k, row, 0.0), axis=0)
-        floor = tl.sum(tl.where(offs == k, floors, 0.0), axis=0)
         bad_pivots += tl.where(pivot > floor, 0, 1)
         logdet += tl.log(pivot)
         # one reciprocal per step, then multiplies: a division per element would be a division
@@ -99,20 +92,24 @@ def gauss_jordan_inverse(matrix, G, BLOCK_G: tl.constexpr):
 
 @triton.jit
 def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, FP64: tl.constexpr):
-    """``(log det K, K^{-1})`` of ``K = S + eps I`` on the valid rows, NaN if K cannot be swept.
+    """``(log det K, K^{-1})`` of ``K = S + eps I`` on the valid rows, NaN if K cannot be swept: a pivot at
+    or under ``reference.pivot_floor`` (too few correct bits in the sweep's dtype).
 
     ``FP64``: sweep in float64 (the fix-ups: :func:`fixup_launches`, the fused loss's finalize
     kernel), results in ``sim``'s dtype.
     """
     offs = tl.arange(0, BLOCK_G)
     ridge = tl.where((offs[:, None] == offs[None, :]) & valid[:, None], eps, 0.0)
-    if FP64:
-        logdet64, inverse64, bad_pivots = gauss_jordan_inverse(sim.to(tl.float64) + ridge.to(tl.float64), G,
-                                                               BLOCK_G)
+    largest = tl.max(tl.where(valid, diagonal(sim, BLOCK_G) + eps, 0.0), axis=0)  # max K_kk, valid rows
+    if FP64 or sim.dtype == tl.float64:
+        floor = largest.to(tl.float64) * (PIVOT_MARGIN * UNIT_64 * G)
+        logdet64, inverse64, bad_pivots = gauss_jordan_inverse(sim.to(tl.float64) + ridge.to(tl.float64), floor,
+                                                               G, BLOCK_G)
         logdet = logdet64.to(sim.dtype)
         inverse = inverse64.to(sim.dtype)
     else:
-        logdet, inverse, bad_pivots = gauss_jordan_inverse(sim + ridge, G, BLOCK_G)
+        floor = largest * (PIVOT_MARGIN * UNIT_32 * G)
+        logdet, inverse, bad_pivots = gauss_jordan_inverse(sim + ridge, floor, G, BLOCK_G)
     logdet = tl.where(bad_pivots > 0, float("nan"), logdet)
     inverse = tl.where(bad_pivots > 0, float("nan"), inverse)
     return logdet, inverse
