@@ -234,9 +234,7 @@ CASES = [
     # layouts: transposed, strided and overlapping (expanded) emb give the contiguous copy's value
     *[Case(f"{op}, {kind} emb", lambda backend, op=op, k=kind: emb_call(op, backend, strided(k)),
            ("close", lambda backend, op=op, k=kind: emb_call(op, backend, strided(k).contiguous()), 0.0),
-           backends_of(op)) for op in EMB_OPS for kind in ("transposed", "every other column", "overlapping")
-      if not (kind == "overlapping" and op in ("logdet_diversity", "group_advantages (dqo)",
-                                               "group_preference_loss (logdet)"))],
+           backends_of(op)) for op in EMB_OPS for kind in ("transposed", "every other column", "overlapping")],
     # groups with fewer than two valid responses: the ops that need a pair name the mask and the groups;
     # the others give a value (the identity, a score of 1, a group without pairs)
     *[Case(f"{op}, {few}", lambda backend, op=op, m=mask: emb_call(op, backend, scaled(0), m()),
