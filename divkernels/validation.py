@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from divkernels import reference
+
 # Offsets within one group are 32-bit in the kernels (rows of emb, columns of S): a group may span at most
 # this many elements. Offsets across groups are 64-bit.
 INDEX_LIMIT = 2**31 - 1
@@ -135,9 +137,7 @@ def nonfinite_groups(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def emb_norm_limit(dtype: torch.dtype) -> float:
     """The largest row norm of ``emb`` the similarity ops take for ``emb`` (or norms) of ``dtype``."""
-    from divkernels.reference import EMB_NORM_LIMIT
-
-    return EMB_NORM_LIMIT[torch.float64 if dtype == torch.float64 else torch.float32]
+    return reference.EMB_NORM_LIMIT[reference.compute_dtype(dtype)]
 
 
 def unusable_emb_groups(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -147,8 +147,8 @@ def unusable_emb_groups(value: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     ``emb``'s norms are taken in its accumulation dtype (one read, no ``[B, G, D]`` temporary); a norm that
     overflows there is inf, above the limit too, so the result does not depend on how the norm is summed.
     """
-    wide = torch.float64 if value.dtype == torch.float64 else torch.float32
-    norms = torch.linalg.vector_norm(value, dim=-1, dtype=wide) if value.dim() == 3 else value
+    norms = (torch.linalg.vector_norm(value, dim=-1, dtype=reference.compute_dtype(value.dtype)) if value.dim() == 3
+             else value)
     return (~(norms <= emb_norm_limit(value.dtype)) & valid).any(-1)  # NaN fails <= too
 
 
@@ -163,9 +163,8 @@ POSITIVE_MESSAGE = "{name} must be finite and > 0 for valid responses; groups {g
 
 def emb_message(dtype: torch.dtype, name: str = "emb") -> Callable[[list[int]], str]:
     """The message of a failed ``emb`` check for ``emb`` (called ``name``) of ``dtype``."""
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
-    return lambda groups: EMB_MESSAGE.format(name=name, limit=emb_norm_limit(dtype),
-                                             dtype=str(wide).removeprefix("torch."), groups=groups)
+    wide = str(reference.compute_dtype(dtype)).removeprefix("torch.")
+    return lambda groups: EMB_MESSAGE.format(name=name, limit=emb_norm_limit(dtype), dtype=wide, groups=groups)
 
 
 class DataChecks:
