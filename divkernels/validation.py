@@ -64,6 +64,8 @@ def check_emb(emb: object) -> torch.Tensor:
     if emb.shape[2] < 1:
         raise ValueError(f"emb must have embedding size D >= 1, got D={emb.shape[2]}")
     _, group, dim = emb.shape
+    if emb.is_contiguous() and group * dim < INDEX_LIMIT:  # the common case, without reading the strides
+        return emb
     span = (group - 1) * emb.stride(1) + (dim - 1) * emb.stride(2)
     if span >= INDEX_LIMIT:  # the kernels index within a group with 32-bit offsets (across groups: 64-bit)
         hint = "pass emb.contiguous()" if group * dim < INDEX_LIMIT else "split the embedding dimension"
