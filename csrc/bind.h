@@ -13,14 +13,10 @@ namespace divkernels {
 inline void define_ops(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("group_loss_forward", &group_loss_forward,
-        "Fused group loss forward: (stats [B, S], d loss_sum / d policy [B, G], S, norms, K^-1, chosen counts "
+        "Fused group loss forward of inputs (enum Input's order, None where absent) and the packed "
+        "LossParams: (stats [B, S], d loss_sum / d policy [B, G], S, norms, K^-1, chosen counts "
         "[B, G], rejected counts [B, G])",
-        py::arg("emb"), py::arg("mask"), py::arg("policy"), py::arg("ref"), py::arg("rewards"), py::arg("counts"),
-        py::arg("scores"), py::arg("given_weights"), py::arg("lengths"), py::arg("nll_logps"), py::arg("nll_tokens"),
-        py::arg("loss"), py::arg("pairs"), py::arg("weights"),
-        py::arg("deviation_norm"), py::arg("orpo_dorpo"), py::arg("divpo_ranked"), py::arg("need_logdet"),
-        py::arg("store_state"), py::arg("beta"), py::arg("orpo_lambda"), py::arg("simpo_gamma"),
-        py::arg("min_deviation"), py::arg("eps"), py::arg("quality_quantile"), py::arg("poison"));
+        py::arg("inputs"), py::arg("params"), py::arg("poison"));
   m.def("similarity_backward", &similarity_backward,
         "dL/d emb [B, G, D] from factor * scale * dL/dS [B, G, G] (scale: one number on the device, or None)",
         py::arg("grad_sim"), py::arg("sim"), py::arg("norms"), py::arg("emb"), py::arg("mask"), py::arg("scale"),

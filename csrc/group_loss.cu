@@ -29,21 +29,13 @@ __global__ void group_loss_forward_kernel(const E* __restrict__ emb, int64_t str
 // At least 2 G threads: gram_matrix's register prefetch holds kVectors / 2 16-byte values per thread.
 inline int threads_for(int64_t G) { return G <= 32 ? 64 : (G <= 64 ? 128 : 256); }
 
-std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
-                                           const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
-                                           const OptTensor& scores, const OptTensor& given_weights,
-                                           const OptTensor& lengths, const OptTensor& nll_logps,
-                                           const OptTensor& nll_tokens, int64_t loss, int64_t pairs, int64_t weights,
-                                           int64_t deviation_norm, bool orpo_dorpo,
-                                           bool divpo_ranked, bool need_logdet, bool store_state, double beta,
-                                           double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
-                                           double quality_quantile, bool poison) {
+std::vector<at::Tensor> group_loss_forward(const std::vector<OptTensor>& inputs, const std::vector<double>& packed,
+                                           bool poison) {
+  ForwardArgs a = prepare_forward(inputs, packed, poison);
+  const at::Tensor& policy = *inputs[kInputPolicy];
+  const OptTensor& emb = inputs[kInputEmb];
   TORCH_CHECK(policy.is_cuda(), "the CUDA extension needs CUDA tensors, got ", policy.device());
   const c10::cuda::CUDAGuard guard(policy.device());
-  ForwardArgs a = prepare_forward(emb, mask, policy, ref, rewards, counts, scores, given_weights, lengths, nll_logps,
-                                  nll_tokens, loss, pairs, weights, deviation_norm, orpo_dorpo, divpo_ranked,
-                                  need_logdet, store_state, beta, orpo_lambda, simpo_gamma, min_deviation, eps,
-                                  quality_quantile, poison);
   if (a.B == 0) return a.outputs;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto emb_type = emb ? emb->scalar_type() : a.acc;
@@ -55,7 +47,7 @@ std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor
     const auto strides = emb ? emb->strides() : at::IntArrayRef{};
     kernel<<<unsigned(a.B), threads_for(a.G), bytes, stream>>>(
         emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0, emb ? strides[1] : 0, emb ? strides[2] : 0,
-        group_inputs<T>(mask, policy, ref, rewards, counts, scores, given_weights, lengths, nll_logps, nll_tokens),
+        group_inputs<T>(inputs),
         int(a.G), a.D, a.params, group_outputs<T>(a.outputs));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

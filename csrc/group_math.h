@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "loss_params.h"
+
 #if defined(__CUDACC__)
 #define DK_HD __host__ __device__ __forceinline__
 #define DK_UNROLL _Pragma("unroll")
@@ -37,29 +39,7 @@ using std::sqrt;
 
 constexpr int kMaxGroup = 128;
 constexpr int kChunk = 32;             // embedding columns per Gram step
-constexpr double kNormFloor = 1e-12;   // reference.NORM_FLOOR
-// reference.EMB_NORM_LIMIT: larger emb row norms could overflow the Gram; such rows are flagged, not used.
-constexpr double kEmbNormLimit32 = 0x1p60;
-constexpr double kEmbNormLimit64 = 0x1p508;
-constexpr double kDivpoTieRtol = 1e-5; // reference.DIVPO_TIE_RTOL
-constexpr double kDivpoCountSlack = 1e-4;  // reference.DIVPO_COUNT_SLACK
-constexpr double kDeviationTie = 1e-6;     // reference.DEVIATION_TIE
-constexpr double kLn2 = 0.6931471805599453;
-constexpr double kPivotMargin = 256.0;     // reference.PIVOT_MARGIN
-
-// Loss, pair and weight modes: the order of divkernels.types.LOSSES / PAIR_MODES / DIVERSITIES.
-enum Loss : int { kDpo = 0, kIpo = 1, kOrpo = 2, kSimpo = 3 };
-enum Pairs : int { kAll = 0, kBestWorst = 1, kDivpo = 2, kExplicit = 3 };
-enum Weights : int { kNone = 0, kDeviation = 1, kLogdetGain = 2, kGiven = 3 };
-// Normalizations of deviation weights: the order of divkernels.types.DEVIATION_NORMS.
-enum DeviationNorm : int { kMinmax = 0, kMeanOne = 1, kRaw = 2 };
-
-// Columns of the per-group partial sums (divkernels.ops.group_loss.STATS).
-enum Stat : int {
-  kWeightedLoss = 0, kPairs, kChosenReward, kRejectedReward, kCorrect, kNoPairs, kDeviationSum,
-  kMeanSimilarity, kHasSimilarity, kLogdet, kValid, kEmbNonfinite, kWeightSum, kNllLogps, kNllTokens,
-  kLogpsChosen, kLogpsRejected, kLogOddsRatio, kLogOddsChosen, kNumStats
-};
+// The enums, the reference's constants and LossParams are generated from divkernels/loss_config.py.
 
 struct BlockPar {
   template <class F>
@@ -94,14 +74,6 @@ struct BlockPar {
   }
 };
 
-// Scalar settings of one launch (the Python LossConfig plus what the inputs hold).
-struct LossParams {
-  int loss, pairs, weights, deviation_norm;
-  bool orpo_dorpo, divpo_ranked, has_emb, has_mask, has_ref, has_scores, has_weights, has_lengths, has_nll_logps,
-      has_nll_tokens, need_logdet, store_state;
-  double beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile;
-  bool vector_loads;  // emb rows are contiguous and 16-byte aligned: load 16 bytes at a time
-};
 
 // 16 bytes: one vectorized load (LDG.128 on the GPU).
 struct alignas(16) Vec16 {
@@ -188,7 +160,7 @@ DK_HD void load_group_inputs(const Par& par, Workspace<T> ws, int64_t b, int G, 
   par.for_each(G, [&](int i) {
     const bool v = p.has_mask ? mask[b * G + i] : true;
     ws.valid[i] = v ? T(1) : T(0);
-    ws.weight[i] = (v && p.has_weights) ? weights[b * G + i] : T(1);  // given weights (kGiven), else 1
+    ws.weight[i] = (v && p.has_weights) ? weights[b * G + i] : T(1);  // given weights (kWeightsGiven), else 1
     ws.length[i] = (v && p.has_lengths) ? lengths[b * G + i] : T(1);
     // the NLL term reads the policy log-probs, one token each, unless given its own
     ws.nll_logp[i] = v ? (p.has_nll_logps ? nll_logps[b * G + i] : policy[b * G + i]) : T(0);
@@ -494,14 +466,14 @@ DK_HD void select_pair(const Par& par, Workspace<T> ws, int G, const LossParams&
   const T threshold = ws.scalars[3];
   par.for_each(1, [&](int) {
     int chosen = -1, rejected = -1;
-    if (p.pairs == kBestWorst) {
+    if (p.pairs == kPairsBestWorst) {
       for (int i = 0; i < G; ++i) {
         if (ws.valid[i] == T(0)) continue;
         if (chosen < 0 || ws.reward[i] > ws.reward[chosen]) chosen = i;
         if (rejected < 0 || ws.reward[i] < ws.reward[rejected]) rejected = i;
       }
       if (chosen < 0 || !(ws.reward[chosen] > ws.reward[rejected])) chosen = rejected = -1;
-    } else if (p.pairs == kDivpo) {
+    } else if (p.pairs == kPairsDivpo) {
       const T* score = (p.has_scores || p.divpo_ranked) ? ws.score : ws.dev;
       chosen = first_near_extreme(score, [&](int i) { return divpo_pool(ws, i, threshold, p) == 1; }, T(1), G);
       rejected = first_near_extreme(score, [&](int i) { return divpo_pool(ws, i, threshold, p) == -1; }, T(-1), G);
@@ -517,9 +489,9 @@ DK_HD void select_pair(const Par& par, Workspace<T> ws, int G, const LossParams&
 template <class T>
 DK_HD T pair_count(const Workspace<T>& ws, const T* counts, int64_t b, int i, int j, int G, int pairs) {
   switch (pairs) {
-    case kAll:
+    case kPairsAll:
       return (ws.valid[i] != T(0) && ws.valid[j] != T(0) && ws.reward[i] > ws.reward[j]) ? T(1) : T(0);
-    case kExplicit:
+    case kPairsExplicit:
       return counts[(b * G + i) * G + j];
     default:
       return (i == ws.picks[0] && j == ws.picks[1]) ? T(1) : T(0);
@@ -557,26 +529,26 @@ DK_HD T ddpo_weight(const Workspace<T>& ws, const T* dev, int i, int G) {
 // Per response: diversity weight w_i (a constant for the gradient), the slope du_ij / d pi_i and the
 // implicit reward that TRL logs as rewards/chosen and rewards/rejected. For the weights,
 // dev holds deviation and weight holds the residual variance 1 / (K^{-1})_ii (logdet_gain) or the
-// given weights (kGiven).
+// given weights (kWeightsGiven).
 template <class T, class Par>
 DK_HD void response_terms(const Par& par, Workspace<T> ws, int G, const LossParams& p) {
   par.for_each(G, [&](int i) {
     T w = T(1);
-    if (p.weights == kDeviation) {
-      w = p.deviation_norm == kMinmax ? ddpo_weight(ws, ws.dev, i, G)
-                                      : (p.deviation_norm == kMeanOne ? mean_one(ws, ws.dev, i, G) : ws.dev[i]);
+    if (p.weights == kWeightsDeviation) {
+      w = p.deviation_norm == kNormMinmax ? ddpo_weight(ws, ws.dev, i, G)
+                                      : (p.deviation_norm == kNormMean ? mean_one(ws, ws.dev, i, G) : ws.dev[i]);
       w = w > T(p.min_deviation) ? w : T(p.min_deviation);
-    } else if (p.weights == kLogdetGain) {
+    } else if (p.weights == kWeightsLogdetGain) {
       w = mean_one(ws, ws.weight, i, G);
-    } else if (p.weights == kGiven) {
+    } else if (p.weights == kWeightsGiven) {
       w = ws.weight[i];
     }
     ws.row_weighted[i] = w;  // staged: weight is read by mean_one above until the sync
     const T pi = ws.policy[i];
     switch (p.loss) {
-      case kDpo: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
-      case kIpo: ws.slope[i] = T(1) / ws.length[i]; ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
-      case kOrpo: ws.slope[i] = T(-1) / expm1(pi); ws.implicit[i] = T(p.orpo_lambda) * pi; break;
+      case kLossDpo: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
+      case kLossIpo: ws.slope[i] = T(1) / ws.length[i]; ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
+      case kLossOrpo: ws.slope[i] = T(-1) / expm1(pi); ws.implicit[i] = T(p.orpo_lambda) * pi; break;
       default: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * pi; break;
     }
   });
@@ -592,15 +564,15 @@ template <class T>
 DK_HD void pair_loss(const Workspace<T>& ws, int i, int j, const LossParams& p, T* loss, T* dloss, T* odds) {
   const T pi = ws.policy[i], pj = ws.policy[j];
   *odds = T(0);
-  if (p.loss == kDpo) {
+  if (p.loss == kLossDpo) {
     const T u = T(p.beta) * ((pi - ws.ref[i]) - (pj - ws.ref[j]));
     *loss = softplus(-u);
     *dloss = -sigmoid(-u);
-  } else if (p.loss == kIpo) {  // log-ratios per completion token (TRL's DPOTrainer)
+  } else if (p.loss == kLossIpo) {  // log-ratios per completion token (TRL's DPOTrainer)
     const T u = (pi - ws.ref[i]) / ws.length[i] - (pj - ws.ref[j]) / ws.length[j] - T(0.5 / p.beta);
     *loss = u * u;
     *dloss = T(2) * u;
-  } else if (p.loss == kOrpo) {
+  } else if (p.loss == kLossOrpo) {
     const T u = (pi - log1mexp(pi)) - (pj - log1mexp(pj));
     if (p.orpo_dorpo) {
       const T w = ws.weight[i];
@@ -628,7 +600,7 @@ DK_HD void pair_loss(const Workspace<T>& ws, int i, int j, const LossParams& p, 
 template <class T, class Par>
 DK_HD void pair_sums(const Par& par, Workspace<T> ws, const T* counts, int64_t b, int G, const LossParams& p,
                      T* grad_policy, T* chosen_counts, T* rejected_counts) {
-  const bool dorpo = p.loss == kOrpo && p.orpo_dorpo;
+  const bool dorpo = p.loss == kLossOrpo && p.orpo_dorpo;
   par.for_each(G, [&](int k) {
     T loss_sum = 0, dsum = 0, dcol = 0, chosen = 0, rejected = 0, correct = 0, count = 0, weighted = 0;
     T rejected_count = 0, log_odds = 0, odds_sum = 0;
@@ -657,7 +629,7 @@ DK_HD void pair_sums(const Par& par, Workspace<T> ws, const T* counts, int64_t b
       }
     }
     T grad = ws.slope[k] * (dsum - dcol);
-    if (p.loss == kOrpo && !dorpo) grad -= weighted;
+    if (p.loss == kLossOrpo && !dorpo) grad -= weighted;
     const bool v = ws.valid[k] != T(0);
     grad_policy[b * G + k] = v ? grad : T(0);
     chosen_counts[b * G + k] = v ? count : T(0);
@@ -687,7 +659,7 @@ DK_HD void write_stats(const Par& par, Workspace<T> ws, int G, const LossParams&
       sums[kChosenReward] += ws.row_chosen[i];
       sums[kRejectedReward] += ws.row_rejected[i];
       sums[kCorrect] += ws.row_correct[i];
-      sums[kDeviationSum] += ws.dev[i];
+      sums[kDeviation] += ws.dev[i];
       sums[kMeanSimilarity] += ws.row_sim[i];
       sums[kWeightSum] += ws.row_weight_sum[i];
       sums[kNllLogps] += ws.row_count[i] * ws.nll_logp[i];
@@ -753,11 +725,11 @@ DK_HD void group_forward(const Par& par, Workspace<T> ws, int64_t b, int G, int6
       par.for_each(G, [&](int i) { norms_out[b * G + i] = ws.norms[i]; });
     }
   }
-  if (p.pairs == kDivpo) divpo_prepare(par, ws, G, p);  // before K^{-1} overwrites S
+  if (p.pairs == kPairsDivpo) divpo_prepare(par, ws, G, p);  // before K^{-1} overwrites S
   if (p.has_emb && p.need_logdet) {
     par.sync();
     logdet_and_inverse(par, ws, G, p.eps);
-    if (p.weights == kLogdetGain) par.for_each(G, [&](int i) { ws.weight[i] = T(1) / ws.S[i * G + i]; });
+    if (p.weights == kWeightsLogdetGain) par.for_each(G, [&](int i) { ws.weight[i] = T(1) / ws.S[i * G + i]; });
     if (p.store_state) par.for_each(G * G, [&](int k) { inverse_out[b * G * G + k] = ws.S[k]; });
     par.sync();
   }

@@ -41,15 +41,26 @@ struct ForwardArgs {
   std::vector<at::Tensor> outputs;
 };
 
-// Checks every input of the fused forward and allocates its outputs.
-inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
-                                   const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
-                                   const OptTensor& scores, const OptTensor& given_weights, const OptTensor& lengths,
-                                   const OptTensor& nll_logps, const OptTensor& nll_tokens, int64_t loss,
-                                   int64_t pairs, int64_t weights, int64_t deviation_norm, bool orpo_dorpo,
-                                   bool divpo_ranked, bool need_logdet, bool store_state, double beta,
-                                   double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
-                                   double quality_quantile, bool poison) {
+// Checks every input of the fused forward (``inputs`` in the order of enum Input, loss_params.h) and
+// allocates its outputs; ``packed``: the kNumPackedParams values of LossParams.
+inline ForwardArgs prepare_forward(const std::vector<OptTensor>& inputs, const std::vector<double>& packed,
+                                   bool poison) {
+  TORCH_CHECK(inputs.size() == size_t(kNumInputs), "group_loss_forward takes ", int(kNumInputs), " inputs, got ",
+              inputs.size());
+  TORCH_CHECK(packed.size() == size_t(kNumPackedParams), "group_loss_forward takes ", int(kNumPackedParams),
+              " packed parameters, got ", packed.size());
+  TORCH_CHECK(inputs[kInputPolicy] && inputs[kInputRewards], "policy_logps and rewards are required");
+  const at::Tensor& policy = *inputs[kInputPolicy];
+  const at::Tensor& rewards = *inputs[kInputRewards];
+  const OptTensor& emb = inputs[kInputEmb];
+  const OptTensor& mask = inputs[kInputMask];
+  const OptTensor& ref = inputs[kInputRef];
+  const OptTensor& counts = inputs[kInputCounts];
+  const OptTensor& scores = inputs[kInputScores];
+  const OptTensor& given_weights = inputs[kInputWeights];
+  const OptTensor& lengths = inputs[kInputLengths];
+  const OptTensor& nll_logps = inputs[kInputNllLogps];
+  const OptTensor& nll_tokens = inputs[kInputNllTokens];
   ForwardArgs a;
   TORCH_CHECK(policy.dim() == 2, "policy_logps must be [B, G], got ", policy.sizes());
   a.B = policy.size(0);
@@ -84,21 +95,23 @@ inline ForwardArgs prepare_forward(const OptTensor& emb, const OptTensor& mask, 
     a.D = emb->size(2);
     TORCH_CHECK(a.D >= 1, "emb must have D >= 1");
   }
-  TORCH_CHECK(pairs != kExplicit || counts, "pairs='explicit' needs the pair counts");
+  a.params = unpack_params(packed);
+  const LossParams& p = a.params;
+  TORCH_CHECK(p.pairs != kPairsExplicit || counts, "pairs='explicit' needs the pair counts");
   if (counts) {
     TORCH_CHECK(counts->dim() == 3 && counts->size(0) == a.B && counts->size(1) == a.G && counts->size(2) == a.G &&
                     counts->scalar_type() == a.acc && counts->is_contiguous() && counts->device() == device,
                 "counts must be a contiguous [B, G, G] tensor of policy_logps' dtype and device");
   }
-  TORCH_CHECK(loss >= 0 && loss <= 3 && pairs >= 0 && pairs <= 3 && weights >= 0 && weights <= 3 &&
-                  deviation_norm >= 0 && deviation_norm <= 2,
+  TORCH_CHECK(p.loss >= 0 && p.loss <= kLossSimpo && p.pairs >= 0 && p.pairs <= kPairsExplicit && p.weights >= 0 &&
+                  p.weights <= kWeightsGiven && p.deviation_norm >= 0 && p.deviation_norm <= kNormNone,
               "unknown loss / pairs / weights / deviation_norm mode");
-  TORCH_CHECK((weights == kGiven) == given_weights.has_value(), "weights mode 3 (given) needs given_weights, and only it");
-  a.params = LossParams{int(loss), int(pairs), int(weights), int(deviation_norm), orpo_dorpo, divpo_ranked,
-                        emb.has_value(), mask.has_value(), ref.has_value(), scores.has_value(),
-                        given_weights.has_value(), lengths.has_value(), nll_logps.has_value(), nll_tokens.has_value(),
-                        need_logdet && emb.has_value(), store_state && emb.has_value(), beta, orpo_lambda,
-                        simpo_gamma, min_deviation, eps, quality_quantile, false};
+  TORCH_CHECK((p.weights == kWeightsGiven) == given_weights.has_value(),
+              "weights mode ", int(kWeightsGiven), " (given) needs given_weights, and only it");
+  set_input_flags(a.params, inputs);
+  a.params.need_logdet = a.params.need_logdet && emb.has_value();
+  a.params.store_state = a.params.store_state && emb.has_value();
+  a.params.vector_loads = false;
   if (emb) {
     a.params.vector_loads = can_vector_load(emb->data_ptr(), emb->stride(0), emb->stride(1), emb->stride(2),
                                             int(emb->element_size()));
@@ -147,13 +160,12 @@ T* data_or_null(const at::Tensor& t) {
 
 // The kernels' view of the inputs and outputs (typed pointers, null when absent).
 template <class T>
-GroupInputs<T> group_inputs(const OptTensor& mask, const at::Tensor& policy, const OptTensor& ref,
-                            const at::Tensor& rewards, const OptTensor& counts, const OptTensor& scores,
-                            const OptTensor& weights, const OptTensor& lengths, const OptTensor& nll_logps,
-                            const OptTensor& nll_tokens) {
-  return GroupInputs<T>{data_or_null<bool>(mask), policy.data_ptr<T>(), data_or_null<T>(ref), rewards.data_ptr<T>(),
-                        data_or_null<T>(counts), data_or_null<T>(scores), data_or_null<T>(weights),
-                        data_or_null<T>(lengths), data_or_null<T>(nll_logps), data_or_null<T>(nll_tokens)};
+GroupInputs<T> group_inputs(const std::vector<OptTensor>& in) {
+  return GroupInputs<T>{data_or_null<bool>(in[kInputMask]), data_or_null<T>(in[kInputPolicy]),
+                        data_or_null<T>(in[kInputRef]), data_or_null<T>(in[kInputRewards]),
+                        data_or_null<T>(in[kInputCounts]), data_or_null<T>(in[kInputScores]),
+                        data_or_null<T>(in[kInputWeights]), data_or_null<T>(in[kInputLengths]),
+                        data_or_null<T>(in[kInputNllLogps]), data_or_null<T>(in[kInputNllTokens])};
 }
 
 template <class T>
@@ -215,15 +227,9 @@ size_t shared_bytes(Kernel kernel, int64_t G, int64_t elements, size_t element) 
 #endif
 
 // The launchers: group_loss.cu / similarity_backward.cu on CUDA, cpu/group_math_cpu.cpp on the host.
-std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
-                                           const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
-                                           const OptTensor& scores, const OptTensor& given_weights,
-                                           const OptTensor& lengths, const OptTensor& nll_logps,
-                                           const OptTensor& nll_tokens, int64_t loss, int64_t pairs, int64_t weights,
-                                           int64_t deviation_norm, bool orpo_dorpo,
-                                           bool divpo_ranked, bool need_logdet, bool store_state, double beta,
-                                           double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
-                                           double quality_quantile, bool poison);
+// inputs: enum Input's tensors; packed: LossParams' packed values (divkernels.loss_config.KERNEL_PARAMS).
+std::vector<at::Tensor> group_loss_forward(const std::vector<OptTensor>& inputs, const std::vector<double>& packed,
+                                           bool poison);
 at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
                                const at::Tensor& emb, const OptTensor& mask, const OptTensor& scale, double factor,
                                bool poison);

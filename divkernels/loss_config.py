@@ -1,20 +1,26 @@
-"""What the fused group loss passes between Python, the Triton kernels and the CUDA kernels.
+"""What the fused group loss passes between Python, the Triton kernels and the CUDA kernels, declared once.
 
-One place for the settings (:class:`LossConfig`), the tensors (:class:`LossTensors`), the mode
-numbers the kernels switch on and the columns of the per-group partial sums. ``csrc/group_math.h``
-declares the same enums in C++; ``tests/test_loss_config.py`` parses it and checks that both agree,
-so no offset is kept in step by a comment.
+One place for the settings (:class:`LossConfig`: each field carries its choices or range and what
+the kernels take it as), the tensors (:class:`LossTensors`), the mode numbers the kernels switch on
+and the columns of the per-group partial sums. Validation loops over the fields; the Triton launch
+reads :data:`KERNEL_PARAMS`; the C++ declarations (``csrc/loss_params.h``: the mode and stats enums,
+``LossParams`` and its unpacking) are generated from this module by ``python -m divkernels.loss_config``,
+and ``tests/test_loss_config.py`` regenerates the header and compares.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
+from divkernels import reference
 from divkernels.types import DEVIATION_NORMS, DIVERSITIES, DIVPO_POOLS, LOSSES, ORPO_WEIGHTINGS, PAIR_MODES
 
 # Weight mode of the kernels: the diversity modes, then weights given by the caller.
@@ -35,28 +41,38 @@ METRICS = ("loss", "pairs", "groups_without_pairs", "rewards/chosen", "rewards/r
 METRIC = {name: index for index, name in enumerate(METRICS)}
 
 
+def option(default: object = None, *, choices: tuple[str, ...] | None = None, low: float | None = None,
+           high: float | None = None, low_open: bool = False, high_open: bool = False, public: bool = True,
+           doc: str = "") -> object:
+    """A :class:`LossConfig` field and what checks it: ``choices`` (names) or a finite number within
+    ``low`` / ``high`` (open bounds excluded). ``public=False``: set by the op, not by the caller."""
+    metadata = {"choices": choices, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+                "public": public, "doc": doc}
+    return field(default=default, metadata=metadata) if default is not None else field(metadata=metadata)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """The non-tensor arguments of the fused loss (hashable, passed through autograd)."""
 
-    loss: str
-    diversity: str
-    pairs: str
-    beta: float
-    orpo_lambda: float
-    simpo_gamma: float
-    deviation_norm: str
-    min_deviation: float
-    diversity_alpha: float
-    eps: float
-    quality_quantile: float
-    orpo_weighting: str = "dorpo"
-    divpo_pools: str = "ranked"
-    given_weights: bool = False
-    cpo_alpha: float = 0.0
-    check_inputs: bool = False
-    needs_two: bool = False  # the data checks require two valid responses per group
-    kernel_backend: str = "triton"  # "triton" or "cuda"
+    loss: str = option(choices=LOSSES, doc="pair loss")
+    diversity: str = option(choices=DIVERSITIES, doc="pair weight")
+    pairs: str = option(choices=PAIR_MODES, doc="pair selection")
+    beta: float = option(low=0.0, low_open=True, doc="DPO / IPO / SimPO temperature")
+    orpo_lambda: float = option(low=0.0, doc="weight of ORPO's odds-ratio term")
+    simpo_gamma: float = option(doc="SimPO target margin")
+    deviation_norm: str = option(choices=DEVIATION_NORMS, doc="normalization of deviation weights")
+    min_deviation: float = option(low=0.0, doc="floor on deviation weights")
+    diversity_alpha: float = option(low=0.0, doc="weight of the -mean logdet regularizer")
+    eps: float = option(low=0.0, low_open=True, doc="ridge of K = S + eps I")
+    quality_quantile: float = option(low=0.0, high=1.0, low_open=True, high_open=True, doc="DivPO's pool share")
+    orpo_weighting: str = option("dorpo", choices=ORPO_WEIGHTINGS, doc="where ORPO's diversity weight goes")
+    divpo_pools: str = option("ranked", choices=DIVPO_POOLS, doc="DivPO's pools")
+    given_weights: bool = option(False, public=False, doc="weights given by the caller")
+    cpo_alpha: float = option(0.0, low=0.0, doc="weight of CPO's NLL term")
+    check_inputs: bool = option(False, public=False, doc="the forward kernel runs the data checks")
+    needs_two: bool = option(False, public=False, doc="the data checks require two valid responses per group")
+    kernel_backend: str = option("triton", public=False, doc='"triton" or "cuda"')
 
     @cached_property
     def key(self) -> str:
@@ -109,9 +125,69 @@ class LossConfig:
     def ranked_pools(self) -> bool:
         return self.divpo_pools == DIVPO_POOLS[0]
 
-    @cached_property
-    def orpo_dorpo(self) -> bool:
-        return self.orpo_weighting == ORPO_WEIGHTINGS[0]
+    def kernel_values(self, need_logdet: bool, store_state: bool) -> tuple[float, ...]:
+        """The :data:`KERNEL_PARAMS` of one launch, in order: the CUDA extension's packed ``LossParams``."""
+        return tuple(float(param.value(self, need_logdet, store_state)) for param in KERNEL_PARAMS)
+
+    def triton_constants(self, need_logdet: bool, store_state: bool) -> dict[str, object]:
+        """The integer and flag :data:`KERNEL_PARAMS` as the Triton forward's constexprs (upper case)."""
+        return {param.name.upper(): param.value(self, need_logdet, store_state)
+                for param in KERNEL_PARAMS if param.ctype != "double"}
+
+    def triton_scalars(self) -> tuple[float, ...]:
+        """The real :data:`KERNEL_PARAMS`, in order: the Triton forward's runtime scalars."""
+        return tuple(param.value(self, False, False) for param in KERNEL_PARAMS if param.ctype == "double")
+
+
+def public_options() -> tuple:
+    """The fields of :class:`LossConfig` a caller sets, with their checks."""
+    return tuple(item for item in fields(LossConfig) if item.metadata["public"])
+
+
+@dataclass(frozen=True)
+class KernelParam:
+    """One member of the kernels' parameters: a C++ ``LossParams`` member (``ctype``) and, for ints and
+    flags, a Triton constexpr of the same name in upper case; ``value(config, need_logdet, store_state)``."""
+
+    name: str
+    ctype: str
+    value: Callable[[LossConfig, bool, bool], object]
+
+
+# What the forward kernels take of a LossConfig, in LossParams' order (the CUDA extension receives them
+# packed as float64 in this order; the reals follow the ints and flags).
+KERNEL_PARAMS = (
+    KernelParam("loss", "int", lambda c, *_: c.loss_mode),
+    KernelParam("pairs", "int", lambda c, *_: c.pair_mode),
+    KernelParam("weights", "int", lambda c, *_: c.weight_mode),
+    KernelParam("deviation_norm", "int", lambda c, *_: c.norm_mode),
+    KernelParam("orpo_dorpo", "bool", lambda c, *_: c.dorpo),
+    KernelParam("divpo_ranked", "bool", lambda c, *_: c.ranked_pools),
+    KernelParam("need_logdet", "bool", lambda c, need_logdet, _: need_logdet),
+    KernelParam("store_state", "bool", lambda c, _, store_state: store_state),
+    KernelParam("beta", "double", lambda c, *_: c.beta),
+    KernelParam("orpo_lambda", "double", lambda c, *_: c.orpo_lambda),
+    KernelParam("simpo_gamma", "double", lambda c, *_: c.simpo_gamma),
+    KernelParam("min_deviation", "double", lambda c, *_: c.min_deviation),
+    KernelParam("eps", "double", lambda c, *_: c.eps),
+    KernelParam("quality_quantile", "double", lambda c, *_: c.quality_quantile),
+)
+# The CUDA forward's tensors, in its argument order (LossTensors' names; pair_index arrives as the
+# [B, G, G] pair counts). The optional ones set LossParams' has_<name> flags.
+CUDA_INPUTS = ("policy", "rewards", "ref", "emb", "mask", "counts", "scores", "weights", "lengths", "nll_logps",
+               "nll_tokens")
+CUDA_REQUIRED = ("policy", "rewards")
+# The mode enums of the header: (C++ enum, enumerator prefix, the Python names in order).
+MODE_ENUMS = (("Loss", "kLoss", LOSSES), ("Pairs", "kPairs", PAIR_MODES), ("Weights", "kWeights", WEIGHT_MODES),
+              ("DeviationNorm", "kNorm", DEVIATION_NORMS))
+# Constants of the reference that the C++ math uses: (C++ name, value).
+CPP_CONSTANTS = (("kNormFloor", reference.NORM_FLOOR),
+                 ("kEmbNormLimit32", reference.EMB_NORM_LIMIT[torch.float32]),
+                 ("kEmbNormLimit64", reference.EMB_NORM_LIMIT[torch.float64]),
+                 ("kDivpoTieRtol", reference.DIVPO_TIE_RTOL), ("kDivpoCountSlack", reference.DIVPO_COUNT_SLACK),
+                 ("kDeviationTie", reference.DEVIATION_TIE), ("kLn2", reference.LN2),
+                 ("kPivotMargin", reference.PIVOT_MARGIN))
+HEADER_PATH = Path(__file__).resolve().parent.parent / "csrc" / "loss_params.h"
 
 
 @dataclass
@@ -150,3 +226,49 @@ class ForwardOutputs:
     # Triton: (the forward launch's arguments but stats, the fix-up's constants) when its float32 sweeps
     # may need the finalize kernel's float64 fix-up (None otherwise, and for CUDA)
     fixup: tuple[tuple, dict] | None = None
+
+
+def camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def _enum(name: str, enumerators: list[str]) -> str:
+    items = ", ".join(f"{item} = {index}" if index == 0 else item for index, item in enumerate(enumerators))
+    return f"enum {name} : int {{ {items} }};"
+
+
+def cpp_header() -> str:
+    """``csrc/loss_params.h``: the declarations the C++ kernels share with this module."""
+    lines = ["// Generated from divkernels/loss_config.py by `python -m divkernels.loss_config`: edit that file,",
+             "// then regenerate; tests/test_loss_config.py checks that this file is what it generates.",
+             "#pragma once", "", "#include <vector>", "", "namespace divkernels {", ""]
+    lines += [f"constexpr double {name} = {float(value).hex()};  // {float(value)!r}" for name, value in CPP_CONSTANTS]
+    lines += ["", "// Mode numbers: the index of the option's name in its Python tuple."]
+    lines += [_enum(name, [prefix + camel(item) for item in items]) for name, prefix, items in MODE_ENUMS]
+    lines += ["// Columns of the [B, kNumStats] per-group partial sums (loss_config.STATS).",
+              _enum("Stat", ["k" + camel(name) for name in STATS] + ["kNumStats"]),
+              "// The tensors of group_loss_forward, in order (null where an optional one is absent).",
+              _enum("Input", ["kInput" + camel(name) for name in CUDA_INPUTS] + ["kNumInputs"]), ""]
+    members = [f"  {param.ctype} {param.name};" for param in KERNEL_PARAMS]
+    flags = [f"  bool has_{name};" for name in CUDA_INPUTS if name not in CUDA_REQUIRED]
+    lines += ["// Scalar settings of one launch: the packed KERNEL_PARAMS, then what the inputs hold.",
+              "struct LossParams {", *members, *flags,
+              "  bool vector_loads;  // emb rows are contiguous and 16-byte aligned: load 16 bytes at a time", "};",
+              f"constexpr int kNumPackedParams = {len(KERNEL_PARAMS)};", "",
+              "// LossParams from the packed values (has_* and vector_loads are set by the launcher).",
+              "inline LossParams unpack_params(const std::vector<double>& packed) {", "  LossParams p{};"]
+    cast = {"int": "int", "bool": "bool", "double": "double"}
+    lines += [f"  p.{param.name} = {cast[param.ctype]}(packed[{index}]);"
+              if param.ctype != "bool" else f"  p.{param.name} = packed[{index}] != 0.0;"
+              for index, param in enumerate(KERNEL_PARAMS)]
+    lines += ["  return p;", "}", "",
+              "// LossParams' has_* flags: which optional inputs (indexed by enum Input) are given.",
+              "template <class Inputs>", "void set_input_flags(LossParams& p, const Inputs& inputs) {"]
+    lines += [f"  p.has_{name} = bool(inputs[kInput{camel(name)}]);" for name in CUDA_INPUTS
+              if name not in CUDA_REQUIRED]
+    lines += ["}", "", "}  // namespace divkernels", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m divkernels.loss_config [PATH]: write the generated C++ header
+    Path(sys.argv[1] if len(sys.argv) > 1 else HEADER_PATH).write_text(cpp_header())

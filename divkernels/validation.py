@@ -278,38 +278,22 @@ def check_encoders(emb: object, batch: int, group: int) -> list[torch.Tensor]:
     return encoders
 
 
-def check_group_loss_options(loss: str, diversity: str, pairs: str, deviation_norm: str, orpo_weighting: str,
-                             divpo_pools: str, backend: str, beta: float, orpo_lambda: float, simpo_gamma: float,
-                             min_deviation: float, diversity_alpha: float, eps: float, quality_quantile: float,
-                             cpo_alpha: float) -> None:
-    """The choices and scalars of :func:`divkernels.group_preference_loss` (run once per call signature,
-    see ``divkernels.ops.group_loss._checked_arguments``)."""
-    from divkernels.types import (
-        BACKENDS,
-        DEVIATION_NORMS,
-        DIVERSITIES,
-        DIVPO_POOLS,
-        LOSSES,
-        ORPO_WEIGHTINGS,
-        PAIR_MODES,
-    )
+def check_group_loss_options(backend: str, **options: object) -> None:
+    """The choices and scalars of :func:`divkernels.group_preference_loss`, each checked as its
+    :class:`divkernels.loss_config.LossConfig` field declares (run once per call signature, see
+    ``divkernels.ops.group_loss.checks._checked_arguments``)."""
+    from divkernels.loss_config import public_options
+    from divkernels.types import BACKENDS
 
-    check_choice("loss", loss, LOSSES)
-    check_choice("diversity", diversity, DIVERSITIES)
-    check_choice("pairs", pairs, PAIR_MODES)
-    check_choice("deviation_norm", deviation_norm, DEVIATION_NORMS)
-    check_choice("orpo_weighting", orpo_weighting, ORPO_WEIGHTINGS)
-    check_choice("divpo_pools", divpo_pools, DIVPO_POOLS)
+    for option in public_options():
+        meta, value = option.metadata, options[option.name]
+        if meta["choices"] is not None:
+            check_choice(option.name, value, meta["choices"])
+        else:
+            check_scalar(option.name, value, low=meta["low"], high=meta["high"], low_open=meta["low_open"],
+                         high_open=meta["high_open"])
     check_choice("backend", backend, BACKENDS)
-    check_scalar("beta", beta, low=0.0, low_open=True)
-    check_scalar("orpo_lambda", orpo_lambda, low=0.0)
-    check_scalar("simpo_gamma", simpo_gamma)
-    check_scalar("min_deviation", min_deviation, low=0.0)
-    check_scalar("diversity_alpha", diversity_alpha, low=0.0)
-    check_scalar("eps", eps, low=0.0, low_open=True)
-    check_scalar("quality_quantile", quality_quantile, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_scalar("cpo_alpha", cpo_alpha, low=0.0)
-    if cpo_alpha > 0 and loss == "orpo":
+    if options["cpo_alpha"] > 0 and options["loss"] == "orpo":
         raise ValueError("cpo_alpha adds CPO's NLL term to dpo/ipo/simpo; loss='orpo' has its own NLL term")
 
 
@@ -321,9 +305,11 @@ def check_group_loss_arguments(policy_logps: object, rewards: object, emb: objec
                                **extras: object) -> GroupLossArguments:
     """Every static check of :func:`divkernels.group_preference_loss` (shapes, dtypes, devices, choices,
     combinations); data checks (NaN, group sizes) happen on the device, see ``check_inputs``."""
-    options = (loss, diversity, pairs, deviation_norm, orpo_weighting, divpo_pools, backend, beta, orpo_lambda,
-               simpo_gamma, min_deviation, diversity_alpha, eps, quality_quantile, cpo_alpha)
-    check_group_loss_options(*options)
+    check_group_loss_options(backend, loss=loss, diversity=diversity, pairs=pairs, deviation_norm=deviation_norm,
+                             orpo_weighting=orpo_weighting, divpo_pools=divpo_pools, beta=beta,
+                             orpo_lambda=orpo_lambda, simpo_gamma=simpo_gamma, min_deviation=min_deviation,
+                             diversity_alpha=diversity_alpha, eps=eps, quality_quantile=quality_quantile,
+                             cpo_alpha=cpo_alpha)
     has_nll = (loss == "orpo" and orpo_weighting == "dorpo") or cpo_alpha > 0
     if (extras.get("nll_logps") is not None or extras.get("nll_tokens") is not None) and not has_nll:
         raise ValueError("nll_logps / nll_tokens feed the NLL term of loss='orpo' (orpo_weighting='dorpo') or of "

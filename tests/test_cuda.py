@@ -34,6 +34,7 @@ from helpers import compare_loss as compare_group_loss
 import divkernels as dk
 from divkernels import _cuda
 from divkernels.backend import BackendUnavailableError, backend_unavailable_reason
+from divkernels.loss_config import CUDA_INPUTS, KERNEL_PARAMS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -191,7 +192,7 @@ def test_backend_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
                                                      rewards=torch.rand(2, 130, device=DEVICE)))
     with pytest.raises(RuntimeError, match="weights mode 3"):
         module.group_loss_forward(**launch_arguments(policy=policy, rewards=policy, weights=3))
-    with pytest.raises(TypeError, match=r"\(emb: torch.Tensor \| None, mask: .*policy: "):  # named arguments
+    with pytest.raises(TypeError, match=r"\(inputs: .*params: .*poison: "):  # named arguments
         module.group_loss_forward(policy)
     if DEVICE.type == "cpu":
         monkeypatch.setenv(_cuda.ENV_HOST_EMULATION, "0")
@@ -246,13 +247,18 @@ def test_poisoned_outputs_are_all_written(generator: torch.Generator) -> None:
 
 
 def launch_arguments(**given: object) -> dict[str, object]:
-    """Keyword arguments of the extension's group_loss_forward: defaults, updated with ``given``."""
+    """Arguments of the extension's group_loss_forward (inputs in ``CUDA_INPUTS`` order, the packed
+    ``KERNEL_PARAMS``, poison) from named ones: defaults, updated with ``given`` (``given_weights``: the
+    weights tensor; ``weights``: the weight mode)."""
     defaults = {"emb": None, "mask": None, "ref": None, "counts": None, "scores": None, "given_weights": None,
                 "lengths": None, "nll_logps": None, "nll_tokens": None,
                 "loss": 0, "pairs": 0, "weights": 0, "deviation_norm": 0, "orpo_dorpo": True, "divpo_ranked": True,
                 "need_logdet": False, "store_state": False, "beta": 0.1, "orpo_lambda": 0.1, "simpo_gamma": 0.5,
                 "min_deviation": 0.0, "eps": 1.0, "quality_quantile": 0.25, "poison": False}
-    return {**defaults, **given}
+    values = {**defaults, **given}
+    tensors = {**values, "weights": values["given_weights"]}
+    return {"inputs": [tensors[name] for name in CUDA_INPUTS],
+            "params": [float(values[param.name]) for param in KERNEL_PARAMS], "poison": values["poison"]}
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -1,6 +1,7 @@
-"""Parity of the mode numbers and stat columns between Python (``loss_config``), the Triton kernels'
-constants and the C++ header ``csrc/group_math.h``: the header is parsed, nothing is kept in step by
-a comment."""
+"""One declaration of the loss options, modes and stat columns: ``csrc/loss_params.h`` is what
+``loss_config`` generates (regenerated here and compared), the C++ math declares none of it by hand,
+the Triton kernels' column constants come from the same table, and validation follows each field's
+declared range."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 
 from divkernels import reference
-from divkernels.loss_config import CHECK_STATS, STAT, STATS, WEIGHT_MODES, LossConfig
-from divkernels.ops import group_loss
+from divkernels.loss_config import CHECK_STATS, STAT, STATS, WEIGHT_MODES, LossConfig, cpp_header, public_options
+from divkernels.ops.group_loss import pair_math
 from divkernels.types import DEVIATION_NORMS, LOSSES, PAIR_MODES
 
-HEADER = Path(__file__).resolve().parent.parent / "csrc" / "group_math.h"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+HEADER = CSRC / "loss_params.h"
 
 
 def header_enum(name: str) -> list[str]:
@@ -41,24 +43,52 @@ def camel(name: str) -> str:
     return "k" + "".join(part.capitalize() for part in name.split("_"))
 
 
-@pytest.mark.parametrize(("enum", "python", "aliases"), [
-    ("Loss", LOSSES, {}),
-    ("Pairs", PAIR_MODES, {}),
-    ("Weights", WEIGHT_MODES, {}),
-    ("DeviationNorm", DEVIATION_NORMS, {"mean": "kMeanOne", "none": "kRaw"}),
+def test_generated_header_is_current() -> None:
+    """``python -m divkernels.loss_config`` regenerates csrc/loss_params.h; the committed one is its output."""
+    assert HEADER.read_text() == cpp_header()
+
+
+def test_no_hand_written_declarations_in_the_cuda_sources() -> None:
+    """The enums, LossParams and the reference's constants live in the generated header only."""
+    for path in (*CSRC.glob("*.h"), *CSRC.glob("*.cu"), *CSRC.glob("cpu/*.cpp")):
+        if path.name == HEADER.name:
+            continue
+        text = path.read_text()
+        assert not re.search(r"enum (Loss|Pairs|Weights|DeviationNorm|Stat|Input) : int", text), path
+        assert "struct LossParams" not in text and "constexpr double" not in text, path
+
+
+@pytest.mark.parametrize(("enum", "prefix", "python"), [
+    ("Loss", "kLoss", LOSSES),
+    ("Pairs", "kPairs", PAIR_MODES),
+    ("Weights", "kWeights", WEIGHT_MODES),
+    ("DeviationNorm", "kNorm", DEVIATION_NORMS),
 ])
-def test_mode_enums_match_python(enum: str, python: tuple[str, ...], aliases: dict[str, str]) -> None:
-    assert header_enum(enum) == [aliases.get(name, camel(name)) for name in python]
+def test_mode_enums_match_python(enum: str, prefix: str, python: tuple[str, ...]) -> None:
+    assert header_enum(enum) == [prefix + camel(name)[1:] for name in python]
 
 
 def test_stat_columns_match_python() -> None:
-    aliases = {"deviation": "kDeviationSum"}
-    assert header_enum("Stat") == [aliases.get(name, camel(name)) for name in STATS] + ["kNumStats"]
+    assert header_enum("Stat") == [camel(name) for name in STATS] + ["kNumStats"]
 
 
 def test_triton_column_constants_match_python() -> None:
     for name in STATS + CHECK_STATS:
-        assert int(getattr(group_loss, f"COL_{name.upper()}")) == STAT[name]
+        assert int(getattr(pair_math, f"COL_{name.upper()}")) == STAT[name]
+
+
+def test_option_checks_follow_the_declaration() -> None:
+    """Every public field is checked as declared: a name outside its choices, or a number outside its
+    range, raises naming the field."""
+    import divkernels as dk
+
+    policy, rewards = -torch.rand(1, 3), torch.randn(1, 3)
+    for option in public_options():
+        meta = option.metadata
+        bad = "nope" if meta["choices"] is not None else (meta["low"] - 1.0 if meta["low"] is not None
+                                                          else float("nan"))
+        with pytest.raises(ValueError, match=option.name):
+            dk.group_preference_loss(policy, rewards, **{option.name: bad}, backend="reference")
 
 
 def test_header_constants_match_reference() -> None:

@@ -14,20 +14,12 @@
 
 namespace divkernels {
 
-std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor& mask, const at::Tensor& policy,
-                                           const OptTensor& ref, const at::Tensor& rewards, const OptTensor& counts,
-                                           const OptTensor& scores, const OptTensor& given_weights,
-                                           const OptTensor& lengths, const OptTensor& nll_logps,
-                                           const OptTensor& nll_tokens, int64_t loss, int64_t pairs, int64_t weights,
-                                           int64_t deviation_norm, bool orpo_dorpo,
-                                           bool divpo_ranked, bool need_logdet, bool store_state, double beta,
-                                           double orpo_lambda, double simpo_gamma, double min_deviation, double eps,
-                                           double quality_quantile, bool poison) {
+std::vector<at::Tensor> group_loss_forward(const std::vector<OptTensor>& inputs, const std::vector<double>& packed,
+                                           bool poison) {
+  ForwardArgs a = prepare_forward(inputs, packed, poison);
+  const at::Tensor& policy = *inputs[kInputPolicy];
+  const OptTensor& emb = inputs[kInputEmb];
   TORCH_CHECK(policy.is_cpu(), "the host build takes CPU tensors, got ", policy.device());
-  ForwardArgs a = prepare_forward(emb, mask, policy, ref, rewards, counts, scores, given_weights, lengths, nll_logps,
-                                  nll_tokens, loss, pairs, weights, deviation_norm, orpo_dorpo, divpo_ranked,
-                                  need_logdet, store_state, beta, orpo_lambda, simpo_gamma, min_deviation, eps,
-                                  quality_quantile, poison);
   const auto emb_type = emb ? emb->scalar_type() : a.acc;
   dispatch_types(a.acc, emb_type, [&](auto acc_tag, auto emb_tag) {
     using T = decltype(acc_tag);
@@ -39,8 +31,7 @@ std::vector<at::Tensor> group_loss_forward(const OptTensor& emb, const OptTensor
       Workspace<T> ws = carve_workspace(workspace.data(), picks, int(a.G));
       group_forward(BlockPar{}, ws, b, int(a.G), a.D, emb ? emb->data_ptr<E>() : nullptr, emb ? strides[0] : 0,
                     emb ? strides[1] : 0, emb ? strides[2] : 0,
-                    group_inputs<T>(mask, policy, ref, rewards, counts, scores, given_weights, lengths, nll_logps,
-                                    nll_tokens),
+                    group_inputs<T>(inputs),
                     a.params, group_outputs<T>(a.outputs));
     }
   });

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from divkernels import _cuda, reference
-from divkernels.loss_config import ForwardOutputs, LossConfig, LossTensors
+from divkernels.loss_config import CUDA_INPUTS, ForwardOutputs, LossConfig, LossTensors
 from divkernels.ops.common import poison_outputs
 
 # Shared memory per block that the host build stands in for: an H100's / H200's opt-in maximum.
@@ -50,13 +50,11 @@ def forward(inputs: LossTensors, config: LossConfig, store_state: bool, acc: tor
         emb = emb.detach().to(torch.float64) if acc == torch.float64 else emb.detach()
     group = inputs.policy.shape[1]
     counts = None if inputs.pair_index is None else reference.pair_counts_explicit(inputs.pair_index, group)
+    given = {"emb": emb, "mask": inputs.mask, "counts": small(counts),
+             **{name: small(getattr(inputs, name)) for name in CUDA_INPUTS if name not in ("emb", "mask", "counts")}}
     extension = _cuda.extension(inputs.policy.device)
     stats, grad_policy, sim, norms, inverse, chosen, rejected = extension.group_loss_forward(
-        emb, inputs.mask, small(inputs.policy), small(inputs.ref), small(inputs.rewards), small(counts),
-        small(inputs.scores), small(inputs.weights), small(inputs.lengths), small(inputs.nll_logps),
-        small(inputs.nll_tokens), config.loss_mode, config.pair_mode, config.weight_mode, config.norm_mode,
-        config.orpo_dorpo, config.ranked_pools, config.needs_logdet, store_state, config.beta, config.orpo_lambda,
-        config.simpo_gamma, config.min_deviation, config.eps, config.quality_quantile, inputs.poison)
+        [given[name] for name in CUDA_INPUTS], config.kernel_values(config.needs_logdet, store_state), inputs.poison)
     return ForwardOutputs(stats, grad_policy, chosen, rejected, sim, norms, inverse)
 
 

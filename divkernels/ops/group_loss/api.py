@@ -1,0 +1,277 @@
+"""The public function of the fused loss: checks once, picks the backend once, then runs the
+custom ops (kernel backends) or the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+
+import torch
+
+from divkernels import reference
+from divkernels.backend import backend_unavailable_reason, resolve_backend
+from divkernels.backends import cuda as cuda_backend
+from divkernels.loss_config import METRIC, STAT, LossConfig, LossTensors
+from divkernels.ops.common import accumulation_dtype, contiguous, poison_outputs
+from divkernels.ops.deviation import deviation
+from divkernels.ops.group_loss.checks import (
+    _checked_arguments,
+    _host_data_checks,
+    metric_names,
+    raise_kernel_checks,
+)
+from divkernels.ops.group_loss.custom_ops import GroupPreferenceLossFunction, group_loss_forward_op
+from divkernels.ops.logdet import check_factorization
+from divkernels.types import LossOutput, MetricVector
+from divkernels.validation import DataChecks, GroupLossArguments, check_group_loss_arguments
+
+
+@torch._dynamo.assume_constant_result
+def _config_for_compile(*fields: object) -> tuple[str, tuple[str, ...], bool]:
+    """``(LossConfig key, metric names, needs logdet)``, made once while torch.compile traces."""
+    config = LossConfig(*fields[:-1])
+    return config.key, metric_names(config, fields[-1]), config.needs_logdet
+
+
+def _within_cuda_limits(resolved: str, group: int, policy: torch.Tensor, emb: torch.Tensor | None,
+                        device: torch.device) -> str:
+    """``resolved``, or the Triton kernels (the reference without Triton) where the CUDA kernels cannot
+    hold the group in shared memory (float64 at G > ~100: :func:`divkernels.backends.cuda.fits`)."""
+    if resolved != "cuda":
+        return resolved
+    acc = accumulation_dtype(policy.dtype, *((emb.dtype,) if emb is not None else ()))
+    if cuda_backend.fits(group, acc, device):
+        return resolved
+    return "triton" if backend_unavailable_reason("triton", device) is None else "reference"
+
+
+def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, check_inputs: bool) -> LossOutput:
+    """:func:`group_preference_loss` while ``torch.compile`` traces it: the kernels run as the
+    custom ops above, Triton's data checks inside its op (one sync there), the other checks as
+    device-side asserts (no sync, no group list); pass ``check_inputs=False`` for CUDA graphs. The
+    reference backend is traced as the PyTorch it is."""
+    emb, extras, mask = args.emb, args.extras, args.mask
+    batch, group = args.policy_logps.shape
+    resolved = resolve_backend(options["backend"], op="group_preference_loss", device=args.device, group_size=group,
+                               kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
+                               emb_dtype=None if emb is None else emb.dtype)
+    resolved = _within_cuda_limits(resolved, group, args.policy_logps, emb, args.device)
+    valid = reference.valid_mask(mask, batch, group, args.device)
+    in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
+    checks = DataChecks(check_inputs and not in_kernel_checks)  # device-side asserts while compiling
+    if checks.enabled:
+        _host_data_checks(checks, args, valid, options["loss"])
+    if resolved == "reference":
+        checks.emb(emb, valid)
+        reference_options = {k: v for k, v in options.items() if k not in ("pairs", "backend")}
+        output = reference.group_preference_loss(args.policy_logps, args.rewards, args.encoders or None,
+                                                 args.ref_logps, valid, pairs=args.pairs,
+                                                 pair_index=args.pair_index, **reference_options, **extras)
+        if output.logdet is not None:
+            check_factorization(checks, lambda: torch.isnan(output.logdet))
+        checks.raise_if_failed()
+        return output
+    weights = _kernel_weights(args, resolved, valid, options)
+    key, names, needs_logdet = _config_for_compile(
+        *_config_fields(options, args, weights is not None, in_kernel_checks, resolved), emb is not None)
+    store_state = (emb is not None and emb.requires_grad and torch.is_grad_enabled()
+                   and options["diversity_alpha"] > 0)
+    loss, vector, stats, _, chosen_counts, rejected_counts, *_ = group_loss_forward_op(
+        args.policy_logps, args.rewards, args.ref_logps, emb, contiguous(mask), args.pair_index,
+        extras["divpo_scores"], None if weights is None else weights.detach(), extras["token_counts"],
+        extras["nll_logps"], extras["nll_tokens"], key, store_state, args.needs_emb_reason or "")
+    logdet = _logdet_column(stats, emb) if needs_logdet else None
+    output = LossOutput(loss, MetricVector(vector, METRIC, names), logdet, chosen_counts, rejected_counts)
+    _check_kernel_outputs(checks, output, stats, emb, in_kernel_checks)
+    checks.raise_if_failed()
+    return output
+
+
+def _config_fields(options: dict, args: GroupLossArguments, given_weights: bool, in_kernel_checks: bool,
+                   resolved: str) -> tuple:
+    """:class:`LossConfig`'s fields, in order, for one call."""
+    values = {**options, "pairs": args.pairs, "given_weights": given_weights, "check_inputs": in_kernel_checks,
+              "needs_two": args.needs_emb_reason is not None, "kernel_backend": resolved}
+    return tuple(values[item.name] for item in fields(LossConfig))
+
+
+def _kernel_weights(args: GroupLossArguments, resolved: str, valid: torch.Tensor | Callable[[], torch.Tensor],
+                    options: dict) -> torch.Tensor | None:
+    """The weights the kernels take as given: the caller's, or the DDPO weights combined over several
+    encoders (the kernels weigh one encoder's deviation themselves); None otherwise."""
+    if len(args.encoders) <= 1:
+        return args.extras["weights"]
+    kernel = "triton" if resolved == "triton" else "auto"
+    devs = [deviation(e.detach(), args.mask, backend=kernel, check_inputs=False) for e in args.encoders]
+    return reference.deviation_weights(devs, valid() if callable(valid) else valid, options["deviation_norm"],
+                                       options["min_deviation"])
+
+
+def _logdet_column(stats: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """``[B]`` logdet from the per-group stats, in ``emb``'s accumulation dtype (the stats are in the call's)."""
+    logdet, dtype = stats.select(1, STAT["logdet"]), reference.compute_dtype(emb.dtype)
+    return logdet if logdet.dtype == dtype else logdet.to(dtype)
+
+
+def _check_kernel_outputs(checks: DataChecks, output: LossOutput, stats: torch.Tensor, emb: torch.Tensor | None,
+                          in_kernel_checks: bool) -> None:
+    """The checks of a kernel call the forward kernel did not resolve itself: NaN/inf in ``emb`` (from the
+    kernel's norms) and a failed factorization (a NaN logdet)."""
+    if in_kernel_checks:
+        return
+    if emb is not None:  # first: a non-finite emb is why its factorization failed
+        checks.emb_flagged(lambda: stats[:, STAT["emb_nonfinite"]] > 0, emb.dtype)
+    if output.logdet is not None:
+        check_factorization(checks, lambda: torch.isnan(output.logdet))
+
+
+
+def group_preference_loss(
+    policy_logps: torch.Tensor,
+    rewards: torch.Tensor,
+    emb: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ref_logps: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    loss: str = "dpo",
+    diversity: str = "none",
+    pairs: str = "all",
+    pair_index: torch.Tensor | None = None,
+    beta: float = 0.1,
+    orpo_lambda: float = 0.1,
+    simpo_gamma: float = 0.5,
+    deviation_norm: str = "minmax",
+    min_deviation: float = 0.0,
+    orpo_weighting: str = "dorpo",
+    diversity_alpha: float = 0.0,
+    eps: float = reference.DQO_EPS,
+    quality_quantile: float = 0.25,
+    divpo_pools: str = "ranked",
+    divpo_scores: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    token_counts: torch.Tensor | None = None,
+    nll_logps: torch.Tensor | None = None,
+    nll_tokens: torch.Tensor | None = None,
+    cpo_alpha: float = 0.0,
+    check_inputs: bool = True,
+    backend: str = "auto",
+) -> LossOutput:
+    """Preference loss over a batch of response groups, with diversity-weighted pairs.
+
+    With ``(i, j)`` the (chosen, rejected) pairs inside each group, ``P`` their number, ``l`` the
+    pair loss of ``loss`` and ``w_i`` the diversity weight of the chosen response (a constant):
+    ``sum w_i l_ij / P + cpo_alpha * NLL - diversity_alpha * mean_b logdet_b``; for ``loss="orpo"``
+    with the default ``orpo_weighting="dorpo"`` (DORPO, Chung et al. 2025, arXiv 2503.17126, the
+    authors' ``models/dorpo_trainer.py``; with ``w = 1`` TRL's ORPO):
+    ``mean_P(w_i) * NLL - lambda mean_P log sigmoid(w_i u_ij)``. ``NLL`` is the token-mean negative
+    log-likelihood of the pairs' chosen sequences (``nll_logps`` / ``nll_tokens``; by default
+    ``mean_P(-policy_logps)``). The formulas and the code they follow are in
+    :func:`divkernels.reference.group_preference_loss`.
+
+    Args:
+        policy_logps: ``[B, G]`` sequence log-probs of the policy: summed token log-probs for dpo
+            and ipo, mean token log-probs for orpo and simpo (the op does not renormalize).
+        rewards: ``[B, G]`` quality scores that order the pairs; no grad.
+        emb: ``[B, G, D]`` response embeddings, or a sequence of them from several encoders (DDPO
+            weights then combine their deviations as the authors do, :func:`divkernels.reference.ddpo_weights`;
+            the first serves everything else). Needed for diversity weights, DivPO selection by
+            deviation and the logdet regularizer; gradients reach it through the regularizer.
+        ref_logps: ``[B, G]`` reference-model log-probs for dpo/ipo; None means reference-free
+            (0). orpo and simpo do not use it.
+        mask: ``[B, G]`` bool, True for real responses; None means all real.
+        loss: ``"dpo"`` (TRL's sigmoid), ``"ipo"``, ``"orpo"`` or ``"simpo"``.
+        diversity: pair weight ``"none"`` (1), ``"deviation"`` (DDPO/DORPO) or ``"logdet_gain"``
+            (``1 / (K^{-1})_ii`` normalized to mean 1, our DQO-style variant).
+        pairs: ``"all"`` (every ``r_i > r_j``), ``"best_worst"``, ``"divpo"`` or ``"explicit"``.
+        pair_index: ``[B, P, 2]`` integer (chosen, rejected) indices for explicit pairs;
+            ``(-1, -1)`` rows are padding.
+        beta: DPO/IPO/SimPO temperature. orpo_lambda: weight of ORPO's odds-ratio term (TRL's
+            ORPO ``beta``). simpo_gamma: SimPO target margin.
+        deviation_norm: ``"minmax"`` (DDPO/DORPO: ``(d - d_min) / (mean d - d_min)``, 1 for equal
+            deviations), ``"mean"`` (ours: ``d / mean d``) or ``"none"`` (raw deviation).
+        min_deviation: floor on deviation weights.
+        orpo_weighting: ``"dorpo"`` (the authors' DORPO) or ``"pair"`` (ours: ``w_i`` multiplies each
+            pair's whole ORPO loss, NLL included).
+        diversity_alpha: weight of the ``-mean_b logdet_b`` regularizer (0 disables it).
+        eps: ridge of ``K = S + eps I`` (DQO: 1).
+        quality_quantile: DivPO's pool share ``q``: the top and bottom ``floor(q n)`` responses by
+            reward (``divpo_pools="ranked"``, default 0.25 as the authors' ``rho=25``), or the
+            chosen pool's share above a quantile threshold (``"threshold"``, ours).
+        divpo_pools: ``"ranked"`` (DivPO; diversity measured within each pool) or ``"threshold"``
+            (ours: rewards at or above the ``1 - q`` quantile against all the rest, deviation over
+            the whole group).
+        divpo_scores: ``[B, G]`` diversity scores for DivPO instead of deviation (e.g.
+            ``-policy_logps``, DivPO's "model probability" criterion).
+        weights: ``[B, G]`` weights of the chosen responses to use as given (constants), instead of
+            computing them from ``diversity``.
+        token_counts: ``[B, G]`` completion token counts, > 0; ``loss="ipo"`` divides each
+            log-ratio by its count, as TRL's DPOTrainer does (``policy_logps`` stay summed).
+        nll_logps: ``[B, G]`` summed log-probs of every predicted token of each sequence, prompt
+            included (TRL's ORPO/CPO NLL is over prompt and completion); differentiable.
+        nll_tokens: ``[B, G]`` the number of those tokens, > 0.
+        cpo_alpha: weight of the NLL term for dpo/ipo/simpo (TRL's CPOTrainer ``cpo_alpha``).
+        check_inputs: NaN/inf, group-size and pair-index checks (one host sync); False skips.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        :class:`LossOutput`: ``.loss`` scalar (float32, float64 for float64 logps),
+        ``.metrics`` and ``.logdet`` (``[B]`` when computed).
+    """
+    options = dict(loss=loss, diversity=diversity, pairs=pairs, beta=beta, orpo_lambda=orpo_lambda,
+                   simpo_gamma=simpo_gamma, deviation_norm=deviation_norm, min_deviation=min_deviation,
+                   orpo_weighting=orpo_weighting, diversity_alpha=diversity_alpha, eps=eps,
+                   quality_quantile=quality_quantile, divpo_pools=divpo_pools, cpo_alpha=cpo_alpha, backend=backend)
+    extras = {"divpo_scores": divpo_scores, "weights": weights, "token_counts": token_counts,
+              "nll_logps": nll_logps, "nll_tokens": nll_tokens}
+    if torch.compiler.is_compiling():
+        args = check_group_loss_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index=pair_index,
+                                          **options, **extras)
+        return _compiled_group_preference_loss(args, options, check_inputs)
+    args, plan = _checked_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index, extras, options)
+    policy_logps, rewards, ref_logps, mask = args.policy_logps, args.rewards, args.ref_logps, args.mask
+    emb, extras = args.emb, args.extras
+    batch, group = policy_logps.shape
+    resolved = resolve_backend(backend, op="group_preference_loss", device=args.device, group_size=group,
+                               kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
+                               emb_dtype=None if emb is None else emb.dtype)
+    resolved = _within_cuda_limits(resolved, group, policy_logps, emb, args.device)
+    # the Triton forward checks one embedding tensor itself (stat columns, one sync in raise_kernel_checks)
+    in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
+    checks = DataChecks(check_inputs and not in_kernel_checks)
+
+    def valid() -> torch.Tensor:
+        return reference.valid_mask(mask, batch, group, args.device)
+
+    if checks.enabled:
+        _host_data_checks(checks, args, valid(), loss)
+
+    if resolved in ("triton", "cuda"):
+        weights = _kernel_weights(args, resolved, valid, options)
+        config = plan.configs.get((resolved, in_kernel_checks))
+        if config is None:
+            config = plan.configs[resolved, in_kernel_checks] = LossConfig(
+                *_config_fields(options, args, weights is not None, in_kernel_checks, resolved))
+        tensors = LossTensors(policy_logps, rewards, ref_logps, emb, contiguous(mask), args.pair_index,
+                              extras["divpo_scores"], None if weights is None else weights.detach(),
+                              extras["token_counts"], extras["nll_logps"], extras["nll_tokens"], poison_outputs())
+        total = GroupPreferenceLossFunction.apply(policy_logps, ref_logps, emb, extras["nll_logps"], tensors, config)
+        vector, stats, totals, chosen_counts, rejected_counts = tensors.aux
+        metrics = MetricVector(vector, METRIC, metric_names(config, emb is not None))
+        output = LossOutput(total, metrics, _logdet_column(stats, emb) if config.needs_logdet else None,
+                            chosen_counts, rejected_counts)
+        if in_kernel_checks:
+            raise_kernel_checks(totals, stats, group, args.needs_emb_reason, None if emb is None else emb.dtype)
+        _check_kernel_outputs(checks, output, stats, emb, in_kernel_checks)
+    else:
+        checks.emb(emb, valid)
+        output = reference.group_preference_loss(
+            policy_logps, rewards, args.encoders or None, ref_logps, valid(), loss=loss, diversity=diversity,
+            pairs=args.pairs, pair_index=args.pair_index, beta=beta, orpo_lambda=orpo_lambda,
+            simpo_gamma=simpo_gamma, deviation_norm=deviation_norm, min_deviation=min_deviation,
+            orpo_weighting=orpo_weighting, diversity_alpha=diversity_alpha, eps=eps,
+            quality_quantile=quality_quantile, divpo_pools=divpo_pools, cpo_alpha=cpo_alpha, **extras)
+        if output.logdet is not None:
+            check_factorization(checks, lambda: torch.isnan(output.logdet))
+    checks.raise_if_failed()
+    return output
+
