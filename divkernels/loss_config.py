@@ -139,9 +139,10 @@ class LossConfig:
         return tuple(param.value(self, False, False) for param in KERNEL_PARAMS if param.ctype == "double")
 
 
-def public_options() -> tuple:
-    """The fields of :class:`LossConfig` a caller sets, with their checks."""
-    return tuple(item for item in fields(LossConfig) if item.metadata["public"])
+# The field names of LossConfig in order, and (name, checks) of those a caller sets: plain tuples, which
+# torch.compile traces as constants.
+FIELD_NAMES = tuple(item.name for item in fields(LossConfig))
+PUBLIC_OPTIONS = tuple((item.name, dict(item.metadata)) for item in fields(LossConfig) if item.metadata["public"])
 
 
 @dataclass(frozen=True)

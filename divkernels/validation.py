@@ -282,15 +282,15 @@ def check_group_loss_options(backend: str, **options: object) -> None:
     """The choices and scalars of :func:`divkernels.group_preference_loss`, each checked as its
     :class:`divkernels.loss_config.LossConfig` field declares (run once per call signature, see
     ``divkernels.ops.group_loss.checks._checked_arguments``)."""
-    from divkernels.loss_config import public_options
+    from divkernels.loss_config import PUBLIC_OPTIONS
     from divkernels.types import BACKENDS
 
-    for option in public_options():
-        meta, value = option.metadata, options[option.name]
+    for name, meta in PUBLIC_OPTIONS:
+        value = options[name]
         if meta["choices"] is not None:
-            check_choice(option.name, value, meta["choices"])
+            check_choice(name, value, meta["choices"])
         else:
-            check_scalar(option.name, value, low=meta["low"], high=meta["high"], low_open=meta["low_open"],
+            check_scalar(name, value, low=meta["low"], high=meta["high"], low_open=meta["low_open"],
                          high_open=meta["high_open"])
     check_choice("backend", backend, BACKENDS)
     if options["cpo_alpha"] > 0 and options["loss"] == "orpo":

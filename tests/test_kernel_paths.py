@@ -232,7 +232,7 @@ def split_everywhere() -> Iterator[None]:
     ``SPLIT_FORWARD_FROM`` (128) on (``group_loss.split_forward``)."""
     caches = (group_loss._forward_constants, group_loss._fixup_constants)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(group_loss, "SPLIT_FORWARD_FROM", 1)
+        patch.setattr(group_loss.launch, "SPLIT_FORWARD_FROM", 1)
         for cache in caches:
             cache.cache_clear()
         yield

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from divkernels import reference
-from divkernels.loss_config import CHECK_STATS, STAT, STATS, WEIGHT_MODES, LossConfig, cpp_header, public_options
+from divkernels.loss_config import CHECK_STATS, PUBLIC_OPTIONS, STAT, STATS, WEIGHT_MODES, LossConfig, cpp_header
 from divkernels.ops.group_loss import pair_math
 from divkernels.types import DEVIATION_NORMS, LOSSES, PAIR_MODES
 
@@ -83,12 +83,11 @@ def test_option_checks_follow_the_declaration() -> None:
     import divkernels as dk
 
     policy, rewards = -torch.rand(1, 3), torch.randn(1, 3)
-    for option in public_options():
-        meta = option.metadata
+    for name, meta in PUBLIC_OPTIONS:
         bad = "nope" if meta["choices"] is not None else (meta["low"] - 1.0 if meta["low"] is not None
                                                           else float("nan"))
-        with pytest.raises(ValueError, match=option.name):
-            dk.group_preference_loss(policy, rewards, **{option.name: bad}, backend="reference")
+        with pytest.raises(ValueError, match=name):
+            dk.group_preference_loss(policy, rewards, **{name: bad}, backend="reference")
 
 
 def test_header_constants_match_reference() -> None:

@@ -4,14 +4,13 @@ custom ops (kernel backends) or the reference."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 
 import torch
 
 from divkernels import reference
 from divkernels.backend import backend_unavailable_reason, resolve_backend
 from divkernels.backends import cuda as cuda_backend
-from divkernels.loss_config import METRIC, STAT, LossConfig, LossTensors
+from divkernels.loss_config import FIELD_NAMES, METRIC, STAT, LossConfig, LossTensors
 from divkernels.ops.common import accumulation_dtype, contiguous, poison_outputs
 from divkernels.ops.deviation import deviation
 from divkernels.ops.group_loss.checks import (
@@ -92,7 +91,7 @@ def _config_fields(options: dict, args: GroupLossArguments, given_weights: bool,
     """:class:`LossConfig`'s fields, in order, for one call."""
     values = {**options, "pairs": args.pairs, "given_weights": given_weights, "check_inputs": in_kernel_checks,
               "needs_two": args.needs_emb_reason is not None, "kernel_backend": resolved}
-    return tuple(values[item.name] for item in fields(LossConfig))
+    return tuple(values[name] for name in FIELD_NAMES)
 
 
 def _kernel_weights(args: GroupLossArguments, resolved: str, valid: torch.Tensor | Callable[[], torch.Tensor],
