@@ -3,6 +3,7 @@ custom ops (kernel backends) or the reference."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,9 +26,14 @@ from divkernels.types import LossOutput, MetricVector
 from divkernels.validation import DataChecks, GroupLossArguments, check_group_loss_arguments
 
 
-@torch._dynamo.assume_constant_result
-def _config_for_compile(*fields: object) -> tuple[str, tuple[str, ...], bool]:
-    """``(LossConfig key, metric names, needs logdet)``, made once while torch.compile traces."""
+@torch._dynamo.assume_constant_result  # under torch.compile: made once while tracing
+def _call_config(*fields: object) -> tuple[str, tuple[str, ...], bool]:
+    """``(LossConfig key, metric names, needs logdet)`` of one call's fields (the last: emb given)."""
+    return _cached_config(fields)
+
+
+@functools.lru_cache(maxsize=256)  # eager: a training loop repeats its fields, one tuple hash per step
+def _cached_config(fields: tuple) -> tuple[str, tuple[str, ...], bool]:
     config = LossConfig(*fields[:-1])
     return config.key, metric_names(config, fields[-1]), config.needs_logdet
 
@@ -44,45 +50,72 @@ def _within_cuda_limits(resolved: str, group: int, policy: torch.Tensor, emb: to
     return "triton" if backend_unavailable_reason("triton", device) is None else "reference"
 
 
-def _compiled_group_preference_loss(args: GroupLossArguments, options: dict, check_inputs: bool) -> LossOutput:
-    """:func:`group_preference_loss` while ``torch.compile`` traces it: the kernels run as the
-    custom ops above, Triton's data checks inside its op (one sync there), the other checks as
-    device-side asserts (no sync, no group list); pass ``check_inputs=False`` for CUDA graphs. The
-    reference backend is traced as the PyTorch it is."""
+def _run(args: GroupLossArguments, options: dict, check_inputs: bool) -> LossOutput:
+    """:func:`group_preference_loss` after its static checks, eager and under ``torch.compile`` alike:
+    the kernel backends run as the custom ops (:mod:`.custom_ops`, with their registered autograd;
+    opaque to the compiler), the reference as the PyTorch it is. The Triton forward resolves its own
+    data checks (one sync, inside the op); the other backends' go through ``DataChecks`` (one sync
+    eager, device-side asserts while compiling); pass ``check_inputs=False`` for CUDA graphs."""
     emb, extras, mask = args.emb, args.extras, args.mask
     batch, group = args.policy_logps.shape
     resolved = resolve_backend(options["backend"], op="group_preference_loss", device=args.device, group_size=group,
                                kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
                                emb_dtype=None if emb is None else emb.dtype)
     resolved = _within_cuda_limits(resolved, group, args.policy_logps, emb, args.device)
-    valid = reference.valid_mask(mask, batch, group, args.device)
+    # the Triton forward checks one embedding tensor itself (stat columns, one sync in raise_kernel_checks)
     in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
-    checks = DataChecks(check_inputs and not in_kernel_checks)  # device-side asserts while compiling
+    checks = DataChecks(check_inputs and not in_kernel_checks)
+
+    def valid() -> torch.Tensor:
+        return reference.valid_mask(mask, batch, group, args.device)
+
     if checks.enabled:
-        _host_data_checks(checks, args, valid, options["loss"])
+        _host_data_checks(checks, args, valid(), options["loss"])
     if resolved == "reference":
-        checks.emb(emb, valid)
-        reference_options = {k: v for k, v in options.items() if k not in ("pairs", "backend")}
-        output = reference.group_preference_loss(args.policy_logps, args.rewards, args.encoders or None,
-                                                 args.ref_logps, valid, pairs=args.pairs,
-                                                 pair_index=args.pair_index, **reference_options, **extras)
-        if output.logdet is not None:
-            check_factorization(checks, lambda: torch.isnan(output.logdet))
-        checks.raise_if_failed()
-        return output
-    weights = _kernel_weights(args, resolved, valid, options)
-    key, names, needs_logdet = _config_for_compile(
-        *_config_fields(options, args, weights is not None, in_kernel_checks, resolved), emb is not None)
-    store_state = (emb is not None and emb.requires_grad and torch.is_grad_enabled()
-                   and options["diversity_alpha"] > 0)
-    loss, vector, stats, _, chosen_counts, rejected_counts, *_ = group_loss_forward_op(
-        args.policy_logps, args.rewards, args.ref_logps, emb, contiguous(mask), args.pair_index,
-        extras["divpo_scores"], None if weights is None else weights.detach(), extras["token_counts"],
-        extras["nll_logps"], extras["nll_tokens"], key, store_state, args.needs_emb_reason or "")
-    logdet = _logdet_column(stats, emb) if needs_logdet else None
-    output = LossOutput(loss, MetricVector(vector, METRIC, names), logdet, chosen_counts, rejected_counts)
-    _check_kernel_outputs(checks, output, stats, emb, in_kernel_checks)
+        output = _run_reference(args, options, checks, valid())
+    else:
+        weights = _kernel_weights(args, resolved, valid, options)
+        key, names, needs_logdet = _call_config(
+            *_config_fields(options, args, weights is not None, in_kernel_checks, resolved), emb is not None)
+        store_state = (emb is not None and emb.requires_grad and torch.is_grad_enabled()
+                       and options["diversity_alpha"] > 0)
+        tensors = (args.policy_logps, args.rewards, args.ref_logps, emb, contiguous(mask), args.pair_index,
+                   extras["divpo_scores"], None if weights is None else weights.detach(), extras["token_counts"],
+                   extras["nll_logps"], extras["nll_tokens"])
+        run = group_loss_forward_op if torch.compiler.is_compiling() else _eager_forward
+        loss, vector, stats, _, chosen_counts, rejected_counts = run(*tensors, key, store_state,
+                                                                     args.needs_emb_reason or "")[:6]
+        logdet = _logdet_column(stats, emb) if needs_logdet else None
+        output = LossOutput(loss, MetricVector(vector, METRIC, names), logdet, chosen_counts, rejected_counts)
+        _check_kernel_outputs(checks, output, stats, emb, in_kernel_checks)
     checks.raise_if_failed()
+    return output
+
+
+def _eager_forward(*inputs: object) -> tuple[torch.Tensor, ...]:
+    """The forward op's first six outputs, eager: its steps through :class:`GroupPreferenceLossFunction`
+    (``inputs``: the op's arguments)."""
+    *tensors, key, store_state, too_few_reason = inputs
+    policy, _, ref, emb, *_, nll_logps, _ = tensors
+    config = LossConfig.from_key(key)
+    given = LossTensors(*tensors, poison_outputs())
+    loss = GroupPreferenceLossFunction.apply(policy, ref, emb, nll_logps, given, config, store_state)
+    metrics, stats, totals, chosen_counts, rejected_counts = given.aux
+    if config.check_inputs:
+        raise_kernel_checks(totals, stats, policy.shape[1], too_few_reason or None,
+                            None if emb is None else emb.dtype)
+    return loss, metrics, stats, totals, chosen_counts, rejected_counts
+
+
+def _run_reference(args: GroupLossArguments, options: dict, checks: DataChecks, valid: torch.Tensor) -> LossOutput:
+    """The reference backend: :func:`divkernels.reference.group_preference_loss` and its data checks."""
+    checks.emb(args.emb, valid)
+    reference_options = {k: v for k, v in options.items() if k not in ("pairs", "backend")}
+    output = reference.group_preference_loss(args.policy_logps, args.rewards, args.encoders or None,
+                                             args.ref_logps, valid, pairs=args.pairs, pair_index=args.pair_index,
+                                             **reference_options, **args.extras)
+    if output.logdet is not None:
+        check_factorization(checks, lambda: torch.isnan(output.logdet))
     return output
 
 
@@ -225,52 +258,7 @@ def group_preference_loss(
     if torch.compiler.is_compiling():
         args = check_group_loss_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index=pair_index,
                                           **options, **extras)
-        return _compiled_group_preference_loss(args, options, check_inputs)
-    args, plan = _checked_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index, extras, options)
-    policy_logps, rewards, ref_logps, mask = args.policy_logps, args.rewards, args.ref_logps, args.mask
-    emb, extras = args.emb, args.extras
-    batch, group = policy_logps.shape
-    resolved = resolve_backend(backend, op="group_preference_loss", device=args.device, group_size=group,
-                               kernels=("triton", "cuda"), dim=None if emb is None else emb.shape[-1],
-                               emb_dtype=None if emb is None else emb.dtype)
-    resolved = _within_cuda_limits(resolved, group, policy_logps, emb, args.device)
-    # the Triton forward checks one embedding tensor itself (stat columns, one sync in raise_kernel_checks)
-    in_kernel_checks = check_inputs and resolved == "triton" and len(args.encoders) <= 1
-    checks = DataChecks(check_inputs and not in_kernel_checks)
-
-    def valid() -> torch.Tensor:
-        return reference.valid_mask(mask, batch, group, args.device)
-
-    if checks.enabled:
-        _host_data_checks(checks, args, valid(), loss)
-
-    if resolved in ("triton", "cuda"):
-        weights = _kernel_weights(args, resolved, valid, options)
-        config = plan.configs.get((resolved, in_kernel_checks))
-        if config is None:
-            config = plan.configs[resolved, in_kernel_checks] = LossConfig(
-                *_config_fields(options, args, weights is not None, in_kernel_checks, resolved))
-        tensors = LossTensors(policy_logps, rewards, ref_logps, emb, contiguous(mask), args.pair_index,
-                              extras["divpo_scores"], None if weights is None else weights.detach(),
-                              extras["token_counts"], extras["nll_logps"], extras["nll_tokens"], poison_outputs())
-        total = GroupPreferenceLossFunction.apply(policy_logps, ref_logps, emb, extras["nll_logps"], tensors, config)
-        vector, stats, totals, chosen_counts, rejected_counts = tensors.aux
-        metrics = MetricVector(vector, METRIC, metric_names(config, emb is not None))
-        output = LossOutput(total, metrics, _logdet_column(stats, emb) if config.needs_logdet else None,
-                            chosen_counts, rejected_counts)
-        if in_kernel_checks:
-            raise_kernel_checks(totals, stats, group, args.needs_emb_reason, None if emb is None else emb.dtype)
-        _check_kernel_outputs(checks, output, stats, emb, in_kernel_checks)
     else:
-        checks.emb(emb, valid)
-        output = reference.group_preference_loss(
-            policy_logps, rewards, args.encoders or None, ref_logps, valid(), loss=loss, diversity=diversity,
-            pairs=args.pairs, pair_index=args.pair_index, beta=beta, orpo_lambda=orpo_lambda,
-            simpo_gamma=simpo_gamma, deviation_norm=deviation_norm, min_deviation=min_deviation,
-            orpo_weighting=orpo_weighting, diversity_alpha=diversity_alpha, eps=eps,
-            quality_quantile=quality_quantile, divpo_pools=divpo_pools, cpo_alpha=cpo_alpha, **extras)
-        if output.logdet is not None:
-            check_factorization(checks, lambda: torch.isnan(output.logdet))
-    checks.raise_if_failed()
-    return output
+        args = _checked_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index, extras, options)
+    return _run(args, options, check_inputs)
 

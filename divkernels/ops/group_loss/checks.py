@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -80,7 +80,6 @@ class _Plan:
     pairs: str
     needs_emb_reason: str | None
     device: torch.device
-    configs: dict[tuple[str, bool], LossConfig] = field(default_factory=dict)
 
 
 # Signature of a call (options and each tensor's shape, dtype and device) -> its _Plan.
@@ -101,7 +100,7 @@ def _metadata(value: object) -> object:
 
 def _checked_arguments(policy_logps: object, rewards: object, emb: object, ref_logps: object, mask: object,
                        pair_index: object, extras: dict[str, object],
-                       options: dict[str, object]) -> tuple[GroupLossArguments, _Plan]:
+                       options: dict[str, object]) -> GroupLossArguments:
     """:func:`check_group_loss_arguments`, run once per signature: the static checks see only
     metadata, so a training loop that repeats a signature pays one dictionary lookup per step (a
     call that fails its checks raises and is never remembered)."""
@@ -121,11 +120,10 @@ def _checked_arguments(policy_logps: object, rewards: object, emb: object, ref_l
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[key] = plan
-        return args, plan
+        return args
     encoders = [] if emb is None else list(emb) if isinstance(emb, (list, tuple)) else [emb]
-    args = GroupLossArguments(policy_logps, rewards, encoders, ref_logps, mask, plan.pairs,
-                              pair_index, extras, plan.needs_emb_reason, plan.device)
-    return args, plan
+    return GroupLossArguments(policy_logps, rewards, encoders, ref_logps, mask, plan.pairs, pair_index, extras,
+                              plan.needs_emb_reason, plan.device)
 
 
 def _host_data_checks(checks: DataChecks, args: GroupLossArguments, valid: torch.Tensor, loss: str) -> None:
