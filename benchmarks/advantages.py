@@ -1,4 +1,4 @@
-"""Benchmarks of diversity-aware GRPO advantages (reference.py section 4); forward only (no gradient)."""
+"""Benchmarks of diversity-aware GRPO advantages (reference/advantages.py); forward only (no gradient)."""
 
 from __future__ import annotations
 

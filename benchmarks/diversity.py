@@ -1,4 +1,4 @@
-"""Benchmarks of the standalone diversity ops: similarity, deviation, logdet + gains (reference.py sections 1-2)."""
+"""Benchmarks of the standalone diversity ops: similarity, deviation, logdet + gains (divkernels.reference)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Benchmarks of the fused group preference loss (reference.py section 3): DDPO + logdet regularizer and variants."""
+"""Benchmarks of the fused group preference loss (reference/losses.py): DDPO + logdet regularizer and variants."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// Device math of the fused group op (divkernels/reference.py sections 1-3), shared by the CUDA kernels and a host build.
+// Device math of the fused group op (divkernels/reference/: similarity, diversity, losses), shared by the CUDA kernels and a host build.
 //
 // Every function works on ONE group of G <= 128 responses held in a small workspace (shared memory
 // on the GPU, heap memory on the host) and is written against a "parallel schedule" `Par`:

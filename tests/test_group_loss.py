@@ -318,7 +318,7 @@ def test_gradcheck(config: dict[str, str], generator: torch.Generator) -> None:
     rewards = torch.randn(2, 4, generator=generator, dtype=torch.float64)
     emb.requires_grad_(True)
 
-    # Diversity weights are constants (reference.py section 3), so emb is checked where its gradient is defined:
+    # Diversity weights are constants (reference/losses.py), so emb is checked where its gradient is defined:
     # through the logdet regularizer with unweighted pairs.
     def fn(p: torch.Tensor, r: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return reference.group_preference_loss(p, rewards, e, r, mask, diversity_alpha=0.1, eps=1e-2,

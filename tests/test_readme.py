@@ -1,5 +1,5 @@
-"""The README's Python examples run as written, each on its own (a fresh namespace), and leave
-nothing in the working directory."""
+"""The Python examples of the README and the docs/ pages run as written, each on its own (a fresh
+namespace), and leave nothing in the working directory."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [block for page in PAGES for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
 
 
 def test_readme_has_examples() -> None:

@@ -272,7 +272,7 @@ def test_degenerate_groups_match_reference(generator: torch.Generator) -> None:
 
 def test_fp32_duplicates_stay_close_to_fp64() -> None:
     """fp32 sweep on exact duplicates (cond ~ 1/eps) stays finite and within the measured error
-    (reference.py, Numerics)."""
+    (reference/__init__.py, Numerics)."""
     emb = torch.randn(3, 1, 16).expand(3, 8, 16).contiguous().to(DEVICE)
     logdet, gains = dk.logdet_diversity(emb, return_gains=True, backend="triton")
     ref_logdet, ref_gains = dk.logdet_diversity(emb.double(), return_gains=True, backend="reference")

@@ -146,7 +146,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     """How the kernels' ``tl.dot`` takes ``emb`` of this dtype.
 
     ``"native"``: bf16/fp16 go into the tensor cores as they are (fp32 accumulate; exact for the Gram,
-    ``split_dot`` for ``d emb = A emb``); float32 must not go through TF32 (reference.py, Numerics:
+    ``split_dot`` for ``d emb = A emb``); float32 must not go through TF32 (reference/__init__.py, Numerics:
     logdet errors ~5e-2 at cond ~1e6), so ``"ieee"``; float64 stays float64.
     """
     return "native" if dtype in (torch.bfloat16, torch.float16) else "ieee"

@@ -1,4 +1,4 @@
-"""Deviation of each response from the rest of its group (DDPO/DORPO; reference.py section 2).
+"""Deviation of each response from the rest of its group (DDPO/DORPO; reference/diversity.py).
 
 ``dev_i = 1/(n-1) sum_{j != i, valid} (1 - S_ij) = (n - sum_{valid j} S_ij) / (n - 1)`` with cosine
 ``S`` (unit diagonal). Forward: one program per group (Gram -> S -> row sums). Backward: the

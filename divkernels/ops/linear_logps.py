@@ -1,4 +1,4 @@
-"""Sequence log-probs through the LM head without the ``[N, T, V]`` logits (reference.py section 5).
+"""Sequence log-probs through the LM head without the ``[N, T, V]`` logits (reference/logps.py).
 
 The ``M = N * T`` token rows go through the head in chunks of ``C`` rows; one ``[C, V]`` buffer of
 logits is all that ever exists:

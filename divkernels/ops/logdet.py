@@ -1,4 +1,4 @@
-"""Log-determinant (DPP) diversity of each group and leave-one-out gains (DQO; reference.py section 2).
+"""Log-determinant (DPP) diversity of each group and leave-one-out gains (DQO; reference/diversity.py).
 
 Forward, one program per group: Gram -> ``S`` -> ``K = S + eps I`` (padding: identity) ->
 Gauss-Jordan sweep of ``K`` in registers. Without pivoting on an SPD matrix the sweep's pivots are

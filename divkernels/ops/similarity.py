@@ -1,4 +1,4 @@
-"""Pairwise similarity of the responses in each group (reference.py section 1): the two passes over ``emb``.
+"""Pairwise similarity of the responses in each group (reference/similarity.py): the two passes over ``emb``.
 
 Forward: one program per group streams ``emb[b]`` through in ``[BLOCK_G, BLOCK_D]`` tiles and
 accumulates the Gram matrix ``E E^T`` in fp32 (``gram_matrix``); ``similarity_from_gram`` turns it
@@ -169,7 +169,7 @@ def similarity_from_gram(gram, valid, gamma, KERNEL: tl.constexpr, BLOCK_G: tl.c
     """``(S, norms)`` from a group's Gram matrix.
 
     ``S``: cosine (``gram_ij / (max(n_i, floor) max(n_j, floor))``), dot, or RBF
-    (``exp(-gamma (n_i^2 + n_j^2 - 2 gram_ij))``); the cosine and RBF diagonal is exactly 1 (reference.py,
+    (``exp(-gamma (n_i^2 + n_j^2 - 2 gram_ij))``); the cosine and RBF diagonal is exactly 1 (reference/__init__.py,
     Numerics) and padded rows/columns are the identity's. ``norms``: raw ``|e_i|``.
     """
     offs = tl.arange(0, BLOCK_G)
