@@ -298,18 +298,15 @@ def check_group_loss_options(backend: str, **options: object) -> None:
 
 
 def check_group_loss_arguments(policy_logps: object, rewards: object, emb: object, ref_logps: object, mask: object,
-                               *, loss: str, diversity: str, pairs: str, pair_index: object, beta: float,
-                               orpo_lambda: float, simpo_gamma: float, deviation_norm: str, min_deviation: float,
-                               orpo_weighting: str, diversity_alpha: float, eps: float, quality_quantile: float,
-                               divpo_pools: str, cpo_alpha: float, backend: str,
+                               *, pair_index: object, options: dict[str, object],
                                **extras: object) -> GroupLossArguments:
     """Every static check of :func:`divkernels.group_preference_loss` (shapes, dtypes, devices, choices,
-    combinations); data checks (NaN, group sizes) happen on the device, see ``check_inputs``."""
-    check_group_loss_options(backend, loss=loss, diversity=diversity, pairs=pairs, deviation_norm=deviation_norm,
-                             orpo_weighting=orpo_weighting, divpo_pools=divpo_pools, beta=beta,
-                             orpo_lambda=orpo_lambda, simpo_gamma=simpo_gamma, min_deviation=min_deviation,
-                             diversity_alpha=diversity_alpha, eps=eps, quality_quantile=quality_quantile,
-                             cpo_alpha=cpo_alpha)
+    combinations); ``options``: its keyword options, ``backend`` included. Data checks (NaN, group
+    sizes) happen on the device, see ``check_inputs``."""
+    check_group_loss_options(**options)
+    loss, diversity, pairs = options["loss"], options["diversity"], options["pairs"]
+    deviation_norm, diversity_alpha = options["deviation_norm"], options["diversity_alpha"]
+    orpo_weighting, cpo_alpha = options["orpo_weighting"], options["cpo_alpha"]
     has_nll = (loss == "orpo" and orpo_weighting == "dorpo") or cpo_alpha > 0
     if (extras.get("nll_logps") is not None or extras.get("nll_tokens") is not None) and not has_nll:
         raise ValueError("nll_logps / nll_tokens feed the NLL term of loss='orpo' (orpo_weighting='dorpo') or of "

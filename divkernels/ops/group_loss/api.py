@@ -257,7 +257,7 @@ def group_preference_loss(
               "nll_logps": nll_logps, "nll_tokens": nll_tokens}
     if torch.compiler.is_compiling():
         args = check_group_loss_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index=pair_index,
-                                          **options, **extras)
+                                          options=options, **extras)
     else:
         args = _checked_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index, extras, options)
     return _run(args, options, check_inputs)

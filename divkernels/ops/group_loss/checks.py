@@ -114,7 +114,7 @@ def _checked_arguments(policy_logps: object, rewards: object, emb: object, ref_l
         key, plan = None, None
     if plan is None:
         args = check_group_loss_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index=pair_index,
-                                          **options, **extras)
+                                          options=options, **extras)
         plan = _Plan(args.pairs, args.needs_emb_reason, args.device)
         if key is not None:
             if len(_PLANS) >= _MAX_PLANS:
