@@ -10,7 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ATen.h>
 
-#include "group_math.h"
+#include "pair_math.h"
 #include "launch.h"
 
 namespace divkernels {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "group_math.h"
+#include "pair_math.h"
 
 namespace divkernels {
 

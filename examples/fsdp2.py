@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from divkernels.integration import DiversityPreferenceConfig, DiversityPreferenceTrainer, demo
-from divkernels.integration.preference import tokenize_rows
+from divkernels.integration.groups import tokenize_rows
 
 GROUPS_PER_STEP = 2  # per process
 

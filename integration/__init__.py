@@ -16,13 +16,9 @@ Needs the ``train`` extra (transformers, trl, accelerate, sentence-transformers)
 
 from divkernels.integration.callback import DiversityCallback, diversity_metrics, sample_completions
 from divkernels.integration.embeddings import SentenceEncoder, pool_hidden_states
+from divkernels.integration.groups import GroupPreferenceCollator, pairs_to_groups
 from divkernels.integration.models import attention_implementation, load_causal_lm
-from divkernels.integration.preference import (
-    DiversityPreferenceConfig,
-    DiversityPreferenceTrainer,
-    GroupPreferenceCollator,
-    pairs_to_groups,
-)
+from divkernels.integration.preference import DiversityPreferenceConfig, DiversityPreferenceTrainer
 from divkernels.integration.rewards import DarlingReward, DiversityBonusReward
 
 __all__ = [

@@ -17,8 +17,9 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
+from divkernels.integration.groups import pairs_to_groups
 from divkernels.integration.models import load_causal_lm
-from divkernels.integration.preference import DiversityPreferenceConfig, DiversityPreferenceTrainer, pairs_to_groups
+from divkernels.integration.preference import DiversityPreferenceConfig, DiversityPreferenceTrainer
 
 
 @dataclass

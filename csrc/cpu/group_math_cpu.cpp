@@ -8,7 +8,7 @@
 
 #include <vector>
 
-#include "../group_math.h"
+#include "../pair_math.h"
 #include "../bind.h"
 #include "../launch.h"
 
