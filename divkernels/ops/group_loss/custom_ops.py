@@ -5,8 +5,6 @@ Optional outputs come back empty (0 elements)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from divkernels import reference
@@ -22,7 +20,8 @@ from divkernels.ops.group_loss.launch import fused_forward
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_impl(policy: torch.Tensor, rewards: torch.Tensor, ref: torch.Tensor | None,
+@torch.library.custom_op("divkernels::group_loss_forward", mutates_args=())
+def group_loss_forward_op(policy: torch.Tensor, rewards: torch.Tensor, ref: torch.Tensor | None,
                           emb: torch.Tensor | None, mask: torch.Tensor | None, pair_index: torch.Tensor | None,
                           scores: torch.Tensor | None, weights: torch.Tensor | None, lengths: torch.Tensor | None,
                           nll_logps: torch.Tensor | None, nll_tokens: torch.Tensor | None, config: str,
@@ -41,9 +40,6 @@ def forward_impl(policy: torch.Tensor, rewards: torch.Tensor, ref: torch.Tensor 
     return (loss, metrics, out.stats, totals, out.chosen_counts, out.rejected_counts, out.grad_policy,
             *(policy.new_empty(0, dtype=out.stats.dtype) if state is None else state  # distinct: no aliasing
               for state in (out.sim, out.norms, out.inverse)))
-
-
-group_loss_forward_op = torch.library.custom_op("divkernels::group_loss_forward", mutates_args=())(forward_impl)
 
 
 @group_loss_forward_op.register_fake
@@ -67,7 +63,8 @@ def _(policy, rewards, ref, emb, mask, pair_index, scores, weights, lengths, nll
             new(*(square if store_state and loss_config.needs_logdet else (0,))))
 
 
-def backward_impl(grad_loss: torch.Tensor, grad_sum: torch.Tensor, chosen_counts: torch.Tensor,
+@torch.library.custom_op("divkernels::group_loss_backward", mutates_args=())
+def group_loss_backward_op(grad_loss: torch.Tensor, grad_sum: torch.Tensor, chosen_counts: torch.Tensor,
                            totals: torch.Tensor, emb: torch.Tensor | None, mask: torch.Tensor | None,
                            sim: torch.Tensor | None, norms: torch.Tensor | None, inverse: torch.Tensor | None,
                            config: str, need_policy: bool, need_ref: bool, need_nll: bool,
@@ -79,9 +76,6 @@ def backward_impl(grad_loss: torch.Tensor, grad_sum: torch.Tensor, chosen_counts
                            LossConfig.from_key(config), (need_policy, need_ref, need_nll),
                            (policy_dtype, ref_dtype, nll_dtype), poison_outputs())
     return tuple(grad_sum.new_empty(0) if grad is None else grad for grad in grads)
-
-
-group_loss_backward_op = torch.library.custom_op("divkernels::group_loss_backward", mutates_args=())(backward_impl)
 
 
 @group_loss_backward_op.register_fake
@@ -107,32 +101,26 @@ def _forward_op_setup(ctx, inputs: tuple, output: tuple) -> None:
     ctx.set_materialize_grads(False)  # only the loss is differentiable: no zeros for the other nine outputs
 
 
-def _backward_through(backward: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tuple]:
-    """The forward op's backward, computing its gradients with ``backward`` (the backward op, or its
-    implementation called directly)."""
-
-    def backward_of_forward(ctx, grad_loss: torch.Tensor | None, *_unused: torch.Tensor | None
-                            ) -> tuple[torch.Tensor | None, ...]:
-        if grad_loss is None:  # only another output was used
-            return (None,) * 14
-        grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grads = backward(grad_loss, grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse, ctx.config,
-                         need[0], need[2], need[9], *ctx.dtypes)
-        # an empty gradient is one the op did not need (or of an empty batch, where None means the same zeros)
-        policy, ref, emb_grad, nll = (grad if grad.numel() else None for grad in grads)
-        return policy, None, ref, emb_grad, None, None, None, None, None, nll, None, None, None, None
-
-    return backward_of_forward
+def _forward_op_backward(ctx, grad_loss: torch.Tensor | None, *_unused: torch.Tensor | None
+                         ) -> tuple[torch.Tensor | None, ...]:
+    if grad_loss is None:  # only another output was used
+        return (None,) * 14
+    grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = group_loss_backward_op(grad_loss, grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse,
+                                   ctx.config, need[0], need[2], need[9], *ctx.dtypes)
+    # an empty gradient is one the op did not need (or of an empty batch, where None means the same zeros)
+    policy, ref, emb_grad, nll = (grad if grad.numel() else None for grad in grads)
+    return policy, None, ref, emb_grad, None, None, None, None, None, nll, None, None, None, None
 
 
-group_loss_forward_op.register_autograd(_backward_through(group_loss_backward_op), setup_context=_forward_op_setup)
+group_loss_forward_op.register_autograd(_forward_op_backward, setup_context=_forward_op_setup)
 
 
 class GroupPreferenceLossFunction(torch.autograd.Function):
     """The loss, differentiable w.r.t. the policy, reference and NLL log-probs and emb, for eager calls:
     the custom ops' steps (``fused_forward`` / ``fused_backward``) without the dispatcher, whose
-    wrappers cost ~50-120 us of host time per fused forward + backward (``benchmarks/README.md``). The
+    wrappers cost about 120 us of host time per fused forward + backward (``docs/design.md``). The
     non-differentiable outputs (metrics vector, per-group stats, totals, chosen / rejected counts)
     come back in ``inputs.aux``, outside autograd, which would only record them as constants."""
 
