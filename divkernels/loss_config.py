@@ -134,6 +134,7 @@ class LossConfig:
         return {param.name.upper(): param.value(self, need_logdet, store_state)
                 for param in KERNEL_PARAMS if param.ctype != "double"}
 
+    @cached_property  # read on every Triton forward
     def triton_scalars(self) -> tuple[float, ...]:
         """The real :data:`KERNEL_PARAMS`, in order: the Triton forward's runtime scalars."""
         return tuple(param.value(self, False, False) for param in KERNEL_PARAMS if param.ctype == "double")

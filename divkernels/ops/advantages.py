@@ -29,10 +29,12 @@ from divkernels.ops.logdet import check_factorization, diagonal, fixup_launches,
 from divkernels.ops.partition import closure_steps, group_links, link_launch_arguments, partition_from_links
 from divkernels.ops.similarity import (
     gram_matrix,
-    group_start,
-    load_valid_rows,
     similarity_from_gram,
     unusable_norms,
+)
+from divkernels.ops.tiles import (
+    group_start,
+    load_valid_rows,
 )
 from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES, DARLING_REWARDS
 from divkernels.validation import (

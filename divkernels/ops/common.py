@@ -27,9 +27,9 @@ MIN_BLOCK = 16
 # have rows padded to a multiple of 16 elements (``square_shape``), so rows still load as 16-byte vectors
 # (with rows of stride G the G = 128 logdet forward spilled 48-496 bytes and the fused loss's backward
 # 32-168 on sm_90, Triton 3.9), and ``rows_aligned`` tells a kernel that ``emb``'s rows start on a
-# multiple of 16 elements (``similarity.group_start``), which the unspecialized batch stride no longer says.
+# multiple of 16 elements (``tiles.group_start``), which the unspecialized batch stride no longer says.
 # Elements a row start is aligned to: the kernels' padded [B, G, G] rows, emb's rows when ALIGNED (one
-# declaration for the host and the kernels: similarity.square_stride, similarity.group_start).
+# declaration for the host and the kernels: tiles.square_stride, tiles.group_start).
 ROW_ALIGN = 16
 # Register budget of one program's [BLOCK_G, BLOCK_D] embedding tile (elements): half-precision tiles
 # go to the tensor cores as they are; fp32/fp64 tiles take an IEEE dot on the CUDA cores, whose operand
@@ -75,7 +75,7 @@ def group_block(group: int) -> int:
 
 def padded_row(group: int) -> int:
     """Row stride of the kernels' ``[B, G, G]`` matrices: G rounded up to a multiple of 16 (also for a
-    symbolic G under ``torch.compile``). ``similarity.square_stride`` computes the same in the kernels."""
+    symbolic G under ``torch.compile``). ``tiles.square_stride`` computes the same in the kernels."""
     return (group + ROW_ALIGN - 1) // ROW_ALIGN * ROW_ALIGN
 
 

@@ -42,12 +42,14 @@ from divkernels.ops.common import (
 from divkernels.ops.similarity import (
     default_gamma,
     gram_matrix,
-    group_start,
-    load_square_transposed,
-    load_valid_rows,
     similarity_backward,
     similarity_backward_op,
     similarity_from_gram,
+)
+from divkernels.ops.tiles import (
+    group_start,
+    load_square_transposed,
+    load_valid_rows,
     square_at,
     store_square,
 )

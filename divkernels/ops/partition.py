@@ -28,10 +28,12 @@ from divkernels.ops.common import (
 )
 from divkernels.ops.similarity import (
     gram_matrix,
-    group_start,
-    load_valid_rows,
     similarity_from_gram,
     unusable_norms,
+)
+from divkernels.ops.tiles import (
+    group_start,
+    load_valid_rows,
 )
 from divkernels.validation import (
     DataChecks,

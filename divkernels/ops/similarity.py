@@ -45,9 +45,8 @@ from divkernels.ops.common import (
     triton,
     triton_dtype,
 )
-from divkernels.ops.tiles import (  # noqa: F401  (other ops take the tile helpers from here)
+from divkernels.ops.tiles import (
     group_start,
-    load_square_transposed,
     load_valid,
     load_valid_rows,
     square_at,

@@ -25,7 +25,12 @@ from divkernels.ops.common import (
     triton_dtype,
 )
 from divkernels.ops.group_loss.pair_math import COL_NLL_TOKENS, COL_PAIRS, COL_WEIGHT_SUM
-from divkernels.ops.similarity import emb_backward, load_valid_rows
+from divkernels.ops.similarity import (
+    emb_backward,
+)
+from divkernels.ops.tiles import (
+    load_valid_rows,
+)
 
 
 @triton.jit(do_not_specialize=["G", "stride_eb"])  # sizes that vary over a run: common.py

@@ -13,12 +13,14 @@ from divkernels.ops.group_loss.pair_math import at_rows, rows_of
 from divkernels.ops.logdet import SIM_BEFORE_SWEEP, diagonal, logdet_and_inverse
 from divkernels.ops.similarity import (
     gram_matrix,
-    group_start,
     similarity_from_gram,
+    unusable_norms,
+)
+from divkernels.ops.tiles import (
+    group_start,
     square_at,
     square_stride,
     store_square,
-    unusable_norms,
 )
 
 

@@ -51,7 +51,10 @@ from divkernels.ops.group_loss.pair_math import (
     rows_of,
     softplus,
 )
-from divkernels.ops.similarity import load_valid_rows, square_at
+from divkernels.ops.tiles import (
+    load_valid_rows,
+    square_at,
+)
 
 
 @triton.jit

@@ -58,7 +58,7 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
     buffers = (out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse)
     strides = emb.stride() if emb is not None else (0, 0, 0)
     sizes = (group, dim, 0 if pair_index is None else pair_index.shape[1], *strides)
-    scalars = config.triton_scalars()
+    scalars = config.triton_scalars
     logdet = None
     if constants["DIVERSITY_STORED"]:  # the first launch of a split forward: the similarity or logdet forward
         sim, norms, inverse = buffers[3:]
