@@ -89,6 +89,8 @@ def _encode(value: object) -> object:
         return {"tensor": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
     if type(value).__name__ == "dtype" and type(value).__module__.startswith("triton"):
         return {"tl_dtype": value.name}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a constexpr namedtuple (the fused loss's MODE)
+        return {"namedtuple": f"{type(value).__module__}:{type(value).__name__}", "values": list(value)}
     return value
 
 

@@ -33,13 +33,16 @@ from triton.runtime.jit import create_function_from_signature
 
 def decode(value: object) -> object:
     """A recorded argument back as the launch had it: a small CPU tensor of the dtype and alignment
-    (the binder reads only ``dtype`` and ``data_ptr()``), a Triton dtype, or the plain value."""
+    (the binder reads only ``dtype`` and ``data_ptr()``), a Triton dtype, a namedtuple, or the plain value."""
     if isinstance(value, dict) and "tensor" in value:
         dtype = getattr(torch, value["tensor"])
         storage = torch.empty(16, dtype=dtype)
         return storage if value["aligned"] else storage[1:]
     if isinstance(value, dict) and "tl_dtype" in value:
         return tl.dtype(value["tl_dtype"])
+    if isinstance(value, dict) and "namedtuple" in value:
+        module, name = value["namedtuple"].split(":")
+        return getattr(importlib.import_module(module), name)(*value["values"])
     return value
 
 

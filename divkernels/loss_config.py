@@ -11,8 +11,11 @@ and ``tests/test_loss_config.py`` regenerates the header and compares.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
+import textwrap
+from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import cached_property
@@ -55,21 +58,34 @@ def option(default: object = None, *, choices: tuple[str, ...] | None = None, lo
 class LossConfig:
     """The non-tensor arguments of the fused loss (hashable, passed through autograd)."""
 
-    loss: str = option(choices=LOSSES, doc="pair loss")
-    diversity: str = option(choices=DIVERSITIES, doc="pair weight")
-    pairs: str = option(choices=PAIR_MODES, doc="pair selection")
-    beta: float = option(low=0.0, low_open=True, doc="DPO / IPO / SimPO temperature")
-    orpo_lambda: float = option(low=0.0, doc="weight of ORPO's odds-ratio term")
-    simpo_gamma: float = option(doc="SimPO target margin")
-    deviation_norm: str = option(choices=DEVIATION_NORMS, doc="normalization of deviation weights")
-    min_deviation: float = option(low=0.0, doc="floor on deviation weights")
-    diversity_alpha: float = option(low=0.0, doc="weight of the -mean logdet regularizer")
-    eps: float = option(low=0.0, low_open=True, doc="ridge of K = S + eps I")
-    quality_quantile: float = option(low=0.0, high=1.0, low_open=True, high_open=True, doc="DivPO's pool share")
-    orpo_weighting: str = option("dorpo", choices=ORPO_WEIGHTINGS, doc="where ORPO's diversity weight goes")
-    divpo_pools: str = option("ranked", choices=DIVPO_POOLS, doc="DivPO's pools")
+    loss: str = option("dpo", choices=LOSSES, doc='``"dpo"`` (TRL\'s sigmoid), ``"ipo"``, ``"orpo"`` or ``"simpo"``.')
+    diversity: str = option("none", choices=DIVERSITIES, doc=(
+        'pair weight ``"none"`` (1), ``"deviation"`` (DDPO/DORPO) or ``"logdet_gain"`` (``1 / (K^{-1})_ii`` '
+        "normalized to mean 1, our DQO-style variant)."))
+    pairs: str = option("all", choices=PAIR_MODES, doc=(
+        '``"all"`` (every ``r_i > r_j``), ``"best_worst"``, ``"divpo"`` or ``"explicit"`` (``pair_index``).'))
+    beta: float = option(0.1, low=0.0, low_open=True, doc="DPO / IPO / SimPO temperature.")
+    orpo_lambda: float = option(0.1, low=0.0, doc="weight of ORPO's odds-ratio term (TRL's ORPO ``beta``).")
+    simpo_gamma: float = option(0.5, doc="SimPO target margin.")
+    deviation_norm: str = option("minmax", choices=DEVIATION_NORMS, doc=(
+        '``"minmax"`` (DDPO/DORPO: ``(d - d_min) / (mean d - d_min)``, 1 for equal deviations), ``"mean"`` '
+        '(ours: ``d / mean d``) or ``"none"`` (raw deviation).'))
+    min_deviation: float = option(0.0, low=0.0, doc="floor on deviation weights.")
+    diversity_alpha: float = option(0.0, low=0.0, doc="weight of the ``-mean_b logdet_b`` regularizer (0: none).")
+    eps: float = option(reference.DQO_EPS, low=0.0, low_open=True, doc="ridge of ``K = S + eps I`` (DQO: 1).")
+    quality_quantile: float = option(0.25, low=0.0, high=1.0, low_open=True, high_open=True, doc=(
+        "DivPO's pool share ``q``: the top and bottom ``floor(q n)`` responses by reward (``divpo_pools="
+        '"ranked"``, default 0.25 as the authors\' ``rho=25``), or the chosen pool\'s share above a quantile '
+        'threshold (``"threshold"``, ours).'))
+    orpo_weighting: str = option("dorpo", choices=ORPO_WEIGHTINGS, doc=(
+        '``"dorpo"`` (the authors\' DORPO) or ``"pair"`` (ours: ``w_i`` multiplies each pair\'s whole ORPO '
+        "loss, NLL included)."))
+    divpo_pools: str = option("ranked", choices=DIVPO_POOLS, doc=(
+        '``"ranked"`` (DivPO; diversity measured within each pool) or ``"threshold"`` (ours: rewards at or '
+        "above the ``1 - q`` quantile against all the rest, deviation over the whole group)."))
     given_weights: bool = option(False, public=False, doc="weights given by the caller")
-    cpo_alpha: float = option(0.0, low=0.0, doc="weight of CPO's NLL term")
+    cpo_alpha: float = option(0.0, low=0.0, doc=(
+        "weight of the NLL term for dpo/ipo/simpo (TRL's CPOTrainer ``cpo_alpha``)."))
     check_inputs: bool = option(False, public=False, doc="the forward kernel runs the data checks")
     needs_two: bool = option(False, public=False, doc="the data checks require two valid responses per group")
     kernel_backend: str = option("triton", public=False, doc='"triton" or "cuda"')
@@ -129,14 +145,16 @@ class LossConfig:
         """The :data:`KERNEL_PARAMS` of one launch, in order: the CUDA extension's packed ``LossParams``."""
         return tuple(float(param.value(self, need_logdet, store_state)) for param in KERNEL_PARAMS)
 
-    def triton_constants(self, need_logdet: bool, store_state: bool) -> dict[str, object]:
-        """The integer and flag :data:`KERNEL_PARAMS` as the Triton forward's constexprs (upper case)."""
-        return {param.name.upper(): param.value(self, need_logdet, store_state)
-                for param in KERNEL_PARAMS if param.ctype != "double"}
+    def kernel_mode(self, need_logdet: bool, store_state: bool) -> KernelMode:
+        """The integer and flag :data:`KERNEL_PARAMS`: the Triton kernels' one constexpr ``MODE``
+        (a stage reads ``MODE.pairs``, ``MODE.divpo_ranked``, ...)."""
+        return KernelMode(*(param.value(self, need_logdet, store_state) for param in KERNEL_PARAMS
+                            if param.ctype != "double"))
 
     @cached_property  # read on every Triton forward
     def triton_scalars(self) -> tuple[float, ...]:
-        """The real :data:`KERNEL_PARAMS`, in order: the Triton forward's runtime scalars."""
+        """The real :data:`KERNEL_PARAMS`, in :data:`SCALARS` order: the Triton kernels' float64 scalar
+        table, which a stage reads at ``scalar_slot(name)``."""
         return tuple(param.value(self, False, False) for param in KERNEL_PARAMS if param.ctype == "double")
 
 
@@ -144,6 +162,34 @@ class LossConfig:
 # torch.compile traces as constants.
 FIELD_NAMES = tuple(item.name for item in fields(LossConfig))
 PUBLIC_OPTIONS = tuple((item.name, dict(item.metadata)) for item in fields(LossConfig) if item.metadata["public"])
+PUBLIC_DEFAULTS = {item.name: item.default for item in fields(LossConfig) if item.metadata["public"]}
+
+
+def with_defaults(given: dict[str, object], function: str = "group_preference_loss") -> dict[str, object]:
+    """The options a caller gave, with the declared defaults for the others; an unknown name is a
+    TypeError, as Python raises for an unknown keyword."""
+    for name in given:
+        if name not in PUBLIC_DEFAULTS:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
+    return {**PUBLIC_DEFAULTS, **given}
+
+
+def takes_loss_options(function: Callable) -> Callable:
+    """Give ``function`` (which takes the options as ``**options``) the declared options as keyword-only
+    parameters of its signature, with their defaults, before its other keyword-only ones (what ``help``
+    and ``inspect.signature`` show), and their docs in its docstring where it says ``{options}``."""
+    signature = inspect.signature(function)
+    hints = {item.name: item.type for item in fields(LossConfig)}
+    declared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=PUBLIC_DEFAULTS[name],
+                                  annotation=hints[name]) for name, _ in PUBLIC_OPTIONS]
+    kept = [param for param in signature.parameters.values() if param.kind != inspect.Parameter.VAR_KEYWORD]
+    first_keyword = next(i for i, param in enumerate(kept) if param.kind == inspect.Parameter.KEYWORD_ONLY)
+    function.__signature__ = signature.replace(parameters=kept[:first_keyword] + declared + kept[first_keyword:])
+    indent = " " * 8
+    docs = "\n".join(textwrap.fill(f"{name}: {meta['doc']}", width=100, initial_indent=indent,
+                                   subsequent_indent=indent + "    ") for name, meta in PUBLIC_OPTIONS)
+    function.__doc__ = (function.__doc__ or "").replace("{options}", docs.lstrip())
+    return function
 
 
 @dataclass(frozen=True)
@@ -174,6 +220,17 @@ KERNEL_PARAMS = (
     KernelParam("eps", "double", lambda c, *_: c.eps),
     KernelParam("quality_quantile", "double", lambda c, *_: c.quality_quantile),
 )
+# The Triton kernels take the ints and flags as one constexpr namedtuple and the reals as one float64
+# table (a pointer): a kernel signature names no option, only the stage that uses one does.
+KernelMode = namedtuple("KernelMode", [param.name for param in KERNEL_PARAMS if param.ctype != "double"])
+SCALARS = tuple(param.name for param in KERNEL_PARAMS if param.ctype == "double")
+
+
+def scalar_slot(name: str) -> int:
+    """Index of the real parameter ``name`` in the Triton kernels' scalar table."""
+    return SCALARS.index(name)
+
+
 # The CUDA forward's tensors, in its argument order (LossTensors' names; pair_index arrives as the
 # [B, G, G] pair counts). The optional ones set LossParams' has_<name> flags.
 CUDA_INPUTS = ("policy", "rewards", "ref", "emb", "mask", "counts", "scores", "weights", "lengths", "nll_logps",

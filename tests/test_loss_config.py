@@ -104,3 +104,43 @@ def test_config_modes_index_the_python_names() -> None:
     config = LossConfig("simpo", "logdet_gain", "divpo", 0.1, 0.1, 0.5, "none", 0.0, 0.1, 1.0, 0.25)
     assert (config.loss_mode, config.pair_mode, config.weight_mode, config.norm_mode) == (3, 2, 2, 2)
     assert LossConfig.from_key(config.key) == config and hash(LossConfig.from_key(config.key)) == hash(config)
+
+
+def test_public_options_come_from_the_declaration() -> None:
+    """``group_preference_loss`` names no option: its signature lists each declared option with the
+    declared default, which is the reference's (the spec) default too; an unknown one is a TypeError."""
+    import inspect
+
+    import divkernels
+
+    public = inspect.signature(divkernels.group_preference_loss).parameters
+    spec = inspect.signature(reference.group_preference_loss).parameters
+    for name, _ in PUBLIC_OPTIONS:
+        assert public[name].kind == inspect.Parameter.KEYWORD_ONLY, name
+        assert public[name].default == spec[name].default, name
+        assert f"{name}: " in divkernels.group_preference_loss.__doc__, name
+    assert "{options}" not in divkernels.group_preference_loss.__doc__
+    policy, rewards = torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])
+    with pytest.raises(TypeError, match="'qualty_quantile'"):
+        divkernels.group_preference_loss(policy, rewards, pairs="divpo", qualty_quantile=0.5)
+    got = divkernels.group_preference_loss(policy - 1.0, rewards, backend="reference", beta=2.0).loss
+    assert got.item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(0.0)).item())
+
+
+def test_kernel_mode_and_scalar_table_follow_the_parameters() -> None:
+    """The Triton kernels' constexpr ``MODE`` holds the ints and flags and the scalar table the reals,
+    each in KERNEL_PARAMS' order (what the CUDA extension receives packed)."""
+    from divkernels.loss_config import KERNEL_PARAMS, SCALARS, scalar_slot
+
+    config = LossConfig(loss="orpo", diversity="deviation", pairs="divpo", beta=0.3, orpo_lambda=0.2,
+                        simpo_gamma=0.7, deviation_norm="mean", min_deviation=0.05, diversity_alpha=0.0, eps=0.5,
+                        quality_quantile=0.4, divpo_pools="threshold")
+    packed = config.kernel_values(True, False)
+    mode = config.kernel_mode(True, False)
+    for index, param in enumerate(KERNEL_PARAMS):
+        if param.ctype == "double":
+            assert config.triton_scalars[scalar_slot(param.name)] == packed[index], param.name
+        else:
+            assert float(getattr(mode, param.name)) == packed[index], param.name
+    assert len(mode) + len(SCALARS) == len(KERNEL_PARAMS)
+    assert (mode.loss, mode.pairs, mode.divpo_ranked, mode.need_logdet) == (2, 2, False, True)

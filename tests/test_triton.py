@@ -305,7 +305,7 @@ def test_fp64_retry_rescues_a_group_fp32_cannot_factor(dtype: torch.dtype) -> No
     sweep's NaN flags that group and the fix-up launch sweeps it again in fp64 (the logdet op's from
     the stored S); the other groups keep their fp32 result. The same for the DQO gains inside the
     advantages kernel, whose fix-up builds the Gram from bf16 ``emb`` on the float32 path
-    (advantages.fixup_gram). Every value here is exact in bf16."""
+    (``fixup.fixup_gram``). Every value here is exact in bf16."""
     emb = torch.zeros(3, 2, 4, device=DEVICE, dtype=dtype)
     emb[0, :, 0] = 1.0  # exact duplicates: S = [[1, 1], [1, 1]] exactly
     emb[1, 0, 0] = 1.0

@@ -105,21 +105,23 @@ def launch_spill_allowed(launch: dict, spill: int) -> bool:
 
 
 def fixup_block_d(extra: str) -> int:
-    """``group_loss.fixup_fp32_block_d()`` under the Triton in ``extra`` (the narrowest float32 dot)."""
+    """``fixup.narrowest_fp32_dot()`` under the Triton in ``extra``."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra, str(Path(__file__).resolve().parents[1]),
                                                       env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", "from divkernels.ops import group_loss; "
-                             "print(group_loss.fixup_fp32_block_d())"], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", "from divkernels.ops import fixup; "
+                             "print(fixup.narrowest_fp32_dot())"], env=env, capture_output=True, text=True,
                             check=True)
     return int(result.stdout.split()[-1])
 
 
 def with_fixup_block_d(launch: dict, block_d: int) -> dict:
-    """``launch`` as the installed divkernels would make it under another Triton: the fused loss's fix-up
-    kernel takes float32 ``emb`` in slices that Triton's ``tl.dot`` accepts (8 columns from 3.7, 16 before)."""
+    """``launch`` as the installed divkernels would make it under another Triton: a float64 fix-up pass that
+    builds a Gram (the fused loss's fix-up kernel, the advantages kernel's second launch) reads ``emb`` in
+    slices that Triton's float32 ``tl.dot`` accepts (``fixup.fixup_gram``: 8 columns from 3.7, 16 before)."""
     kwargs = launch["kwargs"]
-    if launch["name"] != FIXUP_KERNEL or kwargs.get("PRECISION") != "ieee":
+    fixup_gram = launch["name"] == FIXUP_KERNEL or (launch["name"] == "_advantages_kernel" and kwargs.get("FIXUP"))
+    if not fixup_gram or kwargs.get("PRECISION") != "ieee":
         return launch
     return {**launch, "kwargs": {**kwargs, "BLOCK_D": block_d}}
 

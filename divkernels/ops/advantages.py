@@ -17,7 +17,6 @@ from divkernels.ops.common import (
     any_bad,
     as_acc,
     contiguous,
-    embedding_block,
     new_output,
     num_warps_for,
     tl,
@@ -25,7 +24,8 @@ from divkernels.ops.common import (
     triton_dtype,
 )
 from divkernels.ops.deviation import deviation_from_similarity
-from divkernels.ops.logdet import check_factorization, diagonal, fixup_launches, logdet_and_inverse
+from divkernels.ops.fixup import fixup_gram, fixup_launches, sweep_failed
+from divkernels.ops.logdet import check_factorization, diagonal, logdet_and_inverse
 from divkernels.ops.partition import closure_steps, group_links, link_launch_arguments, partition_from_links
 from divkernels.ops.similarity import (
     gram_matrix,
@@ -74,9 +74,8 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
     inside = offs < G
-    if FIXUP:
-        first = tl.load(out_ptr + b * G + offs, mask=inside, other=0.0)
-        if tl.sum(tl.where(first == first, 0, 1), axis=0) == 0:
+    if FIXUP:  # divkernels.ops.fixup: a NaN among the first launch's advantages
+        if not sweep_failed(tl.sum(tl.load(out_ptr + b * G + offs, mask=inside, other=0.0), axis=0)):
             return
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     rewards = tl.load(rewards_ptr + b * G + offs, mask=valid, other=0.0).to(OUT)
@@ -139,7 +138,7 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
                        scale: str, min_diversity: float, transitive: bool,
                        darling_reward: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages [B, G], bad [B])`` in one launch (two for darling with min-max rewards, and for dqo in
-    float32: the float64 fix-up of ``logdet.fixup_launches``)."""
+    float32: the float64 fix-up of :mod:`divkernels.ops.fixup`)."""
     batch, group = rewards.shape
     out_dtype = reference.compute_dtype(rewards.dtype)
     (emb, labels, dim, *strides), flags, acc = link_launch_arguments(
@@ -155,23 +154,12 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
                      OUT=triton_dtype(out_dtype), num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
     if two_phase:
         launches = ((1, False), (2, False))
-    else:  # dqo sweeps K: fp32 groups whose sweep fails go again in float64 (logdet.fixup_launches)
+    else:  # dqo sweeps K: fp32 groups whose sweep fails go again in float64 (ops/fixup.py)
         launches = [(0, fixup) for fixup in (fixup_launches(acc) if diversity == "dqo" else (False,))]
     for phase, fixup in launches:
         _advantages_kernel[(batch,)](*arguments, PHASE=phase, FIXUP=fixup,
-                                     **{**constants, **fixup_gram(fixup, flags, dim)})
+                                     **{**constants, **(fixup_gram() if fixup else {})})
     return out, bad
-
-
-def fixup_gram(fixup: bool, flags: dict[str, object], dim: int) -> dict[str, object]:
-    """How the float64 fix-up launch builds the Gram matrix: from bf16/fp16 ``emb`` upcast to float32 in
-    float32-wide slices (IEEE dot), not on the tensor cores. Its products are exact either way (8/11-bit
-    mantissas); at G = 128 the tensor-core operand tiles next to the float64 sweep spilled 160 bytes on
-    sm_90, the float32 path none (benchmarks/README.md). The fix-up runs rarely, so its speed does not
-    matter."""
-    if not fixup or flags["PRECISION"] != "native":
-        return {}
-    return {"PRECISION": "ieee", "BLOCK_D": embedding_block(flags["BLOCK_G"], dim, torch.float32)}
 
 
 @torch.library.custom_op("divkernels::group_advantages", mutates_args=())

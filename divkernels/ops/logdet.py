@@ -5,10 +5,11 @@ Gauss-Jordan sweep of ``K`` in registers. Without pivoting on an SPD matrix the 
 the ``d_k`` of ``K = L D L^T`` (``d_k = L_kk^2`` of the Cholesky factor), so
 ``logdet = sum_k log d_k``, and the swept matrix is ``K^{-1}``; the gains
 ``-log (K^{-1})_ii`` follow. A non-positive pivot (``K`` numerically indefinite in fp32) makes the
-group's logdet NaN, and a second launch of the same kernel (``FIXUP``) sweeps exactly those groups
-again in fp64, from the ``S`` the first launch stored, while every other program returns at once;
-if that fails too, its logdet and inverse stay NaN. No host sync either way, and the fp64 tile
-never occupies the first launch's registers (two launches forward in fp32, one in fp64).
+group's logdet NaN, and a second launch of the same kernel (``FIXUP``, :mod:`divkernels.ops.fixup`)
+sweeps exactly those groups again in fp64, from the ``S`` the first launch stored, while every
+other program returns at once; if that fails too, its logdet and inverse stay NaN. No host sync
+either way, and the fp64 tile never occupies the first launch's registers (two launches forward in
+fp32, one in fp64).
 
 Backward: ``d logdet / dK = K^{-1}`` and ``d gain_i / dK = k_i k_i^T / (K^{-1})_ii`` (``k_i`` the
 i-th column of ``K^{-1}``), so ``dL/dS = g K^{-1} + K^{-1} diag(g_gain / diag K^{-1}) K^{-1}``,
@@ -39,6 +40,7 @@ from divkernels.ops.common import (
     triton,
     triton_dtype,
 )
+from divkernels.ops.fixup import fixup_launches, sweep_failed
 from divkernels.ops.similarity import (
     default_gamma,
     gram_matrix,
@@ -97,8 +99,7 @@ def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, FP64: tl.const
     """``(log det K, K^{-1})`` of ``K = S + eps I`` on the valid rows, NaN if K cannot be swept: a pivot at
     or under ``reference.pivot_floor`` (too few correct bits in the sweep's dtype).
 
-    ``FP64``: sweep in float64 (the fix-ups: :func:`fixup_launches`, the fused loss's finalize
-    kernel), results in ``sim``'s dtype.
+    ``FP64``: sweep in float64 (the second pass of :mod:`divkernels.ops.fixup`), results in ``sim``'s dtype.
     """
     offs = tl.arange(0, BLOCK_G)
     ridge = tl.where((offs[:, None] == offs[None, :]) & valid[:, None], eps, 0.0)
@@ -115,15 +116,6 @@ def logdet_and_inverse(sim, valid, eps, G, BLOCK_G: tl.constexpr, FP64: tl.const
     logdet = tl.where(bad_pivots > 0, float("nan"), logdet)
     inverse = tl.where(bad_pivots > 0, float("nan"), inverse)
     return logdet, inverse
-
-
-def fixup_launches(acc: torch.dtype) -> tuple[bool, ...]:
-    """``FIXUP`` of each launch of a kernel that sweeps ``K``: ``(False,)`` in float64; ``(False, True)``
-    in float32, where a second launch of the same kernel sweeps again in float64 only the groups whose
-    fp32 sweep failed (their logdet is NaN: a device-side flag, no host sync) and returns at once
-    for every other group. Keeping the float64 sweep out of the first launch keeps its tile out of
-    the hot kernel's registers."""
-    return (False, True) if acc == torch.float32 else (False,)
 
 
 @triton.jit
@@ -147,8 +139,7 @@ def _logdet_forward_kernel(emb_ptr, mask_ptr, logdet_ptr, gains_ptr, inverse_ptr
     offs = tl.arange(0, BLOCK_G)
     early = BLOCK_G >= SIM_BEFORE_SWEEP
     if FIXUP:  # the first launch stored S and the norms; sweep S again, only where that sweep failed
-        first = tl.load(logdet_ptr + b)
-        if first == first:
+        if not sweep_failed(tl.load(logdet_ptr + b)):
             return
         sim = load_square_transposed(square_at(sim_ptr, b, G), G, BLOCK_G)
         # valid after S: read first, one word of it sat in local memory through the sweep (G = 128, sm_90)
@@ -191,8 +182,8 @@ def launch_forward(emb: torch.Tensor, mask: torch.Tensor | None, eps: float, ker
                    outputs: tuple[torch.Tensor, ...], fixup: bool, acc: torch.dtype | None = None) -> None:
     """One launch of the forward kernel, one program per group, into ``outputs = (logdet [B],
     gains [B, G], K^-1, S, norms [B, G])`` (accumulation dtype, contiguous, ``K^-1`` and ``S`` of
-    ``common.square_shape``); ``fixup``: the
-    float64 pass of :func:`fixup_launches`; ``acc``: another accumulation dtype (the fused loss's split
+    ``common.square_shape``); ``fixup``: the float64 pass (:mod:`divkernels.ops.fixup`); ``acc``: another
+    accumulation dtype (the fused loss's split
     forward launches it too, in float64 when its log-probs are float64)."""
     batch, group, dim = emb.shape
     block_g = group_block(group)

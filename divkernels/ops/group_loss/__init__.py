@@ -50,8 +50,6 @@ from divkernels.ops.group_loss.launch import (
     SPLIT_FORWARD_FROM,
     _fixup_constants,
     _forward_constants,
-    fixup_fp32_block_d,
-    fixup_options,
     fused_forward,
     pair_rows,
     split_forward,
@@ -60,7 +58,7 @@ from divkernels.ops.group_loss.launch import (
 
 __all__ = [
     "CHECK_MESSAGES", "CHECK_ORDER", "FORWARDS", "SPLIT_FORWARD_FROM", "GroupPreferenceLossFunction",
-    "_backward_constants", "_fixup_constants", "_forward_constants", "finalize", "fixup_fp32_block_d",
-    "fixup_options", "fused_backward", "fused_forward", "group_loss_backward_op", "group_loss_forward_op",
-    "group_preference_loss", "metric_names", "pair_rows", "raise_kernel_checks", "split_forward", "triton_forward",
+    "_backward_constants", "_fixup_constants", "_forward_constants", "finalize", "fused_backward", "fused_forward",
+    "group_loss_backward_op", "group_loss_forward_op", "group_preference_loss", "metric_names", "pair_rows",
+    "raise_kernel_checks", "split_forward", "triton_forward",
 ]

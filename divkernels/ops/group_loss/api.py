@@ -11,7 +11,7 @@ import torch
 from divkernels import reference
 from divkernels.backend import backend_unavailable_reason, resolve_backend
 from divkernels.backends import cuda as cuda_backend
-from divkernels.loss_config import FIELD_NAMES, METRIC, STAT, LossConfig, LossTensors
+from divkernels.loss_config import FIELD_NAMES, METRIC, STAT, LossConfig, LossTensors, takes_loss_options, with_defaults
 from divkernels.ops.common import accumulation_dtype, contiguous, poison_outputs
 from divkernels.ops.deviation import deviation
 from divkernels.ops.group_loss.checks import (
@@ -158,6 +158,7 @@ def _check_kernel_outputs(checks: DataChecks, output: LossOutput, stats: torch.T
 
 
 
+@takes_loss_options
 def group_preference_loss(
     policy_logps: torch.Tensor,
     rewards: torch.Tensor,
@@ -165,28 +166,15 @@ def group_preference_loss(
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     *,
-    loss: str = "dpo",
-    diversity: str = "none",
-    pairs: str = "all",
     pair_index: torch.Tensor | None = None,
-    beta: float = 0.1,
-    orpo_lambda: float = 0.1,
-    simpo_gamma: float = 0.5,
-    deviation_norm: str = "minmax",
-    min_deviation: float = 0.0,
-    orpo_weighting: str = "dorpo",
-    diversity_alpha: float = 0.0,
-    eps: float = reference.DQO_EPS,
-    quality_quantile: float = 0.25,
-    divpo_pools: str = "ranked",
     divpo_scores: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     token_counts: torch.Tensor | None = None,
     nll_logps: torch.Tensor | None = None,
     nll_tokens: torch.Tensor | None = None,
-    cpo_alpha: float = 0.0,
     check_inputs: bool = True,
     backend: str = "auto",
+    **options: object,
 ) -> LossOutput:
     """Preference loss over a batch of response groups, with diversity-weighted pairs.
 
@@ -211,27 +199,8 @@ def group_preference_loss(
         ref_logps: ``[B, G]`` reference-model log-probs for dpo/ipo; None means reference-free
             (0). orpo and simpo do not use it.
         mask: ``[B, G]`` bool, True for real responses; None means all real.
-        loss: ``"dpo"`` (TRL's sigmoid), ``"ipo"``, ``"orpo"`` or ``"simpo"``.
-        diversity: pair weight ``"none"`` (1), ``"deviation"`` (DDPO/DORPO) or ``"logdet_gain"``
-            (``1 / (K^{-1})_ii`` normalized to mean 1, our DQO-style variant).
-        pairs: ``"all"`` (every ``r_i > r_j``), ``"best_worst"``, ``"divpo"`` or ``"explicit"``.
-        pair_index: ``[B, P, 2]`` integer (chosen, rejected) indices for explicit pairs;
+        pair_index: ``[B, P, 2]`` integer (chosen, rejected) indices for ``pairs="explicit"``;
             ``(-1, -1)`` rows are padding.
-        beta: DPO/IPO/SimPO temperature. orpo_lambda: weight of ORPO's odds-ratio term (TRL's
-            ORPO ``beta``). simpo_gamma: SimPO target margin.
-        deviation_norm: ``"minmax"`` (DDPO/DORPO: ``(d - d_min) / (mean d - d_min)``, 1 for equal
-            deviations), ``"mean"`` (ours: ``d / mean d``) or ``"none"`` (raw deviation).
-        min_deviation: floor on deviation weights.
-        orpo_weighting: ``"dorpo"`` (the authors' DORPO) or ``"pair"`` (ours: ``w_i`` multiplies each
-            pair's whole ORPO loss, NLL included).
-        diversity_alpha: weight of the ``-mean_b logdet_b`` regularizer (0 disables it).
-        eps: ridge of ``K = S + eps I`` (DQO: 1).
-        quality_quantile: DivPO's pool share ``q``: the top and bottom ``floor(q n)`` responses by
-            reward (``divpo_pools="ranked"``, default 0.25 as the authors' ``rho=25``), or the
-            chosen pool's share above a quantile threshold (``"threshold"``, ours).
-        divpo_pools: ``"ranked"`` (DivPO; diversity measured within each pool) or ``"threshold"``
-            (ours: rewards at or above the ``1 - q`` quantile against all the rest, deviation over
-            the whole group).
         divpo_scores: ``[B, G]`` diversity scores for DivPO instead of deviation (e.g.
             ``-policy_logps``, DivPO's "model probability" criterion).
         weights: ``[B, G]`` weights of the chosen responses to use as given (constants), instead of
@@ -241,18 +210,17 @@ def group_preference_loss(
         nll_logps: ``[B, G]`` summed log-probs of every predicted token of each sequence, prompt
             included (TRL's ORPO/CPO NLL is over prompt and completion); differentiable.
         nll_tokens: ``[B, G]`` the number of those tokens, > 0.
-        cpo_alpha: weight of the NLL term for dpo/ipo/simpo (TRL's CPOTrainer ``cpo_alpha``).
         check_inputs: NaN/inf, group-size and pair-index checks (one host sync); False skips.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Options (keyword-only; declared in :class:`divkernels.loss_config.LossConfig`):
+        {options}
 
     Returns:
         :class:`LossOutput`: ``.loss`` scalar (float32, float64 for float64 logps),
         ``.metrics`` and ``.logdet`` (``[B]`` when computed).
     """
-    options = dict(loss=loss, diversity=diversity, pairs=pairs, beta=beta, orpo_lambda=orpo_lambda,
-                   simpo_gamma=simpo_gamma, deviation_norm=deviation_norm, min_deviation=min_deviation,
-                   orpo_weighting=orpo_weighting, diversity_alpha=diversity_alpha, eps=eps,
-                   quality_quantile=quality_quantile, divpo_pools=divpo_pools, cpo_alpha=cpo_alpha, backend=backend)
+    options = {**with_defaults(options), "backend": backend}
     extras = {"divpo_scores": divpo_scores, "weights": weights, "token_counts": token_counts,
               "nll_logps": nll_logps, "nll_tokens": nll_tokens}
     if torch.compiler.is_compiling():
@@ -261,4 +229,3 @@ def group_preference_loss(
     else:
         args = _checked_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index, extras, options)
     return _run(args, options, check_inputs)
-

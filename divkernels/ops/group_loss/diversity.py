@@ -7,9 +7,10 @@ of a split forward (:func:`divkernels.ops.group_loss.launch.split_forward`), rea
 
 from __future__ import annotations
 
+from divkernels.loss_config import scalar_slot
 from divkernels.ops.common import tl, triton
 from divkernels.ops.deviation import deviation_from_row_sums, deviation_from_similarity
-from divkernels.ops.group_loss.pair_math import at_rows, rows_of
+from divkernels.ops.group_loss.pair_math import at_rows, rows_of, scalar
 from divkernels.ops.logdet import SIM_BEFORE_SWEEP, diagonal, logdet_and_inverse
 from divkernels.ops.similarity import (
     gram_matrix,
@@ -22,6 +23,8 @@ from divkernels.ops.tiles import (
     square_stride,
     store_square,
 )
+
+EPS = tl.constexpr(scalar_slot("eps"))  # the ridge of K = S + eps I, in the scalar table
 
 
 @triton.jit
@@ -74,9 +77,8 @@ def stored_row_sums(sim_ptr, columns, valid, G, BLOCK_G: tl.constexpr, PAIR_ROWS
 
 @triton.jit
 def group_diversity(
-    b, emb_ptr, sim_ptr, norms_ptr, inverse_ptr, logdet_ptr, valid, G, D, stride_b, stride_g, stride_d, eps,
-    PAIRS: tl.constexpr, DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, NEED_LOGDET: tl.constexpr,
-    STORE_STATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    b, emb_ptr, sim_ptr, norms_ptr, inverse_ptr, logdet_ptr, valid, G, D, stride_b, stride_g, stride_d, params_ptr,
+    MODE: tl.constexpr, HAS_EMB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, PAIR_ROWS: tl.constexpr, SWEEP_FP64: tl.constexpr, DIVERSITY_STORED: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
@@ -98,7 +100,7 @@ def group_diversity(
         dev = deviation_from_row_sums(row_sums, valid)
         norms = tl.load(norms_ptr + b * G + offs, mask=offs < G, other=1.0)
         mean_similarity, has_similarity, emb_nonfinite = similarity_metrics(valid, norms, off_diagonal, ACC)
-        if NEED_LOGDET:
+        if MODE.need_logdet:
             logdet = tl.load(logdet_ptr + b)
             residual = 1.0 / tl.load(square_at(inverse_ptr, b, G) + offs * (square_stride(G) + 1), mask=offs < G,
                                      other=1.0)
@@ -106,16 +108,16 @@ def group_diversity(
         sim, norms, dev, mean_similarity, has_similarity, emb_nonfinite = group_similarity(
             b, emb_ptr, valid, D, stride_b, stride_g, stride_d, BLOCK_G, BLOCK_D, ACC, PRECISION, ALIGNED)
         # S stored before the sweep from SIM_BEFORE_SWEEP on, unless DivPO's ranked pools read it after
-        late = BLOCK_G < SIM_BEFORE_SWEEP or (PAIRS == 2 and DIVPO_RANKED)
-        if STORE_STATE and not late:
+        late = BLOCK_G < SIM_BEFORE_SWEEP or (MODE.pairs == 2 and MODE.divpo_ranked)
+        if MODE.store_state and not late:
             store_square(square_at(sim_ptr, b, G), sim, G, BLOCK_G)
-        if NEED_LOGDET:
-            logdet, inverse = logdet_and_inverse(sim, valid, eps, G, BLOCK_G, SWEEP_FP64)
+        if MODE.need_logdet:
+            logdet, inverse = logdet_and_inverse(sim, valid, scalar(params_ptr, EPS, ACC), G, BLOCK_G, SWEEP_FP64)
             residual = 1.0 / diagonal(inverse, BLOCK_G)
-            if STORE_STATE:
+            if MODE.store_state:
                 store_square(square_at(inverse_ptr, b, G), inverse, G, BLOCK_G)
-        if STORE_STATE and late:
+        if MODE.store_state and late:
             store_square(square_at(sim_ptr, b, G), sim, G, BLOCK_G)
-        if STORE_STATE:
+        if MODE.store_state:
             tl.store(norms_ptr + b * G + offs, norms, mask=offs < G)
     return dev, residual, logdet, mean_similarity, has_similarity, emb_nonfinite, sim

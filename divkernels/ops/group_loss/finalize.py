@@ -12,6 +12,7 @@ import torch
 
 from divkernels.loss_config import METRIC, LossConfig
 from divkernels.ops.common import as_acc, new_output, next_power_of_2, tl, triton, triton_dtype
+from divkernels.ops.fixup import sweep_failed
 from divkernels.ops.group_loss.forward_kernel import group_forward
 from divkernels.ops.group_loss.pair_math import (
     COL_CHOSEN_REWARD,
@@ -54,52 +55,39 @@ def _group_loss_fixup_finalize_kernel(
     stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div: tl.float64, diversity_alpha: tl.float64,
     cpo_alpha: tl.float64, emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr,
     lengths_ptr, nll_logps_ptr, nll_tokens_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr,
-    norms_ptr, inverse_ptr, G, D, P, stride_b, stride_g, stride_d, beta: tl.float64, orpo_lambda: tl.float64,
-    simpo_gamma: tl.float64, min_deviation: tl.float64, eps: tl.float64, quality_quantile: tl.float64,
-    NUM_STATS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DORPO: tl.constexpr, HAS_CPO: tl.constexpr,
-    ACC: tl.constexpr, LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr,
-    DEVIATION_NORM: tl.constexpr, DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_REF: tl.constexpr,
-    HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
-    STORE_STATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, ALIGNED: tl.constexpr,
+    norms_ptr, inverse_ptr, params_ptr, G, D, P, stride_b, stride_g, stride_d, NUM_STATS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, DORPO: tl.constexpr, HAS_CPO: tl.constexpr, ACC: tl.constexpr,
+    MODE: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, HAS_SCORES: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, CHECK: tl.constexpr, NEED_TWO: tl.constexpr,
+    PAIR_ROWS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """Step 2 when the forward swept ``K`` in float32 (Triton, with a logdet). First, every group
-    whose float32 sweep failed runs the group forward again with a float64 sweep and overwrites its
-    outputs; such a group's logdet is NaN, the forward's device-side flag. Then
-    :func:`finalize_batch`. This keeps the float64 tile out of the forward kernel's registers and
-    the fused loss at four launches. Such groups are rare (``K`` near singular in float32), and this
-    one program redoes them one after another. Up to G = 64: the split forward (G = 128) fixes its
-    logdet launch's groups itself, before its second launch reads them."""
-    batch_div = as_acc(batch_div, ACC)
-    diversity_alpha = as_acc(diversity_alpha, ACC)
-    cpo_alpha = as_acc(cpo_alpha, ACC)
-    beta = as_acc(beta, ACC)
-    orpo_lambda = as_acc(orpo_lambda, ACC)
-    simpo_gamma = as_acc(simpo_gamma, ACC)
-    min_deviation = as_acc(min_deviation, ACC)
-    eps = as_acc(eps, ACC)
-    quality_quantile = as_acc(quality_quantile, ACC)
+    """Step 2 when the forward swept ``K`` in float32 (Triton, with a logdet). First the float64
+    fix-up (:mod:`divkernels.ops.fixup`): every group whose float32 sweep failed (its logdet is NaN,
+    the forward's device-side flag) runs the group forward again with a float64 sweep and overwrites
+    its outputs. Then :func:`finalize_batch`. Running the fix-up in this launch keeps the float64 tile
+    out of the forward kernel's registers and the fused loss at four launches. Such groups are rare
+    (``K`` near singular in float32), and this one program redoes them one after another. Up to
+    G = 64: the split forward (G = 128) fixes its logdet launch's groups itself, before its second
+    launch reads them."""
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
         logdets = tl.load(stats_ptr + rows * NUM_STATS + COL_LOGDET, mask=rows < B, other=0.0)
-        if tl.sum((logdets != logdets).to(tl.int32), axis=0) > 0:
+        if sweep_failed(tl.sum(logdets, axis=0)):  # NaN in a sum: one of the block's groups failed
             for b in range(start, tl.minimum(start + BLOCK_B, B)):
-                logdet = tl.load(stats_ptr + b * NUM_STATS + COL_LOGDET)
-                if logdet != logdet:
+                if sweep_failed(tl.load(stats_ptr + b * NUM_STATS + COL_LOGDET)):
                     group_forward(
                         tl.cast(b, tl.int64), emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr,
                         scores_ptr, weights_ptr, lengths_ptr, nll_logps_ptr, nll_tokens_ptr, stats_ptr,
                         grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
-                        stats_ptr, G, D, P, stride_b, stride_g, stride_d, beta, orpo_lambda, simpo_gamma,
-                        min_deviation, eps, quality_quantile, LOSS, PAIRS, WEIGHTS, DEVIATION_NORM, DORPO,
-                        DIVPO_RANKED, HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS,
-                        HAS_NLL_TOKENS, True,
-                        STORE_STATE, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, PAIR_ROWS, True,
-                        False, ALIGNED)  # the whole group again (stats_ptr: the unread logdet_ptr)
+                        stats_ptr, params_ptr, G, D, P, stride_b, stride_g, stride_d, MODE, HAS_EMB, HAS_MASK,
+                        HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS, HAS_NLL_TOKENS, NUM_STATS, BLOCK_G,
+                        BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, PAIR_ROWS, True, False,
+                        ALIGNED)  # the whole group again (stats_ptr: the unread logdet_ptr)
     tl.debug_barrier()  # the rewritten stats rows (written by other threads) are summed next
-    finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, batch_div, diversity_alpha, cpo_alpha, NUM_STATS,
-                   BLOCK_S, BLOCK_B, DORPO, HAS_CPO, ACC)
+    finalize_batch(stats_ptr, totals_ptr, loss_ptr, metrics_ptr, B, as_acc(batch_div, ACC),
+                   as_acc(diversity_alpha, ACC), as_acc(cpo_alpha, ACC), NUM_STATS, BLOCK_S, BLOCK_B, DORPO, HAS_CPO,
+                   ACC)
 
 
 @triton.jit

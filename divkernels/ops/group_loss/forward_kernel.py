@@ -4,7 +4,8 @@ stats), each a ``triton.jit`` function Triton inlines into the one kernel."""
 
 from __future__ import annotations
 
-from divkernels.ops.common import any_bad, as_acc, is_finite, tl, triton
+from divkernels.loss_config import scalar_slot
+from divkernels.ops.common import any_bad, is_finite, tl, triton
 from divkernels.ops.deviation import deviation_from_row_sums, deviation_from_similarity
 from divkernels.ops.group_loss.diversity import group_diversity, stored_row_sums
 from divkernels.ops.group_loss.pair_math import (
@@ -45,16 +46,20 @@ from divkernels.ops.group_loss.pair_math import (
     divpo_pair,
     divpo_pools,
     explicit_counts,
+    loss_coefficients,
     normalize_to_mean_one,
     pair_loss_terms,
     response_terms,
     rows_of,
+    scalar,
     softplus,
 )
 from divkernels.ops.tiles import (
     load_valid_rows,
     square_at,
 )
+
+MIN_DEVIATION = tl.constexpr(scalar_slot("min_deviation"))  # the floor of deviation weights, in the scalar table
 
 
 @triton.jit
@@ -78,9 +83,9 @@ def load_responses(b, policy_ptr, ref_ptr, rewards_ptr, lengths_ptr, valid, G, H
 
 
 @triton.jit
-def select_pairs(b, reward, valid, dev, sim, sim_ptr, scores_ptr, G, quality_quantile, PAIRS: tl.constexpr,
-                 DIVPO_RANKED: tl.constexpr, HAS_SCORES: tl.constexpr, DIVERSITY_STORED: tl.constexpr,
-                 BLOCK_G: tl.constexpr, PAIR_ROWS: tl.constexpr, ACC: tl.constexpr):
+def select_pairs(b, reward, valid, dev, sim, sim_ptr, scores_ptr, G, params_ptr, MODE: tl.constexpr,
+                 HAS_SCORES: tl.constexpr, DIVERSITY_STORED: tl.constexpr, BLOCK_G: tl.constexpr,
+                 PAIR_ROWS: tl.constexpr, ACC: tl.constexpr):
     """The one pair ``(chosen, rejected, exists)`` of best-worst and DivPO, and DivPO's chosen-pool
     scores (the data check reads them); "all" and explicit pairs are counted in :func:`pair_sweep`."""
     offs = tl.arange(0, BLOCK_G)
@@ -88,19 +93,19 @@ def select_pairs(b, reward, valid, dev, sim, sim_ptr, scores_ptr, G, quality_qua
     rejected = chosen
     exists = chosen > 0
     top_score = dev
-    if PAIRS == 1:
+    if MODE.pairs == 1:
         chosen, rejected, exists = best_worst_pair(reward, valid, BLOCK_G)
-    elif PAIRS == 2:
-        top, bottom = divpo_pools(reward, valid, quality_quantile, DIVPO_RANKED, BLOCK_G)
+    elif MODE.pairs == 2:
+        top, bottom = divpo_pools(reward, valid, params_ptr, MODE.divpo_ranked, BLOCK_G)
         if HAS_SCORES:
             top_score = tl.load(scores_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
             bottom_score = top_score
-        elif DIVPO_RANKED and DIVERSITY_STORED:
+        elif MODE.divpo_ranked and DIVERSITY_STORED:
             top_sums, _ = stored_row_sums(square_at(sim_ptr, b, G), top, valid, G, BLOCK_G, PAIR_ROWS, ACC)
             top_score = deviation_from_row_sums(top_sums, top)
             bottom_sums, _ = stored_row_sums(square_at(sim_ptr, b, G), bottom, valid, G, BLOCK_G, PAIR_ROWS, ACC)
             bottom_score = deviation_from_row_sums(bottom_sums, bottom)
-        elif DIVPO_RANKED:
+        elif MODE.divpo_ranked:
             # deviation within each pool: a pool is the "valid" set of its own deviation
             top_score = deviation_from_similarity(sim, top)
             bottom_score = deviation_from_similarity(sim, bottom)
@@ -112,21 +117,21 @@ def select_pairs(b, reward, valid, dev, sim, sim_ptr, scores_ptr, G, quality_qua
 
 
 @triton.jit
-def diversity_weights(b, weights_ptr, dev, residual, valid, G, min_deviation, WEIGHTS: tl.constexpr,
-                      DEVIATION_NORM: tl.constexpr, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+def diversity_weights(b, weights_ptr, dev, residual, valid, G, params_ptr, MODE: tl.constexpr, BLOCK_G: tl.constexpr,
+                      ACC: tl.constexpr):
     """The diversity weight of each chosen response, ``[BLOCK_G]`` (constants for the gradient)."""
     offs = tl.arange(0, BLOCK_G)
-    if WEIGHTS == 0:
+    if MODE.weights == 0:
         weight = tl.full([BLOCK_G], 1.0, ACC)
-    elif WEIGHTS == 1:
-        if DEVIATION_NORM == 0:
+    elif MODE.weights == 1:
+        if MODE.deviation_norm == 0:
             weight = ddpo_weights(dev, valid)
-        elif DEVIATION_NORM == 1:
+        elif MODE.deviation_norm == 1:
             weight = normalize_to_mean_one(dev, valid)
         else:
             weight = dev
-        weight = tl.maximum(weight, min_deviation)
-    elif WEIGHTS == 2:
+        weight = tl.maximum(weight, scalar(params_ptr, MIN_DEVIATION, ACC))
+    elif MODE.weights == 2:
         weight = normalize_to_mean_one(residual, valid)
     else:
         weight = tl.load(weights_ptr + b * G + offs, mask=valid, other=0.0).to(ACC)
@@ -134,9 +139,8 @@ def diversity_weights(b, weights_ptr, dev, residual, valid, G, min_deviation, WE
 
 
 @triton.jit
-def pair_sweep(b, pair_index_ptr, P, valid, reward, policy, key, implicit, weight, chosen, rejected, exists, beta,
-               orpo_lambda, simpo_gamma, LOSS: tl.constexpr, PAIRS: tl.constexpr, ORPO_DORPO: tl.constexpr,
-               BLOCK_G: tl.constexpr, PAIR_ROWS: tl.constexpr, ACC: tl.constexpr):
+def pair_sweep(b, pair_index_ptr, P, valid, reward, policy, key, implicit, weight, chosen, rejected, exists,
+               coefficients, MODE: tl.constexpr, BLOCK_G: tl.constexpr, PAIR_ROWS: tl.constexpr, ACC: tl.constexpr):
     """Pair losses, their gradient w.r.t. the pair logits and the metric partial sums, ``PAIR_ROWS``
     chosen rows at a time: a ``[PAIR_ROWS, BLOCK_G]`` slice of each pair tile is live, not the whole
     G x G tile (at G = 128 the whole tiles do not fit the registers). ``C_ij`` = how often
@@ -154,20 +158,19 @@ def pair_sweep(b, pair_index_ptr, P, valid, reward, policy, key, implicit, weigh
     row_grad, col_grad, chosen_count, rejected_count = zero, zero, zero, zero
     for start in range(0, BLOCK_G, PAIR_ROWS):
         rows = start + tl.arange(0, PAIR_ROWS)
-        if PAIRS == 0:
+        if MODE.pairs == 0:
             valid_i = rows_of(valid.to(tl.int32), rows, BLOCK_G, PAIR_ROWS) > 0
             reward_i = rows_of(reward, rows, BLOCK_G, PAIR_ROWS)
             counts = tl.where(valid_i[:, None] & valid[None, :] & (reward_i[:, None] > reward[None, :]), 1.0, 0.0)
-        elif PAIRS == 3:
+        elif MODE.pairs == 3:
             counts, bad_pairs = explicit_counts(pair_index_ptr + b * P * 2, P, rows, valid, BLOCK_G, ACC)
         else:
             one_pair = tl.where((rows[:, None] == chosen) & (offs[None, :] == rejected), 1.0, 0.0)
             counts = tl.where(exists, one_pair, 0.0)
         weight_i = rows_of(weight, rows, BLOCK_G, PAIR_ROWS)
         loss, dloss, odds = pair_loss_terms(rows_of(key, rows, BLOCK_G, PAIR_ROWS), key, weight_i,
-                                            rows_of(policy, rows, BLOCK_G, PAIR_ROWS), beta, orpo_lambda,
-                                            simpo_gamma, LOSS, ORPO_DORPO)
-        if LOSS == 2 and ORPO_DORPO:
+                                            rows_of(policy, rows, BLOCK_G, PAIR_ROWS), coefficients, MODE)
+        if MODE.loss == 2 and MODE.orpo_dorpo:
             outer = counts  # the weight is inside DORPO's log-sigmoid
         else:
             outer = counts * weight_i[:, None]
@@ -217,8 +220,8 @@ def write_stats(stats, valid, sums, diversity, chosen_count, rejected_count, imp
 
 @triton.jit
 def write_checks(stats, valid, policy, reward, ref, top_score, weight, length, nll_logps, nll_tokens, logdet,
-                 bad_pairs, LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, HAS_REF: tl.constexpr,
-                 HAS_SCORES: tl.constexpr, NEED_TWO: tl.constexpr, ACC: tl.constexpr):
+                 bad_pairs, MODE: tl.constexpr, HAS_REF: tl.constexpr, HAS_SCORES: tl.constexpr,
+                 NEED_TWO: tl.constexpr, ACC: tl.constexpr):
     """The data checks of ``check_inputs=True``: 1 where the group fails one (``loss_config.CHECK_STATS``)."""
     tl.store(stats + COL_BAD_POLICY_LOGPS, any_bad(valid & ~is_finite(policy)))
     tl.store(stats + COL_BAD_REWARDS, any_bad(valid & ~is_finite(reward)))
@@ -226,11 +229,11 @@ def write_checks(stats, valid, policy, reward, ref, top_score, weight, length, n
         tl.store(stats + COL_BAD_REF_LOGPS, any_bad(valid & ~is_finite(ref)))
     else:
         tl.store(stats + COL_BAD_REF_LOGPS, 0.0)
-    if HAS_SCORES and PAIRS == 2:
+    if HAS_SCORES and MODE.pairs == 2:
         tl.store(stats + COL_BAD_DIVPO_SCORES, any_bad(valid & ~is_finite(top_score)))
     else:
         tl.store(stats + COL_BAD_DIVPO_SCORES, 0.0)
-    if WEIGHTS == 3:
+    if MODE.weights == 3:
         tl.store(stats + COL_BAD_WEIGHTS, any_bad(valid & ~is_finite(weight)))
     else:
         tl.store(stats + COL_BAD_WEIGHTS, 0.0)
@@ -241,11 +244,11 @@ def write_checks(stats, valid, policy, reward, ref, top_score, weight, length, n
         tl.store(stats + COL_TOO_FEW_RESPONSES, tl.where(tl.sum(valid.to(ACC), axis=0) < 2.0, 1.0, 0.0))
     else:
         tl.store(stats + COL_TOO_FEW_RESPONSES, 0.0)
-    if LOSS == 2:
+    if MODE.loss == 2:
         tl.store(stats + COL_ORPO_NONNEGATIVE, any_bad(valid & (policy >= 0.0)))
     else:
         tl.store(stats + COL_ORPO_NONNEGATIVE, 0.0)
-    if PAIRS == 3:
+    if MODE.pairs == 3:
         tl.store(stats + COL_BAD_PAIR_INDEX, tl.where(bad_pairs > 0, 1.0, 0.0))
     else:
         tl.store(stats + COL_BAD_PAIR_INDEX, 0.0)
@@ -257,42 +260,37 @@ def group_forward(
     b, emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
     nll_logps_ptr, nll_tokens_ptr,
     stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr,
-    logdet_ptr, G, D, P, stride_b, stride_g, stride_d,
-    beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile,
-    LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr, DEVIATION_NORM: tl.constexpr,
-    ORPO_DORPO: tl.constexpr, DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_REF: tl.constexpr,
-    HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr,
-    NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-    CHECK: tl.constexpr, NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, SWEEP_FP64: tl.constexpr,
-    DIVERSITY_STORED: tl.constexpr, ALIGNED: tl.constexpr,
+    logdet_ptr, params_ptr, G, D, P, stride_b, stride_g, stride_d, MODE: tl.constexpr, HAS_EMB: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, CHECK: tl.constexpr, NEED_TWO: tl.constexpr,
+    PAIR_ROWS: tl.constexpr, SWEEP_FP64: tl.constexpr, DIVERSITY_STORED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """Group ``b``'s forward (step 1 of :mod:`divkernels.ops.group_loss`). ``SWEEP_FP64``: sweep ``K``
-    in float64, the finalize kernel's fix-up of a group whose float32 sweep failed (its logdet is NaN).
-    ``DIVERSITY_STORED``: the second launch of a split forward (``launch.split_forward``); the
-    similarity forward has written ``S`` and norms (the logdet forward, when ``NEED_LOGDET``, also
-    ``K^-1`` and ``logdet_ptr [B]``), which are read here instead of computed."""
+    """Group ``b``'s forward (step 1 of :mod:`divkernels.ops.group_loss`). ``MODE``: the config's ints
+    and flags (``LossConfig.kernel_mode``); ``params_ptr``: its reals (``LossConfig.triton_scalars``,
+    float64). ``SWEEP_FP64``: sweep ``K`` in float64, the float64 fix-up of a group whose float32 sweep
+    failed (its logdet is NaN). ``DIVERSITY_STORED``: the second launch of a split forward
+    (``launch.split_forward``); the similarity forward has written ``S`` and norms (the logdet
+    forward, when ``MODE.need_logdet``, also ``K^-1`` and ``logdet_ptr [B]``), which are read here
+    instead of computed."""
     offs = tl.arange(0, BLOCK_G)
     valid = load_valid_rows(mask_ptr, b, G, HAS_MASK, BLOCK_G)
     dev, residual, logdet, mean_similarity, has_similarity, emb_nonfinite, sim = group_diversity(
-        b, emb_ptr, sim_ptr, norms_ptr, inverse_ptr, logdet_ptr, valid, G, D, stride_b, stride_g, stride_d, eps,
-        PAIRS, DIVPO_RANKED, HAS_EMB, NEED_LOGDET, STORE_STATE, BLOCK_G, BLOCK_D, ACC, PRECISION, PAIR_ROWS,
-        SWEEP_FP64, DIVERSITY_STORED, ALIGNED)
+        b, emb_ptr, sim_ptr, norms_ptr, inverse_ptr, logdet_ptr, valid, G, D, stride_b, stride_g, stride_d, params_ptr,
+        MODE, HAS_EMB, BLOCK_G, BLOCK_D, ACC, PRECISION, PAIR_ROWS, SWEEP_FP64, DIVERSITY_STORED, ALIGNED)
     policy, ref, reward, length = load_responses(b, policy_ptr, ref_ptr, rewards_ptr, lengths_ptr, valid, G, HAS_REF,
                                                  HAS_LENGTHS, BLOCK_G, ACC)
-    chosen, rejected, exists, top_score = select_pairs(b, reward, valid, dev, sim, sim_ptr, scores_ptr, G,
-                                                       quality_quantile, PAIRS, DIVPO_RANKED, HAS_SCORES,
-                                                       DIVERSITY_STORED, BLOCK_G, PAIR_ROWS, ACC)
-    weight = diversity_weights(b, weights_ptr, dev, residual, valid, G, min_deviation, WEIGHTS, DEVIATION_NORM,
-                               BLOCK_G, ACC)
-    key, slope, implicit = response_terms(policy, ref, length, beta, orpo_lambda, LOSS)
+    chosen, rejected, exists, top_score = select_pairs(b, reward, valid, dev, sim, sim_ptr, scores_ptr, G, params_ptr,
+                                                       MODE, HAS_SCORES, DIVERSITY_STORED, BLOCK_G, PAIR_ROWS, ACC)
+    weight = diversity_weights(b, weights_ptr, dev, residual, valid, G, params_ptr, MODE, BLOCK_G, ACC)
+    coefficients = loss_coefficients(params_ptr, ACC)
+    key, slope, implicit = response_terms(policy, ref, length, coefficients, MODE)
     sums, row_grad, col_grad, chosen_count, rejected_count, bad_pairs = pair_sweep(
-        b, pair_index_ptr, P, valid, reward, policy, key, implicit, weight, chosen, rejected, exists, beta,
-        orpo_lambda, simpo_gamma, LOSS, PAIRS, ORPO_DORPO, BLOCK_G, PAIR_ROWS, ACC)
+        b, pair_index_ptr, P, valid, reward, policy, key, implicit, weight, chosen, rejected, exists, coefficients,
+        MODE, BLOCK_G, PAIR_ROWS, ACC)
     grad = slope * (row_grad - col_grad)
     weighted_count = chosen_count * weight  # sum_j C_ij w_i
-    if LOSS == 2 and not ORPO_DORPO:
+    if MODE.loss == 2 and not MODE.orpo_dorpo:
         grad -= weighted_count  # the per-pair NLL -pi_i
     tl.store(grad_policy_ptr + b * G + offs, tl.where(valid, grad, 0.0), mask=offs < G)
     # pair counts of each response: the backward's NLL gradient and the callers' per-pair statistics
@@ -312,7 +310,7 @@ def group_forward(
                 rejected_count, implicit, weighted_count, policy, nll_logps, nll_tokens, ACC)
     if CHECK:
         write_checks(stats, valid, policy, reward, ref, top_score, weight, length, nll_logps, nll_tokens, logdet,
-                     bad_pairs, LOSS, PAIRS, WEIGHTS, HAS_REF, HAS_SCORES, NEED_TWO, ACC)
+                     bad_pairs, MODE, HAS_REF, HAS_SCORES, NEED_TWO, ACC)
 
 
 # The forward's arguments after the group index, in group_forward's order (the finalize kernel's
@@ -321,30 +319,18 @@ def group_forward(
 def _group_loss_forward_kernel(
     emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr, scores_ptr, weights_ptr, lengths_ptr,
     nll_logps_ptr, nll_tokens_ptr, stats_ptr, grad_policy_ptr, chosen_counts_ptr, rejected_counts_ptr, sim_ptr,
-    norms_ptr, inverse_ptr, logdet_ptr, G, D, P, stride_b, stride_g, stride_d, beta: tl.float64,
-    orpo_lambda: tl.float64, simpo_gamma: tl.float64, min_deviation: tl.float64, eps: tl.float64,
-    quality_quantile: tl.float64, LOSS: tl.constexpr, PAIRS: tl.constexpr, WEIGHTS: tl.constexpr,
-    DEVIATION_NORM: tl.constexpr, ORPO_DORPO: tl.constexpr, DIVPO_RANKED: tl.constexpr, HAS_EMB: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_NLL_LOGPS: tl.constexpr,
-    HAS_NLL_TOKENS: tl.constexpr, NEED_LOGDET: tl.constexpr, STORE_STATE: tl.constexpr, NUM_STATS: tl.constexpr,
+    norms_ptr, inverse_ptr, logdet_ptr, params_ptr, G, D, P, stride_b, stride_g, stride_d, MODE: tl.constexpr,
+    HAS_EMB: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, HAS_SCORES: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_NLL_LOGPS: tl.constexpr, HAS_NLL_TOKENS: tl.constexpr, NUM_STATS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, CHECK: tl.constexpr,
     NEED_TWO: tl.constexpr, PAIR_ROWS: tl.constexpr, DIVERSITY_STORED: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Step 1 (1b of a split forward): one program per group, ``K`` swept in the accumulation dtype
     (a float32 sweep that fails leaves NaN, which the finalize kernel's fix-up replaces)."""
-    beta = as_acc(beta, ACC)
-    orpo_lambda = as_acc(orpo_lambda, ACC)
-    simpo_gamma = as_acc(simpo_gamma, ACC)
-    min_deviation = as_acc(min_deviation, ACC)
-    eps = as_acc(eps, ACC)
-    quality_quantile = as_acc(quality_quantile, ACC)
     group_forward(
         tl.program_id(0).to(tl.int64), emb_ptr, mask_ptr, policy_ptr, ref_ptr, rewards_ptr, pair_index_ptr,
         scores_ptr, weights_ptr, lengths_ptr, nll_logps_ptr, nll_tokens_ptr, stats_ptr, grad_policy_ptr,
-        chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr, logdet_ptr, G, D, P, stride_b,
-        stride_g, stride_d, beta, orpo_lambda, simpo_gamma, min_deviation, eps, quality_quantile, LOSS, PAIRS,
-        WEIGHTS, DEVIATION_NORM, ORPO_DORPO, DIVPO_RANKED, HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS,
-        HAS_NLL_LOGPS, HAS_NLL_TOKENS, NEED_LOGDET, STORE_STATE, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION,
-        CHECK, NEED_TWO, PAIR_ROWS, False, DIVERSITY_STORED, ALIGNED)
-
+        chosen_counts_ptr, rejected_counts_ptr, sim_ptr, norms_ptr, inverse_ptr, logdet_ptr, params_ptr, G, D, P,
+        stride_b, stride_g, stride_d, MODE, HAS_EMB, HAS_MASK, HAS_REF, HAS_SCORES, HAS_LENGTHS, HAS_NLL_LOGPS,
+        HAS_NLL_TOKENS, NUM_STATS, BLOCK_G, BLOCK_D, ACC, PRECISION, CHECK, NEED_TWO, PAIR_ROWS, False,
+        DIVERSITY_STORED, ALIGNED)

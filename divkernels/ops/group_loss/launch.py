@@ -13,7 +13,6 @@ from divkernels.loss_config import CHECK_STATS, STATS, ForwardOutputs, LossConfi
 from divkernels.ops import logdet as logdet_op
 from divkernels.ops import similarity as similarity_op
 from divkernels.ops.common import (
-    MIN_BLOCK,
     accumulation_dtype,
     contiguous,
     dot_precision,
@@ -23,9 +22,9 @@ from divkernels.ops.common import (
     num_warps_for,
     rows_aligned,
     square_shape,
-    tl,
     triton_dtype,
 )
+from divkernels.ops.fixup import fixup_gram, fixup_launches, fixup_options
 from divkernels.ops.group_loss.finalize import finalize
 from divkernels.ops.group_loss.forward_kernel import _group_loss_forward_kernel
 
@@ -58,32 +57,33 @@ def triton_forward(inputs: LossTensors, config: LossConfig, store_state: bool, a
     buffers = (out.grad_policy, out.chosen_counts, out.rejected_counts, out.sim, out.norms, out.inverse)
     strides = emb.stride() if emb is not None else (0, 0, 0)
     sizes = (group, dim, 0 if pair_index is None else pair_index.shape[1], *strides)
-    scalars = config.triton_scalars
+    params = scalar_table(config.triton_scalars, device)
     logdet = None
     if constants["DIVERSITY_STORED"]:  # the first launch of a split forward: the similarity or logdet forward
         sim, norms, inverse = buffers[3:]
         if not store_state:  # S, norms (and K^-1) into scratch, which the second launch reads and nothing keeps
             sim, norms = new_output(square_shape(batch, group), acc, device, poison), new_output((batch, group), acc,
                                                                                                  device, poison)
-            inverse = new_output(square_shape(batch, group), acc, device, poison) if constants["NEED_LOGDET"] else None
+            need_logdet = constants["MODE"].need_logdet
+            inverse = new_output(square_shape(batch, group), acc, device, poison) if need_logdet else None
             buffers = (*buffers[:3], sim, norms, inverse)
-        if constants["NEED_LOGDET"]:
+        if constants["MODE"].need_logdet:
             # logdet [B], then gains [B, G] (unread) from the next 16-byte boundary: an aligned pointer whatever
             # B is (one compiled variant, common.py "Bounded compiles")
             head = -(-batch * acc.itemsize // 16) * 16 // acc.itemsize
             logdet_gains = new_output((head + batch * group,), acc, device, poison)
             logdet = logdet_gains[:batch]
-            # and, in float32, its float64 fix-up launch (logdet.fixup_launches): the second launch then
-            # reads a finished logdet and K^-1, and the plain finalize kernel follows (no whole-group fix-up)
-            for fixup in logdet_op.fixup_launches(acc):
+            # and, in float32, its float64 fix-up launch (ops/fixup.py): the second launch then reads a
+            # finished logdet and K^-1, and the plain finalize kernel follows (no whole-group fix-up)
+            for fixup in fixup_launches(acc):
                 logdet_op.launch_forward(emb, inputs.mask, config.eps, "cosine", None,
                                          (logdet, logdet_gains[head:].view(batch, group), inverse, sim, norms),
                                          fixup, acc)
         else:
             similarity_op.launch_forward(emb, inputs.mask, "cosine", None, sim, norms, acc)
-    _group_loss_forward_kernel[(batch,)](*given, out.stats, *buffers, logdet, *sizes, *scalars, **constants)
-    if constants["NEED_LOGDET"] and acc == torch.float32 and not constants["DIVERSITY_STORED"]:
-        out.fixup = ((*given, *buffers, *sizes, *scalars),
+    _group_loss_forward_kernel[(batch,)](*given, out.stats, *buffers, logdet, params, *sizes, **constants)
+    if constants["MODE"].need_logdet and len(fixup_launches(acc)) > 1 and not constants["DIVERSITY_STORED"]:
+        out.fixup = ((*given, *buffers, params, *sizes),
                      _fixup_constants(config, group, dim, None if emb is None else emb.dtype, acc, present,
                                       store_state, num_stats, aligned))
     return out
@@ -125,7 +125,7 @@ def _forward_constants(config: LossConfig, group: int, dim: int, emb_dtype: torc
     block_g = group_block(group)
     split = has_emb and split_forward(block_g)
     return dict(
-        **config.triton_constants(config.needs_logdet and has_emb, store_state), HAS_EMB=has_emb,
+        MODE=config.kernel_mode(config.needs_logdet and has_emb, store_state), HAS_EMB=has_emb,
         HAS_MASK=has_mask, HAS_REF=has_ref, HAS_SCORES=has_scores, HAS_LENGTHS=has_lengths,
         HAS_NLL_LOGPS=has_nll_logps, HAS_NLL_TOKENS=has_nll_tokens, NUM_STATS=num_stats, BLOCK_G=block_g,
         BLOCK_D=embedding_block(block_g, dim, emb_dtype or acc), ACC=triton_dtype(acc),
@@ -161,37 +161,17 @@ def fused_forward(inputs: LossTensors, config: LossConfig, store_state: bool) ->
 @functools.lru_cache(maxsize=256)
 def _fixup_constants(*forward_key: object) -> dict[str, object]:
     """The forward kernel's constants (``_forward_constants(*forward_key)``) that the fix-up's group
-    forward takes; the rest are the finalize kernel's, or fixed (the fix-up runs only with a logdet)."""
-    shared = {"ORPO_DORPO", "NEED_LOGDET", "NUM_STATS", "ACC", "DIVERSITY_STORED"}
+    forward takes, with the float64 pass's Gram settings and launch options (:mod:`divkernels.ops.fixup`);
+    the rest are the finalize kernel's, or fixed."""
+    shared = {"NUM_STATS", "ACC", "DIVERSITY_STORED"}
     constants = {name: value for name, value in _forward_constants(*forward_key).items() if name not in shared}
-    if constants["PRECISION"] == "ieee":  # float32 emb
-        constants["BLOCK_D"] = fixup_fp32_block_d()
+    if constants["HAS_EMB"]:
+        constants.update(fixup_gram())
     return {**constants, **fixup_options(constants["BLOCK_G"])}
 
 
-@functools.cache
-def fixup_fp32_block_d() -> int:
-    """Columns of float32 ``emb`` per step of the fix-up's Gram (the forward's: ``embedding_block``, 16
-    at G = 64): the narrowest float32 ``tl.dot`` the installed Triton compiles for NVIDIA GPUs, 8 from
-    Triton 3.7 on, 16 before. Next to the float64 tiles a [64, 16] float32 slice leaves the fix-up +
-    finalize kernel 16 bytes of spill at G = 64 (DivPO, 255 registers, sm_90, Triton 3.9); 8 columns
-    leave none (benchmarks/README.md). One column at a time (rank-1 updates) spilled 40 bytes there."""
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.compiler import min_dot_size
-
-        fp32 = tl.float32
-        return max(8, int(min_dot_size(GPUTarget("cuda", 90, 32))(fp32, fp32)[2]))
-    except Exception:  # another backend or layout of Triton: the width every version accepts
-        return MIN_BLOCK
-
-
-def fixup_options(block_g: int) -> dict[str, int]:
-    """Launch options of the fix-up + finalize kernel. It is one program (grid ``(1,)``) that redoes a
-    failed group's whole forward with a float64 sweep, so blocks per SM do not matter, and its float64
-    tiles are twice the forward's bytes: 4 warps up to G = 16 and 8 at G = 32-64, with ``maxnreg`` 255
-    so that ptxas does not cap the registers for occupancy (with the forward's 1 / 4 warps, or with its
-    own cap of 128 at 4 warps, it spilled 8-24 bytes there: benchmarks/README.md). It does not run at
-    G = 128, where the split forward's logdet launch has its own float64 fix-up (:func:`triton_forward`);
-    a whole group forward with a float64 128 x 128 tile in one program spilled 320-432 bytes there."""
-    return {"num_warps": 4 if block_g <= 16 else 8, "maxnreg": 255}
+@functools.lru_cache(maxsize=64)
+def scalar_table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The kernels' float64 scalar table (``LossConfig.triton_scalars``) on ``device``, made once per
+    config's values and device (a training loop repeats them every step: no copy per call)."""
+    return torch.tensor(values, dtype=torch.float64, device=device)

@@ -6,13 +6,18 @@ never a raw offset). Each function follows its counterpart in :mod:`divkernels.r
 from __future__ import annotations
 
 from divkernels import reference
-from divkernels.loss_config import CHECK_STATS, STAT, STATS
+from divkernels.loss_config import CHECK_STATS, STAT, STATS, scalar_slot
 from divkernels.ops.common import tl, triton
 
 LN2 = tl.constexpr(reference.LN2)
 DIVPO_TIE_RTOL = tl.constexpr(reference.DIVPO_TIE_RTOL)
 DIVPO_COUNT_SLACK = tl.constexpr(reference.DIVPO_COUNT_SLACK)
 DEVIATION_TIE = tl.constexpr(reference.DEVIATION_TIE)
+# Slots of the pair math's reals in the kernels' float64 scalar table (loss_config.SCALARS)
+BETA = tl.constexpr(scalar_slot("beta"))
+ORPO_LAMBDA = tl.constexpr(scalar_slot("orpo_lambda"))
+SIMPO_GAMMA = tl.constexpr(scalar_slot("simpo_gamma"))
+QUALITY_QUANTILE = tl.constexpr(scalar_slot("quality_quantile"))
 
 
 # The columns of the per-group stats as kernel constants (loss_config.STAT): the kernels name them, never
@@ -52,21 +57,36 @@ def log1mexp(x):
 
 
 @triton.jit
-def response_terms(policy, ref, length, beta, orpo_lambda, LOSS: tl.constexpr):
+def scalar(params_ptr, SLOT: tl.constexpr, ACC: tl.constexpr):
+    """The real parameter at ``SLOT`` of the float64 scalar table, narrowed to ``ACC`` once (as exact
+    as ``ACC`` allows: 0.1 reaches a float64 kernel as 0.1)."""
+    return tl.load(params_ptr + SLOT).to(ACC)
+
+
+@triton.jit
+def loss_coefficients(params_ptr, ACC: tl.constexpr):
+    """``(beta, orpo_lambda, simpo_gamma)``: the pair losses' reals, read once per program and handed
+    to :func:`response_terms` and :func:`pair_loss_terms` as one tuple."""
+    return scalar(params_ptr, BETA, ACC), scalar(params_ptr, ORPO_LAMBDA, ACC), scalar(params_ptr, SIMPO_GAMMA, ACC)
+
+
+@triton.jit
+def response_terms(policy, ref, length, coefficients, MODE: tl.constexpr):
     """Per response of one group: ``(key, slope, implicit)``; the pair logit is built from the keys
     (:func:`pair_loss_terms`). ``slope_k = du_kj / d pi_k`` (``du_ik / d pi_k`` is its negative);
     ``implicit`` is what TRL logs as rewards/chosen and rewards/rejected. IPO divides each
     log-ratio by its completion length (TRL's DPOTrainer; ``length`` is 1 without token counts)."""
-    if LOSS == 0 or LOSS == 1:
+    beta, orpo_lambda, _ = coefficients
+    if MODE.loss == 0 or MODE.loss == 1:
         margin = policy - ref
-        if LOSS == 0:
+        if MODE.loss == 0:
             key = margin
             slope = tl.full(policy.shape, beta, policy.dtype)
         else:
             key = margin / length
             slope = 1.0 / length
         implicit = beta * margin
-    elif LOSS == 2:
+    elif MODE.loss == 2:
         key = policy - log1mexp(policy)  # ORPO's log-odds
         slope = -1.0 / expm1(policy)
         implicit = orpo_lambda * policy
@@ -78,8 +98,7 @@ def response_terms(policy, ref, length, beta, orpo_lambda, LOSS: tl.constexpr):
 
 
 @triton.jit
-def pair_loss_terms(key_i, key, weight_i, policy_i, beta, orpo_lambda, simpo_gamma, LOSS: tl.constexpr,
-                    ORPO_DORPO: tl.constexpr):
+def pair_loss_terms(key_i, key, weight_i, policy_i, coefficients, MODE: tl.constexpr):
     """Per pair (i chosen in a chunk of rows, j rejected): ``(l_ij, dl/du_ij, odds_ij)``, ``[rows, BLOCK_G]``.
 
     ``key_i``, ``weight_i``, ``policy_i``: the chunk's rows; ``key``: every response's. DORPO puts
@@ -87,18 +106,19 @@ def pair_loss_terms(key_i, key, weight_i, policy_i, beta, orpo_lambda, simpo_gam
     NLL term to the batch reduction; ORPO's ``"pair"`` weighting keeps the NLL ``-pi_i`` in each
     pair's loss. ``odds`` is ORPO's (weighted) log-odds difference, for its metrics; 0 otherwise.
     """
+    beta, orpo_lambda, simpo_gamma = coefficients
     odds = tl.zeros([key_i.shape[0], key.shape[0]], dtype=key.dtype)
-    if LOSS == 0:
+    if MODE.loss == 0:
         u = beta * (key_i[:, None] - key[None, :])
         loss = softplus(-u)
         dloss = -sigmoid(-u)
-    elif LOSS == 1:
+    elif MODE.loss == 1:
         u = key_i[:, None] - key[None, :] - 0.5 / beta
         loss = u * u
         dloss = 2.0 * u
-    elif LOSS == 2:
+    elif MODE.loss == 2:
         u = key_i[:, None] - key[None, :]
-        if ORPO_DORPO:
+        if MODE.orpo_dorpo:
             odds = weight_i[:, None] * u
             loss = orpo_lambda * softplus(-odds)
             dloss = -orpo_lambda * weight_i[:, None] * sigmoid(-odds)
@@ -143,13 +163,14 @@ def first_near_extreme(score, pool, sign, BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def divpo_pools(reward, valid, quality_quantile, RANKED: tl.constexpr, BLOCK_G: tl.constexpr):
+def divpo_pools(reward, valid, params_ptr, RANKED: tl.constexpr, BLOCK_G: tl.constexpr):
     """DivPO's ``(top, bottom)`` pools, ``[BLOCK_G]`` bool each (``reference.divpo_pools``).
 
     Ranked: the ``k`` highest and lowest rewards, ``k = min(max(floor(q n + slack), 1), floor(n / 2))``;
     threshold (ours): rewards at or above the linearly interpolated ``1 - q`` quantile, and the
     rest. Order statistics come from ranks (ascending, ties broken by index).
     """
+    quality_quantile = scalar(params_ptr, QUALITY_QUANTILE, reward.dtype)
     offs = tl.arange(0, BLOCK_G)
     rows = offs[:, None]
     cols = offs[None, :]
