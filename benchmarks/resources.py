@@ -194,6 +194,9 @@ def run_variant(op: str, group: int, dtype_name: str) -> None:
         dk.deviation(emb, mask, backend="triton").sum().backward()
     elif op == "partition":
         dk.partition_diversity(emb, mask, tau=0.1, backend="triton")
+    elif op == "partition[judge]":  # a judge's links: no emb, the same variant in every dtype
+        links = torch.rand(2, group, group, generator=generator) < 0.3
+        dk.partition_diversity(equivalence=links, mask=mask, backend="triton")
     elif op == "advantages":
         dk.group_advantages(rewards, emb.detach(), mask, diversity="dqo", backend="triton")
     else:
@@ -205,7 +208,7 @@ def run_variant(op: str, group: int, dtype_name: str) -> None:
         out.loss.backward()
 
 
-OPS = ("similarity", "logdet", "deviation", "partition", "advantages", *LOSS_VARIANTS)
+OPS = ("similarity", "logdet", "deviation", "partition", "partition[judge]", "advantages", *LOSS_VARIANTS)
 
 
 def record_variants(groups: tuple[int, ...], dtypes: tuple[str, ...], ops: tuple[str, ...] = OPS) -> dict:
@@ -277,7 +280,9 @@ def triton_rows(recorded: dict, reports: list[dict]) -> list[dict]:
 # -- the CUDA extension's kernels
 
 CUDA_SOURCES = {"group_loss_forward_kernel": ("group_loss.cu", "forward"),
-                "similarity_backward_kernel": ("similarity_backward.cu", "backward")}
+                "similarity_backward_kernel": ("similarity_backward.cu", "backward"),
+                "partition_kernel": ("partition.cu", "forward")}
+CUDA_PARTITION_THREADS = 128  # partition.cu's launcher
 CUDA_DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 CUDA_BACKWARD_THREADS = 256
 
@@ -286,6 +291,8 @@ def _cuda_threads(kernel: str, group: int) -> int:
     """Block size of each CUDA launcher (group_loss.cu: threads_for; similarity_backward.cu: 256)."""
     if kernel == "similarity_backward_kernel":
         return CUDA_BACKWARD_THREADS
+    if kernel == "partition_kernel":
+        return CUDA_PARTITION_THREADS
     return 64 if group <= 32 else 128 if group <= 64 else 256
 
 
@@ -347,17 +354,19 @@ def cuda_rows(archs: tuple[int, ...], groups: tuple[int, ...], dtypes: tuple[str
 
         for mangled, usage in cubin_functions(cubin).items():
             name = subprocess.run([filt, mangled], capture_output=True, text=True, check=True).stdout.strip()
-            match = re.match(rf"void divkernels::{kernel}<(\w+), ([\w:]+)>", name)
+            match = re.match(rf"void divkernels::{kernel}<(\w+)(?:, ([\w:]+))?>", name)
             if match is None:
                 continue
             acc, emb = match.groups()
+            if emb is None:  # partition_kernel<Label>: links in, float32 out, no emb
+                acc, emb = "float", "float"
             dtype = CUDA_DTYPES[emb]
             if dtype not in dtypes:
                 continue
             size = 8 if acc == "double" else 4
             for group in groups:
                 threads = _cuda_threads(kernel, group)
-                shared = usage["static_shared"] + workspace[kernel, group, size]
+                shared = usage["static_shared"] + workspace.get((kernel, group, size), 0)
                 rows.append(dict(backend="cuda", kernel=kernel, **{"pass": pass_}, G=group, dtype=dtype,
                                  num_warps=threads // 32, registers=usage["registers"], spill_bytes=spills[mangled],
                                  shared_bytes=shared,

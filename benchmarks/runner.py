@@ -13,6 +13,8 @@ Suites:
          memory and time over a token sweep and a chunk sweep, each in a fresh process (linear.py)
   trainer  preference trainers, ours (default, with diversity, with logits) against TRL's DPOTrainer
          at T = 256, 1024, 2048 tokens: peak extra memory and seconds per step (trainer.py)
+  judge  DARLING's learned judge: calls per group with and without the short-answer shortcut, reward
+         and GRPO seconds per step, batched vs one pair per pass vs embeddings (judge.py); CPU is fine
 
 Each (case, provider) row gets the median time, peak extra memory, the memory floor (bytes that
 must move over the measured copy bandwidth) and the ratio to it. Results go to
@@ -59,7 +61,7 @@ DEFAULT_OUT = Path("benchmark_results")
 CHECKPOINT_ROWS = 10  # rows between partial writes of the result files
 
 
-SUITES = ("fused", "headline", "headline-tiny", "full", "smoke", "host", "linear", "trainer")
+SUITES = ("fused", "headline", "headline-tiny", "full", "smoke", "host", "linear", "trainer", "judge")
 
 
 def suite_cases(suite: str) -> list[Case]:
@@ -415,6 +417,23 @@ def run_trainer(device: torch.device, out: Path, log: Callable[[str], None], onl
     return 0
 
 
+def run_judge(device: torch.device, out: Path, log: Callable[[str], None]) -> int:
+    """``--suite judge``: what DARLING's learned judge costs per step (judge.py), on the CPU."""
+    import tempfile
+
+    from divkernels.benchmarks import judge
+
+    env = {**environment(torch.device("cpu")), "transformers": version_of("transformers"), "trl": version_of("trl")}
+    log(f"divkernels judge suite on {env['device']} (torch {env['torch']}, transformers {env['transformers']}, "
+        f"trl {env['trl']}, commit {str(env['commit'])[:12]})")
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = judge.run(log, scratch)
+    json_path, csv_path = write_results(rows, env, None, result_path(env, out, judge.RESULTS_NAME), "judge")
+    log("\n" + judge.readme_block(json.loads(json_path.read_text())))
+    log(f"\nwrote {json_path} and {csv_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m divkernels.benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -456,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_linear(device, args.out, args.repeats, log, args.only)
     if args.suite == "trainer":
         return run_trainer(device, args.out, log, args.only)
+    if args.suite == "judge":
+        return run_judge(device, args.out, log)
     env = environment(device)
     log(f"divkernels benchmarks, suite {args.suite}, on {env['device']} (torch {env['torch']}, "
         f"triton {env['triton']}, commit {str(env['commit'])[:12]})")

@@ -21,6 +21,11 @@ inline void define_ops(pybind11::module_& m) {
         "dL/d emb [B, G, D] from factor * scale * dL/dS [B, G, G] (scale: one number on the device, or None)",
         py::arg("grad_sim"), py::arg("sim"), py::arg("norms"), py::arg("emb"), py::arg("mask"), py::arg("scale"),
         py::arg("factor"), py::arg("poison"));
+  m.def("partition_diversity", &partition_diversity,
+        "DARLING partition diversity [B, G] float32 from a judge's links (bool [B, G, G], i < j read) or int64 "
+        "labels [B, G]; normalize: over its group mean",
+        py::arg("equivalence"), py::arg("labels"), py::arg("mask"), py::arg("min_diversity"), py::arg("transitive"),
+        py::arg("normalize"));
   m.def(
       "shared_bytes",
       [](int64_t G, int64_t element_size) {

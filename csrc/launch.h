@@ -234,5 +234,42 @@ std::vector<at::Tensor> group_loss_forward(const std::vector<OptTensor>& inputs,
 at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim, const at::Tensor& norms,
                                const at::Tensor& emb, const OptTensor& mask, const OptTensor& scale, double factor,
                                bool poison);
+at::Tensor partition_diversity(const OptTensor& equivalence, const OptTensor& labels, const OptTensor& mask,
+                               double min_diversity, bool transitive, bool normalize);
+
+// Checked arguments of partition_diversity: exactly one of the judge's links (contiguous bool
+// [B, G, G]) and labels (contiguous int64 [B, G]); the output [B, G] float32.
+struct PartitionArgs {
+  int64_t B = 0, G = 0;
+  at::Device device = at::kCPU;
+  at::Tensor out;
+};
+
+inline PartitionArgs prepare_partition(const OptTensor& equivalence, const OptTensor& labels, const OptTensor& mask) {
+  TORCH_CHECK(equivalence.has_value() != labels.has_value(), "give exactly one of equivalence and labels");
+  PartitionArgs a;
+  if (equivalence) {
+    TORCH_CHECK(equivalence->scalar_type() == at::kBool && equivalence->dim() == 3 && equivalence->is_contiguous() &&
+                    equivalence->size(1) == equivalence->size(2),
+                "equivalence must be a contiguous bool [B, G, G] tensor, got ", equivalence->sizes());
+    a.B = equivalence->size(0);
+    a.G = equivalence->size(1);
+    a.device = equivalence->device();
+  } else {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 2 && labels->is_contiguous(),
+                "labels must be a contiguous int64 [B, G] tensor");
+    a.B = labels->size(0);
+    a.G = labels->size(1);
+    a.device = labels->device();
+  }
+  TORCH_CHECK(a.G >= 1 && a.G <= kMaxGroup, "G must be in [1, ", kMaxGroup, "], got ", a.G);
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 &&
+                    mask->size(0) == a.B && mask->size(1) == a.G && mask->device() == a.device,
+                "mask must be a contiguous bool [B, G] tensor on the links' device");
+  }
+  a.out = at::empty({a.B, a.G}, at::TensorOptions().dtype(at::kFloat).device(a.device));
+  return a;
+}
 
 }  // namespace divkernels

@@ -60,8 +60,9 @@ class LossConfig:
 
     loss: str = option("dpo", choices=LOSSES, doc='``"dpo"`` (TRL\'s sigmoid), ``"ipo"``, ``"orpo"`` or ``"simpo"``.')
     diversity: str = option("none", choices=DIVERSITIES, doc=(
-        'pair weight ``"none"`` (1), ``"deviation"`` (DDPO/DORPO) or ``"logdet_gain"`` (``1 / (K^{-1})_ii`` '
-        "normalized to mean 1, our DQO-style variant)."))
+        'pair weight ``"none"`` (1), ``"deviation"`` (DDPO/DORPO), ``"logdet_gain"`` (``1 / (K^{-1})_ii`` '
+        'normalized to mean 1, our DQO-style variant) or ``"partition"`` (DARLING\'s partition diversity of '
+        "a judge's ``equivalence`` links, normalized to mean 1, ours)."))
     pairs: str = option("all", choices=PAIR_MODES, doc=(
         '``"all"`` (every ``r_i > r_j``), ``"best_worst"``, ``"divpo"`` or ``"explicit"`` (``pair_index``).'))
     beta: float = option(0.1, low=0.0, low_open=True, doc="DPO / IPO / SimPO temperature.")

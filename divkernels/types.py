@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 LOSSES = ("dpo", "ipo", "orpo", "simpo")
-DIVERSITIES = ("none", "deviation", "logdet_gain")
+DIVERSITIES = ("none", "deviation", "logdet_gain", "partition")
 PAIR_MODES = ("all", "best_worst", "divpo", "explicit")
 ADVANTAGE_DIVERSITIES = ("none", "darling", "dqo", "deviation")
 ADVANTAGE_SCALES = ("std", "none")

@@ -122,6 +122,20 @@ def check_partition(value: object, batch: int, group: int) -> torch.Tensor:
     return value
 
 
+def check_equivalence(value: object, batch: int | None = None, group: int | None = None) -> torch.Tensor:
+    """A judge's links: a bool ``[B, G, G]`` tensor (``[B, G]`` of the other inputs when given)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"equivalence must be a torch.Tensor [B, G, G] of bool, got {type(value).__name__}")
+    if value.dtype != torch.bool:
+        raise TypeError(f"equivalence must have dtype torch.bool, got {value.dtype}")
+    if value.dim() != 3 or value.shape[1] != value.shape[2]:
+        raise ValueError(f"equivalence must have shape [B, G, G], got {tuple(value.shape)}")
+    if batch is not None and tuple(value.shape[:2]) != (batch, group):
+        raise ValueError(f"equivalence has [B, G] = {tuple(value.shape[:2])} but the other inputs have "
+                         f"({batch}, {group})")
+    return value
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """All given tensors must be on one device; returns it."""
     present = {name: t for name, t in tensors.items() if t is not None}
@@ -321,8 +335,13 @@ def check_group_loss_arguments(policy_logps: object, rewards: object, emb: objec
     rewards = check_group_tensor("rewards", rewards, batch, group)
     if ref_logps is not None:
         ref_logps = check_group_tensor("ref_logps", ref_logps, batch, group)
+    equivalence = extras.pop("equivalence", None)
     extras = {name: None if value is None else check_group_tensor(name, value, batch, group)
               for name, value in extras.items()}
+    if (diversity == "partition") != (equivalence is not None):
+        raise ValueError("diversity='partition' weighs the chosen responses by the partition diversity of a judge's "
+                         "links: it needs equivalence [B, G, G], and equivalence needs it")
+    extras["equivalence"] = None if equivalence is None else check_equivalence(equivalence, batch, group)
     mask = check_mask(mask, batch, group)
     encoders = check_encoders(emb, batch, group)
     if len(encoders) > 1 and (diversity != "deviation" or deviation_norm != "minmax"
@@ -337,7 +356,7 @@ def check_group_loss_arguments(policy_logps: object, rewards: object, emb: objec
         pair_index = check_index_tensor("pair_index", pair_index, batch)
         pairs = "explicit"
     needs_emb = {
-        f"diversity={diversity!r}": diversity != "none" and extras.get("weights") is None,
+        f"diversity={diversity!r}": diversity not in ("none", "partition") and extras.get("weights") is None,
         "diversity_alpha > 0": diversity_alpha > 0,
         "pairs='divpo' without divpo_scores": pairs == "divpo" and extras.get("divpo_scores") is None,
     }

@@ -5,6 +5,7 @@ for three digits that sum to 12; reward 1 for a correct completion)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from divkernels.integration import demo
@@ -22,11 +23,15 @@ def save_tiny_model(folder: str | Path, seed: int = 0) -> str:
     return str(folder)
 
 
-def arguments(doc: str | None, output_dir: str, max_steps: int, argv: list[str] | None) -> argparse.Namespace:
-    """``--output_dir`` and ``--max_steps`` of an example (its docstring as the help)."""
+def arguments(doc: str | None, output_dir: str, max_steps: int, argv: list[str] | None,
+              extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """``--output_dir`` and ``--max_steps`` of an example (its docstring as the help), and what ``extra``
+    adds."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=output_dir)
     parser.add_argument("--max_steps", type=int, default=max_steps)
+    if extra is not None:
+        extra(parser)
     return parser.parse_args(argv)
 
 

@@ -4,6 +4,8 @@
   logdet-regularized preference training on groups of responses; :func:`pairs_to_groups` for
   TRL's chosen/rejected datasets.
 * :class:`DarlingReward`, :class:`DiversityBonusReward`: reward functions for TRL's ``GRPOTrainer``.
+* :class:`HFPairJudge`, :class:`ServedPairJudge`, :func:`judge_groups`: DARLING's learned equivalence
+  judge (:mod:`divkernels.integration.judge`; ``python -m divkernels.integration.judge train`` fine-tunes one).
 * :class:`DiversityCallback`: diversity / pass@k tracking for any ``Trainer``.
 * :class:`SentenceEncoder`, :func:`pool_hidden_states`: embedding sources.
 * :mod:`divkernels.integration.verl` (imported on its own, needs verl): ``DiversityRewardManager``,
@@ -17,6 +19,7 @@ Needs the ``train`` extra (transformers, trl, accelerate, sentence-transformers)
 from divkernels.integration.callback import DiversityCallback, diversity_metrics, sample_completions
 from divkernels.integration.embeddings import SentenceEncoder, pool_hidden_states
 from divkernels.integration.groups import GroupPreferenceCollator, pairs_to_groups
+from divkernels.integration.judge import HFPairJudge, ServedPairJudge, judge_groups
 from divkernels.integration.models import attention_implementation, load_causal_lm
 from divkernels.integration.preference import DiversityPreferenceConfig, DiversityPreferenceTrainer
 from divkernels.integration.rewards import DarlingReward, DiversityBonusReward
@@ -28,9 +31,12 @@ __all__ = [
     "DiversityPreferenceConfig",
     "DiversityPreferenceTrainer",
     "GroupPreferenceCollator",
+    "HFPairJudge",
     "SentenceEncoder",
+    "ServedPairJudge",
     "attention_implementation",
     "diversity_metrics",
+    "judge_groups",
     "load_causal_lm",
     "pairs_to_groups",
     "pool_hidden_states",

@@ -21,6 +21,16 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def process_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def process_count() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def row_counts(rows: int, device: torch.device) -> list[int]:
     """Every process's number of rows, in rank order (one collective, one host sync)."""
     if not is_distributed():

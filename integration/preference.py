@@ -130,7 +130,7 @@ class DiversityPreferenceConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         check_choice("loss_type", self.loss_type, LOSSES)
-        check_choice("diversity", self.diversity, DIVERSITIES)
+        check_choice("diversity", self.diversity, DIVERSITIES[:3])  # "partition" needs a judge's links per batch
         check_choice("pairs", self.pairs, ("auto", *PAIR_MODES[:-1]))
         check_choice("deviation_norm", self.deviation_norm, DEVIATION_NORMS)
         check_choice("orpo_weighting", self.orpo_weighting, ORPO_WEIGHTINGS)

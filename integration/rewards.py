@@ -25,8 +25,10 @@ import torch
 
 import divkernels as dk
 from divkernels import reference
-from divkernels.integration.distributed import gather_objects, gather_rows, row_counts
+from divkernels.integration.distributed import gather_objects, gather_rows, process_count, process_rank, row_counts
 from divkernels.integration.embeddings import SentenceEncoder, completion_text
+from divkernels.integration.judge import PairJudge, judge_groups
+from divkernels.integration.judge import preset as judge_preset
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]
 
@@ -34,12 +36,26 @@ Embedder = Callable[[Sequence[str]], torch.Tensor]
 class _GroupDiversity:
     """Shared part: local embeddings -> gathered ``[B, G, D]`` groups in TRL's layout."""
 
-    def __init__(self, num_generations: int, embed: Embedder | None, backend: str) -> None:
+    def __init__(self, num_generations: int, embed: Embedder | None, backend: str, needs_embed: bool = True) -> None:
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (the GRPOConfig value), got {num_generations}")
         self.num_generations = num_generations
-        self.embed = embed if embed is not None else SentenceEncoder()
+        self.embed = embed if embed is not None or not needs_embed else SentenceEncoder()
         self.backend = backend
+
+    def check_layout(self, prompts: Sequence[Any], rows: int) -> None:
+        """The global batch's ``rows`` completions come in groups of ``num_generations`` consecutive rows
+        with one prompt each (``prompts``: this process's)."""
+        keys = gather_objects([repr(prompt) for prompt in prompts])
+        size = self.num_generations
+        if rows % size:
+            raise ValueError(f"the batch holds {rows} completions, not a multiple of "
+                             f"num_generations={size}: pass the num_generations of your GRPOConfig")
+        for start in range(0, len(keys), size):
+            if len(set(keys[start:start + size])) != 1:
+                raise ValueError(f"completions {start}..{start + size - 1} do not share one prompt: TRL lays "
+                                 f"out each prompt's num_generations={size} completions consecutively; check "
+                                 "num_generations")
 
     def groups(self, prompts: Sequence[Any], completions: Sequence[Any]) -> tuple[torch.Tensor, slice, list[int]]:
         """``(emb [B, G, D] of the global batch, slice of this process's rows in B * G, every
@@ -47,17 +63,8 @@ class _GroupDiversity:
         local = self.embed([completion_text(completion) for completion in completions]).to(torch.float32)
         counts = row_counts(local.shape[0], local.device)
         emb, rows = gather_rows(local, counts)
-        keys = gather_objects([repr(prompt) for prompt in prompts])
-        size = self.num_generations
-        if emb.shape[0] % size:
-            raise ValueError(f"the batch holds {emb.shape[0]} completions, not a multiple of "
-                             f"num_generations={size}: pass the num_generations of your GRPOConfig")
-        for start in range(0, len(keys), size):
-            if len(set(keys[start:start + size])) != 1:
-                raise ValueError(f"completions {start}..{start + size - 1} do not share one prompt: TRL lays "
-                                 f"out each prompt's num_generations={size} completions consecutively; check "
-                                 "num_generations")
-        return emb.view(-1, size, emb.shape[-1]), rows, counts
+        self.check_layout(prompts, emb.shape[0])
+        return emb.view(-1, self.num_generations, emb.shape[-1]), rows, counts
 
 
 def _log(kwargs: dict[str, Any], name: str, value: torch.Tensor) -> None:
@@ -72,36 +79,74 @@ class DarlingReward(_GroupDiversity):
     The authors' code (facebookresearch/darling): ``partition_reward_vllm_serve.partition`` merges
     the completions an equivalence judge links (union-find) and scores each
     ``(n - |class|) / (n - 1)``, floored at 0.1; ``ray_trainer.py`` with ``multiplicative=True``
-    multiplies the quality reward by it. Here two completions are linked when the cosine of their
-    embeddings is ``>= tau`` (or pass ``partition_func`` for a learned judge's labels).
+    multiplies the quality reward by it. With ``judge`` (DARLING's learned pair classifier,
+    :mod:`divkernels.integration.judge`) two completions are linked as the authors link them: the
+    short-answer shortcut, else ``P(similar) > threshold``. Without one, when the cosine of their
+    embeddings is ``>= tau`` (ours: an embedding stand-in for the judge).
 
     Args:
         quality_func: a TRL reward function ``(prompts, completions, **kwargs) -> list[float]``.
         num_generations: the ``GRPOConfig.num_generations`` (completions per prompt).
-        tau: cosine similarity at or above which two completions are linked.
+        judge: ``pairs -> P(similar)`` (an :class:`~divkernels.integration.judge.HFPairJudge`, a
+            :class:`~divkernels.integration.judge.ServedPairJudge` or any callable); None: embeddings.
+        preset: the judge's threshold by the authors' setting: ``"darling-math"`` (0.5) or
+            ``"darling-wildchat"`` (0.32); ``threshold`` overrides it.
+        shortcut: the authors' short-answer shortcut (responses of at most 5 words skip the judge).
+        tau: cosine similarity at or above which two completions are linked (without a judge).
         min_diversity: the floor (DARLING: 0.1).
         darling_reward: ``"raw"`` (DARLING) or ``"minmax"`` (ours: quality min-max scaled over the batch).
-        embed: ``texts -> [N, D]`` embeddings; default the bundled all-MiniLM-L6-v2 encoder.
+        embed: ``texts -> [N, D]`` embeddings (without a judge); default the bundled all-MiniLM-L6-v2 encoder.
         backend: divkernels backend for the diversity op.
+
+    With several processes each judges a share of the groups and the links are exchanged, so the
+    judge sees every pair of the global batch once.
     """
 
-    def __init__(self, quality_func: Callable[..., Sequence[float]], *, num_generations: int, tau: float = 0.9,
-                 min_diversity: float = reference.DARLING_MIN_DIVERSITY, darling_reward: str = "raw",
-                 embed: Embedder | None = None, backend: str = "auto") -> None:
-        super().__init__(num_generations, embed, backend)
-        self.quality_func = quality_func
+    def __init__(self, quality_func: Callable[..., Sequence[float]], *, num_generations: int,
+                 judge: PairJudge | None = None, preset: str = "darling-math", threshold: float | None = None,
+                 shortcut: bool = True, tau: float = 0.9, min_diversity: float = reference.DARLING_MIN_DIVERSITY,
+                 darling_reward: str = "raw", embed: Embedder | None = None, backend: str = "auto") -> None:
+        super().__init__(num_generations, embed, backend, needs_embed=judge is None)
+        self.quality_func, self.judge, self.shortcut = quality_func, judge, shortcut
+        self.threshold = judge_preset(preset).threshold if threshold is None else threshold
         self.tau, self.min_diversity, self.darling_reward = tau, min_diversity, darling_reward
         self.__name__ = f"darling_{getattr(quality_func, '__name__', 'quality')}"
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         quality = self.quality_func(prompts=prompts, completions=completions, **kwargs)
-        emb, rows, counts = self.groups(prompts, completions)
-        quality, _ = gather_rows(torch.as_tensor(quality, dtype=torch.float32, device=emb.device), counts)
-        div = dk.partition_diversity(emb, tau=self.tau, min_diversity=self.min_diversity, backend=self.backend)
+        if self.judge is None:
+            emb, rows, counts = self.groups(prompts, completions)
+            quality, _ = gather_rows(torch.as_tensor(quality, dtype=torch.float32, device=emb.device), counts)
+            div = dk.partition_diversity(emb, tau=self.tau, min_diversity=self.min_diversity, backend=self.backend)
+        else:
+            texts = gather_objects([completion_text(completion) for completion in completions])
+            local = len(completions)
+            start = sum(gather_objects([local])[:process_rank()])
+            rows = slice(start, start + local)
+            self.check_layout(prompts, len(texts))
+            quality = torch.tensor(gather_objects([float(value) for value in quality]), dtype=torch.float32)
+            links = self.judged_links(texts, kwargs)
+            div = dk.partition_diversity(equivalence=links, min_diversity=self.min_diversity, backend=self.backend)
         valid = torch.ones_like(div, dtype=torch.bool)
         shaped = reference.darling_rewards(quality.view_as(div), valid, div, self.darling_reward)
         _log(kwargs, "diversity/partition", div)
         return shaped.flatten()[rows].tolist()
+
+    def judged_links(self, texts: list[str], kwargs: dict[str, Any]) -> torch.Tensor:
+        """``[B, G, G]`` links of the global batch's groups: this process judges groups
+        ``rank, rank + world, ...``, and the processes exchange their links."""
+        size, world, rank = self.num_generations, process_count(), process_rank()
+        groups = [texts[start:start + size] for start in range(0, len(texts), size)]
+        mine = list(range(rank, len(groups), world))
+        links, _, calls = judge_groups(self.judge, [groups[k] for k in mine], threshold=self.threshold,
+                                       shortcut=self.shortcut)
+        shared = gather_objects([(k, links[n].tolist()) for n, k in enumerate(mine)])
+        every = torch.zeros(len(groups), size, size, dtype=torch.bool)
+        for k, rows in shared:
+            every[k] = torch.tensor(rows, dtype=torch.bool)
+        judged = sum(gather_objects([calls.judged]))
+        _log(kwargs, "judge/calls_per_group", torch.tensor(float(judged) / max(len(groups), 1)))
+        return every
 
 
 class DiversityBonusReward(_GroupDiversity):

@@ -19,8 +19,10 @@ verl's own GRPO estimator turns the shaped rewards into advantages:
 * ``darling`` (Li et al. 2025, arXiv 2509.02534; facebookresearch/darling
   ``verl/verl/trainer/ppo/ray_trainer.py`` with ``multiplicative``): ``quality * div_i``. Here
   ``div_i`` is the partition diversity ``(n - |C_i|) / (n - 1)``, floored at 0.1, where ``C_i`` is
-  the union-find class of ``cos >= tau``. Pair it with ``algorithm.norm_adv_by_std_in_grpo=False``
-  (``verl/math_scripts/darling.batch``).
+  the union-find class of the pairs a learned ``judge`` links, as the authors' reward does
+  (:mod:`divkernels.integration.judge`; the workers post the response texts and the board judges
+  each complete group), or, without a judge, of ``cos >= tau``. Pair it with
+  ``algorithm.norm_adv_by_std_in_grpo=False`` (``verl/math_scripts/darling.batch``).
 * ``dqo`` (arXiv 2509.04784): ``quality + alpha * gain_i``, where ``gain_i`` is the leave-one-out
   gain of ``log det(S + I)``. GRPO runs with its std normalization.
 * ``deviation``: ``quality + alpha * dev_i``, with ``dev_i`` the mean cosine distance to the rest
@@ -47,6 +49,8 @@ import torch
 import divkernels as dk
 from divkernels import reference
 from divkernels.integration.embeddings import HashedNgramEncoder, SentenceEncoder
+from divkernels.integration.judge import PairJudge, build_judge, judge_groups
+from divkernels.integration.judge import preset as judge_preset
 
 try:
     from verl import DataProto
@@ -85,6 +89,14 @@ class VerlDiversitySettings:
             ``dapo``, ...).
         poll_interval_s: how often a waiting member asks the board for its group's result.
         backend: divkernels backend of the diversity ops (the board runs on CPU: ``reference``).
+        judge: DARLING's pair classifier (darling only), built in the board by
+            :func:`divkernels.integration.judge.build_judge`: ``{kind: served, urls: [...], model: NAME,
+            cls_token: "[CLS]", sep_token: "[SEP]", max_len: 2048}`` (vLLM ``/classify`` servers),
+            ``{kind: hf, path: DIR, max_len: ...}`` (in the board's process) or ``{kind: callable,
+            target: "module:attr"}``; None links by embeddings (``encoder``, ``tau``).
+        judge_preset: the threshold by the authors' setting, ``"darling-math"`` (0.5) or
+            ``"darling-wildchat"`` (0.32); ``judge_threshold`` overrides it.
+        judge_shortcut: the authors' short-answer shortcut (responses of at most 5 words skip the judge).
     """
 
     diversity: str = "darling"
@@ -99,6 +111,10 @@ class VerlDiversitySettings:
     quality_manager: str = "naive"
     poll_interval_s: float = 0.05
     backend: str = "auto"
+    judge: dict[str, Any] | None = None
+    judge_preset: str = "darling-math"
+    judge_threshold: float | None = None
+    judge_shortcut: bool = True
 
     def __post_init__(self) -> None:
         if self.diversity not in DIVERSITY_KINDS:
@@ -110,6 +126,14 @@ class VerlDiversitySettings:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.group_timeout_s <= 0 or self.poll_interval_s <= 0:
             raise ValueError("group_timeout_s and poll_interval_s must be > 0")
+        if self.judge is not None and self.diversity != "darling":
+            raise ValueError(f"a judge links responses for diversity='darling', not {self.diversity!r}")
+        judge_preset(self.judge_preset)  # a known name
+
+    @property
+    def threshold(self) -> float:
+        """The judge's threshold: ``judge_threshold``, else the preset's."""
+        return judge_preset(self.judge_preset).threshold if self.judge_threshold is None else self.judge_threshold
 
     @classmethod
     def from_verl_config(cls, config: Any) -> VerlDiversitySettings:
@@ -196,10 +220,24 @@ def score_groups(quality: torch.Tensor, emb: torch.Tensor, group_ids: Sequence[H
     return quality + settings.alpha * measure, measure
 
 
+def score_judged_group(quality: torch.Tensor, texts: Sequence[str], judge: PairJudge,
+                       settings: VerlDiversitySettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """DARLING's shaped rewards of one group as the authors compute them: the judge's links
+    (:func:`divkernels.integration.judge.judge_groups`), their union-find classes' diversity, times
+    the quality. ``(rewards [n], measure [n])`` in float64; one response keeps its quality (measure 1)."""
+    quality = quality.to(torch.float64)
+    if len(texts) < 2:
+        return quality.clone(), torch.ones_like(quality)
+    links, mask, _ = judge_groups(judge, [list(texts)], threshold=settings.threshold, shortcut=settings.judge_shortcut)
+    measure = dk.partition_diversity(equivalence=links, mask=mask, min_diversity=settings.min_diversity,
+                                     transitive=settings.transitive, backend=settings.backend)[0].to(torch.float64)
+    return reference.darling_rewards(quality, torch.ones_like(quality, dtype=torch.bool), measure), measure
+
+
 @dataclasses.dataclass
 class _Group:
     quality: list[float] = dataclasses.field(default_factory=list)
-    embeddings: list[list[float]] = dataclasses.field(default_factory=list)
+    payloads: list[Any] = dataclasses.field(default_factory=list)  # embeddings, or texts for a judge
     members: dict[Hashable, int] = dataclasses.field(default_factory=dict)
     rewards: list[float] = dataclasses.field(default_factory=list)
     measure: list[float] = dataclasses.field(default_factory=list)
@@ -218,11 +256,13 @@ class GroupBoard:
     def __init__(self, settings: VerlDiversitySettings, finished_memory: int = 1 << 16) -> None:
         self.settings = settings
         self.finished_memory = finished_memory
+        self.judge = None if settings.judge is None else build_judge(settings.judge)
         self._open: dict[str, _Group] = {}
         self._scored: OrderedDict[str, _Group] = OrderedDict()
 
-    def post(self, uid: str, member: Hashable | None, quality: float, embedding: list[float]) -> int:
-        """Add one response to group ``uid`` and return its index in the group.
+    def post(self, uid: str, member: Hashable | None, quality: float, payload: list[float] | str) -> int:
+        """Add one response to group ``uid`` and return its index in the group; ``payload``: its
+        embedding, or its text when the settings have a judge.
 
         ``member`` identifies a response within its group (verl's ``session_id`` when the agent
         loop passes one). Posting the same member again returns its first index, so a retried
@@ -242,7 +282,7 @@ class GroupBoard:
             return group.members[member]
         index = len(group.quality)
         group.quality.append(float(quality))
-        group.embeddings.append(list(embedding))
+        group.payloads.append(payload if isinstance(payload, str) else list(payload))
         group.members[member if member is not None else ("arrival", index)] = index
         if len(group.quality) == self.settings.group_size:
             self._score(uid)
@@ -271,10 +311,13 @@ class GroupBoard:
     def _score(self, uid: str) -> None:
         group = self._open.pop(uid)
         size = len(group.quality)
-        rewards, measure = score_groups(torch.tensor(group.quality, dtype=torch.float64),
-                                        torch.tensor(group.embeddings, dtype=torch.float32), [uid] * size,
-                                        self.settings)
-        group.rewards, group.measure, group.embeddings = rewards.tolist(), measure.tolist(), []
+        quality = torch.tensor(group.quality, dtype=torch.float64)
+        if self.judge is not None:
+            rewards, measure = score_judged_group(quality, group.payloads, self.judge, self.settings)
+        else:
+            rewards, measure = score_groups(quality, torch.tensor(group.payloads, dtype=torch.float32), [uid] * size,
+                                            self.settings)
+        group.rewards, group.measure, group.payloads = rewards.tolist(), measure.tolist(), []
         self._scored[uid] = group
         while len(self._scored) > self.finished_memory:
             self._scored.popitem(last=False)
@@ -304,9 +347,10 @@ class BoardClient:
         return getattr(self.board, method)(*args)
 
     async def score(self, uid: str, member: Hashable | None, quality: float,
-                    embedding: list[float]) -> tuple[float, float]:
-        """Post one response and wait for its group's result: ``(shaped reward, measure)``."""
-        index = await self._call("post", uid, member, quality, embedding)
+                    payload: list[float] | str) -> tuple[float, float]:
+        """Post one response (its embedding, or its text for a judge) and wait for its group's result:
+        ``(shaped reward, measure)``."""
+        index = await self._call("post", uid, member, quality, payload)
         deadline = time.monotonic() + self.settings.group_timeout_s
         while True:
             outcome = await self._call("result", uid, index)
@@ -340,7 +384,7 @@ class DiversityRewardManager(RewardManagerBase):
         self.quality_manager = quality_cls(config, tokenizer, compute_score,
                                            reward_router_address=reward_router_address,
                                            reward_model_tokenizer=reward_model_tokenizer)
-        self.encoder = build_encoder(self.settings.encoder)
+        self.encoder = build_encoder(self.settings.encoder) if self.settings.judge is None else None
         self.board = BoardClient(self.settings)
 
     async def run_single(self, data: DataProto) -> dict:
@@ -355,9 +399,12 @@ class DiversityRewardManager(RewardManagerBase):
         response_ids = item.batch["responses"]
         length = int(item.batch["attention_mask"][-response_ids.shape[-1]:].sum())
         text = self.tokenizer.decode(response_ids[:length], skip_special_tokens=True)
-        embedding = await self.loop.run_in_executor(None, lambda: self.encoder([text])[0].float().tolist())
+        if self.encoder is None:  # the board's judge reads the text
+            payload: list[float] | str = text
+        else:
+            payload = await self.loop.run_in_executor(None, lambda: self.encoder([text])[0].float().tolist())
         quality = float(scored["reward_score"])
-        reward, measure = await self.board.score(uid, member, quality, embedding)
+        reward, measure = await self.board.score(uid, member, quality, payload)
         extra = dict(scored.get("reward_extra_info", {}))
         extra["quality"], extra["diversity"] = quality, measure
         return {"reward_score": reward, "reward_extra_info": extra}

@@ -25,13 +25,16 @@ def test_every_example_is_tested() -> None:
         "ddpo.py", "lora.py", "grpo_darling.py", "fsdp2.py"}
 
 
-@pytest.mark.parametrize("script", ["ddpo.py", "lora.py", "grpo_darling.py"])
-def test_example_runs(script: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("script", "flags"), [("ddpo.py", []), ("lora.py", []), ("grpo_darling.py", []),
+                                             ("grpo_darling.py", ["--judge", "tiny"])])
+def test_example_runs(script: str, flags: list[str], tmp_path: Path) -> None:
     pytest.importorskip("trl")
     if script == "lora.py":
         pytest.importorskip("peft")
-    out = run([sys.executable, str(EXAMPLES / script), "--output_dir", "out", "--max_steps", "2"], tmp_path)
+    out = run([sys.executable, str(EXAMPLES / script), "--output_dir", "out", "--max_steps", "2", *flags], tmp_path)
     assert "step 2" in out or "trained" in out, out
+    if flags:  # the learned judge ran on every pair of every group (4 completions: 6 pairs)
+        assert "judge calls per group 6.0" in out, out
     assert {path.name for path in tmp_path.iterdir()} == {"out"}  # nothing beside its output folder
 
 

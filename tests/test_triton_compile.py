@@ -155,6 +155,9 @@ def every_kernel_path() -> None:
             dk.partition_diversity(partition=labels, mask=mask, transitive=False, backend="triton")
             dk.group_advantages(rewards, None, mask, diversity="darling", partition=labels, darling_reward="minmax",
                                 backend="triton")
+            links = torch.rand(2, group, group, generator=generator) < 0.3  # a judge's links
+            dk.partition_diversity(equivalence=links, mask=mask, backend="triton")
+            dk.group_advantages(rewards, None, mask, diversity="darling", equivalence=links, backend="triton")
         # (loss, diversity, pairs, alpha): also without a sweep at the largest tile (the split forward's
         # similarity launch); ORPO with the in-kernel data checks
         configs = [(*config, 0.1) for config in BRANCH_CONFIGS] if every_branch else [

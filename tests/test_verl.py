@@ -153,6 +153,36 @@ def test_board_scores_a_group_once_complete_in_any_order(generator: torch.Genera
         board.post("a", None, 1.0, emb[0].tolist())
 
 
+def test_board_with_a_judge_scores_as_the_authors(generator: torch.Generator) -> None:
+    """With a judge the workers post texts and the board links each complete group as DARLING's reward
+    does (shortcut, P(similar) > threshold, union-find, 0.1 floor), times the quality."""
+    from test_judge import oracle_judge, oracle_rewards
+    from verl_scores import word_overlap_judge
+
+    texts = ["we add the two numbers and get five as the answer", "adding the two numbers we get five as answer",
+             "the product of the numbers is six which is the answer here", "5", "five",
+             "an unrelated long text about something else entirely here"]
+    judge = {"kind": "callable", "target": "verl_scores:word_overlap_judge"}
+    for threshold in (0.3, 0.6):
+        board = dk_verl.GroupBoard(settings(group_size=len(texts), judge=judge, judge_threshold=threshold))
+        quality = torch.rand(len(texts), generator=generator, dtype=torch.float64)
+        indices = [board.post("g", None, float(q), text) for q, text in zip(quality, texts, strict=True)]
+        got = [board.result("g", index) for index in indices]
+
+        def probability(text: str) -> float:
+            first, _, second = text.partition(" [SEP] ")
+            return word_overlap_judge([(first.split(" ", 1)[1], second.removesuffix(" [SEP]"))])[0]
+
+        same = oracle_judge(texts, probability, threshold, "[CLS]", "[SEP]", 4096)
+        want = oracle_rewards(texts, same)
+        assert [measure for _, measure in got] == pytest.approx(want, abs=1e-6)
+        assert [reward for reward, _ in got] == pytest.approx((quality * torch.tensor(want)).tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="a judge links responses for diversity='darling'"):
+        settings(diversity="dqo", judge=judge)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        settings(judge=judge, judge_preset="math")
+
+
 def test_board_retries_overfill_and_timeouts(generator: torch.Generator) -> None:
     board = dk_verl.GroupBoard(settings(group_size=3))
     emb = torch.randn(4, 6, generator=generator).tolist()

@@ -6,9 +6,11 @@
 // it with torch.utils.cpp_extension.load when DIVKERNELS_CUDA_HOST_EMULATION=1.
 #include <torch/extension.h>
 
+#include <memory>
 #include <vector>
 
 #include "../pair_math.h"
+#include "../partition.h"
 #include "../bind.h"
 #include "../launch.h"
 
@@ -62,6 +64,24 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
     }
   });
   return a.grad_emb;
+}
+
+at::Tensor partition_diversity(const OptTensor& equivalence, const OptTensor& labels, const OptTensor& mask,
+                               double min_diversity, bool transitive, bool normalize) {
+  const PartitionArgs a = prepare_partition(equivalence, labels, mask);
+  TORCH_CHECK(a.device.is_cpu(), "the host build takes CPU tensors, got ", a.device);
+  std::vector<unsigned char> links(size_t(a.G * a.G));
+  std::vector<int> label(size_t(a.G)), next(size_t(a.G));
+  std::vector<float> value(size_t(a.G));
+  std::unique_ptr<bool[]> valid(new bool[size_t(a.G)]);
+  int changed = 0;
+  const PartitionWorkspace ws{links.data(), label.data(), next.data(), valid.get(), &changed, value.data()};
+  for (int64_t b = 0; b < a.B; ++b) {
+    partition_group(BlockPar{}, ws, b, int(a.G), equivalence ? equivalence->data_ptr<bool>() : nullptr,
+                    data_or_null<int64_t>(labels), data_or_null<bool>(mask), float(min_diversity), transitive,
+                    normalize, a.out.data_ptr<float>());
+  }
+  return a.out;
 }
 
 }  // namespace divkernels

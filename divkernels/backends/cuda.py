@@ -67,3 +67,15 @@ def similarity_backward(sim: torch.Tensor, norms: torch.Tensor, inverse: torch.T
                                                            grad_loss.detach().to(sim.dtype).reshape(1), factor,
                                                            poison_outputs())
     return grad if grad.dtype == emb.dtype else grad.to(emb.dtype)
+
+
+def partition(given: torch.Tensor, mask: torch.Tensor | None, min_diversity: float, transitive: bool,
+              normalize: bool = False) -> torch.Tensor:
+    """DARLING's partition diversity ``[B, G]`` float32 through ``csrc/partition.cu`` (one thread block per
+    group) from a judge's links (bool ``[B, G, G]``) or labels (integer ``[B, G]``); ``normalize``: over
+    its group mean (the fused loss's partition weights)."""
+    equivalence = given.contiguous() if given.dim() == 3 else None
+    labels = given.to(torch.int64).contiguous() if given.dim() == 2 else None
+    mask = None if mask is None else mask.contiguous()
+    return _cuda.extension(given.device).partition_diversity(equivalence, labels, mask, min_diversity, transitive,
+                                                             normalize)

@@ -41,6 +41,7 @@ from divkernels.validation import (
     DataChecks,
     check_choice,
     check_emb,
+    check_equivalence,
     check_float_tensor,
     check_group_tensor,
     check_mask,
@@ -53,10 +54,10 @@ ADVANTAGE_STD_EPS = tl.constexpr(reference.ADVANTAGE_STD_EPS)
 
 
 @triton.jit(do_not_specialize=["B", "G", "stride_b"])  # sizes that vary over a run: common.py
-def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, B, G, D,
+def _advantages_kernel(rewards_ptr, emb_ptr, given_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, B, G, D,
                        alpha: tl.float64, tau: tl.float64, eps: tl.float64, min_diversity: tl.float64, stride_b,
                        stride_g, stride_d, DIVERSITY: tl.constexpr, STD: tl.constexpr, PHASE: tl.constexpr,
-                       HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, TRANSITIVE: tl.constexpr, STEPS: tl.constexpr,
+                       LINKS: tl.constexpr, HAS_MASK: tl.constexpr, TRANSITIVE: tl.constexpr, STEPS: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
                        OUT: tl.constexpr, PRECISION: tl.constexpr, FIXUP: tl.constexpr, ALIGNED: tl.constexpr):
     """Advantages of group ``b`` (DIVERSITY: 0 none, 1 darling, 2 dqo, 3 deviation).
@@ -82,7 +83,7 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
     if PHASE == 2:
         measure = tl.load(out_ptr + b * G + offs, mask=inside, other=0.0).to(OUT)
     elif DIVERSITY == 1:
-        links, bad = group_links(emb_ptr, labels_ptr, b, valid, G, D, tau, stride_b, stride_g, stride_d, HAS_LABELS,
+        links, bad = group_links(emb_ptr, given_ptr, b, valid, G, D, tau, stride_b, stride_g, stride_d, LINKS,
                                  BLOCK_G, BLOCK_D, ACC, PRECISION, ALIGNED)
         measure = partition_from_links(links, valid, min_diversity, TRANSITIVE, STEPS, BLOCK_G, OUT)
         tl.store(bad_ptr + b, bad)
@@ -128,12 +129,12 @@ def _advantages_kernel(rewards_ptr, emb_ptr, labels_ptr, mask_ptr, out_ptr, rang
         tl.store(out_ptr + b * G + offs, centered, mask=inside)
 
 
-def uses_embeddings(diversity: str, labels: torch.Tensor | None) -> bool:
-    """The diversity is measured on ``emb`` (every mode but "none", and darling given labels)."""
-    return diversity != "none" and labels is None
+def uses_embeddings(diversity: str, given: torch.Tensor | None) -> bool:
+    """The diversity is measured on ``emb`` (every mode but "none", and darling given labels or a judge's links)."""
+    return diversity != "none" and given is None
 
 
-def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: torch.Tensor | None,
+def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, given: torch.Tensor | None,
                        mask: torch.Tensor | None, diversity: str, alpha: float, tau: float, eps: float,
                        scale: str, min_diversity: float, transitive: bool,
                        darling_reward: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,13 +142,13 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
     float32: the float64 fix-up of :mod:`divkernels.ops.fixup`)."""
     batch, group = rewards.shape
     out_dtype = reference.compute_dtype(rewards.dtype)
-    (emb, labels, dim, *strides), flags, acc = link_launch_arguments(
-        emb if uses_embeddings(diversity, labels) else None, labels, group)
+    (emb, given, dim, *strides), flags, acc = link_launch_arguments(
+        emb if uses_embeddings(diversity, given) else None, given, group)
     out = new_output((batch, group), out_dtype, rewards.device)
     bad = new_output((batch,), acc, rewards.device)
     two_phase = diversity == "darling" and darling_reward == "minmax"
     ranges = new_output((batch, 2), out_dtype, rewards.device) if two_phase else None
-    arguments = (rewards.contiguous(), emb, labels, mask, out, ranges, bad, batch, group, dim, alpha, tau, eps,
+    arguments = (rewards.contiguous(), emb, given, mask, out, ranges, bad, batch, group, dim, alpha, tau, eps,
                  min_diversity, *strides)
     constants = dict(DIVERSITY=ADVANTAGE_DIVERSITIES.index(diversity), STD=scale == "std", HAS_MASK=mask is not None,
                      TRANSITIVE=transitive, STEPS=closure_steps(flags["BLOCK_G"]), BLOCK_B=128,
@@ -163,17 +164,17 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, labels: 
 
 
 @torch.library.custom_op("divkernels::group_advantages", mutates_args=())
-def advantages_op(rewards: torch.Tensor, emb: torch.Tensor | None, labels: torch.Tensor | None,
+def advantages_op(rewards: torch.Tensor, emb: torch.Tensor | None, given: torch.Tensor | None,
                   mask: torch.Tensor | None, diversity: str, alpha: float, tau: float, eps: float, scale: str,
                   min_diversity: float, transitive: bool, darling_reward: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages [B, G], bad [B])`` as a custom op for torch.compile (no gradient)."""
-    return advantages_forward(rewards, emb, labels, mask, diversity, alpha, tau, eps, scale, min_diversity,
+    return advantages_forward(rewards, emb, given, mask, diversity, alpha, tau, eps, scale, min_diversity,
                               transitive, darling_reward)
 
 
 @advantages_op.register_fake
-def _(rewards, emb, labels, mask, diversity, alpha, tau, eps, scale, min_diversity, transitive, darling_reward):
-    acc = accumulation_dtype(*((emb.dtype,) if uses_embeddings(diversity, labels) else ()))
+def _(rewards, emb, given, mask, diversity, alpha, tau, eps, scale, min_diversity, transitive, darling_reward):
+    acc = accumulation_dtype(*((emb.dtype,) if uses_embeddings(diversity, given) else ()))
     return (rewards.new_empty(rewards.shape, dtype=reference.compute_dtype(rewards.dtype)),
             rewards.new_empty((rewards.shape[0],), dtype=acc))
 
@@ -189,6 +190,7 @@ def group_advantages(
     eps: float = reference.DQO_EPS,
     scale: str | None = None,
     partition: torch.Tensor | None = None,
+    equivalence: torch.Tensor | None = None,
     min_diversity: float = reference.DARLING_MIN_DIVERSITY,
     transitive: bool = True,
     darling_reward: str = "raw",
@@ -216,7 +218,9 @@ def group_advantages(
         tau: cosine threshold of a link between two responses (darling).
         eps: ridge of ``K = S + eps I`` (dqo).
         scale: ``"std"``, ``"none"`` (Dr. GRPO) or None (the method's published setting).
-        partition: ``[B, G]`` integer labels for darling (e.g. from a learned classifier).
+        partition: ``[B, G]`` integer labels for darling (responses with equal labels are linked).
+        equivalence: ``[B, G, G]`` bool links for darling: a judge's verdict on each pair ``i < j``
+            (DARLING's learned classifier, :mod:`divkernels.integration.judge`).
         min_diversity: darling's floor on partition diversity (0.1; 0 disables it).
         transitive: darling's classes are connected components of the links (False: direct links only, ours).
         darling_reward: ``"raw"`` (DARLING) or ``"minmax"`` (ours: rewards min-max scaled over the batch first).
@@ -239,19 +243,25 @@ def group_advantages(
     if group < 2:
         raise ValueError(f"rewards must hold G >= 2 responses per group, got G={group}")
     mask = check_mask(mask, batch, group)
-    if partition is not None:
+    if partition is not None or equivalence is not None:
         if diversity != "darling":
-            raise ValueError("partition labels are only used with diversity='darling'")
-        partition = check_partition(partition, batch, group)
+            raise ValueError("partition labels and equivalence links are only used with diversity='darling'")
+        if partition is not None and equivalence is not None:
+            raise ValueError("give partition labels or equivalence links, not both")
+        if partition is not None:
+            partition = check_partition(partition, batch, group)
+        else:
+            equivalence = check_equivalence(equivalence, batch, group)
+    given = partition if partition is not None else equivalence
     if emb is not None:
         emb = check_emb(emb)
         if tuple(emb.shape[:2]) != (batch, group):
             raise ValueError(f"emb has [B, G] = {tuple(emb.shape[:2])} but rewards has ({batch}, {group})")
-    if diversity != "none" and emb is None and partition is None:
+    if diversity != "none" and emb is None and given is None:
         raise ValueError(f"diversity={diversity!r} needs emb [B, G, D]"
-                         + (" or partition labels" if diversity == "darling" else ""))
-    device = check_same_device(rewards=rewards, emb=emb, mask=mask, partition=partition)
-    uses_emb = uses_embeddings(diversity, partition)
+                         + (" or partition labels or equivalence links" if diversity == "darling" else ""))
+    device = check_same_device(rewards=rewards, emb=emb, mask=mask, partition=partition, equivalence=equivalence)
+    uses_emb = uses_embeddings(diversity, given)
     resolved = resolve_backend(backend, op="group_advantages", device=device, group_size=group, kernels=("triton",))
 
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
@@ -266,7 +276,7 @@ def group_advantages(
         with torch.no_grad():
             function = advantages_op if torch.compiler.is_compiling() else advantages_forward
             advantages, bad = function(
-                rewards, None if emb is None else emb.detach(), partition, contiguous(mask), diversity, alpha,
+                rewards, None if emb is None else emb.detach(), given, contiguous(mask), diversity, alpha,
                 tau, eps, reference.default_scale(diversity, scale), min_diversity, transitive, darling_reward)
         if uses_emb:
             checks.emb_flagged(lambda: bad > 0, emb.dtype)
@@ -274,6 +284,7 @@ def group_advantages(
         checks.emb(emb if uses_emb else None, valid)
         advantages = reference.group_advantages(rewards, emb if uses_emb else None, valid(), diversity=diversity,
                                                 alpha=alpha, tau=tau, eps=eps, scale=scale, partition=partition,
+                                                equivalence=equivalence,
                                                 min_diversity=min_diversity, transitive=transitive,
                                                 darling_reward=darling_reward)
     if diversity == "dqo":

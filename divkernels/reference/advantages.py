@@ -26,6 +26,7 @@ def group_advantages(
     min_diversity: float = DARLING_MIN_DIVERSITY,
     transitive: bool = True,
     darling_reward: str = "raw",
+    equivalence: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Diversity-aware GRPO advantages.
 
@@ -40,6 +41,7 @@ def group_advantages(
     Args:
         rewards: ``[B, G]``. emb: ``[B, G, D]`` (not needed for none, or darling with partition).
         partition: ``[B, G]`` integer labels for darling instead of thresholded similarity.
+        equivalence: ``[B, G, G]`` bool links for darling (a judge's verdicts on the pairs ``i < j``).
 
     Returns:
         ``[B, G]`` float32 (float64 for float64 rewards) advantages, 0 at padding; no grad.
@@ -49,7 +51,7 @@ def group_advantages(
         dtype = compute_dtype(rewards.dtype)
         measure = None
         if diversity == "darling":
-            measure = partition_diversity(emb, valid, tau, partition, dtype, min_diversity, transitive)
+            measure = partition_diversity(emb, valid, tau, partition, dtype, min_diversity, transitive, equivalence)
         elif diversity == "dqo":
             measure = logdet_diversity(emb, valid, eps, "cosine", return_gains=True)[1]
         elif diversity == "deviation":

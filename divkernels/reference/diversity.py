@@ -121,6 +121,7 @@ def partition_diversity(
     dtype: torch.dtype | None = None,
     min_diversity: float = DARLING_MIN_DIVERSITY,
     transitive: bool = True,
+    equivalence: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Partition diversity (DARLING, Li et al. 2025, arXiv 2509.02534): share of the group outside i's class.
 
@@ -129,14 +130,23 @@ def partition_diversity(
     connected components of the equivalence graph, and ``div_i = (n - |C_i|) / (n - 1)``, floored
     at 0.1. Here ``i ~ j`` when cosine ``S_ij >= tau`` (the classes are the connected components of
     that graph; ``transitive=False`` counts only direct neighbours, our earlier variant) or, with
-    ``partition`` labels ``[B, G]`` (e.g. from DARLING's learned classifier), when the labels are
-    equal. ``min_diversity`` is the floor (0 disables it).
+    ``partition`` labels ``[B, G]``, when the labels are equal, or, with ``equivalence`` ``[B, G, G]``
+    bool (DARLING's learned judge: :func:`divkernels.integration.judge.judge_groups`), when
+    ``equivalence[b, i, j]`` for ``i < j`` (the authors judge each pair ``i < j`` once; the lower
+    triangle and the diagonal are not read). ``min_diversity`` is the floor (0 disables it).
 
     Returns:
         ``[B, G]`` in ``dtype`` (default float32, float64 for float64 ``emb``), 0 at padding.
         Not differentiable (detached).
     """
     with torch.no_grad():
+        if equivalence is not None:
+            batch, group = equivalence.shape[:2]
+            valid = valid_mask(mask, batch, group, equivalence.device)
+            upper = torch.ones(group, group, dtype=torch.bool, device=equivalence.device).triu(1)
+            linked = equivalence.bool() & upper
+            return partition_from_equivalence(linked | linked.mT, valid, dtype or torch.float32, min_diversity,
+                                              transitive)
         if partition is not None:
             batch, group = partition.shape
             valid = valid_mask(mask, batch, group, partition.device)

@@ -25,6 +25,7 @@ from divkernels.reference.diversity import (
     gains_from_inverse,
     group_sizes,
     logdet_and_inverse,
+    partition_diversity,
 )
 from divkernels.reference.similarity import pairwise_similarity
 from divkernels.types import LossOutput
@@ -312,12 +313,14 @@ def _loss_pair_counts(quality: torch.Tensor, valid: torch.Tensor, sim: torch.Ten
 
 def _loss_weights(weights: torch.Tensor | None, valid: torch.Tensor, policy: torch.Tensor, encoders: list,
                   dev: torch.Tensor | None, inverse: torch.Tensor | None, diversity: str, deviation_norm: str,
-                  min_deviation: float, dtype: torch.dtype) -> torch.Tensor:
+                  min_deviation: float, dtype: torch.dtype, equivalence: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, G]`` constant weights of the chosen responses: given, or from ``diversity``."""
     if weights is not None:
         weights = torch.where(valid, weights.to(dtype), 0.0)
     elif diversity == "none":
         weights = torch.ones_like(policy)
+    elif diversity == "partition":
+        weights = normalized_weights(partition_diversity(mask=valid, equivalence=equivalence, dtype=dtype), valid)
     elif diversity == "deviation":
         devs = [dev.detach()] + [deviation(extra.detach(), valid) for extra in encoders[1:]]
         weights = deviation_weights(devs if len(devs) > 1 else devs[0], valid, deviation_norm, min_deviation)
@@ -390,6 +393,7 @@ def group_preference_loss(
     nll_logps: torch.Tensor | None = None,
     nll_tokens: torch.Tensor | None = None,
     cpo_alpha: float = 0.0,
+    equivalence: torch.Tensor | None = None,
 ) -> LossOutput:
     """Diversity-weighted group-wise preference loss: DPO/IPO/ORPO/SimPO x DDPO/DORPO/DivPO/DQO.
 
@@ -419,6 +423,8 @@ def group_preference_loss(
         weights: ``[B, G]`` given weights (used instead of ``diversity``'s; constants).
         token_counts: ``[B, G]`` completion token counts (IPO's length normalization).
         nll_logps, nll_tokens: ``[B, G]`` the NLL term's summed token log-probs and token counts.
+        equivalence: ``[B, G, G]`` bool links for ``diversity="partition"`` (weights: the partition
+            diversity normalized to mean 1, ours).
         loss, diversity, pairs, ...: as in :func:`divkernels.group_preference_loss`.
 
     Returns:
@@ -442,7 +448,7 @@ def group_preference_loss(
     counts = _loss_pair_counts(quality, valid, sim, pair_index, pairs, divpo_scores, quality_quantile, divpo_pools,
                                dtype)
     weights = _loss_weights(weights, valid, policy, encoders, dev, inverse, diversity, deviation_norm,
-                            min_deviation, dtype)
+                            min_deviation, dtype, equivalence)
 
     num_pairs = counts.sum()
     per_pair = num_pairs.clamp_min(1.0)

@@ -22,6 +22,7 @@ from divkernels.ops.group_loss.checks import (
 )
 from divkernels.ops.group_loss.custom_ops import GroupPreferenceLossFunction, group_loss_forward_op
 from divkernels.ops.logdet import check_factorization
+from divkernels.ops.partition import partition_weights
 from divkernels.types import LossOutput, MetricVector
 from divkernels.validation import DataChecks, GroupLossArguments, check_group_loss_arguments
 
@@ -129,8 +130,11 @@ def _config_fields(options: dict, args: GroupLossArguments, given_weights: bool,
 
 def _kernel_weights(args: GroupLossArguments, resolved: str, valid: torch.Tensor | Callable[[], torch.Tensor],
                     options: dict) -> torch.Tensor | None:
-    """The weights the kernels take as given: the caller's, or the DDPO weights combined over several
-    encoders (the kernels weigh one encoder's deviation themselves); None otherwise."""
+    """The weights the kernels take as given: the caller's, the partition weights of a judge's links
+    (the partition op's kernel on the same backend), or the DDPO weights combined over several encoders
+    (the kernels weigh one encoder's deviation themselves); None otherwise."""
+    if args.extras["weights"] is None and options["diversity"] == "partition":
+        return partition_weights(args.extras["equivalence"], args.mask, resolved)
     if len(args.encoders) <= 1:
         return args.extras["weights"]
     kernel = "triton" if resolved == "triton" else "auto"
@@ -172,6 +176,7 @@ def group_preference_loss(
     token_counts: torch.Tensor | None = None,
     nll_logps: torch.Tensor | None = None,
     nll_tokens: torch.Tensor | None = None,
+    equivalence: torch.Tensor | None = None,
     check_inputs: bool = True,
     backend: str = "auto",
     **options: object,
@@ -210,6 +215,9 @@ def group_preference_loss(
         nll_logps: ``[B, G]`` summed log-probs of every predicted token of each sequence, prompt
             included (TRL's ORPO/CPO NLL is over prompt and completion); differentiable.
         nll_tokens: ``[B, G]`` the number of those tokens, > 0.
+        equivalence: ``[B, G, G]`` bool, a judge's links (pairs ``i < j``) for ``diversity="partition"``:
+            the chosen response's weight is its partition diversity
+            (:func:`divkernels.partition_diversity`) normalized to mean 1 over the group (ours).
         check_inputs: NaN/inf, group-size and pair-index checks (one host sync); False skips.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
@@ -222,7 +230,7 @@ def group_preference_loss(
     """
     options = {**with_defaults(options), "backend": backend}
     extras = {"divpo_scores": divpo_scores, "weights": weights, "token_counts": token_counts,
-              "nll_logps": nll_logps, "nll_tokens": nll_tokens}
+              "nll_logps": nll_logps, "nll_tokens": nll_tokens, "equivalence": equivalence}
     if torch.compiler.is_compiling():
         args = check_group_loss_arguments(policy_logps, rewards, emb, ref_logps, mask, pair_index=pair_index,
                                           options=options, **extras)

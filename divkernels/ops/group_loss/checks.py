@@ -132,7 +132,8 @@ def _host_data_checks(checks: DataChecks, args: GroupLossArguments, valid: torch
     policy_logps, extras, group = args.policy_logps, args.extras, args.policy_logps.shape[1]
     for name, value in (("policy_logps", policy_logps), ("rewards", args.rewards), ("ref_logps", args.ref_logps),
                         *extras.items()):
-        checks.finite(name, value, valid)
+        if name != "equivalence":  # bool links: nothing to be non-finite
+            checks.finite(name, value, valid)
     for k, e in enumerate(args.encoders[1:], start=1):  # the first is checked with the kernel's norms
         checks.emb(e, valid, f"emb[{k}]")
     if args.needs_emb_reason is not None:

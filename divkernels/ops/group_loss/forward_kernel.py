@@ -40,6 +40,7 @@ from divkernels.ops.group_loss.pair_math import (
     COL_VALID,
     COL_WEIGHT_SUM,
     COL_WEIGHTED_LOSS,
+    WEIGHTS_GIVEN,
     at_rows,
     best_worst_pair,
     ddpo_weights,
@@ -233,7 +234,7 @@ def write_checks(stats, valid, policy, reward, ref, top_score, weight, length, n
         tl.store(stats + COL_BAD_DIVPO_SCORES, any_bad(valid & ~is_finite(top_score)))
     else:
         tl.store(stats + COL_BAD_DIVPO_SCORES, 0.0)
-    if MODE.weights == 3:
+    if MODE.weights == WEIGHTS_GIVEN:
         tl.store(stats + COL_BAD_WEIGHTS, any_bad(valid & ~is_finite(weight)))
     else:
         tl.store(stats + COL_BAD_WEIGHTS, 0.0)

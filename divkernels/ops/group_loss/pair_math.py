@@ -6,13 +6,15 @@ never a raw offset). Each function follows its counterpart in :mod:`divkernels.r
 from __future__ import annotations
 
 from divkernels import reference
-from divkernels.loss_config import CHECK_STATS, STAT, STATS, scalar_slot
+from divkernels.loss_config import CHECK_STATS, STAT, STATS, WEIGHT_MODES, scalar_slot
 from divkernels.ops.common import tl, triton
 
 LN2 = tl.constexpr(reference.LN2)
 DIVPO_TIE_RTOL = tl.constexpr(reference.DIVPO_TIE_RTOL)
 DIVPO_COUNT_SLACK = tl.constexpr(reference.DIVPO_COUNT_SLACK)
 DEVIATION_TIE = tl.constexpr(reference.DEVIATION_TIE)
+# MODE.weights of weights given by the caller (the host's partition weights arrive as given ones too)
+WEIGHTS_GIVEN = tl.constexpr(WEIGHT_MODES.index("given"))
 # Slots of the pair math's reals in the kernels' float64 scalar table (loss_config.SCALARS)
 BETA = tl.constexpr(scalar_slot("beta"))
 ORPO_LAMBDA = tl.constexpr(scalar_slot("orpo_lambda"))
