@@ -18,7 +18,7 @@ constexpr double kPivotMargin = 0x1.0000000000000p+8;  // 256.0
 // Mode numbers: the index of the option's name in its Python tuple.
 enum Loss : int { kLossDpo = 0, kLossIpo, kLossOrpo, kLossSimpo };
 enum Pairs : int { kPairsAll = 0, kPairsBestWorst, kPairsDivpo, kPairsExplicit };
-enum Weights : int { kWeightsNone = 0, kWeightsDeviation, kWeightsLogdetGain, kWeightsPartition, kWeightsGiven };
+enum Weights : int { kWeightsNone = 0, kWeightsDeviation, kWeightsLogdetGain, kWeightsGiven, kWeightsPartition };
 enum DeviationNorm : int { kNormMinmax = 0, kNormMean, kNormNone };
 // Columns of the [B, kNumStats] per-group partial sums (loss_config.STATS).
 enum Stat : int { kWeightedLoss = 0, kPairs, kChosenReward, kRejectedReward, kCorrect, kNoPairs, kDeviation, kMeanSimilarity, kHasSimilarity, kLogdet, kValid, kEmbNonfinite, kWeightSum, kNllLogps, kNllTokens, kLogpsChosen, kLogpsRejected, kLogOddsRatio, kLogOddsChosen, kNumStats };

@@ -26,8 +26,9 @@ import torch
 from divkernels import reference
 from divkernels.types import DEVIATION_NORMS, DIVERSITIES, DIVPO_POOLS, LOSSES, ORPO_WEIGHTINGS, PAIR_MODES
 
-# Weight mode of the kernels: the diversity modes, then weights given by the caller.
-WEIGHT_MODES = (*DIVERSITIES, "given")
+# Weight mode of the kernels: the diversity modes they compute, weights given by the caller, then
+# "partition", whose weights the host computes from a judge's links and hands over as given ones.
+WEIGHT_MODES = (*(mode for mode in DIVERSITIES if mode != "partition"), "given", "partition")
 # Columns of the [B, NUM_STATS] per-group partial sums both kernels write (C++: enum Stat).
 STATS = ("weighted_loss", "pairs", "chosen_reward", "rejected_reward", "correct", "no_pairs", "deviation",
          "mean_similarity", "has_similarity", "logdet", "valid", "emb_nonfinite", "weight_sum", "nll_logps",

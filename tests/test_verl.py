@@ -177,6 +177,9 @@ def test_board_with_a_judge_scores_as_the_authors(generator: torch.Generator) ->
         want = oracle_rewards(texts, same)
         assert [measure for _, measure in got] == pytest.approx(want, abs=1e-6)
         assert [reward for reward, _ in got] == pytest.approx((quality * torch.tensor(want)).tolist(), abs=1e-6)
+    same = dk_verl.GroupBoard(settings(group_size=3, judge=judge))  # one class: every member at the floor
+    indices = [same.post("s", None, 1.0, texts[0]) for _ in range(3)]
+    assert [same.result("s", index) for index in indices] == [(pytest.approx(0.1), pytest.approx(0.1))] * 3
     with pytest.raises(ValueError, match="a judge links responses for diversity='darling'"):
         settings(diversity="dqo", judge=judge)
     with pytest.raises(ValueError, match="preset must be one of"):

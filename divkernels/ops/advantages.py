@@ -245,7 +245,8 @@ def group_advantages(
     mask = check_mask(mask, batch, group)
     if partition is not None or equivalence is not None:
         if diversity != "darling":
-            raise ValueError("partition labels and equivalence links are only used with diversity='darling'")
+            given_name = "partition labels are" if partition is not None else "equivalence links are"
+            raise ValueError(f"{given_name} only used with diversity='darling'")
         if partition is not None and equivalence is not None:
             raise ValueError("give partition labels or equivalence links, not both")
         if partition is not None:
