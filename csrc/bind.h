@@ -26,6 +26,11 @@ inline void define_ops(pybind11::module_& m) {
         "labels [B, G]; normalize: over its group mean",
         py::arg("equivalence"), py::arg("labels"), py::arg("mask"), py::arg("min_diversity"), py::arg("transitive"),
         py::arg("normalize"));
+  m.def("group_advantages", &group_advantages,
+        "Advantages [B, G] of the shaped rewards (rewards times factor, or rewards): estimator (enum Estimator) "
+        "over subsets of k; standardize: over the group's std",
+        py::arg("rewards"), py::arg("factor"), py::arg("mask"), py::arg("estimator"), py::arg("k"),
+        py::arg("standardize"));
   m.def(
       "shared_bytes",
       [](int64_t G, int64_t element_size) {

@@ -236,6 +236,8 @@ at::Tensor similarity_backward(const at::Tensor& grad_sim, const at::Tensor& sim
                                bool poison);
 at::Tensor partition_diversity(const OptTensor& equivalence, const OptTensor& labels, const OptTensor& mask,
                                double min_diversity, bool transitive, bool normalize);
+at::Tensor group_advantages(const at::Tensor& rewards, const OptTensor& factor, const OptTensor& mask,
+                            int64_t estimator, int64_t k, bool standardize);
 
 // Checked arguments of partition_diversity: exactly one of the judge's links (contiguous bool
 // [B, G, G]) and labels (contiguous int64 [B, G]); the output [B, G] float32.
@@ -269,6 +271,35 @@ inline PartitionArgs prepare_partition(const OptTensor& equivalence, const OptTe
                 "mask must be a contiguous bool [B, G] tensor on the links' device");
   }
   a.out = at::empty({a.B, a.G}, at::TensorOptions().dtype(at::kFloat).device(a.device));
+  return a;
+}
+
+// Checked arguments of group_advantages: contiguous float32 / float64 rewards [B, G], a factor of the same
+// dtype and shape (or None), a bool mask (or None); the output [B, G] in the rewards' dtype.
+struct AdvantageArgs {
+  int64_t B = 0, G = 0;
+  at::Tensor out;
+};
+
+inline AdvantageArgs prepare_advantages(const at::Tensor& rewards, const OptTensor& factor, const OptTensor& mask) {
+  TORCH_CHECK(rewards.dim() == 2 && rewards.is_contiguous() &&
+                  (rewards.scalar_type() == at::kFloat || rewards.scalar_type() == at::kDouble),
+              "rewards must be a contiguous float32 or float64 [B, G] tensor");
+  AdvantageArgs a;
+  a.B = rewards.size(0);
+  a.G = rewards.size(1);
+  TORCH_CHECK(a.G >= 1 && a.G <= kMaxGroup, "G must be in [1, ", kMaxGroup, "], got ", a.G);
+  if (factor) {
+    TORCH_CHECK(factor->sizes() == rewards.sizes() && factor->scalar_type() == rewards.scalar_type() &&
+                    factor->is_contiguous() && factor->device() == rewards.device(),
+                "factor must be a contiguous tensor of the rewards' shape, dtype and device");
+  }
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 &&
+                    mask->size(0) == a.B && mask->size(1) == a.G && mask->device() == rewards.device(),
+                "mask must be a contiguous bool [B, G] tensor on the rewards' device");
+  }
+  a.out = at::empty_like(rewards);
   return a;
 }
 

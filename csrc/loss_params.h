@@ -14,12 +14,15 @@ constexpr double kDivpoCountSlack = 0x1.a36e2eb1c432dp-14;  // 0.0001
 constexpr double kDeviationTie = 0x1.0c6f7a0b5ed8dp-20;  // 1e-06
 constexpr double kLn2 = 0x1.62e42fefa39efp-1;  // 0.6931471805599453
 constexpr double kPivotMargin = 0x1.0000000000000p+8;  // 256.0
+constexpr double kAdvantageStdEps = 0x1.a36e2eb1c432dp-14;  // 0.0001
+constexpr double kPasskStdEps = 0x1.0c6f7a0b5ed8dp-20;  // 1e-06
 
 // Mode numbers: the index of the option's name in its Python tuple.
 enum Loss : int { kLossDpo = 0, kLossIpo, kLossOrpo, kLossSimpo };
 enum Pairs : int { kPairsAll = 0, kPairsBestWorst, kPairsDivpo, kPairsExplicit };
 enum Weights : int { kWeightsNone = 0, kWeightsDeviation, kWeightsLogdetGain, kWeightsGiven, kWeightsPartition };
 enum DeviationNorm : int { kNormMinmax = 0, kNormMean, kNormNone };
+enum Estimator : int { kEstimatorGrpo = 0, kEstimatorPasskAnalytic, kEstimatorPkpo, kEstimatorBestMinusSecond };
 // Columns of the [B, kNumStats] per-group partial sums (loss_config.STATS).
 enum Stat : int { kWeightedLoss = 0, kPairs, kChosenReward, kRejectedReward, kCorrect, kNoPairs, kDeviation, kMeanSimilarity, kHasSimilarity, kLogdet, kValid, kEmbNonfinite, kWeightSum, kNllLogps, kNllTokens, kLogpsChosen, kLogpsRejected, kLogOddsRatio, kLogOddsChosen, kNumStats };
 // The tensors of group_loss_forward, in order (null where an optional one is absent).

@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 
 from divkernels import reference
-from divkernels.types import DEVIATION_NORMS, DIVERSITIES, DIVPO_POOLS, LOSSES, ORPO_WEIGHTINGS, PAIR_MODES
+from divkernels.types import (
+    ADVANTAGE_ESTIMATORS,
+    DEVIATION_NORMS,
+    DIVERSITIES,
+    DIVPO_POOLS,
+    LOSSES,
+    ORPO_WEIGHTINGS,
+    PAIR_MODES,
+)
 
 # Weight mode of the kernels: the diversity modes they compute, weights given by the caller, then
 # "partition", whose weights the host computes from a judge's links and hands over as given ones.
@@ -240,14 +248,15 @@ CUDA_INPUTS = ("policy", "rewards", "ref", "emb", "mask", "counts", "scores", "w
 CUDA_REQUIRED = ("policy", "rewards")
 # The mode enums of the header: (C++ enum, enumerator prefix, the Python names in order).
 MODE_ENUMS = (("Loss", "kLoss", LOSSES), ("Pairs", "kPairs", PAIR_MODES), ("Weights", "kWeights", WEIGHT_MODES),
-              ("DeviationNorm", "kNorm", DEVIATION_NORMS))
+              ("DeviationNorm", "kNorm", DEVIATION_NORMS), ("Estimator", "kEstimator", ADVANTAGE_ESTIMATORS))
 # Constants of the reference that the C++ math uses: (C++ name, value).
 CPP_CONSTANTS = (("kNormFloor", reference.NORM_FLOOR),
                  ("kEmbNormLimit32", reference.EMB_NORM_LIMIT[torch.float32]),
                  ("kEmbNormLimit64", reference.EMB_NORM_LIMIT[torch.float64]),
                  ("kDivpoTieRtol", reference.DIVPO_TIE_RTOL), ("kDivpoCountSlack", reference.DIVPO_COUNT_SLACK),
                  ("kDeviationTie", reference.DEVIATION_TIE), ("kLn2", reference.LN2),
-                 ("kPivotMargin", reference.PIVOT_MARGIN))
+                 ("kPivotMargin", reference.PIVOT_MARGIN), ("kAdvantageStdEps", reference.ADVANTAGE_STD_EPS),
+                 ("kPasskStdEps", reference.PASSK_STD_EPS))
 HEADER_PATH = Path(__file__).resolve().parent.parent / "csrc" / "loss_params.h"
 
 

@@ -3,7 +3,8 @@
 * :class:`DiversityPreferenceTrainer` + :class:`DiversityPreferenceConfig`: DDPO / DORPO / DivPO /
   logdet-regularized preference training on groups of responses; :func:`pairs_to_groups` for
   TRL's chosen/rejected datasets.
-* :class:`DarlingReward`, :class:`DiversityBonusReward`: reward functions for TRL's ``GRPOTrainer``.
+* :class:`DarlingReward`, :class:`DiversityBonusReward`, :class:`PasskReward`: reward functions for TRL's
+  ``GRPOTrainer``.
 * :class:`HFPairJudge`, :class:`ServedPairJudge`, :func:`judge_groups`: DARLING's learned equivalence
   judge (:mod:`divkernels.integration.judge`; ``python -m divkernels.integration.judge train`` fine-tunes one).
 * :class:`DiversityCallback`: diversity / pass@k tracking for any ``Trainer``.
@@ -22,7 +23,7 @@ from divkernels.integration.groups import GroupPreferenceCollator, pairs_to_grou
 from divkernels.integration.judge import HFPairJudge, ServedPairJudge, judge_groups
 from divkernels.integration.models import attention_implementation, load_causal_lm
 from divkernels.integration.preference import DiversityPreferenceConfig, DiversityPreferenceTrainer
-from divkernels.integration.rewards import DarlingReward, DiversityBonusReward
+from divkernels.integration.rewards import DarlingReward, DiversityBonusReward, PasskReward
 
 __all__ = [
     "DarlingReward",
@@ -32,6 +33,7 @@ __all__ = [
     "DiversityPreferenceTrainer",
     "GroupPreferenceCollator",
     "HFPairJudge",
+    "PasskReward",
     "SentenceEncoder",
     "ServedPairJudge",
     "attention_implementation",

@@ -180,3 +180,45 @@ class DiversityBonusReward(_GroupDiversity):
             measure = dk.deviation(emb, backend=self.backend)
             _log(kwargs, "diversity/deviation", measure)
         return (self.alpha * measure).flatten()[rows].tolist()
+
+
+class PasskReward(_GroupDiversity):
+    """A quality reward turned into each completion's pass@k advantage (:func:`divkernels.group_advantages`
+    with ``estimator``), as one reward function: use it instead of the quality reward.
+
+    ``estimator``: ``"passk_analytic"`` (Pass@k Training, arXiv 2508.10751), ``"pkpo"`` (PKPO,
+    arXiv 2505.15201, ``s^(loo-1)``) or ``"best_minus_second"`` (verl's ``grpo_passk``). TRL then forms
+    ``A = r - mean_group(r)``, divided by the group's std unless ``GRPOConfig(scale_rewards="none")``.
+    passk_analytic's values sum to 0 over a group, so with ``scale_rewards="none"`` TRL's advantage is the
+    paper's exactly (``scale="std"`` here: over the subsets' std). pkpo and best_minus_second do not sum
+    to 0: TRL's centering subtracts their group mean, a baseline on top of theirs.
+
+    Args:
+        quality_func: a TRL reward function ``(prompts, completions, **kwargs) -> list[float]`` (0/1 for
+            pass@k, any value for max@k).
+        num_generations: the ``GRPOConfig.num_generations``.
+        estimator, k, scale: as in :func:`divkernels.group_advantages`.
+        backend: divkernels backend for the op.
+    """
+
+    def __init__(self, quality_func: Callable[..., Sequence[float]], *, num_generations: int,
+                 estimator: str = "passk_analytic", k: int | None = None, scale: str | None = None,
+                 backend: str = "auto") -> None:
+        super().__init__(num_generations, None, backend, needs_embed=False)
+        if estimator == "grpo":
+            raise ValueError("estimator='grpo' is TRL's own advantage: pass the quality reward itself")
+        # the op checks estimator, k and scale on a group of num_generations now, not at the first step
+        dk.group_advantages(torch.zeros(1, num_generations), estimator=estimator, k=k, scale=scale,
+                            backend="reference")
+        self.quality_func, self.estimator, self.k, self.scale = quality_func, estimator, k, scale
+        self.__name__ = f"{estimator}_{getattr(quality_func, '__name__', 'quality')}"
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        quality = self.quality_func(prompts=prompts, completions=completions, **kwargs)
+        values = gather_objects([float(value) for value in quality])
+        start = sum(gather_objects([len(completions)])[:process_rank()])
+        self.check_layout(prompts, len(values))
+        rewards = torch.tensor(values, dtype=torch.float64).view(-1, self.num_generations)
+        advantages = dk.group_advantages(rewards, estimator=self.estimator, k=self.k, scale=self.scale,
+                                         backend=self.backend)
+        return advantages.flatten()[start:start + len(completions)].tolist()

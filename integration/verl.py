@@ -97,6 +97,12 @@ class VerlDiversitySettings:
         judge_preset: the threshold by the authors' setting, ``"darling-math"`` (0.5) or
             ``"darling-wildchat"`` (0.32); ``judge_threshold`` overrides it.
         judge_shortcut: the authors' short-answer shortcut (responses of at most 5 words skip the judge).
+        estimator: ``"grpo"`` (the shaped reward as it is) or a pass@k estimator of
+            :func:`divkernels.group_advantages` (``"passk_analytic"``, ``"pkpo"``, ``"best_minus_second"``):
+            each response's reward becomes its pass@k advantage within its uid's group (subsets of
+            ``k``). verl's GRPO then centers it; ``passk_analytic``'s sum to 0 per group, so with
+            ``algorithm.norm_adv_by_std_in_grpo=False`` verl's advantage is the paper's exactly.
+        k: the pass@k subset size (``passk_analytic``, ``pkpo``; at most ``group_size``).
     """
 
     diversity: str = "darling"
@@ -115,6 +121,8 @@ class VerlDiversitySettings:
     judge_preset: str = "darling-math"
     judge_threshold: float | None = None
     judge_shortcut: bool = True
+    estimator: str = "grpo"
+    k: int | None = None
 
     def __post_init__(self) -> None:
         if self.diversity not in DIVERSITY_KINDS:
@@ -129,6 +137,9 @@ class VerlDiversitySettings:
         if self.judge is not None and self.diversity != "darling":
             raise ValueError(f"a judge links responses for diversity='darling', not {self.diversity!r}")
         judge_preset(self.judge_preset)  # a known name
+        # the op checks estimator and k on one group of the configured size now, not at the first step
+        dk.group_advantages(torch.zeros(1, self.group_size or max(self.k or 2, 2)), estimator=self.estimator,
+                            k=self.k, backend="reference")
 
     @property
     def threshold(self) -> float:
@@ -216,8 +227,30 @@ def score_groups(quality: torch.Tensor, emb: torch.Tensor, group_ids: Sequence[H
             packed_measure = dk.deviation(packed, mask, backend=settings.backend)
         measure[positions] = packed_measure[rows, slots].to(torch.float64)
     if settings.diversity == "darling":
-        return reference.darling_rewards(quality, torch.ones_like(quality, dtype=torch.bool), measure), measure
-    return quality + settings.alpha * measure, measure
+        shaped = reference.darling_rewards(quality, torch.ones_like(quality, dtype=torch.bool), measure)
+    else:
+        shaped = quality + settings.alpha * measure
+    return passk_rewards(shaped, groups, settings), measure
+
+
+def passk_rewards(shaped: torch.Tensor, groups: Sequence[Sequence[int]],
+                  settings: VerlDiversitySettings) -> torch.Tensor:
+    """``shaped [N]`` with each group's (positions ``groups``, 2 or more) rewards replaced by their pass@k
+    advantage (``settings.estimator``; ``"grpo"``: unchanged)."""
+    if settings.estimator == "grpo" or not groups:
+        return shaped
+    width = max(map(len, groups))
+    packed = shaped.new_zeros(len(groups), width)
+    mask = torch.zeros(len(groups), width, dtype=torch.bool)
+    for row, positions in enumerate(groups):
+        packed[row, :len(positions)] = shaped[list(positions)]
+        mask[row, :len(positions)] = True
+    k = None if settings.estimator == "best_minus_second" else min(settings.k, width)
+    advantages = dk.group_advantages(packed, mask=mask, estimator=settings.estimator, k=k, backend=settings.backend)
+    out = shaped.clone()
+    for row, positions in enumerate(groups):
+        out[list(positions)] = advantages[row, :len(positions)].to(out.dtype)
+    return out
 
 
 def score_judged_group(quality: torch.Tensor, texts: Sequence[str], judge: PairJudge,
@@ -231,7 +264,8 @@ def score_judged_group(quality: torch.Tensor, texts: Sequence[str], judge: PairJ
     links, mask, _ = judge_groups(judge, [list(texts)], threshold=settings.threshold, shortcut=settings.judge_shortcut)
     measure = dk.partition_diversity(equivalence=links, mask=mask, min_diversity=settings.min_diversity,
                                      transitive=settings.transitive, backend=settings.backend)[0].to(torch.float64)
-    return reference.darling_rewards(quality, torch.ones_like(quality, dtype=torch.bool), measure), measure
+    shaped = reference.darling_rewards(quality, torch.ones_like(quality, dtype=torch.bool), measure)
+    return passk_rewards(shaped, [range(len(texts))], settings), measure
 
 
 @dataclasses.dataclass

@@ -9,7 +9,9 @@ diagonal, an explicit list of pairs instead of a count matrix. Slow, and meant f
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import torch
 
@@ -390,4 +392,66 @@ def group_advantages(rewards: torch.Tensor, emb: torch.Tensor | None, mask: torc
         if rows:
             values = grpo_advantages([[float(shaped[b, i]) for i in rows]], scale)[0]
             out[b, rows] = torch.tensor(values, dtype=torch.float64)
+    return out
+
+
+def passk_group(values: list[float], estimator: str, k: int, scale: str = "std") -> list[float]:
+    """Pass@k advantages of one group's valid rewards by enumerating every subset of size ``k``
+    (``k = n`` when the group is smaller), in exact rational arithmetic (``fractions.Fraction`` of the
+    float rewards; one square root and one division rounded at the end): the estimators' definitions.
+
+    passk_analytic: a subset's reward is its maximum; ``A_i`` = mean over the subsets holding ``i`` of
+    (its reward - the mean over all subsets), over the population std of all subsets (``scale="std"``;
+    0 when that std is 0). pkpo: ``A_i = sum_{I holding i} (max I - max (I - i)) / C(n, k)``, the max of
+    an empty set 0. best_minus_second: max - second max at the first maximum (over std + 1e-6, unbiased std).
+    """
+    n = len(values)
+    exact = [Fraction(value) for value in values]
+    if n == 0:
+        return []
+    if estimator == "best_minus_second":
+        out = [0.0] * n
+        if n < 2:
+            return out
+        best = max(range(n), key=lambda i: (exact[i], -i))
+        gap = exact[best] - max(v for i, v in enumerate(exact) if i != best)
+        if scale == "std":
+            mean = sum(exact) / n
+            out[best] = float(gap) / (math.sqrt(float(sum((v - mean) ** 2 for v in exact) / (n - 1))) + 1e-6)
+        else:
+            out[best] = float(gap)
+        return out
+    size = min(k, n)
+    subsets = list(itertools.combinations(range(n), size))
+    best = {subset: max(exact[i] for i in subset) for subset in subsets}
+    if estimator == "pkpo":
+        shares = [Fraction(0)] * n
+        for subset in subsets:
+            for i in subset:
+                rest = [exact[j] for j in subset if j != i]
+                shares[i] += best[subset] - (max(rest) if rest else 0)
+        return [float(share / len(subsets)) for share in shares]
+    mean_all = sum(best.values()) / len(subsets)
+    variance = sum((value - mean_all) ** 2 for value in best.values()) / len(subsets)
+    out = []
+    for i in range(n):
+        holding = [best[subset] for subset in subsets if i in subset]
+        centered = sum(holding) / len(holding) - mean_all
+        if scale == "none":
+            out.append(float(centered))
+        else:
+            out.append(float(centered) / math.sqrt(float(variance)) if variance > 0 else 0.0)
+    return out
+
+
+def passk_advantages(rewards: torch.Tensor, mask: torch.Tensor | None, estimator: str, k: int,
+                     scale: str = "std") -> torch.Tensor:
+    """``[B, G]`` :func:`passk_group` of each group's valid rewards, 0 at padding."""
+    batch, group = rewards.shape
+    out = torch.zeros(batch, group, dtype=torch.float64)
+    for b in range(batch):
+        rows = valid_rows(mask, b, group)
+        values = passk_group([float(rewards[b, i]) for i in rows], estimator, k, scale)
+        for i, value in zip(rows, values, strict=True):
+            out[b, i] = value
     return out

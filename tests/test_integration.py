@@ -33,6 +33,7 @@ from divkernels.integration import (
     DiversityPreferenceConfig,
     DiversityPreferenceTrainer,
     GroupPreferenceCollator,
+    PasskReward,
     demo,
     diversity_metrics,
     pairs_to_groups,
@@ -397,6 +398,27 @@ def test_darling_reward_multiplies_normalized_quality_by_partition_diversity(gen
     assert div[0, 0] == div[0, 1] < div[0, 2]  # the duplicates share a partition class
 
 
+@pytest.mark.parametrize(("estimator", "k"), [("passk_analytic", 2), ("pkpo", 3), ("best_minus_second", None)])
+def test_passk_reward_is_each_groups_passk_advantage(estimator: str, k: int | None,
+                                                     generator: torch.Generator) -> None:
+    """The reward of each completion is the pass@k advantage of its group's quality rewards (the subset
+    enumeration of tests/oracle.py), in TRL's layout; passk_analytic's sum to 0 over a group, so TRL's
+    centering leaves them as they are."""
+    prompts, completions = grpo_batch(generator)
+    scores = (torch.rand(12, generator=generator) < 0.5).double().tolist()
+
+    def quality(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        return scores
+    reward = PasskReward(quality, num_generations=4, estimator=estimator, k=k, backend="reference")
+    values = torch.tensor(reward(prompts, completions), dtype=torch.float64).view(3, 4)
+    expected = oracle.passk_advantages(torch.tensor(scores, dtype=torch.float64).view(3, 4), None, estimator, k or 4)
+    torch.testing.assert_close(values, expected, rtol=1e-12, atol=1e-12)
+    if estimator == "passk_analytic":
+        torch.testing.assert_close(values.sum(-1), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="needs k|defined for k"):
+        PasskReward(quality, num_generations=4, estimator=estimator, k=0 if k is None else None)
+
+
 def test_rewards_reject_a_wrong_layout(generator: torch.Generator) -> None:
     prompts, completions = grpo_batch(generator)
     reward = DiversityBonusReward(num_generations=4, embed=bag_embed)
@@ -420,12 +442,14 @@ def test_grpo_trainer_with_diversity_rewards(tmp_path: Path) -> None:
     bonus = DiversityBonusReward("dqo", num_generations=4, alpha=0.1, embed=bag_embed, backend="reference")
     darling = DarlingReward(demo.correctness_reward, num_generations=4, embed=bag_embed, backend="reference")
     prompts = [f"<bos> {demo.prompt_for(target)}" for target in demo.TARGETS]
-    trainer = GRPOTrainer(model=model, reward_funcs=[darling, bonus], args=args,
+    passk = PasskReward(demo.correctness_reward, num_generations=4, estimator="pkpo", k=2, backend="reference")
+    trainer = GRPOTrainer(model=model, reward_funcs=[darling, bonus, passk], args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3
     for entry in logged:
+        assert math.isfinite(entry["rewards/pkpo_correctness_reward/mean"])
         assert math.isfinite(entry["rewards/dqo_bonus/mean"])
         assert "rewards/darling_correctness_reward/mean" in entry
         assert math.isfinite(entry["diversity/logdet"]) and 0.0 <= entry["diversity/partition"] <= 1.0

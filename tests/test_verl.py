@@ -23,6 +23,8 @@ import torch
 pytest.importorskip("verl")
 ray = pytest.importorskip("ray")
 
+import oracle  # noqa: E402
+
 from divkernels import reference  # noqa: E402
 from divkernels.integration import verl as dk_verl  # noqa: E402
 from divkernels.integration.demo import build_tokenizer, is_correct, prompt_for  # noqa: E402
@@ -92,6 +94,30 @@ def test_score_groups_equals_the_reference_per_group(diversity: str, generator: 
     torch.testing.assert_close(rewards, want_rewards, rtol=1e-5, atol=1e-6)
     singleton = uids.index("u2")
     assert rewards[singleton] == quality[singleton]
+
+
+@pytest.mark.parametrize(("estimator", "k"), [("pkpo", 2), ("passk_analytic", 3), ("best_minus_second", None)])
+def test_score_groups_turns_shaped_rewards_into_passk_advantages(estimator: str, k: int | None,
+                                                                 generator: torch.Generator) -> None:
+    """``estimator``: each ragged group's shaped rewards become their pass@k advantage (the subset
+    enumeration of tests/oracle.py; a group smaller than k uses k = n); a singleton keeps its reward."""
+    sizes = [3, 5, 1, 2]
+    uids = [f"u{group}" for group, size in enumerate(sizes) for _ in range(size)]
+    order = torch.randperm(len(uids), generator=generator).tolist()
+    uids = [uids[index] for index in order]
+    emb = torch.randn(len(uids), 16, generator=generator)
+    quality = (torch.rand(len(uids), generator=generator) < 0.5).double()
+    plain, _ = dk_verl.score_groups(quality, emb, uids, settings(diversity="deviation"))
+    rewards, _ = dk_verl.score_groups(quality, emb, uids, settings(diversity="deviation", estimator=estimator, k=k))
+    for uid, size in zip(dict.fromkeys(f"u{group}" for group in range(len(sizes))), sizes, strict=True):
+        rows = [index for index, key in enumerate(uids) if key == uid]
+        if size == 1:
+            assert rewards[rows[0]] == plain[rows[0]]
+            continue
+        want = oracle.passk_group(plain[rows].tolist(), estimator, k or size)
+        torch.testing.assert_close(rewards[rows], torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="needs k"):
+        settings(estimator="pkpo")
 
 
 def test_score_groups_rejects_bad_input() -> None:

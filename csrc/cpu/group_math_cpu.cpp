@@ -11,6 +11,7 @@
 
 #include "../pair_math.h"
 #include "../partition.h"
+#include "../advantages.h"
 #include "../bind.h"
 #include "../launch.h"
 
@@ -81,6 +82,24 @@ at::Tensor partition_diversity(const OptTensor& equivalence, const OptTensor& la
                     data_or_null<int64_t>(labels), data_or_null<bool>(mask), float(min_diversity), transitive,
                     normalize, a.out.data_ptr<float>());
   }
+  return a.out;
+}
+
+at::Tensor group_advantages(const at::Tensor& rewards, const OptTensor& factor, const OptTensor& mask,
+                            int64_t estimator, int64_t k, bool standardize) {
+  const AdvantageArgs a = prepare_advantages(rewards, factor, mask);
+  TORCH_CHECK(rewards.is_cpu(), "the host build takes CPU tensors, got ", rewards.device());
+  AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "group_advantages", [&] {
+    using T = scalar_t;
+    std::vector<T> g(size_t(a.G)), d(size_t(a.G)), sums(3);
+    std::vector<int> rank(size_t(a.G));
+    std::unique_ptr<bool[]> valid(new bool[size_t(a.G)]);
+    const AdvantageWorkspace<T> ws{g.data(), d.data(), rank.data(), valid.get(), sums.data()};
+    for (int64_t b = 0; b < a.B; ++b) {
+      advantages_group(BlockPar{}, ws, b, int(a.G), rewards.data_ptr<T>(), data_or_null<T>(factor),
+                       data_or_null<bool>(mask), int(estimator), int(k), standardize, a.out.data_ptr<T>());
+    }
+  });
   return a.out;
 }
 

@@ -12,6 +12,7 @@ import torch
 from divkernels import _cuda, reference
 from divkernels.loss_config import CUDA_INPUTS, ForwardOutputs, LossConfig, LossTensors
 from divkernels.ops.common import poison_outputs
+from divkernels.types import ADVANTAGE_ESTIMATORS
 
 # Shared memory per block that the host build stands in for: an H100's / H200's opt-in maximum.
 HOST_SHARED_BYTES = 227 * 1024
@@ -79,3 +80,16 @@ def partition(given: torch.Tensor, mask: torch.Tensor | None, min_diversity: flo
     mask = None if mask is None else mask.contiguous()
     return _cuda.extension(given.device).partition_diversity(equivalence, labels, mask, min_diversity, transitive,
                                                              normalize)
+
+
+def advantages(rewards: torch.Tensor, factor: torch.Tensor | None, mask: torch.Tensor | None, estimator: str, k: int,
+               standardize: bool) -> torch.Tensor:
+    """Advantages ``[B, G]`` of the shaped rewards ``rewards * factor`` (or ``rewards``) through
+    ``csrc/advantages.cu`` (one thread block per group): ``estimator`` of ``ADVANTAGE_ESTIMATORS`` over
+    subsets of ``k``; float64 for float64 rewards, float32 otherwise."""
+    dtype = reference.compute_dtype(rewards.dtype)
+    rewards = rewards.detach().to(dtype).contiguous()
+    factor = None if factor is None else factor.detach().to(dtype).contiguous()
+    mask = None if mask is None else mask.contiguous()
+    extension = _cuda.extension(rewards.device)
+    return extension.group_advantages(rewards, factor, mask, ADVANTAGE_ESTIMATORS.index(estimator), k, standardize)

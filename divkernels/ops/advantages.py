@@ -12,6 +12,7 @@ import torch
 
 from divkernels import reference
 from divkernels.backend import resolve_backend
+from divkernels.backends import cuda as cuda_backend
 from divkernels.ops.common import (
     accumulation_dtype,
     any_bad,
@@ -27,6 +28,7 @@ from divkernels.ops.deviation import deviation_from_similarity
 from divkernels.ops.fixup import fixup_gram, fixup_launches, sweep_failed
 from divkernels.ops.logdet import check_factorization, diagonal, logdet_and_inverse
 from divkernels.ops.partition import closure_steps, group_links, link_launch_arguments, partition_from_links
+from divkernels.ops.passk import log_factorials, passk_from_shaped
 from divkernels.ops.similarity import (
     gram_matrix,
     similarity_from_gram,
@@ -36,7 +38,7 @@ from divkernels.ops.tiles import (
     group_start,
     load_valid_rows,
 )
-from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_SCALES, DARLING_REWARDS
+from divkernels.types import ADVANTAGE_DIVERSITIES, ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, DARLING_REWARDS
 from divkernels.validation import (
     DataChecks,
     check_choice,
@@ -53,17 +55,20 @@ from divkernels.validation import (
 ADVANTAGE_STD_EPS = tl.constexpr(reference.ADVANTAGE_STD_EPS)
 
 
-@triton.jit(do_not_specialize=["B", "G", "stride_b"])  # sizes that vary over a run: common.py
-def _advantages_kernel(rewards_ptr, emb_ptr, given_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, B, G, D,
+@triton.jit(do_not_specialize=["B", "G", "stride_b", "k"])  # sizes that vary over a run: common.py
+def _advantages_kernel(rewards_ptr, emb_ptr, given_ptr, mask_ptr, out_ptr, range_ptr, bad_ptr, lf_ptr, B, G, D, k,
                        alpha: tl.float64, tau: tl.float64, eps: tl.float64, min_diversity: tl.float64, stride_b,
-                       stride_g, stride_d, DIVERSITY: tl.constexpr, STD: tl.constexpr, PHASE: tl.constexpr,
+                       stride_g, stride_d, DIVERSITY: tl.constexpr, ESTIMATOR: tl.constexpr, STD: tl.constexpr,
+                       PHASE: tl.constexpr,
                        LINKS: tl.constexpr, HAS_MASK: tl.constexpr, TRANSITIVE: tl.constexpr, STEPS: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
                        OUT: tl.constexpr, PRECISION: tl.constexpr, FIXUP: tl.constexpr, ALIGNED: tl.constexpr):
     """Advantages of group ``b`` (DIVERSITY: 0 none, 1 darling, 2 dqo, 3 deviation).
 
     ``r' = r`` / ``r * div_i`` / ``r + alpha gain_i`` / ``r + alpha dev_i``, then
-    ``A = (r' - mean) / (std + 1e-4)`` over the valid responses (``STD``, unbiased std) or ``r' - mean``.
+    ``A = (r' - mean) / (std + 1e-4)`` over the valid responses (``STD``, unbiased std) or ``r' - mean``
+    (ESTIMATOR 0, grpo), or a pass@k advantage of ``r'`` (ESTIMATOR 1-3, :mod:`divkernels.ops.passk`,
+    subsets of ``k``, ``lf_ptr`` its table of ``log a!``).
     PHASE 0 does it all; for darling's min-max rewards PHASE 1 writes ``div`` and the group's reward
     range, PHASE 2 reduces the ranges of the whole batch and finishes. ``FIXUP`` (dqo): only if the
     group's advantages hold a NaN (the first launch's fp32 sweep failed), all again with a float64 sweep.
@@ -121,11 +126,14 @@ def _advantages_kernel(rewards_ptr, emb_ptr, given_ptr, mask_ptr, out_ptr, range
         else:
             shaped = rewards + alpha * measure
         shaped = tl.where(valid, shaped, 0.0)
-        n = tl.sum(valid.to(OUT), axis=0)
-        centered = tl.where(valid, shaped - tl.sum(shaped, axis=0) / tl.maximum(n, 1.0), 0.0)
-        if STD:
-            std = tl.sqrt(tl.sum(centered * centered, axis=0) / tl.maximum(n - 1.0, 1.0))
-            centered = centered / (std + ADVANTAGE_STD_EPS)
+        if ESTIMATOR == 0:
+            n = tl.sum(valid.to(OUT), axis=0)
+            centered = tl.where(valid, shaped - tl.sum(shaped, axis=0) / tl.maximum(n, 1.0), 0.0)
+            if STD:
+                std = tl.sqrt(tl.sum(centered * centered, axis=0) / tl.maximum(n - 1.0, 1.0))
+                centered = centered / (std + ADVANTAGE_STD_EPS)
+        else:
+            centered = passk_from_shaped(shaped, valid, k, lf_ptr, ESTIMATOR, STD, BLOCK_G, OUT)
         tl.store(out_ptr + b * G + offs, centered, mask=inside)
 
 
@@ -137,7 +145,7 @@ def uses_embeddings(diversity: str, given: torch.Tensor | None) -> bool:
 def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, given: torch.Tensor | None,
                        mask: torch.Tensor | None, diversity: str, alpha: float, tau: float, eps: float,
                        scale: str, min_diversity: float, transitive: bool,
-                       darling_reward: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       darling_reward: str, estimator: str = "grpo", k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages [B, G], bad [B])`` in one launch (two for darling with min-max rewards, and for dqo in
     float32: the float64 fix-up of :mod:`divkernels.ops.fixup`)."""
     batch, group = rewards.shape
@@ -148,9 +156,11 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, given: t
     bad = new_output((batch,), acc, rewards.device)
     two_phase = diversity == "darling" and darling_reward == "minmax"
     ranges = new_output((batch, 2), out_dtype, rewards.device) if two_phase else None
-    arguments = (rewards.contiguous(), emb, given, mask, out, ranges, bad, batch, group, dim, alpha, tau, eps,
-                 min_diversity, *strides)
-    constants = dict(DIVERSITY=ADVANTAGE_DIVERSITIES.index(diversity), STD=scale == "std", HAS_MASK=mask is not None,
+    table = None if estimator == "grpo" else log_factorials(flags["BLOCK_G"], rewards.device)
+    arguments = (rewards.contiguous(), emb, given, mask, out, ranges, bad, table, batch, group, dim, k, alpha, tau,
+                 eps, min_diversity, *strides)
+    constants = dict(DIVERSITY=ADVANTAGE_DIVERSITIES.index(diversity), ESTIMATOR=ADVANTAGE_ESTIMATORS.index(estimator),
+                     STD=scale == "std", HAS_MASK=mask is not None,
                      TRANSITIVE=transitive, STEPS=closure_steps(flags["BLOCK_G"]), BLOCK_B=128,
                      OUT=triton_dtype(out_dtype), num_warps=num_warps_for(flags["BLOCK_G"]), **flags)
     if two_phase:
@@ -166,14 +176,16 @@ def advantages_forward(rewards: torch.Tensor, emb: torch.Tensor | None, given: t
 @torch.library.custom_op("divkernels::group_advantages", mutates_args=())
 def advantages_op(rewards: torch.Tensor, emb: torch.Tensor | None, given: torch.Tensor | None,
                   mask: torch.Tensor | None, diversity: str, alpha: float, tau: float, eps: float, scale: str,
-                  min_diversity: float, transitive: bool, darling_reward: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  min_diversity: float, transitive: bool, darling_reward: str, estimator: str,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages [B, G], bad [B])`` as a custom op for torch.compile (no gradient)."""
     return advantages_forward(rewards, emb, given, mask, diversity, alpha, tau, eps, scale, min_diversity,
-                              transitive, darling_reward)
+                              transitive, darling_reward, estimator, k)
 
 
 @advantages_op.register_fake
-def _(rewards, emb, given, mask, diversity, alpha, tau, eps, scale, min_diversity, transitive, darling_reward):
+def _(rewards, emb, given, mask, diversity, alpha, tau, eps, scale, min_diversity, transitive, darling_reward,
+      estimator, k):
     acc = accumulation_dtype(*((emb.dtype,) if uses_embeddings(diversity, given) else ()))
     return (rewards.new_empty(rewards.shape, dtype=reference.compute_dtype(rewards.dtype)),
             rewards.new_empty((rewards.shape[0],), dtype=acc))
@@ -194,6 +206,8 @@ def group_advantages(
     min_diversity: float = reference.DARLING_MIN_DIVERSITY,
     transitive: bool = True,
     darling_reward: str = "raw",
+    estimator: str = "grpo",
+    k: int | None = None,
     backend: str = "auto",
     check_inputs: bool = True,
 ) -> torch.Tensor:
@@ -208,6 +222,15 @@ def group_advantages(
     (``"none"``). ``scale=None`` takes each method's published setting: ``"none"`` for darling (the
     authors' runs, ``verl/math_scripts/darling.batch``, set ``norm_adv_by_std_in_grpo=False``),
     ``"std"`` for the others.
+
+    ``estimator`` replaces that normalization by a pass@k advantage of ``r'`` over subsets of ``k``
+    responses (:mod:`divkernels.reference.passk` has the formulas; a group with fewer than ``k``
+    valid responses uses ``k = n``): ``"passk_analytic"`` (Pass@k Training, arXiv 2508.10751: the
+    analytical advantage, ``scale="std"`` divides by the subsets' std as the paper does),
+    ``"pkpo"`` (PKPO, arXiv 2505.15201: the unbiased ``s^(loo-1)`` transform, binary or continuous
+    rewards; ``scale`` does not apply) or ``"best_minus_second"`` (verl's ``grpo_passk``: ``max -
+    second max`` for the best response, over ``std + 1e-6`` for ``scale="std"``; ``k = G``).
+    ``scale=None`` is ``"std"`` for them.
 
     Args:
         rewards: ``[B, G]`` quality rewards.
@@ -224,6 +247,9 @@ def group_advantages(
         min_diversity: darling's floor on partition diversity (0.1; 0 disables it).
         transitive: darling's classes are connected components of the links (False: direct links only, ours).
         darling_reward: ``"raw"`` (DARLING) or ``"minmax"`` (ours: rewards min-max scaled over the batch first).
+        estimator: ``"grpo"``, ``"passk_analytic"``, ``"pkpo"`` or ``"best_minus_second"``.
+        k: subset size of the pass@k estimators, ``1 <= k <= G`` (required by passk_analytic and pkpo;
+            best_minus_second takes None or G).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
         check_inputs: NaN/inf and group-size checks (one host sync).
 
@@ -234,6 +260,7 @@ def group_advantages(
     if scale is not None:
         check_choice("scale", scale, ADVANTAGE_SCALES)
     check_choice("darling_reward", darling_reward, DARLING_REWARDS)
+    check_choice("estimator", estimator, ADVANTAGE_ESTIMATORS)
     check_scalar("alpha", alpha)
     check_scalar("tau", tau)
     check_scalar("min_diversity", min_diversity, low=0.0, high=1.0)
@@ -242,6 +269,7 @@ def group_advantages(
     batch, group = rewards.shape
     if group < 2:
         raise ValueError(f"rewards must hold G >= 2 responses per group, got G={group}")
+    k = check_subset_size(estimator, k, group)
     mask = check_mask(mask, batch, group)
     if partition is not None or equivalence is not None:
         if diversity != "darling":
@@ -263,7 +291,10 @@ def group_advantages(
                          + (" or partition labels or equivalence links" if diversity == "darling" else ""))
     device = check_same_device(rewards=rewards, emb=emb, mask=mask, partition=partition, equivalence=equivalence)
     uses_emb = uses_embeddings(diversity, given)
-    resolved = resolve_backend(backend, op="group_advantages", device=device, group_size=group, kernels=("triton",))
+    # the CUDA kernel takes the rewards (times the partition of given links or labels); embeddings: Triton
+    cuda = not uses_emb and darling_reward == "raw"
+    resolved = resolve_backend(backend, op="group_advantages", device=device, group_size=group,
+                               kernels=("triton", "cuda") if cuda else ("triton",))
 
     checks = DataChecks(check_inputs)  # nothing below computes a check when it is off
 
@@ -278,20 +309,43 @@ def group_advantages(
             function = advantages_op if torch.compiler.is_compiling() else advantages_forward
             advantages, bad = function(
                 rewards, None if emb is None else emb.detach(), given, contiguous(mask), diversity, alpha,
-                tau, eps, reference.default_scale(diversity, scale), min_diversity, transitive, darling_reward)
+                tau, eps, reference.default_scale(diversity, scale, estimator), min_diversity, transitive,
+                darling_reward, estimator, k)
         if uses_emb:
             checks.emb_flagged(lambda: bad > 0, emb.dtype)
+    elif resolved == "cuda":
+        factor = None if diversity == "none" else cuda_backend.partition(given, mask, min_diversity, transitive)
+        advantages = cuda_backend.advantages(rewards, factor, mask, estimator, k,
+                                             reference.default_scale(diversity, scale, estimator) == "std")
     else:
         checks.emb(emb if uses_emb else None, valid)
         advantages = reference.group_advantages(rewards, emb if uses_emb else None, valid(), diversity=diversity,
                                                 alpha=alpha, tau=tau, eps=eps, scale=scale, partition=partition,
                                                 equivalence=equivalence,
                                                 min_diversity=min_diversity, transitive=transitive,
-                                                darling_reward=darling_reward)
+                                                darling_reward=darling_reward, estimator=estimator, k=k)
     if diversity == "dqo":
         check_factorization(checks, lambda: advantages.isnan().any(-1))
     checks.raise_if_failed()
     return advantages
+
+
+def check_subset_size(estimator: str, k: int | None, group: int) -> int:
+    """The subset size ``k`` of a pass@k ``estimator`` (1 for grpo, which takes none), checked against ``G``."""
+    if estimator == "grpo":
+        if k is not None:
+            raise ValueError("k is the subset size of the pass@k estimators; estimator='grpo' takes none")
+        return 1
+    if estimator == "best_minus_second":
+        if k is not None and k != group:
+            raise ValueError(f"estimator='best_minus_second' is defined for k = G = {group} (verl's grpo_passk), "
+                             f"got k={k}; estimator='pkpo' is its unbiased form for smaller k")
+        return group
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"estimator={estimator!r} needs k, the subset size of pass@k (an int), got {k!r}")
+    if not 1 <= k <= group:
+        raise ValueError(f"k must be in [1, G={group}] for estimator={estimator!r}, got k={k}")
+    return k
 
 
 def policy_gradient_loss(

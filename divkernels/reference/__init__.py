@@ -43,6 +43,7 @@ from divkernels.reference.common import (  # noqa: F401
     LN2,
     NORM_FLOOR,
     PADDED_LOGP,
+    PASSK_STD_EPS,
     PIVOT_MARGIN,
     _eye,
     _gram,
@@ -94,6 +95,7 @@ from divkernels.reference.losses import (  # noqa: F401
     quality_threshold,
     reward_ranks,
 )
+from divkernels.reference.passk import PASSK_ESTIMATORS, ascending_ranks, passk_advantages  # noqa: F401
 from divkernels.reference.similarity import (  # noqa: F401
     pairwise_similarity,
 )

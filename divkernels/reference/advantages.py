@@ -6,6 +6,7 @@ import torch
 
 from divkernels.reference.common import ADVANTAGE_STD_EPS, DARLING_MIN_DIVERSITY, DQO_EPS, compute_dtype, valid_mask
 from divkernels.reference.diversity import deviation, group_sizes, logdet_diversity, partition_diversity
+from divkernels.reference.passk import passk_advantages
 
 # ---------------------------------------------------------------------------------------------
 # 4. Group advantages for RL (GRPO family)
@@ -27,6 +28,8 @@ def group_advantages(
     transitive: bool = True,
     darling_reward: str = "raw",
     equivalence: torch.Tensor | None = None,
+    estimator: str = "grpo",
+    k: int | None = None,
 ) -> torch.Tensor:
     """Diversity-aware GRPO advantages.
 
@@ -37,6 +40,8 @@ def group_advantages(
     over valid responses, as TRL's GRPO) for ``scale="std"``, or ``r' - mean`` for ``"none"``.
     ``scale=None`` takes each method's published setting: ``"none"`` for darling (the authors'
     ``verl/math_scripts/darling.batch`` sets ``norm_adv_by_std_in_grpo=False``), ``"std"`` otherwise.
+    ``estimator`` other than ``"grpo"`` replaces the normalization by a pass@k advantage of the
+    shaped rewards (:mod:`divkernels.reference.passk`, size ``k``; ``scale=None``: ``"std"``).
 
     Args:
         rewards: ``[B, G]``. emb: ``[B, G, D]`` (not needed for none, or darling with partition).
@@ -56,14 +61,16 @@ def group_advantages(
             measure = logdet_diversity(emb, valid, eps, "cosine", return_gains=True)[1]
         elif diversity == "deviation":
             measure = deviation(emb, valid)
-        return advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale, darling_reward)
+        return advantages_from_diversity(rewards, valid, diversity, measure, alpha, scale, darling_reward,
+                                         estimator, k)
 
 
-def default_scale(diversity: str, scale: str | None) -> str:
-    """The advantage scaling a method was published with, unless ``scale`` says otherwise."""
+def default_scale(diversity: str, scale: str | None, estimator: str = "grpo") -> str:
+    """The advantage scaling a method was published with, unless ``scale`` says otherwise: a pass@k
+    estimator's own (``"std"``: Pass@k Training's sigma, verl's ``norm_adv_by_std_in_grpo=True``)."""
     if scale is not None:
         return scale
-    return "none" if diversity == "darling" else "std"
+    return "none" if diversity == "darling" and estimator == "grpo" else "std"
 
 
 def darling_rewards(rewards: torch.Tensor, valid: torch.Tensor, partition_div: torch.Tensor,
@@ -87,8 +94,10 @@ def darling_rewards(rewards: torch.Tensor, valid: torch.Tensor, partition_div: t
 
 def advantages_from_diversity(rewards: torch.Tensor, valid: torch.Tensor, diversity: str,
                               measure: torch.Tensor | None, alpha: float, scale: str | None,
-                              darling_reward: str = "raw") -> torch.Tensor:
-    """Shape rewards with a per-response diversity ``measure`` ``[B, G]`` and normalize per group.
+                              darling_reward: str = "raw", estimator: str = "grpo",
+                              k: int | None = None) -> torch.Tensor:
+    """Shape rewards with a per-response diversity ``measure`` ``[B, G]`` and normalize per group
+    (``estimator="grpo"``), or turn them into pass@k advantages (the others).
 
     ``measure`` is the partition diversity (darling), the logdet gain (dqo) or the deviation.
     """
@@ -99,6 +108,8 @@ def advantages_from_diversity(rewards: torch.Tensor, valid: torch.Tensor, divers
     elif diversity in ("dqo", "deviation"):
         shaped = shaped + alpha * measure.to(dtype)
     shaped = torch.where(valid, shaped, 0.0)
+    if estimator != "grpo":
+        return passk_advantages(shaped, valid, estimator, k, default_scale(diversity, scale, estimator))
     n = group_sizes(valid).to(dtype)
     mean = shaped.sum(-1) / n.clamp_min(1.0)
     centered = torch.where(valid, shaped - mean[:, None], 0.0)

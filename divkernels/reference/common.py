@@ -13,6 +13,8 @@ NORM_FLOOR = 1e-12
 EMB_NORM_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**508}
 # Added to the group std of GRPO advantages, as TRL's GRPOTrainer does.
 ADVANTAGE_STD_EPS = 1e-4
+# Added to the group std by the best-minus-second pass@k advantage, as verl's grpo_passk does (epsilon).
+PASSK_STD_EPS = 1e-6
 # Finite stand-in for padded log-probs: any value < 0 keeps log(1 - exp(pi)) finite.
 PADDED_LOGP = -1.0
 LN2 = 0.6931471805599453
