@@ -199,6 +199,8 @@ def run_variant(op: str, group: int, dtype_name: str) -> None:
         dk.partition_diversity(equivalence=links, mask=mask, backend="triton")
     elif op == "advantages":
         dk.group_advantages(rewards, emb.detach(), mask, diversity="dqo", backend="triton")
+    elif op == "advantages[passk]":  # Pass@k Training's estimator, no emb: the same variant in every dtype
+        dk.group_advantages(rewards, None, mask, estimator="passk_analytic", k=2, backend="triton")
     else:
         loss, diversity, pairs = LOSS_VARIANTS[op]
         policy = (-torch.rand(2, group, generator=generator, dtype=acc)).requires_grad_(True)
@@ -208,7 +210,8 @@ def run_variant(op: str, group: int, dtype_name: str) -> None:
         out.loss.backward()
 
 
-OPS = ("similarity", "logdet", "deviation", "partition", "partition[judge]", "advantages", *LOSS_VARIANTS)
+OPS = ("similarity", "logdet", "deviation", "partition", "partition[judge]", "advantages", "advantages[passk]",
+       *LOSS_VARIANTS)
 
 
 def record_variants(groups: tuple[int, ...], dtypes: tuple[str, ...], ops: tuple[str, ...] = OPS) -> dict:

@@ -145,3 +145,19 @@ def test_forward_only_ops_take_one_launch(diversity: str, generator: torch.Gener
     assert (launches, syncs) == (2, 0)
     launches, syncs, _ = count(lambda: dk.partition_diversity(emb, mask, backend="triton", check_inputs=False))
     assert (launches, syncs) == (1, 0), count.last
+
+
+@pytest.mark.parametrize(("estimator", "k"), [("passk_analytic", 3), ("pkpo", 2), ("best_minus_second", None)])
+def test_passk_advantages_take_one_launch(estimator: str, k: int | None, generator: torch.Generator) -> None:
+    """A pass@k estimator is a branch of the advantages kernel: one launch, no sync (its ``log a!`` table is
+    made once per size and device), with DARLING's labels too."""
+    rewards = torch.rand(2, 6, generator=generator)
+    mask = torch.rand(2, 6, generator=generator) < 0.8
+    labels = torch.randint(0, 3, (2, 6), generator=generator)
+    for options in ({}, {"diversity": "darling", "partition": labels}):
+        def call(options: dict = options) -> torch.Tensor:
+            return dk.group_advantages(rewards, None, mask, estimator=estimator, k=k, backend="triton",
+                                       check_inputs=False, **options)
+        call()  # the table
+        launches, syncs, _ = count(call)
+        assert (launches, syncs) == (1, 0), count.last

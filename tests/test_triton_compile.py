@@ -126,6 +126,10 @@ def with_fixup_block_d(launch: dict, block_d: int) -> dict:
     return {**launch, "kwargs": {**kwargs, "BLOCK_D": block_d}}
 
 
+# (estimator, k) of each pass@k branch of the advantages kernel; passk_analytic (the most work) first.
+PASSK_PATHS = (("passk_analytic", 2), ("pkpo", 2), ("best_minus_second", None))
+
+
 def every_kernel_path() -> None:
     """Small calls that reach every kernel and constexpr branch of the Triton backend.
 
@@ -150,6 +154,8 @@ def every_kernel_path() -> None:
         dk.partition_diversity(emb, mask, tau=0.1, backend="triton")
         for diversity in ("none", "darling", "dqo", "deviation") if every_branch else ("dqo", "darling"):
             dk.group_advantages(rewards, emb.detach(), mask, diversity=diversity, backend="triton")
+        for estimator, k in PASSK_PATHS if every_branch else PASSK_PATHS[:1]:  # the pass@k estimators
+            dk.group_advantages(rewards, None, mask, estimator=estimator, k=k, backend="triton")
         if every_branch:  # labels instead of emb; darling's two-phase min-max rewards; direct links only
             labels = torch.randint(0, 3, mask.shape, generator=generator)
             dk.partition_diversity(partition=labels, mask=mask, transitive=False, backend="triton")

@@ -68,22 +68,28 @@ def passk_from_shaped(shaped, valid, k, lf_ptr, ESTIMATOR: tl.constexpr, STD: tl
             spread = tl.sum(tl.where(below, weight[None, :] * (d[:, None] - d[None, :]), 0.0), axis=1)
             out = tl.where(size == 1, g / tl.maximum(n, 1).to(OUT), spread)
         else:
-            out = passk_analytic(d, valid, rank, below, pair, size, n, log_subsets, lf_ptr, STD, OUT)
+            out = passk_analytic(g, d, valid, rank, size, n, log_subsets, lf_ptr, offs, STD, OUT)
     return tl.where(valid, out, 0.0)
 
 
 @triton.jit
-def passk_analytic(d, valid, rank, below, pair, size, n, log_subsets, lf_ptr, STD: tl.constexpr, OUT: tl.constexpr):
+def passk_analytic(g, d, valid, rank, size, n, log_subsets, lf_ptr, offs, STD: tl.constexpr, OUT: tl.constexpr):
     """Pass@k Training's advantage: (mean max of the subsets holding p - mean max of all) / std of all."""
     top = tl.where(valid, binomial_ratio(lf_ptr, rank, size - 1, log_subsets, OUT), 0.0)  # P(max is p)
     mean_all = tl.sum(top * d, axis=0)
-    gaps = d[:, None] - d[None, :]
-    # 1/2 sum_pq w_p w_q (d_p - d_q)^2: exactly 0 when all subsets share one maximum (reference/passk.py)
-    variance = 0.5 * tl.sum(tl.sum(top[:, None] * top[None, :] * gaps * gaps, axis=1), axis=0)
+    # the variance of the subsets' maxima from e = d - max d: exactly 0 when all subsets share one maximum
+    # (every p with w_p > 0 then holds the group's max, e_p = 0); one vector, no G x G tile (the reference
+    # sums 1/2 w_p w_q (d_p - d_q)^2, the same number); the cancellation in E[e^2] - E[e]^2 is at most a
+    # factor n / k, as the group's maximum alone carries w = k / n
+    e = tl.where(valid, d - tl.max(tl.where(valid, d, float("-inf")), axis=0), 0.0)
+    mean_e = tl.sum(top * e, axis=0)
+    variance = tl.maximum(tl.sum(top * e * e, axis=0) - mean_e * mean_e, 0.0)
     log_holding, _ = log_binomial(lf_ptr, n - 1, size - 1)
     own = binomial_ratio(lf_ptr, rank, size - 1, log_holding, OUT) * d
     higher = binomial_ratio(lf_ptr, rank - 1, size - 2, log_holding, OUT) * d  # C(q-1, k-2) d_q / C(n-1, k-1)
-    above = pair & ~below & (rank[None, :] != rank[:, None])  # q ranks above p
+    # above[p, q]: q ranks above p (compared afresh: the rank tile is not kept alive)
+    later = (g[None, :] == g[:, None]) & (offs[None, :] > offs[:, None])
+    above = valid[None, :] & ((g[None, :] > g[:, None]) | later)
     out = own + tl.sum(tl.where(above, higher[None, :], 0.0), axis=1) - mean_all
     if STD:
         std = tl.sqrt(variance)
