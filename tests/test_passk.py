@@ -32,7 +32,9 @@ def reward_kinds(batch: int, group: int, generator: torch.Generator) -> dict[str
     return {"binary": (torch.rand(batch, group, generator=generator) < 0.4).double(),
             "continuous": torch.rand(batch, group, generator=generator, dtype=torch.float64),
             "levels": torch.randint(0, 3, (batch, group), generator=generator).double(),
-            "equal": torch.full((batch, group), 0.7, dtype=torch.float64)}
+            "equal": torch.full((batch, group), 0.7, dtype=torch.float64),
+            # one low reward per group: every subset of 2 or more holds a 0.7, so passk_analytic is exactly 0
+            "saturated": torch.full((batch, group), 0.7, dtype=torch.float64).index_fill(1, torch.tensor([1]), 0.1)}
 
 
 def ragged(batch: int, group: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,6 +64,8 @@ def test_reference_equals_the_subset_enumeration(group: int, generator: torch.Ge
                     assert (got - want).abs().max() <= bound, (kind, estimator, k, scale)
                     if kind == "equal" and estimator != "pkpo":
                         assert (got == 0).all(), (estimator, k, scale)
+                    if kind == "saturated" and estimator == "passk_analytic" and k >= 2 and scale == "std":
+                        assert (got == 0).all(), (k, scale)
 
 
 def test_passk_analytic_is_the_papers_closed_form() -> None:
@@ -135,6 +139,8 @@ def test_kernels_equal_the_reference(kernel_backend: str, dtype: torch.dtype, ge
                     assert (got.double() - want).abs().max() <= bound, (kind, estimator, k, scale)
                     if kind == "equal" and estimator != "pkpo":
                         assert (got == 0).all()
+                    if kind == "saturated" and estimator == "passk_analytic" and k >= 2 and scale == "std":
+                        assert (got == 0).all(), "every subset has the same maximum: std 0, no advantage"
 
 
 def test_kernels_compose_with_darlings_partition(kernel_backend: str, generator: torch.Generator) -> None:
