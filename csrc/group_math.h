@@ -97,10 +97,11 @@ struct Workspace {
   T *length, *nll_logp, *nll_token;  // IPO's completion lengths; the NLL term's log-probs and token counts
   T *row_loss, *row_weight_sum, *row_rejected_count, *row_chosen, *row_rejected, *row_correct, *row_count,
       *row_weighted, *row_sim, *row_log_odds, *row_odds;
+  T *row_logz;  // listwise DPO: each row's log(1 + sum_j C_ij e^(-u_ij)), read by the rows that reject it
   T *scalars;  // [0] n, [1] failed (0/1), [2] logdet, [3] DivPO quality threshold
   int *picks;  // [0] chosen, [1] rejected (best-worst / DivPO), -1 for none
 };
-constexpr int kNumVectors = 25;
+constexpr int kNumVectors = 26;
 constexpr int kNumScalars = 4;
 
 // Row stride of W: at least kChunk columns, and odd, so that consecutive rows of one column fall in
@@ -130,7 +131,7 @@ DK_HD Workspace<T> carve_workspace(T* base, int* picks, int G) {
                               &ws.score, &ws.implicit, &ws.slope, &ws.rank, &ws.length, &ws.nll_logp,
                               &ws.nll_token, &ws.row_loss, &ws.row_weight_sum, &ws.row_rejected_count,
                               &ws.row_chosen, &ws.row_rejected, &ws.row_correct, &ws.row_count, &ws.row_weighted,
-                              &ws.row_sim, &ws.row_log_odds, &ws.row_odds};
+                              &ws.row_sim, &ws.row_log_odds, &ws.row_odds, &ws.row_logz};
   for (int k = 0; k < kNumVectors; ++k) *vectors[k] = v + k * G;
   ws.scalars = v + kNumVectors * G;
   ws.picks = picks;

@@ -104,7 +104,7 @@ inline ForwardArgs prepare_forward(const std::vector<OptTensor>& inputs, const s
                     counts->scalar_type() == a.acc && counts->is_contiguous() && counts->device() == device,
                 "counts must be a contiguous [B, G, G] tensor of policy_logps' dtype and device");
   }
-  TORCH_CHECK(p.loss >= 0 && p.loss <= kLossSimpo && p.pairs >= 0 && p.pairs <= kPairsExplicit && p.weights >= 0 &&
+  TORCH_CHECK(p.loss >= 0 && p.loss <= kLossDpoListwise && p.pairs >= 0 && p.pairs <= kPairsExplicit && p.weights >= 0 &&
                   p.weights <= kWeightsGiven && p.deviation_norm >= 0 && p.deviation_norm <= kNormNone,
               "unknown loss / pairs / weights / deviation_norm mode");
   TORCH_CHECK((p.weights == kWeightsGiven) == given_weights.has_value(),

@@ -18,7 +18,7 @@ constexpr double kAdvantageStdEps = 0x1.a36e2eb1c432dp-14;  // 0.0001
 constexpr double kPasskStdEps = 0x1.0c6f7a0b5ed8dp-20;  // 1e-06
 
 // Mode numbers: the index of the option's name in its Python tuple.
-enum Loss : int { kLossDpo = 0, kLossIpo, kLossOrpo, kLossSimpo };
+enum Loss : int { kLossDpo = 0, kLossIpo, kLossOrpo, kLossSimpo, kLossDpoListwise };
 enum Pairs : int { kPairsAll = 0, kPairsBestWorst, kPairsDivpo, kPairsExplicit };
 enum Weights : int { kWeightsNone = 0, kWeightsDeviation, kWeightsLogdetGain, kWeightsGiven, kWeightsPartition };
 enum DeviationNorm : int { kNormMinmax = 0, kNormMean, kNormNone };

@@ -176,7 +176,8 @@ DK_HD void response_terms(const Par& par, Workspace<T> ws, int G, const LossPara
     ws.row_weighted[i] = w;  // staged: weight is read by mean_one above until the sync
     const T pi = ws.policy[i];
     switch (p.loss) {
-      case kLossDpo: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
+      case kLossDpo:
+      case kLossDpoListwise: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
       case kLossIpo: ws.slope[i] = T(1) / ws.length[i]; ws.implicit[i] = T(p.beta) * (pi - ws.ref[i]); break;
       case kLossOrpo: ws.slope[i] = T(-1) / expm1(pi); ws.implicit[i] = T(p.orpo_lambda) * pi; break;
       default: ws.slope[i] = T(p.beta); ws.implicit[i] = T(p.beta) * pi; break;
@@ -198,6 +199,10 @@ DK_HD void pair_loss(const Workspace<T>& ws, int i, int j, const LossParams& p, 
     const T u = T(p.beta) * ((pi - ws.ref[i]) - (pj - ws.ref[j]));
     *loss = softplus(-u);
     *dloss = -sigmoid(-u);
+  } else if (p.loss == kLossDpoListwise) {  // per unit of C_ij: l_i is the row's (pair_sums), dl_i/du_ij
+    const T u = T(p.beta) * ((pi - ws.ref[i]) - (pj - ws.ref[j]));
+    *loss = ws.row_logz[i];
+    *dloss = -exp(-u - ws.row_logz[i]);
   } else if (p.loss == kLossIpo) {  // log-ratios per completion token (TRL's DPOTrainer)
     const T u = (pi - ws.ref[i]) / ws.length[i] - (pj - ws.ref[j]) / ws.length[j] - T(0.5 / p.beta);
     *loss = u * u;
@@ -227,10 +232,32 @@ DK_HD void pair_loss(const Workspace<T>& ws, int i, int j, const LossParams& p, 
 // NLL term), 0 at padding. The NLL term of the batch (DORPO's, CPO's) is reduced over the batch
 // from the chosen counts: sum_k count_k nll_logp_k and sum_k count_k nll_token_k; its gradient is
 // -count_k times a factor only the batch totals give (the backward's).
+// Listwise DPO's row normalizers (reference.listwise_losses): l_i = log(1 + sum_j C_ij e^(-u_ij)), shifted by
+// the row's largest -u_ij for range, before pair_sums reads them across rows (row j's enters d/d pi_k).
+template <class T, class Par>
+DK_HD void listwise_rows(const Par& par, Workspace<T> ws, const T* counts, int64_t b, int G, const LossParams& p) {
+  par.for_each(G, [&](int i) {
+    const T zi = ws.policy[i] - ws.ref[i];
+    T shift = T(0);
+    for (int j = 0; j < G; ++j) {
+      const T u = T(p.beta) * (zi - (ws.policy[j] - ws.ref[j]));
+      if (pair_count(ws, counts, b, i, j, G, p.pairs) > T(0) && -u > shift) shift = -u;
+    }
+    T tail = T(0);
+    for (int j = 0; j < G; ++j) {
+      const T c = pair_count(ws, counts, b, i, j, G, p.pairs);
+      if (c > T(0)) tail += c * exp(-T(p.beta) * (zi - (ws.policy[j] - ws.ref[j])) - shift);
+    }
+    ws.row_logz[i] = shift + log(exp(-shift) + tail);
+  });
+  par.sync();
+}
+
 template <class T, class Par>
 DK_HD void pair_sums(const Par& par, Workspace<T> ws, const T* counts, int64_t b, int G, const LossParams& p,
                      T* grad_policy, T* chosen_counts, T* rejected_counts) {
   const bool dorpo = p.loss == kLossOrpo && p.orpo_dorpo;
+  if (p.loss == kLossDpoListwise) listwise_rows(par, ws, counts, b, G, p);
   par.for_each(G, [&](int k) {
     T loss_sum = 0, dsum = 0, dcol = 0, chosen = 0, rejected = 0, correct = 0, count = 0, weighted = 0;
     T rejected_count = 0, log_odds = 0, odds_sum = 0;
@@ -258,6 +285,7 @@ DK_HD void pair_sums(const Par& par, Workspace<T> ws, const T* counts, int64_t b
         rejected_count += c_in;
       }
     }
+    if (p.loss == kLossDpoListwise) loss_sum = count > T(0) ? ws.weight[k] * ws.row_logz[k] : T(0);  // w_k l_k once
     T grad = ws.slope[k] * (dsum - dcol);
     if (p.loss == kLossOrpo && !dorpo) grad -= weighted;
     const bool v = ws.valid[k] != T(0);

@@ -67,7 +67,9 @@ def option(default: object = None, *, choices: tuple[str, ...] | None = None, lo
 class LossConfig:
     """The non-tensor arguments of the fused loss (hashable, passed through autograd)."""
 
-    loss: str = option("dpo", choices=LOSSES, doc='``"dpo"`` (TRL\'s sigmoid), ``"ipo"``, ``"orpo"`` or ``"simpo"``.')
+    loss: str = option("dpo", choices=LOSSES, doc='``"dpo"`` (TRL\'s sigmoid), ``"ipo"``, ``"orpo"``, ``"simpo"`` or '
+                       '``"dpo_listwise"`` (Plackett-Luce over the group ranked by reward: each response against '
+                       'those with a lower reward, ties unranked; summed over responses, divided by the pairs).')
     diversity: str = option("none", choices=DIVERSITIES, doc=(
         'pair weight ``"none"`` (1), ``"deviation"`` (DDPO/DORPO), ``"logdet_gain"`` (``1 / (K^{-1})_ii`` '
         'normalized to mean 1, our DQO-style variant) or ``"partition"`` (DARLING\'s partition diversity of '

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-LOSSES = ("dpo", "ipo", "orpo", "simpo")
+LOSSES = ("dpo", "ipo", "orpo", "simpo", "dpo_listwise")
+# Losses on the log-ratio pi - ref (they read ref_logps and differentiate it).
+REFERENCE_LOSSES = ("dpo", "ipo", "dpo_listwise")
 DIVERSITIES = ("none", "deviation", "logdet_gain", "partition")
 PAIR_MODES = ("all", "best_worst", "divpo", "explicit")
 ADVANTAGE_DIVERSITIES = ("none", "darling", "dqo", "deviation")

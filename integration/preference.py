@@ -58,7 +58,15 @@ from divkernels.integration.tokenization import TOKENIZATION, TRUNCATION_MODES
 from divkernels.ops.hidden_loss import linear_backend
 from divkernels.ops.linear_logps import token_outputs
 from divkernels.reference import POOLINGS
-from divkernels.types import DEVIATION_NORMS, DIVERSITIES, DIVPO_POOLS, LOSSES, ORPO_WEIGHTINGS, PAIR_MODES
+from divkernels.types import (
+    DEVIATION_NORMS,
+    DIVERSITIES,
+    DIVPO_POOLS,
+    LOSSES,
+    ORPO_WEIGHTINGS,
+    PAIR_MODES,
+    REFERENCE_LOSSES,
+)
 from divkernels.validation import check_choice
 
 EMBEDDING_SOURCES = ("encoder", "policy")
@@ -75,7 +83,8 @@ class DiversityPreferenceConfig(TrainingArguments):
     ``gradient_checkpointing=True``, ``bf16`` unless ``fp16``, ``max_length=1024``,
     ``truncation_mode="keep_start"``, ``disable_dropout=True``, ``beta=0.1``, ``cpo_alpha=1.0``.
 
-    ``loss_type``: ``"dpo"``, ``"ipo"``, ``"orpo"`` or ``"simpo"``; ``diversity``: ``"none"``,
+    ``loss_type``: ``"dpo"``, ``"ipo"``, ``"orpo"``, ``"simpo"`` or ``"dpo_listwise"`` (Plackett-Luce over
+    each group ranked by reward, with DPO's reference model and tokenization); ``diversity``: ``"none"``,
     ``"deviation"`` (DDPO/DORPO) or ``"logdet_gain"``; ``pairs``: ``"auto"`` (the dataset's
     explicit pairs if it has a ``pairs`` column, else every ``r_i > r_j``), ``"all"``,
     ``"best_worst"`` or ``"divpo"``; ``embedding_source``: ``"encoder"`` (frozen sentence encoder)
@@ -93,7 +102,7 @@ class DiversityPreferenceConfig(TrainingArguments):
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None: True unless fp16 (TRL)."})
 
     beta: float = field(default=0.1, metadata={"help": "DPO/IPO/SimPO temperature."})
-    loss_type: str = field(default="dpo", metadata={"help": "dpo, ipo, orpo or simpo."})
+    loss_type: str = field(default="dpo", metadata={"help": "dpo, ipo, orpo, simpo or dpo_listwise."})
     diversity: str = field(default="deviation", metadata={"help": "none, deviation or logdet_gain."})
     pairs: str = field(default="auto", metadata={"help": "auto, all, best_worst, divpo."})
     diversity_alpha: float = field(default=0.0, metadata={"help": "Weight of the -mean logdet regularizer."})
@@ -294,8 +303,8 @@ class DiversityPreferenceTrainer(Trainer):
                 raise ValueError("model is already a peft model; pass peft_config=None")
             model = get_peft_model(model, peft_config)
         # with a peft model and no ref_model the reference is the base model, adapters off
-        self.reference_is_base = args.loss_type in ("dpo", "ipo") and ref_model is None and is_peft_model(model)
-        if args.loss_type in ("dpo", "ipo") and ref_model is None and not self.reference_is_base:
+        self.reference_is_base = args.loss_type in REFERENCE_LOSSES and ref_model is None and is_peft_model(model)
+        if args.loss_type in REFERENCE_LOSSES and ref_model is None and not self.reference_is_base:
             ref_model = create_reference_model(model)
         if args.disable_dropout:
             disable_dropout(model)
@@ -315,7 +324,7 @@ class DiversityPreferenceTrainer(Trainer):
         self.encoders: list[Encoder] = [] if encoder is None else list(encoder) if isinstance(encoder, Sequence) \
             else [encoder]
         self.ref_model = None
-        if args.loss_type in ("dpo", "ipo") and ref_model is not None:
+        if args.loss_type in REFERENCE_LOSSES and ref_model is not None:
             self.ref_model = prepare_reference_model(ref_model, self.accelerator, args.per_device_train_batch_size)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0.0

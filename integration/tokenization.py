@@ -30,7 +30,7 @@ from itertools import takewhile
 from typing import Any
 
 # The TRL trainer whose tokenization each loss follows.
-TOKENIZATION = {"dpo": "dpo", "ipo": "dpo", "orpo": "orpo", "simpo": "orpo"}
+TOKENIZATION = {"dpo": "dpo", "ipo": "dpo", "orpo": "orpo", "simpo": "orpo", "dpo_listwise": "dpo"}
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 

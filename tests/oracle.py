@@ -455,3 +455,29 @@ def passk_advantages(rewards: torch.Tensor, mask: torch.Tensor | None, estimator
         for i, value in zip(rows, values, strict=True):
             out[b, i] = value
     return out
+
+
+def listwise_dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, rewards: torch.Tensor,
+                      mask: torch.Tensor | None, beta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Listwise DPO from the Plackett-Luce formula, one group at a time (float64, differentiable):
+    the group's valid responses ranked by reward, each response ``i`` against itself and those with a
+    strictly lower reward, ``-log(e^(beta z_i) / sum_(j in {i} + lower(i)) e^(beta z_j))``, ``z = pi - ref``,
+    times its weight; the sum over groups divided by the number of pairs (i, j) with ``r_i > r_j``."""
+    batch, group = policy.shape
+    total = policy.new_zeros((), dtype=torch.float64)
+    pairs = 0
+    for b in range(batch):
+        rows = valid_rows(mask, b, group)
+        terms = []
+        for i in rows:
+            lower = [j for j in rows if float(rewards[b, j]) < float(rewards[b, i])]
+            pairs += len(lower)
+            if not lower:
+                continue
+            z = [policy[b, j].double() - (0.0 if ref is None else ref[b, j].double()) for j in [i, *lower]]
+            logits = beta * torch.stack(z)
+            weight = 1.0 if weights is None else float(weights[b, i])
+            terms.append(weight * (torch.logsumexp(logits, 0) - logits[0]))
+        if terms:
+            total = total + torch.stack(terms).sum()
+    return total / max(pairs, 1)

@@ -209,7 +209,8 @@ def test_config_rejects_unknown_choices(tmp_path: Path) -> None:
     {"loss_type": "dpo", "diversity": "none", "pairs": "divpo"},
     {"loss_type": "simpo", "diversity": "deviation", "embedding_source": "policy", "diversity_alpha": 0.1,
      "learning_rate": 3e-2},
-], ids=["ddpo", "dpo", "dorpo", "ipo-logdet-bestworst", "divpo", "simpo-policy-logdet-reg"])
+    {"loss_type": "dpo_listwise", "diversity": "deviation", "pairs": "all"},
+], ids=["ddpo", "dpo", "dorpo", "ipo-logdet-bestworst", "divpo", "simpo-policy-logdet-reg", "listwise-ddpo"])
 def test_preference_trainer_lowers_loss_and_logs_metrics(tmp_path: Path, options: dict[str, Any]) -> None:
     model, tokenizer = tiny()
     args = config(tmp_path, **options)

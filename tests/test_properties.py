@@ -9,7 +9,7 @@ from hypothesis import given, settings
 
 import divkernels as dk
 
-LOSSES = ("dpo", "ipo", "orpo", "simpo")
+LOSSES = ("dpo", "ipo", "orpo", "simpo", "dpo_listwise")
 DIVERSITIES = ("none", "deviation", "logdet_gain")
 PAIRS = ("all", "best_worst", "divpo")
 
@@ -64,6 +64,24 @@ def test_loss_is_finite_and_decomposes_over_groups(inputs: dict[str, torch.Tenso
         total = total + alone.loss.detach() * alone.metrics["pairs"].double()
     batch_sum = (out.loss.detach() + alpha * out.logdet.mean() if alpha else out.loss.detach()) * out.metrics["pairs"]
     assert_close(batch_sum, total, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(inputs=groups(), estimator=st.sampled_from(("passk_analytic", "pkpo", "best_minus_second")),
+       k=st.integers(1, 9), scale=st.sampled_from(("std", "none")))
+def test_passk_advantages_are_finite_and_zero_at_padding(inputs: dict[str, torch.Tensor], estimator: str, k: int,
+                                                         scale: str) -> None:
+    """Every pass@k estimator: finite, 0 at padding; passk_analytic sums to 0 per group, pkpo and
+    best_minus_second are >= 0 (a response adds to the best of its subsets or nothing)."""
+    mask, rewards = inputs["mask"], inputs["rewards"]
+    group = mask.shape[1]
+    size = None if estimator == "best_minus_second" else min(k, group)
+    adv = dk.group_advantages(rewards, mask=mask, estimator=estimator, k=size, scale=scale)
+    assert torch.isfinite(adv).all() and (adv[~mask] == 0).all()
+    if estimator == "passk_analytic":
+        assert_close(adv.sum(-1), torch.zeros(mask.shape[0], dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    else:
+        assert (adv >= 0).all()
 
 
 @settings(max_examples=40, deadline=None)

@@ -190,9 +190,9 @@ def pair_losses(
     (the per-pair form; DORPO's is in :func:`group_preference_loss`);
     simpo: ``-log sigmoid(beta (pi_i - pi_j) - gamma)``.
     """
-    if loss in ("dpo", "ipo"):
+    if loss in ("dpo", "ipo", "dpo_listwise"):
         logratio = policy - ref
-        if loss == "dpo":
+        if loss in ("dpo", "dpo_listwise"):  # the listwise loss's pair logits (listwise_losses aggregates them)
             return -F.logsigmoid(beta * (logratio[:, :, None] - logratio[:, None, :]))
         if token_counts is not None:
             logratio = logratio / token_counts
@@ -213,14 +213,33 @@ def implicit_rewards(
 ) -> torch.Tensor:
     """Per-response implicit reward that TRL logs as ``rewards/chosen`` and ``rewards/rejected``.
 
-    DPO/IPO: ``beta (pi - ref)`` (DPOTrainer); ORPO: ``lambda * pi`` (ORPOTrainer, whose ``beta``
+    DPO/IPO/listwise DPO: ``beta (pi - ref)`` (DPOTrainer); ORPO: ``lambda * pi`` (ORPOTrainer, whose ``beta``
     is our ``orpo_lambda``); SimPO: ``beta * pi`` (CPOTrainer).
     """
-    if loss in ("dpo", "ipo"):
+    if loss in ("dpo", "ipo", "dpo_listwise"):
         return beta * (policy - ref)
     if loss == "orpo":
         return orpo_lambda * policy
     return beta * policy
+
+
+def listwise_losses(policy: torch.Tensor, ref: torch.Tensor, counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """``[B, G]`` listwise DPO term of each chosen response: ``l_i = log(1 + sum_j C_ij e^(-u_ij))``,
+    ``u_ij = beta (z_i - z_j)``, ``z = pi - ref``; 0 for a response that is chosen in no pair.
+
+    With ``pairs="all"`` (``C_ij = 1`` for ``r_i > r_j``) the terms of a group sum to the Plackett-Luce
+    negative log-likelihood of its ranking by reward (DPO, Rafailov et al. 2023, arXiv 2305.18290,
+    appendix A.3: ``-sum_k log(e^(beta z_(k)) / sum_(m >= k) e^(beta z_(m)))``), each response against
+    those ranked below it. Ties are not ranked against each other: a response competes only with
+    strictly lower rewards, so a group of equal rewards has no term and a strict ranking gives the
+    Plackett-Luce likelihood exactly. With one pair per group (best-worst, DivPO) ``l`` is DPO's.
+    """
+    u = beta * ((policy - ref)[:, :, None] - (policy - ref)[:, None, :])
+    paired = counts > 0
+    # log-sum-exp over {0} and the row's -u_ij (with multiplicity C_ij), shifted by its maximum
+    shift = torch.where(paired, -u, -torch.inf).amax(-1).clamp_min(0.0).detach()  # the value does not depend on it
+    tail = torch.where(paired, counts * torch.exp(torch.where(paired, -u - shift[..., None], 0.0)), 0.0).sum(-1)
+    return torch.where(paired.any(-1), shift + torch.log(torch.exp(-shift) + tail), 0.0)
 
 
 def normalized_weights(raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -403,6 +422,10 @@ def group_preference_loss(
     * dpo / ipo / simpo, and orpo with ``orpo_weighting="pair"`` (ours):
       ``sum_(i, j) w_i l_ij / P`` (DDPO: mj-storytelling/DiversityTuning ``models/ddpo_trainer.py``
       multiplies each pair's DPO loss by ``score_chosen + 1``);
+    * dpo_listwise (ours, the DPO paper's Plackett-Luce form): ``sum_i w_i l_i / P`` with
+      :func:`listwise_losses` ``l_i``: per group the (weighted) negative log-likelihood of its ranking
+      by reward, normalized by the pairs as the pair losses are (switching from dpo keeps the scale of
+      the gradient: ``l_i <= sum_j l_ij``);
     * orpo with ``orpo_weighting="dorpo"`` (DORPO, the authors' ``models/dorpo_trainer.py``,
       "Revision ver 2"): ``mean_P(w_i) * NLL - lambda * mean_P log sigmoid(w_i u_ij)`` with ``u``
       the log-odds difference: the weight scales the NLL term as a batch mean and sits *inside*
@@ -468,6 +491,8 @@ def group_preference_loss(
     if loss == "orpo" and orpo_weighting == "dorpo":
         weight_mean = (counts * weights[:, :, None]).sum() / per_pair
         total = (counts * -orpo_lambda * log_odds_terms[1]).sum() / per_pair + weight_mean * nll
+    elif loss == "dpo_listwise":  # each chosen response's term over its pairs, normalized as the pair losses
+        total = (weights * listwise_losses(policy, ref, counts, beta)).sum() / per_pair
     else:
         losses = pair_losses(loss, policy, ref, beta, orpo_lambda, simpo_gamma, lengths)
         total = (counts * weights[:, :, None] * losses).sum() / per_pair

@@ -31,6 +31,7 @@ from divkernels.ops.similarity import (
 from divkernels.ops.tiles import (
     load_valid_rows,
 )
+from divkernels.types import REFERENCE_LOSSES
 
 
 @triton.jit(do_not_specialize=["G", "stride_eb"])  # sizes that vary over a run: common.py
@@ -113,7 +114,7 @@ def fused_backward(grad_loss: torch.Tensor, saved: tuple[torch.Tensor | None, ..
     batch, group = grad_sum.shape
     device = grad_sum.device
     need_policy, need_ref, need_nll = needs
-    need_ref = need_ref and config.loss in ("dpo", "ipo")
+    need_ref = need_ref and config.loss in REFERENCE_LOSSES
     need_nll = need_nll and config.has_nll
     grads = {
         "policy": new_output((batch, group), policy_dtype, device, poison) if need_policy else None,

@@ -13,6 +13,7 @@ from divkernels.ops.common import accumulation_dtype, poison_outputs, square_sha
 from divkernels.ops.group_loss.backward import fused_backward
 from divkernels.ops.group_loss.checks import raise_kernel_checks
 from divkernels.ops.group_loss.launch import fused_forward
+from divkernels.types import REFERENCE_LOSSES
 
 # ---------------------------------------------------------------------------------------------
 # torch.library custom ops: the same steps, opaque to torch.compile (no graph break, capturable by
@@ -83,7 +84,7 @@ def _(grad_loss, grad_sum, chosen_counts, totals, emb, mask, sim, norms, inverse
       need_nll, policy_dtype, ref_dtype, nll_dtype):
     loss_config = LossConfig.from_key(config)
     shape = grad_sum.shape
-    need_ref = need_ref and loss_config.loss in ("dpo", "ipo")
+    need_ref = need_ref and loss_config.loss in REFERENCE_LOSSES
     need_nll = need_nll and loss_config.has_nll
     return (grad_sum.new_empty(shape if need_policy else (0,), dtype=policy_dtype),
             grad_sum.new_empty(shape if need_ref else (0,), dtype=ref_dtype or grad_sum.dtype),

@@ -170,7 +170,7 @@ def pair_sweep(b, pair_index_ptr, P, valid, reward, policy, key, implicit, weigh
             counts = tl.where(exists, one_pair, 0.0)
         weight_i = rows_of(weight, rows, BLOCK_G, PAIR_ROWS)
         loss, dloss, odds = pair_loss_terms(rows_of(key, rows, BLOCK_G, PAIR_ROWS), key, weight_i,
-                                            rows_of(policy, rows, BLOCK_G, PAIR_ROWS), coefficients, MODE)
+                                            rows_of(policy, rows, BLOCK_G, PAIR_ROWS), counts, coefficients, MODE)
         if MODE.loss == 2 and MODE.orpo_dorpo:
             outer = counts  # the weight is inside DORPO's log-sigmoid
         else:

@@ -79,14 +79,14 @@ def response_terms(policy, ref, length, coefficients, MODE: tl.constexpr):
     ``implicit`` is what TRL logs as rewards/chosen and rewards/rejected. IPO divides each
     log-ratio by its completion length (TRL's DPOTrainer; ``length`` is 1 without token counts)."""
     beta, orpo_lambda, _ = coefficients
-    if MODE.loss == 0 or MODE.loss == 1:
+    if MODE.loss == 0 or MODE.loss == 1 or MODE.loss == 4:  # the log-ratio losses (listwise DPO: as DPO)
         margin = policy - ref
-        if MODE.loss == 0:
-            key = margin
-            slope = tl.full(policy.shape, beta, policy.dtype)
-        else:
+        if MODE.loss == 1:
             key = margin / length
             slope = 1.0 / length
+        else:
+            key = margin
+            slope = tl.full(policy.shape, beta, policy.dtype)
         implicit = beta * margin
     elif MODE.loss == 2:
         key = policy - log1mexp(policy)  # ORPO's log-odds
@@ -100,7 +100,21 @@ def response_terms(policy, ref, length, coefficients, MODE: tl.constexpr):
 
 
 @triton.jit
-def pair_loss_terms(key_i, key, weight_i, policy_i, coefficients, MODE: tl.constexpr):
+def listwise_terms(u, counts):
+    """Listwise DPO's ``(l_ij, dl/du_ij)`` of a chunk of rows (``reference.listwise_losses``): row i's term
+    ``l_i = log(1 + sum_j C_ij e^(-u_ij))`` spread over its pairs (``l_i / sum_j C_ij`` each, so that the
+    weighted pair sum is ``w_i l_i``), and ``dl_i / du_ij = -e^(-u_ij - l_i)`` per unit of ``C_ij``."""
+    paired = counts > 0.0
+    shift = tl.maximum(tl.max(tl.where(paired, -u, -float("inf")), axis=1), 0.0)
+    tail = tl.sum(tl.where(paired, counts * tl.exp(tl.where(paired, -u - shift[:, None], 0.0)), 0.0), axis=1)
+    row = shift + tl.log(tl.exp(-shift) + tail)
+    loss = row[:, None] / tl.maximum(tl.sum(counts, axis=1), 1.0)[:, None]
+    dloss = -tl.exp(tl.where(paired, -u - row[:, None], 0.0))
+    return loss, dloss
+
+
+@triton.jit
+def pair_loss_terms(key_i, key, weight_i, policy_i, counts, coefficients, MODE: tl.constexpr):
     """Per pair (i chosen in a chunk of rows, j rejected): ``(l_ij, dl/du_ij, odds_ij)``, ``[rows, BLOCK_G]``.
 
     ``key_i``, ``weight_i``, ``policy_i``: the chunk's rows; ``key``: every response's. DORPO puts
@@ -114,6 +128,8 @@ def pair_loss_terms(key_i, key, weight_i, policy_i, coefficients, MODE: tl.const
         u = beta * (key_i[:, None] - key[None, :])
         loss = softplus(-u)
         dloss = -sigmoid(-u)
+    elif MODE.loss == 4:  # listwise DPO: a row's pairs share one normalizer (the chunk holds whole rows)
+        loss, dloss = listwise_terms(beta * (key_i[:, None] - key[None, :]), counts)
     elif MODE.loss == 1:
         u = key_i[:, None] - key[None, :] - 0.5 / beta
         loss = u * u
