@@ -58,7 +58,8 @@ ENV_INTERPRET = "TRITON_INTERPRET"
 # The loss configurations in the table: the default DDPO weighting, and the heaviest kernel (logdet
 # gains with DivPO pairs: the G x G inverse and the pools live together).
 LOSS_VARIANTS = {"loss[deviation/all]": ("dpo", "deviation", "all"),
-                 "loss[logdet_gain/divpo]": ("dpo", "logdet_gain", "divpo")}
+                 "loss[logdet_gain/divpo]": ("dpo", "logdet_gain", "divpo"),
+                 "loss[listwise/deviation/all]": ("dpo_listwise", "deviation", "all")}
 # Appended to the kernel name of a launch with FIXUP=True: the second launch of a kernel that sweeps K,
 # which redoes in float64 only the groups whose float32 sweep failed and returns at once for the others.
 FIXUP_SUFFIX = "[fp64 fix-up]"

@@ -53,7 +53,8 @@ SPILL_MEASURED = ("3.9",)
 # (loss, diversity, pairs): every value of each at least once, some together (not all 36 products:
 # each distinct combination is one more compile of the largest kernel).
 BRANCH_CONFIGS = [("dpo", "none", "all"), ("ipo", "deviation", "best_worst"), ("orpo", "logdet_gain", "divpo"),
-                  ("simpo", "deviation", "all"), ("dpo", "logdet_gain", "best_worst"), ("simpo", "none", "divpo")]
+                  ("simpo", "deviation", "all"), ("dpo", "logdet_gain", "best_worst"), ("simpo", "none", "divpo"),
+                  ("dpo_listwise", "deviation", "all")]
 
 
 FIXUP_KERNEL = "_group_loss_fixup_finalize_kernel"
