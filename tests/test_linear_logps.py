@@ -80,6 +80,40 @@ def test_matches_unfused_reference(backend: str, dtype: torch.dtype, count: int,
         assert_matches(grad, want_grad, dtype, f"d {name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_entropy_and_its_gradient_match_unfused(backend: str, dtype: torch.dtype, generator: torch.Generator,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``return_entropy=True``: each token's entropy of the same softmax (temperature, bias, several chunks and
+    vocabulary tiles), and the gradients of ``sum g logp + sum g_H H`` (an entropy bonus) w.r.t. hidden, weight
+    and bias, against the unfused float64 reference."""
+    monkeypatch.setattr(linear_module, "MAX_BLOCK_V", 16)
+    inputs = make_inputs(generator, 3, 5, 8, 37, dtype)
+    options = {"temperature": 0.7, "reduction": "sum"}
+    logps, entropy = dk.linear_logps(**inputs, chunk_size=4, backend=backend, return_entropy=True, **options)
+    assert entropy.shape == (3, 5) and entropy.dtype == logps.dtype
+    assert (entropy[~inputs["mask"]] == 0).all()
+    seed = torch.randn(3, generator=generator, dtype=torch.float64).to(DEVICE)
+    seed_h = torch.randn(3, 5, generator=generator, dtype=torch.float64).to(DEVICE)
+    leaves = [inputs["hidden"], inputs["weight"], inputs["bias"]]
+    exact = [leaf.detach().double().requires_grad_(True) for leaf in leaves]
+    want_logps, want_entropy = reference.linear_logps(exact[0], exact[1], inputs["targets"], inputs["mask"],
+                                                      bias=exact[2], return_entropy=True, **options)
+    assert_matches(logps, want_logps, dtype, "logps")
+    assert_matches(entropy, want_entropy, dtype, "entropy")
+    objective = lambda lp, h: (lp * seed.to(lp.dtype)).sum() + (h * seed_h.to(h.dtype)).sum()  # noqa: E731
+    grads = torch.autograd.grad(objective(logps, entropy), leaves)
+    want_grads = torch.autograd.grad(objective(want_logps, want_entropy), exact, retain_graph=True)
+    for name, grad, want_grad in zip(("hidden", "weight", "bias"), grads, want_grads, strict=True):
+        assert_matches(grad, want_grad, dtype, f"d {name} with the entropy")
+    # the entropy alone (no log-prob gradient upstream) reaches the head too
+    (grad_weight,) = torch.autograd.grad(
+        dk.linear_logps(**inputs, chunk_size=4, backend=backend, return_entropy=True, **options)[1].sum(),
+        [inputs["weight"]])
+    (want_weight,) = torch.autograd.grad(want_entropy.sum(), [exact[1]])
+    assert_matches(grad_weight, want_weight, dtype, "d weight of the entropy alone")
+
+
 def test_reference_gradcheck(generator: torch.Generator) -> None:
     inputs = make_inputs(generator, 2, 3, 4, 7, torch.float64)
 

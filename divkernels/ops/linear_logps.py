@@ -77,9 +77,11 @@ def _token_forward_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_pt
 
 
 @triton.jit
-def _token_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, V, stride_row, inv_temperature: tl.float64,
-                           BLOCK_V: tl.constexpr, ACC: tl.constexpr):
-    """One row, in place: ``Z_v <- g / temperature * ([v = y] - exp(z_v - lse))``."""
+def _token_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, entropy_ptr, grad_entropy_ptr, V, stride_row,
+                           inv_temperature: tl.float64, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+                           ACC: tl.constexpr):
+    """One row, in place: ``Z_v <- g / temperature * ([v = y] - p_v)``, ``p_v = exp(z_v - lse)``; with
+    ``ENTROPY`` also the entropy's ``- g_H / temperature * p_v (z_v - lse + H)`` (``dH/dz_v = -p_v (log p_v + H)``)."""
     inv_temperature = as_acc(inv_temperature, ACC)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -87,11 +89,17 @@ def _token_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, V, stride
     scale = tl.load(grad_ptr + row).to(ACC) * inv_temperature
     lse = tl.load(lse_ptr + row).to(ACC)
     target = tl.load(targets_ptr + row)
+    if ENTROPY:
+        entropy_scale = tl.load(grad_entropy_ptr + row).to(ACC) * inv_temperature
+        shift = tl.load(entropy_ptr + row).to(ACC) - lse  # log p_v + H = z_v - lse + H
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         inside = cols < V
         z = tl.load(row_ptr + cols, mask=inside, other=0.0).to(ACC) * inv_temperature
-        grad = tl.where(cols == target, scale, 0.0) - scale * tl.exp(z - lse)
+        p = tl.exp(z - lse)
+        grad = tl.where(cols == target, scale, 0.0) - scale * p
+        if ENTROPY:
+            grad -= entropy_scale * p * (z + shift)
         tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=inside)
 
 
@@ -126,11 +134,15 @@ def triton_rows_forward(logits: torch.Tensor, targets: torch.Tensor, inv_tempera
 
 
 def triton_rows_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-                         inv_temperature: float) -> None:
-    """Overwrite a ``[C, V]`` logits chunk with ``d (sum_t g_t logp_t) / d Z``."""
+                         inv_temperature: float, entropy: torch.Tensor | None = None,
+                         grad_entropy: torch.Tensor | None = None) -> None:
+    """Overwrite a ``[C, V]`` logits chunk with ``d (sum_t g_t logp_t + sum_t g_H,t H_t) / d Z`` (the entropy
+    term when ``grad_entropy`` is given)."""
     rows, vocab = logits.shape
-    _token_backward_kernel[(rows,)](logits, targets, lse, grad, vocab, logits.stride(0), inv_temperature,
-                                    ACC=triton_dtype(lse.dtype), **_row_launch(vocab))
+    with_entropy = grad_entropy is not None
+    _token_backward_kernel[(rows,)](logits, targets, lse, grad, entropy if with_entropy else lse,
+                                    grad_entropy if with_entropy else grad, vocab, logits.stride(0), inv_temperature,
+                                    ENTROPY=with_entropy, ACC=triton_dtype(lse.dtype), **_row_launch(vocab))
 
 
 def torch_rows_forward(logits: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
@@ -148,11 +160,18 @@ def torch_rows_forward(logits: torch.Tensor, targets: torch.Tensor, inv_temperat
 
 
 def torch_rows_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
-                        inv_temperature: float) -> None:
+                        inv_temperature: float, entropy: torch.Tensor | None = None,
+                        grad_entropy: torch.Tensor | None = None) -> None:
     """:func:`triton_rows_backward` in PyTorch, in place (one float32 copy for half-precision chunks)."""
     scale = (grad * inv_temperature)[:, None]
     dz = logits if logits.dtype == lse.dtype else logits.to(lse.dtype)
-    dz.mul_(inv_temperature).sub_(lse[:, None]).exp_().mul_(-scale)
+    dz.mul_(inv_temperature).sub_(lse[:, None])  # log p
+    if grad_entropy is not None:  # - g_H / T * p (log p + H), then - g / T * p: one pass over a second buffer
+        log_p = dz.clone()
+        dz.exp_()
+        dz.mul_(log_p.add_(entropy[:, None]).mul_((grad_entropy * inv_temperature)[:, None]).add_(scale)).neg_()
+    else:
+        dz.exp_().mul_(-scale)
     dz.scatter_add_(-1, targets[:, None], scale)
     if dz is not logits:
         logits.copy_(dz)
@@ -207,10 +226,12 @@ def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidde
 
 def chunked_backward(grad_tokens: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor, inv_temperature: float,
-                     chunk_size: int, backend: str, needs: tuple[bool, bool, bool]
+                     chunk_size: int, backend: str, needs: tuple[bool, bool, bool],
+                     entropy: torch.Tensor | None = None, grad_entropy: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``sum_t grad_tokens_t logp_t`` w.r.t. ``(hidden [M, H], weight, bias)`` (None where
-    ``needs`` is False). dW and db accumulate in float32 for half-precision weights over several chunks."""
+    """Gradients of ``sum_t grad_tokens_t logp_t (+ sum_t grad_entropy_t H_t)`` w.r.t. ``(hidden [M, H],
+    weight, bias)`` (None where ``needs`` is False). dW and db accumulate in float32 for half-precision
+    weights over several chunks."""
     rows = hidden.shape[0]
     rows_backward = ROW_KERNELS[backend][1]
     several = rows > chunk_size
@@ -222,7 +243,8 @@ def chunked_backward(grad_tokens: torch.Tensor, hidden: torch.Tensor, weight: to
     for start in range(0, rows, chunk_size):
         stop = min(start + chunk_size, rows)
         grad_logits = _head_chunk(hidden[start:stop], weight, bias, buffer[: stop - start])
-        rows_backward(grad_logits, targets[start:stop], lse[start:stop], grad_tokens[start:stop], inv_temperature)
+        rows_backward(grad_logits, targets[start:stop], lse[start:stop], grad_tokens[start:stop], inv_temperature,
+                      *((entropy[start:stop], grad_entropy[start:stop]) if grad_entropy is not None else ()))
         if grad_hidden is not None:
             torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
         if grad_weight is not None:
@@ -234,28 +256,32 @@ def chunked_backward(grad_tokens: torch.Tensor, hidden: torch.Tensor, weight: to
 
 
 class LinearTokenLogpsFunction(torch.autograd.Function):
-    """``[M]`` token log-probs of ``hidden [M, H]`` under the head (and, without grad, every row's
-    log-sum-exp, entropy and argmax); forward saves ``lse [M]`` besides the inputs."""
+    """``[M]`` token log-probs of ``hidden [M, H]`` under the head, and with ``stats`` every row's entropy
+    (differentiable too) and argmax; every row's log-sum-exp (no grad). Forward saves ``lse [M]`` (and the
+    entropy) besides the inputs."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 inv_temperature: float, chunk_size: int, backend: str, stats: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         out = chunked_forward(hidden, weight, bias, targets, inv_temperature, chunk_size, backend, stats)
-        ctx.save_for_backward(hidden, weight, bias, targets, out.lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, out.lse, out.entropy)
         ctx.settings = (inv_temperature, chunk_size, backend)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(t for t in (out.lse, out.entropy, out.argmax) if t is not None))
+        ctx.mark_non_differentiable(*(t for t in (out.lse, out.argmax) if t is not None))
         return out.logps, out.lse, out.entropy, out.argmax
 
     @staticmethod
-    def backward(ctx, grad_logps: torch.Tensor | None, *_unused: torch.Tensor | None):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logps: torch.Tensor | None, _grad_lse: torch.Tensor | None,
+                 grad_entropy: torch.Tensor | None, _grad_argmax: torch.Tensor | None):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        if grad_logps is None or not any(needs):
+        if (grad_logps is None and grad_entropy is None) or not any(needs):
             return (None,) * 8
-        grads = chunked_backward(grad_logps.contiguous(), hidden, weight, bias, targets, lse, *ctx.settings,
-                                 needs=needs)
+        grad_logps = torch.zeros_like(lse) if grad_logps is None else grad_logps.contiguous()
+        grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
+        grads = chunked_backward(grad_logps, hidden, weight, bias, targets, lse, *ctx.settings, needs=needs,
+                                 entropy=entropy, grad_entropy=grad_entropy)
         return (*grads, None, None, None, None, None)
 
 
@@ -350,7 +376,8 @@ def linear_token_logps(
     check_inputs: bool = True,
 ) -> TokenOutputs:
     """Per-token log-probs ``[N, T]`` of :func:`linear_logps` (0 where ``mask`` is False) and log-sum-exps,
-    and with ``stats`` each token's entropy and argmax (no grad; what TRL's metrics read from the logits)."""
+    and with ``stats`` each token's entropy (differentiable; every position's) and argmax (what TRL's
+    metrics read from the logits)."""
     out = token_outputs(hidden, weight, targets, mask, bias=bias, temperature=temperature, chunk_size=chunk_size,
                         stats=stats, backend=backend, check_inputs=check_inputs)
     if mask is not None:
@@ -368,9 +395,10 @@ def linear_logps(
     temperature: float = 1.0,
     reduction: str = "sum",
     chunk_size: int | None = None,
+    return_entropy: bool = False,
     backend: str = "auto",
     check_inputs: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs under the LM head without materializing the logits.
 
     ``logp_n = sum_t mask_nt log softmax((h_nt W^T + b) / temperature)[y_nt]`` (``reduction="mean"``:
@@ -392,16 +420,25 @@ def linear_logps(
         temperature: > 0; the logits are divided by it.
         reduction: ``"sum"`` or ``"mean"`` over the masked tokens.
         chunk_size: token rows per chunk; None: the largest power of two with ``chunk * V <= 2^26``.
+        return_entropy: also return each token's entropy ``H_nt = -sum_v p_v log p_v`` of the same
+            softmax (temperature included), from the same chunked pass (the online log-sum-exp carries
+            ``sum_v p_v z_v``), differentiable: its backward adds ``-g_H p_v (log p_v + H)`` to the
+            recomputed chunk's logit gradient, still without ``[N, T, V]`` (an entropy bonus or
+            entropy-based token masking without the logits). 4 more bytes saved per token.
         backend: ``"auto"`` (Triton on CUDA, else the chunked PyTorch path), ``"triton"`` or
             ``"reference"`` (chunked PyTorch).
         check_inputs: check that targets are in range where ``mask`` is True and that every row's
             logits are finite (NaN/inf anywhere in ``hidden``, ``weight`` or ``bias``); one host sync.
 
     Returns:
-        ``[N]`` float32 (float64 for float64 ``hidden``); differentiable w.r.t. hidden, weight, bias.
+        ``[N]`` float32 (float64 for float64 ``hidden``); differentiable w.r.t. hidden, weight, bias. With
+        ``return_entropy``: ``(logps [N], entropy [N, T])``, the entropy 0 where ``mask`` is False.
     """
     check_choice("reduction", reduction, REDUCTIONS)
     token = token_outputs(hidden, weight, targets, mask, bias=bias, temperature=temperature, chunk_size=chunk_size,
-                          backend=backend, check_inputs=check_inputs)
-    return sequence_logps(token.logps, mask, reduction)  # masks the tokens
+                          stats=bool(return_entropy), backend=backend, check_inputs=check_inputs)
+    logps = sequence_logps(token.logps, mask, reduction)  # masks the tokens
+    if not return_entropy:
+        return logps
+    return logps, token.entropy if mask is None else torch.where(mask, token.entropy, 0.0)
 

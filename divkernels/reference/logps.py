@@ -45,7 +45,8 @@ def linear_logps(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     reduction: str = "sum",
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of ``targets`` under the LM head, the unfused way (all logits at once).
 
     ``logp_n = sum_t mask_nt * log softmax((h_nt W^T + b) / temperature)[y_nt]`` (or the mean over
@@ -59,12 +60,18 @@ def linear_logps(
         mask: ``[N, T]`` bool, the tokens that count; None: all.
 
     Returns:
-        ``[N]`` float32 (float64 for float64 ``hidden``). Differentiable w.r.t. hidden, weight, bias.
+        ``[N]`` float32 (float64 for float64 ``hidden``). Differentiable w.r.t. hidden, weight, bias. With
+        ``return_entropy``: also each token's entropy ``-sum_v p_v log p_v`` ``[N, T]``, 0 where ``mask`` is False.
     """
     logits = lm_head_logits(hidden, weight, bias, temperature)
     safe_targets = targets if mask is None else torch.where(mask, targets, 0)
-    token_logps = logits.log_softmax(-1).gather(-1, safe_targets[..., None])[..., 0]
-    return sequence_logps(token_logps, mask, reduction)
+    log_probs = logits.log_softmax(-1)
+    token_logps = log_probs.gather(-1, safe_targets[..., None])[..., 0]
+    logps = sequence_logps(token_logps, mask, reduction)
+    if not return_entropy:
+        return logps
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logps, entropy if mask is None else torch.where(mask, entropy, 0.0)
 
 
 # Poolings of hidden states into one embedding per response.
