@@ -10,6 +10,10 @@ Peak extra memory: on CUDA the allocator's peak over what was allocated before t
 growth of the process's peak RSS (``ru_maxrss``) over one call in a fresh process that holds only
 the inputs. Two sweeps per device: the tokens ``N x T`` at a fixed chunk (fused memory should stay
 flat while unfused grows), and the chunk at fixed tokens (fused memory should grow with ``chunk x V``).
+A third, ``entropy``, differentiates log-probs plus an entropy bonus (``sum logp + 0.01 sum H``, what a
+GRPO entropy bonus adds): ``fused`` is :func:`divkernels.linear_logps` with ``return_entropy=True``,
+``unfused`` the full logits' log-softmax and entropy, and ``trl`` TRL's own chunked LM-head function
+(``trl.kernels.ChunkedLogProbFunction``, what its GRPOTrainer runs) where TRL is installed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import torch.nn.functional as F
 
 import divkernels as dk
 
-PROVIDERS = ("fused", "unfused", "compile")
+PROVIDERS = ("fused", "unfused", "compile", "trl")
+# Weight of the entropy bonus in the entropy sweep's objective.
+ENTROPY_BONUS = 0.01
 MIB = 2**20
 # The CPU child processes serve every allocation above 64 KiB with its own mmap, freed back at once: glibc
 # otherwise raises that threshold as blocks are freed and keeps freed chunk buffers in the heap, so the
@@ -71,7 +77,8 @@ def cases(device: torch.device) -> list[LinearCase]:
     token_sweep = [LinearCase("tokens", 8, length, width, vocab, dtype, fixed_chunk) for length in lengths]
     chunk_sweep = [LinearCase("chunk", 8, fixed_length, width, vocab, dtype, chunk) for chunk in chunks
                    if chunk != fixed_chunk]
-    return token_sweep + chunk_sweep
+    entropy_sweep = [LinearCase("entropy", 8, length, width, vocab, dtype, fixed_chunk) for length in lengths]
+    return token_sweep + chunk_sweep + entropy_sweep
 
 
 def unfused_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -80,6 +87,29 @@ def unfused_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     logits = F.linear(hidden, weight).float()
     token = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
     return (token * mask).sum(-1)
+
+
+def unfused_entropy_objective(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              mask: torch.Tensor) -> torch.Tensor:
+    """The unfused log-probs plus the entropy bonus, per sequence, from the full ``[N, T, V]`` logits."""
+    log_probs = F.linear(hidden, weight).float().log_softmax(-1)
+    token = log_probs.gather(-1, targets[..., None])[..., 0]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return ((token + ENTROPY_BONUS * entropy) * mask).sum(-1)
+
+
+def trl_entropy_objective(chunk: int) -> Callable[..., torch.Tensor]:
+    """TRL's chunked LM head (``trl.kernels.ChunkedLogProbFunction``: the valid rows, log-probs and entropy)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    def objective(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+        logps, entropy, *_ = ChunkedLogProbFunction.apply(hidden[mask], weight, None, targets[mask], 1.0, chunk, None,
+                                                          1.0, ("log_probs", "entropy"))
+        per_token = logps + ENTROPY_BONUS * entropy
+        return hidden.new_zeros(mask.shape, dtype=logps.dtype).masked_scatter(mask, per_token).sum(-1)
+
+    return objective
 
 
 def make_inputs(case: LinearCase, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -94,6 +124,8 @@ def make_inputs(case: LinearCase, device: torch.device) -> tuple[torch.Tensor, .
 
 
 def provider_function(provider: str, case: LinearCase) -> Callable[..., torch.Tensor]:
+    if case.sweep == "entropy":
+        return entropy_function(provider, case)
     if provider == "fused":
         return lambda hidden, weight, targets, mask: dk.linear_logps(hidden, weight, targets, mask,
                                                                      chunk_size=case.chunk, check_inputs=False)
@@ -102,6 +134,36 @@ def provider_function(provider: str, case: LinearCase) -> Callable[..., torch.Te
     if provider == "compile":
         return torch.compile(unfused_logps)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def entropy_function(provider: str, case: LinearCase) -> Callable[..., torch.Tensor]:
+    """``[N]`` log-probs plus ``ENTROPY_BONUS`` times the masked entropy, by ``provider``."""
+    if provider == "fused":
+        def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+            logps, entropy = dk.linear_logps(hidden, weight, targets, mask, chunk_size=case.chunk,
+                                             return_entropy=True, check_inputs=False)
+            return logps + ENTROPY_BONUS * entropy.sum(-1)
+        return fused
+    if provider == "unfused":
+        return unfused_entropy_objective
+    if provider == "compile":
+        return torch.compile(unfused_entropy_objective)
+    if provider == "trl":
+        return trl_entropy_objective(case.chunk)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def providers_of(case: LinearCase, device: torch.device) -> list[str]:
+    """The providers of ``case`` on ``device``: compile on CUDA only, TRL's function in the entropy sweep
+    where TRL is installed."""
+    chosen = [p for p in ("fused", "unfused", "compile") if device.type == "cuda" or p != "compile"]
+    if case.sweep == "entropy":
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is not None:
+            chosen.append("trl")
+    return chosen
 
 
 def peak_rss_mib() -> float:
@@ -179,10 +241,9 @@ def measure_in_fresh_process(case: LinearCase, provider: str, device: torch.devi
 def run(device: torch.device, repeats: int, log: Callable[[str], None],
         selected: list[LinearCase] | None = None) -> list[dict[str, object]]:
     """Every case of :func:`cases` (or ``selected``) with every provider that runs on ``device``."""
-    providers = [p for p in PROVIDERS if device.type == "cuda" or p != "compile"]
     rows = []
     for case in selected if selected is not None else cases(device):
-        for provider in providers:
+        for provider in providers_of(case, device):
             row = measure_in_fresh_process(case, provider, device, repeats)
             rows.append(row)
             log(f"{case.sweep:<6} N*T={case.tokens:<6} V={case.vocab} chunk={case.chunk:<5} {provider:<8} "
@@ -200,6 +261,22 @@ def table(rows: list[dict[str, object]]) -> str:
         ratio = f"{row['peak_extra_mib'] / base:.1f}x" if base and row["peak_extra_mib"] is not None else ""
         lines.append(f"| {row['sweep']} | {row['tokens']} | {row['vocab']} | {row['chunk']} | {row['logits_mib']} | "
                      f"{row['provider']} | {row['peak_extra_mib']} | {row['median_ms']} | {ratio} |")
+    return "\n".join(lines)
+
+
+def entropy_table(rows: list[dict[str, object]]) -> str:
+    """Markdown of the entropy sweep: per token count, each provider's peak extra memory and time."""
+    entropy = [row for row in rows if row["sweep"] == "entropy"]
+    providers = [p for p in PROVIDERS if any(row["provider"] == p for row in entropy)]
+    lines = ["| N x T tokens | chunk | logits alone (MiB) | " + " | ".join(f"{p} peak extra MiB" for p in providers)
+             + " | " + " | ".join(f"{p} ms" for p in providers) + " |",
+             "|---" * (3 + 2 * len(providers)) + "|"]
+    for tokens in sorted({row["tokens"] for row in entropy}):
+        by = {row["provider"]: row for row in entropy if row["tokens"] == tokens}
+        first = next(iter(by.values()))
+        memory = " | ".join(str(by[p]["peak_extra_mib"]) for p in providers)
+        times = " | ".join(f"{by[p]['median_ms']:.0f}" if by[p]["median_ms"] is not None else "" for p in providers)
+        lines.append(f"| {tokens} | {first['chunk']} | {first['logits_mib']:.0f} | {memory} | {times} |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@
   ``GRPOTrainer``.
 * :class:`HFPairJudge`, :class:`ServedPairJudge`, :func:`judge_groups`: DARLING's learned equivalence
   judge (:mod:`divkernels.integration.judge`; ``python -m divkernels.integration.judge train`` fine-tunes one).
+* :class:`LinearLogpsGRPOTrainer`: TRL's ``GRPOTrainer`` with its log-probs and entropies (entropy bonus,
+  high-entropy token mask) from :func:`divkernels.linear_token_logps`, without the logits.
 * :class:`DiversityCallback`: diversity / pass@k tracking for any ``Trainer``.
 * :class:`SentenceEncoder`, :func:`pool_hidden_states`: embedding sources.
 * :mod:`divkernels.integration.verl` (imported on its own, needs verl): ``DiversityRewardManager``,
@@ -20,6 +22,7 @@ Needs the ``train`` extra (transformers, trl, accelerate, sentence-transformers)
 from divkernels.integration.callback import DiversityCallback, diversity_metrics, sample_completions
 from divkernels.integration.embeddings import SentenceEncoder, pool_hidden_states
 from divkernels.integration.groups import GroupPreferenceCollator, pairs_to_groups
+from divkernels.integration.grpo import LinearLogpsGRPOTrainer
 from divkernels.integration.judge import HFPairJudge, ServedPairJudge, judge_groups
 from divkernels.integration.models import attention_implementation, load_causal_lm
 from divkernels.integration.preference import DiversityPreferenceConfig, DiversityPreferenceTrainer
@@ -33,6 +36,7 @@ __all__ = [
     "DiversityPreferenceTrainer",
     "GroupPreferenceCollator",
     "HFPairJudge",
+    "LinearLogpsGRPOTrainer",
     "PasskReward",
     "SentenceEncoder",
     "ServedPairJudge",

@@ -166,12 +166,16 @@ def test_linear_suite_measures_both_paths_in_fresh_processes(tmp_path: Path) -> 
 
     selected = [linear.LinearCase("tokens", 2, 8, 8, 96, "float32", 4),
                 linear.LinearCase("tokens", 2, 16, 8, 96, "float32", 4),
-                linear.LinearCase("chunk", 2, 16, 8, 96, "float32", 16)]
+                linear.LinearCase("chunk", 2, 16, 8, 96, "float32", 16),
+                linear.LinearCase("entropy", 2, 16, 8, 96, "float32", 4)]
     rows = linear.run(torch.device("cpu"), 1, lambda _: None, selected)
+    entropy_providers = ("fused", "unfused", "trl")  # TRL is installed with the test extra
     assert [(row["sweep"], row["provider"]) for row in rows] == [
-        (sweep, provider) for sweep in ("tokens", "tokens", "chunk") for provider in ("fused", "unfused")]
+        (sweep, provider) for sweep in ("tokens", "tokens", "chunk") for provider in ("fused", "unfused")] + [
+        ("entropy", provider) for provider in entropy_providers]
     assert all(row["error"] is None and row["peak_extra_mib"] is not None and row["median_ms"] > 0 for row in rows)
     assert "| tokens | 32 | 96 | 4 |" in linear.table(rows)
+    assert linear.entropy_table(rows).splitlines()[2].startswith("| 32 | 4 | 0 |")
     pytest.importorskip("matplotlib")
     assert linear.plot(rows, {"device": "cpu"}, tmp_path / "linear").exists()
 

@@ -456,6 +456,40 @@ def test_grpo_trainer_with_diversity_rewards(tmp_path: Path) -> None:
         assert math.isfinite(entry["diversity/logdet"]) and 0.0 <= entry["diversity/partition"] <= 1.0
 
 
+@pytest.mark.parametrize("entropy", [{}, {"entropy_coef": 0.05, "top_entropy_quantile": 0.5}],
+                         ids=["plain", "entropy-bonus-and-mask"])
+def test_linear_logps_grpo_trainer_takes_trls_steps(tmp_path: Path, entropy: dict[str, float]) -> None:
+    """LinearLogpsGRPOTrainer (log-probs and entropies from linear_token_logps, no logits) against TRL's own
+    GRPOTrainer from the same seed: the same losses, entropies and weights step for step, with the entropy
+    bonus and the high-entropy token mask off and on. (SGD: an update proportional to the gradient; Adam's
+    m / sqrt(v) turns the rounding of a near-zero gradient into a full-size step of either sign.)"""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from divkernels.integration.grpo import LinearLogpsGRPOTrainer
+
+    prompts = [f"<bos> {demo.prompt_for(target)}" for target in demo.TARGETS]
+    runs = []
+    for trainer_class in (GRPOTrainer, LinearLogpsGRPOTrainer):
+        torch.manual_seed(0)
+        model, tokenizer = tiny()
+        args = GRPOConfig(output_dir=str(tmp_path / trainer_class.__name__), max_steps=3, per_device_train_batch_size=8,
+                          num_generations=4, max_completion_length=4, learning_rate=1e-2, beta=0.0, logging_steps=1,
+                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, optim="sgd",
+                          **entropy)
+        trainer = trainer_class(model=model, reward_funcs=[demo.correctness_reward], args=args,
+                                train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer)
+        trainer.train()
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        runs.append((logged, [p.detach().clone() for p in model.parameters()]))
+    (trl_log, trl_weights), (ours_log, our_weights) = runs
+    assert len(trl_log) == len(ours_log) == 3
+    for theirs, ours in zip(trl_log, ours_log, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-6)
+        assert ours["entropy"] == pytest.approx(theirs["entropy"], rel=1e-4)
+    for theirs, ours in zip(trl_weights, our_weights, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ callback
 
 
