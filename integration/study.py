@@ -9,7 +9,11 @@ starts out imperfect and favouring a few answers. From that SFT model, per seed:
   DPO; DDPO (deviation-weighted pairs); DORPO (ORPO with the authors' deviation weighting); DivPO
   (the most / least diverse of the top / bottom quality pools);
 * online (TRL's ``GRPOTrainer``): GRPO on the verifier reward; GRPO + DARLING (reward times partition
-  diversity, no std scaling, as the authors); GRPO + DQO (plus the leave-one-out logdet bonus).
+  diversity, no std scaling, as the authors); GRPO + DQO (plus the leave-one-out logdet bonus);
+  GRPO with a pass@k advantage of the verifier reward over subsets of ``k = 4`` of each group of 8
+  (``PasskReward``: Pass@k Training's analytical advantage, PKPO's ``s^(loo-1)``, verl's
+  best-minus-second at ``k = 8``; TRL's centering, no std scaling); GRPO + entropy (TRL's entropy bonus,
+  ``entropy_coef = 0.01``, with the log-probs and entropies from ``LinearLogpsGRPOTrainer``).
 
 Every method keeps its paper-exact defaults; learning rate and steps are the study's. Each model
 draws ``n`` samples per prompt: pass@k for k = 1..n with the unbiased estimator
@@ -39,7 +43,12 @@ from divkernels.integration import demo
 
 ANSWER_LENGTH = 4
 TARGETS = [6, 10, 14, 18, 22, 26, 30, 33]
-METHODS = ("DPO", "DDPO", "DORPO", "DivPO", "GRPO", "GRPO+DARLING", "GRPO+DQO")
+METHODS = ("DPO", "DDPO", "DORPO", "DivPO", "GRPO", "GRPO+DARLING", "GRPO+DQO", "GRPO+Pass@k", "GRPO+PKPO",
+           "GRPO+BestMinus2nd", "GRPO+entropy")
+# The pass@k methods' estimator of group_advantages and its subset size (best-minus-second: the group).
+PASSK_METHODS = {"GRPO+Pass@k": ("passk_analytic", 4), "GRPO+PKPO": ("pkpo", 4),
+                 "GRPO+BestMinus2nd": ("best_minus_second", None)}
+ENTROPY_COEF = 0.01
 # The settings each preference method differs by (everything else at the trainer's defaults).
 PREFERENCE = {"DPO": {"loss_type": "dpo", "diversity": "none", "pairs": "all"},
               "DDPO": {"loss_type": "dpo", "diversity": "deviation", "pairs": "all"},
@@ -153,22 +162,29 @@ def train_grpo(model: Any, tokenizer: Any, method: str, steps: int, out: Path, e
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from divkernels.integration import DarlingReward, DiversityBonusReward
+    from divkernels.integration import DarlingReward, DiversityBonusReward, LinearLogpsGRPOTrainer, PasskReward
 
     rewards: list[Any] = [correctness_reward]
     scale_rewards: Any = "group"
+    trainer_class, extra = GRPOTrainer, {}
     if method == "GRPO+DARLING":  # the authors' runs: multiplicative reward, no std scaling
         rewards = [DarlingReward(correctness_reward, num_generations=group_size, embed=encoder)]
         scale_rewards = "none"
     elif method == "GRPO+DQO":
         rewards.append(DiversityBonusReward("dqo", num_generations=group_size, embed=encoder))
+    elif method in PASSK_METHODS:  # the estimator's advantage as the reward; TRL only centers it
+        estimator, k = PASSK_METHODS[method]
+        rewards = [PasskReward(correctness_reward, num_generations=group_size, estimator=estimator, k=k)]
+        scale_rewards = "none"
+    elif method == "GRPO+entropy":
+        trainer_class, extra = LinearLogpsGRPOTrainer, {"entropy_coef": ENTROPY_COEF}
     args = GRPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4 * group_size,
                       num_generations=group_size, max_completion_length=ANSWER_LENGTH + 1, learning_rate=1e-3,
                       lr_scheduler_type="constant", logging_steps=max(1, steps), save_strategy="no", report_to=[],
                       seed=seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-                      scale_rewards=scale_rewards)
-    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": prompts() * 64}))
+                      scale_rewards=scale_rewards, **extra)
+    trainer = trainer_class(model=model, reward_funcs=rewards, args=args, processing_class=tokenizer,
+                            train_dataset=Dataset.from_dict({"prompt": prompts() * 64}))
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     model.eval()
@@ -282,8 +298,8 @@ def run(out: Path, settings: Settings, log: Any = print, methods: tuple[str, ...
                 f"{runs[method][-1]['distinct_correct@16']:.2f} ({time.time() - start:.0f} s)")
     summary = summarize(runs)
     results = {"settings": settings.__dict__, "targets": TARGETS, "minutes": (time.time() - start) / 60,
-               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "summary": summary,
-               "runs": runs}
+               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+               "environment": environment(), "summary": summary, "runs": runs}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -302,6 +318,20 @@ def run(out: Path, settings: Settings, log: Any = print, methods: tuple[str, ...
     log(f"\n{out / 'results.json'}, results.csv, {', '.join(p.name for p in pictures)} "
         f"({results['minutes']:.1f} minutes)")
     return results
+
+
+def environment() -> dict[str, str]:
+    """The versions that training numbers move with (a fresh run on the same ones repeats them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": str(torch.get_num_threads()),
+            **{name: installed(name) for name in ("triton", "transformers", "trl", "accelerate", "datasets")}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,14 +188,16 @@ def group_preference_loss(
     ``sum w_i l_ij / P + cpo_alpha * NLL - diversity_alpha * mean_b logdet_b``; for ``loss="orpo"``
     with the default ``orpo_weighting="dorpo"`` (DORPO, Chung et al. 2025, arXiv 2503.17126, the
     authors' ``models/dorpo_trainer.py``; with ``w = 1`` TRL's ORPO):
-    ``mean_P(w_i) * NLL - lambda mean_P log sigmoid(w_i u_ij)``. ``NLL`` is the token-mean negative
+    ``mean_P(w_i) * NLL - lambda mean_P log sigmoid(w_i u_ij)``; for ``loss="dpo_listwise"`` (the DPO
+    paper's Plackett-Luce form) ``sum_i w_i log(1 + sum_j C_ij e^(-beta (z_i - z_j))) / P``, each chosen
+    response against all it is preferred to at once (docs/passk.md). ``NLL`` is the token-mean negative
     log-likelihood of the pairs' chosen sequences (``nll_logps`` / ``nll_tokens``; by default
     ``mean_P(-policy_logps)``). The formulas and the code they follow are in
     :func:`divkernels.reference.group_preference_loss`.
 
     Args:
-        policy_logps: ``[B, G]`` sequence log-probs of the policy: summed token log-probs for dpo
-            and ipo, mean token log-probs for orpo and simpo (the op does not renormalize).
+        policy_logps: ``[B, G]`` sequence log-probs of the policy: summed token log-probs for dpo,
+            ipo and dpo_listwise, mean token log-probs for orpo and simpo (the op does not renormalize).
         rewards: ``[B, G]`` quality scores that order the pairs; no grad.
         emb: ``[B, G, D]`` response embeddings, or a sequence of them from several encoders (DDPO
             weights then combine their deviations as the authors do, :func:`divkernels.reference.ddpo_weights`;
