@@ -13,7 +13,8 @@ flat while unfused grows), and the chunk at fixed tokens (fused memory should gr
 A third, ``entropy``, differentiates log-probs plus an entropy bonus (``sum logp + 0.01 sum H``, what a
 GRPO entropy bonus adds): ``fused`` is :func:`divkernels.linear_logps` with ``return_entropy=True``,
 ``unfused`` the full logits' log-softmax and entropy, and ``trl`` TRL's own chunked LM-head function
-(``trl.kernels.ChunkedLogProbFunction``, what its GRPOTrainer runs) where TRL is installed.
+(``trl.kernels.ChunkedLogProbFunction`` with its GRPOTrainer's tile, what that trainer runs; the
+``chunk`` column is ours) where TRL is installed.
 """
 
 from __future__ import annotations
@@ -98,9 +99,14 @@ def unfused_entropy_objective(hidden: torch.Tensor, weight: torch.Tensor, target
     return ((token + ENTROPY_BONUS * entropy) * mask).sum(-1)
 
 
-def trl_entropy_objective(chunk: int) -> Callable[..., torch.Tensor]:
-    """TRL's chunked LM head (``trl.kernels.ChunkedLogProbFunction``: the valid rows, log-probs and entropy)."""
+def trl_entropy_objective() -> Callable[..., torch.Tensor]:
+    """TRL's chunked LM head (``trl.kernels.ChunkedLogProbFunction``: the valid rows, log-probs and entropy) with
+    the vocabulary tile its GRPOTrainer uses (``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``, 32768 in TRL
+    1.16; its tiles are 4096 tokens by that many vocabulary columns)."""
     from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils
+
+    chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
 
     def objective(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
@@ -150,7 +156,7 @@ def entropy_function(provider: str, case: LinearCase) -> Callable[..., torch.Ten
     if provider == "compile":
         return torch.compile(unfused_entropy_objective)
     if provider == "trl":
-        return trl_entropy_objective(case.chunk)
+        return trl_entropy_objective()
     raise ValueError(f"unknown provider {provider!r}")
 
 

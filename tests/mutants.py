@@ -573,7 +573,7 @@ MUTANTS = [
            "grad -= entropy_scale * p * (z + shift)", "grad -= entropy_scale * p * z",
            ("tests/test_linear_logps.py", "-k", "entropy_and and triton")),
     Mutant("linear logps: the PyTorch rows' entropy gradient without H", "divkernels/ops/linear_logps.py",
-           "dz.mul_(log_p.add_(entropy[:, None]).mul_(", "dz.mul_(log_p.mul_(",
+           "dz[rows].add_(entropy[rows, None]).mul_(", "dz[rows].mul_(",
            ("tests/test_linear_logps.py", "-k", "entropy_and and reference")),
     Mutant("grpo: the completion's log-probs read one position late", "integration/grpo.py",
            "hidden = hidden[:, -logits_to_keep - 1:-1]", "hidden = hidden[:, -logits_to_keep:]",

@@ -88,6 +88,7 @@ def test_entropy_and_its_gradient_match_unfused(backend: str, dtype: torch.dtype
     vocabulary tiles), and the gradients of ``sum g logp + sum g_H H`` (an entropy bonus) w.r.t. hidden, weight
     and bias, against the unfused float64 reference."""
     monkeypatch.setattr(linear_module, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(linear_module, "ENTROPY_ROWS", 3)  # the PyTorch rows: several blocks per chunk, a partial one
     inputs = make_inputs(generator, 3, 5, 8, 37, dtype)
     options = {"temperature": 0.7, "reduction": "sum"}
     logps, entropy = dk.linear_logps(**inputs, chunk_size=4, backend=backend, return_entropy=True, **options)

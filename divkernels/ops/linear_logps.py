@@ -35,6 +35,8 @@ REDUCTIONS = ("sum", "mean")
 CHUNK_ELEMENTS = 1 << 26
 # Largest vocabulary tile of one row-kernel loop step (fp32 registers: 32 per thread at 8 warps).
 MAX_BLOCK_V = 8192
+# Rows of a chunk whose entropy terms the PyTorch path forms at once (its [rows, V] temporaries).
+ENTROPY_ROWS = 64
 # Rows of dW accumulated per GEMM when dW is kept in fp32 for half-precision weights: bounds the
 # half-precision product that is added to it (rows x H) instead of a whole [V, H] temporary.
 WEIGHT_GRAD_ROWS = 8192
@@ -154,8 +156,10 @@ def torch_rows_forward(logits: torch.Tensor, targets: torch.Tensor, inv_temperat
     lse = torch.logsumexp(z, -1)
     out.logps.copy_(z.gather(-1, targets[:, None])[:, 0] - lse)
     out.lse.copy_(lse)
-    if out.entropy is not None:
-        out.entropy.copy_(lse - (torch.softmax(z, -1) * z).sum(-1))
+    if out.entropy is not None:  # H = lse - sum_v p_v z_v, a few rows at a time (one small softmax temporary)
+        for start in range(0, z.shape[0], ENTROPY_ROWS):
+            rows = slice(start, start + ENTROPY_ROWS)
+            out.entropy[rows] = lse[rows] - torch.linalg.vecdot(torch.softmax(z[rows], -1), z[rows])
         out.argmax.copy_(z.argmax(-1))
 
 
@@ -166,10 +170,12 @@ def torch_rows_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.
     scale = (grad * inv_temperature)[:, None]
     dz = logits if logits.dtype == lse.dtype else logits.to(lse.dtype)
     dz.mul_(inv_temperature).sub_(lse[:, None])  # log p
-    if grad_entropy is not None:  # - g_H / T * p (log p + H), then - g / T * p: one pass over a second buffer
-        log_p = dz.clone()
-        dz.exp_()
-        dz.mul_(log_p.add_(entropy[:, None]).mul_((grad_entropy * inv_temperature)[:, None]).add_(scale)).neg_()
+    if grad_entropy is not None:  # -p (g_H / T (log p + H) + g / T), a few rows at a time (one small temporary)
+        entropy_scale = (grad_entropy * inv_temperature)[:, None]
+        for start in range(0, dz.shape[0], ENTROPY_ROWS):
+            rows = slice(start, start + ENTROPY_ROWS)
+            p = dz[rows].exp()
+            dz[rows].add_(entropy[rows, None]).mul_(entropy_scale[rows]).add_(scale[rows]).mul_(p).neg_()
     else:
         dz.exp_().mul_(-scale)
     dz.scatter_add_(-1, targets[:, None], scale)
