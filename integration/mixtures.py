@@ -25,6 +25,7 @@ import random
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,7 +122,7 @@ def bootstrap_mean(per_prompt: Sequence[float], rng: random.Random) -> list[floa
     return [means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]]
 
 
-def seed_mixtures(views: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
+def seed_mixtures(views: dict[str, dict[str, Any]], n: int, ks: Sequence[int]) -> dict[str, Any]:
     """Per subset (name tuple) of one seed's trained models: pass@k per k (mean over prompts), the per-prompt
     values, the best member's, the gain, and the disparity."""
     names = sorted(views)
@@ -130,13 +131,14 @@ def seed_mixtures(views: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
     for size in range(1, MAX_SIZE + 1):
         for subset in itertools.combinations(names, size):
             counts = [views[name]["counts"] for name in subset]
-            entry: dict[str, Any] = {"pass": {}, "per_prompt": {}, "best_member": {}, "gain": {}}
-            for k in KS:
+            entry: dict[str, Any] = {"pass": {}, "per_prompt": {}, "best_member": {}, "best_name": {}, "gain": {}}
+            for k in ks:
                 per_prompt = mixture_pass_at_k(counts, n, k)
                 singles = [statistics.fmean(mixture_pass_at_k([c], n, k)) for c in counts]
                 entry["per_prompt"][k] = per_prompt
                 entry["pass"][k] = statistics.fmean(per_prompt)
                 entry["best_member"][k] = max(singles)
+                entry["best_name"][k] = subset[singles.index(max(singles))]
                 entry["gain"][k] = entry["pass"][k] - max(singles)
             if size >= 2:
                 members = list(itertools.combinations(subset, 2))
@@ -150,20 +152,22 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def best_mixtures(seeds: list[dict[tuple[str, ...], Any]], sft: list[dict[int, float]],
+def best_mixtures(seeds: list[dict[tuple[str, ...], Any]], sft: list[dict[int, float]], ks: Sequence[int],
                   rng: random.Random) -> dict[int, dict[str, Any]]:
     """Per k: the mixture (size >= 2) and the single model with the highest pass@k averaged over seeds, the
     mixture's gain over its best member (per seed, and a bootstrap interval over prompts), and SFT's."""
     report = {}
-    for k in KS:
+    for k in ks:
         def mean_pass(subset: tuple[str, ...], k: int = k) -> float:
             return statistics.fmean(rows[subset]["pass"][k] for rows in seeds)
         subsets = list(seeds[0])
         mixture = max((s for s in subsets if len(s) >= 2), key=mean_pass)
         single = max((s for s in subsets if len(s) == 1), key=mean_pass)
-        per_prompt_gain = [statistics.fmean(rows[mixture]["per_prompt"][k][p] - max(
-            rows[(name,)]["per_prompt"][k][p] for name in mixture) for rows in seeds)
-            for p in range(len(seeds[0][mixture]["per_prompt"][k]))]
+        # per prompt, the mixture minus its best member of that seed (the member best over all prompts)
+        per_prompt_gain = [statistics.fmean(rows[mixture]["per_prompt"][k][p]
+                                            - rows[(rows[mixture]["best_name"][k],)]["per_prompt"][k][p]
+                                            for rows in seeds)
+                           for p in range(len(seeds[0][mixture]["per_prompt"][k]))]
         report[k] = {"mixture": list(mixture), "pass": _spread([rows[mixture]["pass"][k] for rows in seeds]),
                      "gain_over_best_member": _spread([rows[mixture]["gain"][k] for rows in seeds]),
                      "gain_interval": bootstrap_mean(per_prompt_gain, rng),
@@ -172,12 +176,12 @@ def best_mixtures(seeds: list[dict[tuple[str, ...], Any]], sft: list[dict[int, f
     return report
 
 
-def mixtures_beating_members(seeds: list[dict[tuple[str, ...], Any]],
+def mixtures_beating_members(seeds: list[dict[tuple[str, ...], Any]], ks: Sequence[int],
                              rng: random.Random) -> dict[int, dict[str, Any]]:
     """Per k: the share of mixtures (size >= 2) above their best member and their mean gain, per seed
     (mean and std), with a bootstrap interval over prompts of the mean gain."""
     report = {}
-    for k in KS:
+    for k in ks:
         shares, gains = [], []
         prompt_gains: list[list[float]] = []
         for rows in seeds:
@@ -191,13 +195,14 @@ def mixtures_beating_members(seeds: list[dict[tuple[str, ...], Any]],
     return report
 
 
-def disparity_correlations(seeds: list[dict[tuple[str, ...], Any]], rng: random.Random) -> dict[str, Any]:
+def disparity_correlations(seeds: list[dict[tuple[str, ...], Any]], ks: Sequence[int],
+                           rng: random.Random) -> dict[str, Any]:
     """Spearman and Kendall of a mixture's disparity and its gain over its best member, every mixture of every
     seed pooled, per disparity and k."""
     out: dict[str, Any] = {}
     for name in DISPARITIES:
         out[name] = {}
-        for k in KS:
+        for k in ks:
             points = [(entry["disparity"][name], entry["gain"][k]) for rows in seeds
                       for subset, entry in rows.items() if len(subset) >= 2]
             out[name][k] = rank_correlations([x for x, _ in points], [y for _, y in points], rng)
@@ -226,18 +231,22 @@ def analyze(samples: dict[str, list[list[list[str]]]], runs: dict[str, list[dict
     """The whole analysis from ``samples[method][seed] = [P][n]`` texts (SFT included) and the study's
     per-run metrics; JSON-ready (subsets as lists, k as strings)."""
     rng = random.Random(seed)
+    ks = [k for k in KS if k <= n]  # best-of-k needs k <= n samples per model
     seeds = len(samples["SFT"])
     per_seed, sft = [], []
     for index in range(seeds):
         views = {name: model_view(per_model[index], prompts, verifier, embed) for name, per_model in samples.items()}
-        sft.append({k: statistics.fmean(mixture_pass_at_k([views["SFT"]["counts"]], n, k)) for k in KS})
-        per_seed.append(seed_mixtures({name: view for name, view in views.items() if name != "SFT"}, n))
+        sft.append({k: statistics.fmean(mixture_pass_at_k([views["SFT"]["counts"]], n, k)) for k in ks})
+        per_seed.append(seed_mixtures({name: view for name, view in views.items() if name != "SFT"}, n, ks))
+    sizes = range(1, min(MAX_SIZE, len(samples) - 1) + 1)
     by_size = {k: {size: statistics.fmean(max(rows[s]["pass"][k] for s in rows if len(s) == size) for rows in per_seed)
-                   for size in range(1, MAX_SIZE + 1)} for k in KS}
-    report = {"ks": list(KS), "max_size": MAX_SIZE, "samples_per_model": n,
-              "best": best_mixtures(per_seed, sft, rng), "beats_best_member": mixtures_beating_members(per_seed, rng),
-              "best_by_size": by_size, "disparity_vs_gain": disparity_correlations(per_seed, rng),
-              "diversity_vs_gain": diversity_correlations(runs, rng)}
+                   for size in sizes} for k in ks}
+    correlation_k = 16 if 16 in ks else ks[-1]
+    report = {"ks": ks, "max_size": sizes[-1], "samples_per_model": n, "correlation_k": correlation_k,
+              "best": best_mixtures(per_seed, sft, ks, rng),
+              "beats_best_member": mixtures_beating_members(per_seed, ks, rng), "best_by_size": by_size,
+              "disparity_vs_gain": disparity_correlations(per_seed, ks, rng),
+              "diversity_vs_gain": diversity_correlations(runs, rng, correlation_k)}
     return json_ready(report)
 
 
@@ -248,3 +257,66 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_ready(item) for item in value]
     return value
+
+
+def _cell(spread: dict[str, float]) -> str:
+    return f"{spread['mean']:.3f} ± {spread['std']:.3f}"
+
+
+def _correlation(entry: dict[str, Any]) -> str:
+    low, high = entry["interval"]
+    return f"{entry['value']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def table(report: dict[str, Any]) -> str:
+    """Markdown: per k the best mixture against its best member, the best single model and SFT; the share of
+    mixtures above their best member; the rank correlations (at k = 16)."""
+    lines = ["| k | best mixture (size 2-4) | its pass@k | gain over its best member [95% CI, prompts] | "
+             "best single model | its pass@k | SFT | mixtures above their best member | their mean gain "
+             "[95% CI] |", "|---" * 10 + "|"]
+    for k in report["ks"]:
+        best, beats = report["best"][str(k)], report["beats_best_member"][str(k)]
+        low, high = best["gain_interval"]
+        beat_low, beat_high = beats["gain_interval"]
+        lines.append(f"| {k} | {' + '.join(best['mixture'])} | {_cell(best['pass'])} | "
+                     f"{_cell(best['gain_over_best_member'])} [{low:+.3f}, {high:+.3f}] | {best['best_single']} | "
+                     f"{_cell(best['best_single_pass'])} | {_cell(best['sft_pass'])} | {_cell(beats['share'])} | "
+                     f"{_cell(beats['gain'])} [{beat_low:+.3f}, {beat_high:+.3f}] |")
+    k = report["correlation_k"]
+    lines += ["", f"| rank correlation at k = {k} (95% CI, bootstrap over the points) | Spearman | Kendall |",
+              "|---|---|---|"]
+    for name in DISPARITIES:
+        entry = report["disparity_vs_gain"][name][str(k)]
+        lines.append(f"| mixture disparity ({name.replace('_', ' ')}) vs gain over its best member (n = {entry['n']}) "
+                     f"| {_correlation(entry['spearman'])} | {_correlation(entry['kendall'])} |")
+    for metric, entry in report["diversity_vs_gain"].items():
+        for gain, label in (("over_pass@1", f"pass@{k} - pass@1"), ("over_sft", f"pass@{k} - SFT's pass@{k}")):
+            value = entry[gain]
+            lines.append(f"| single model: {metric} vs {label} (n = {value['n']}) | {_correlation(value['spearman'])} "
+                         f"| {_correlation(value['kendall'])} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], out: Path) -> Path:
+    """pass@k at k = 4..64 of the best single model and of the best mixture of each size, and SFT's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = report["ks"]
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for size in range(1, report["max_size"] + 1):
+        label = "best single model" if size == 1 else f"best mixture of {size}"
+        axis.plot(ks, [report["best_by_size"][str(k)][str(size)] for k in ks], marker="o", label=label)
+    axis.plot(ks, [report["best"][str(k)]["sft_pass"]["mean"] for k in ks], linestyle="--", marker="o", label="SFT")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("k (samples per prompt; a mixture of m draws k / m from each)")
+    axis.set_ylabel("pass@k (unbiased, mean over seeds)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    target = out / "mixtures.png"
+    figure.savefig(target, dpi=110)
+    plt.close(figure)
+    return target

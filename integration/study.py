@@ -20,7 +20,10 @@ draws ``n`` samples per prompt: pass@k for k = 1..n with the unbiased estimator
 ``1 - C(n - c, k) / C(n, k)`` (``c`` correct of ``n``), the distinct correct answers among k = 16,
 the mean pairwise cosine similarity and the Vendi score of 16 samples (all-MiniLM-L6-v2). Means and
 standard deviations over the seeds go to ``<out>/results.json``, ``results.csv``, ``passk.png``
-(pass@k curves) and ``quality_diversity.png``.
+(pass@k curves) and ``quality_diversity.png``; the best-of-k of mixtures of the trained models, from the
+same samples (:mod:`divkernels.integration.mixtures`), to ``results.json``'s ``mixtures`` and ``mixtures.png``.
+The results record the versions they were made with (``environment``): the same versions, seeds and
+thread count repeat every number (``--compare``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 
 import torch
 
-from divkernels.integration import demo
+from divkernels.integration import demo, mixtures
 
 ANSWER_LENGTH = 4
 TARGETS = [6, 10, 14, 18, 22, 26, 30, 33]
@@ -112,8 +115,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(model: Any, tokenizer: Any, embed: Any, n: int, seed: int) -> dict[str, Any]:
-    """pass@k for k = 1..n, and the diversity metrics of the first 16 samples per prompt."""
+def evaluate(model: Any, tokenizer: Any, embed: Any, n: int, seed: int) -> tuple[dict[str, Any], list[list[str]]]:
+    """pass@k for k = 1..n, and the diversity metrics of the first 16 samples per prompt; and the samples."""
     from divkernels.integration.callback import diversity_metrics
 
     samples = sample(model, tokenizer, n, seed)
@@ -124,7 +127,7 @@ def evaluate(model: Any, tokenizer: Any, embed: Any, n: int, seed: int) -> dict[
     metrics = diversity_metrics(first, embed, prompts=plain, verifier=is_correct)
     return {"pass@k": curve, "pass@1": curve[0], f"pass@{DIVERSITY_K}": curve[min(DIVERSITY_K, n) - 1],
             f"pass@{n}": curve[-1], "distinct_correct@16": metrics["distinct_correct@k"],
-            "mean_similarity": metrics["mean_similarity"], "vendi": metrics["vendi"]}
+            "mean_similarity": metrics["mean_similarity"], "vendi": metrics["vendi"]}, samples
 
 
 def sample_groups(model: Any, tokenizer: Any, group_size: int, rounds: int, seed: int) -> list[dict[str, Any]]:
@@ -225,7 +228,9 @@ def readme_block(results: dict[str, Any]) -> str:
     settings = results["settings"]
     return (f"{README_BEGIN}\n({settings['seeds']} seeds, n = {settings['samples']} samples per prompt, "
             f"{len(TARGETS)} prompts, {results['minutes']:.1f} minutes on {results['machine']})\n\n"
-            f"{table(results['summary'], settings['samples'], settings['seeds'])}\n{README_END}")
+            f"{table(results['summary'], settings['samples'], settings['seeds'])}\n\n"
+            f"Best-of-k from mixtures of the trained models (every subset of 2 to 4, per seed; mean ± std over "
+            f"seeds):\n\n{mixtures.table(results['mixtures'])}\n{README_END}")
 
 
 def write_readme_table(readme: Path, results: dict[str, Any]) -> None:
@@ -277,11 +282,14 @@ def run(out: Path, settings: Settings, log: Any = print, methods: tuple[str, ...
     tokenizer = demo.build_tokenizer()
     encoder = SentenceEncoder(device="cpu")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ("SFT", *methods)}
+    drawn: dict[str, list[list[list[str]]]] = {name: [] for name in runs}  # the samples, for the mixtures
     for seed in range(settings.seeds):
         base = demo.build_model(seed)
         demo.train_sft(base, tokenizer, sft_examples(20000, random.Random(seed)), steps=settings.sft_steps,
                        seed=seed)
-        runs["SFT"].append(evaluate(base, tokenizer, encoder, settings.samples, 1000 + seed))
+        metrics, samples = evaluate(base, tokenizer, encoder, settings.samples, 1000 + seed)
+        runs["SFT"].append(metrics)
+        drawn["SFT"].append(samples)
         log(f"seed {seed}: SFT pass@1 {runs['SFT'][-1]['pass@1']:.3f} ({time.time() - start:.0f} s)")
         rows = sample_groups(base, tokenizer, settings.group_size, rounds=4, seed=100 + seed)
         for method in methods:
@@ -293,13 +301,17 @@ def run(out: Path, settings: Settings, log: Any = print, methods: tuple[str, ...
             else:
                 train_grpo(model, tokenizer, method, settings.grpo_steps, out / "runs" / method, encoder, seed,
                            settings.group_size)
-            runs[method].append(evaluate(model, tokenizer, encoder, settings.samples, 1000 + seed))
+            metrics, samples = evaluate(model, tokenizer, encoder, settings.samples, 1000 + seed)
+            runs[method].append(metrics)
+            drawn[method].append(samples)
             log(f"seed {seed}: {method} pass@1 {runs[method][-1]['pass@1']:.3f}, distinct correct of 16 "
                 f"{runs[method][-1]['distinct_correct@16']:.2f} ({time.time() - start:.0f} s)")
     summary = summarize(runs)
+    plain = [prompt.removeprefix("<bos> ") for prompt in prompts()]
+    mixed = mixtures.analyze(drawn, runs, plain, is_correct, encoder, settings.samples)
     results = {"settings": settings.__dict__, "targets": TARGETS, "minutes": (time.time() - start) / 60,
                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-               "environment": environment(), "summary": summary, "runs": runs}
+               "environment": environment(), "summary": summary, "mixtures": mixed, "runs": runs}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -311,10 +323,10 @@ def run(out: Path, settings: Settings, log: Any = print, methods: tuple[str, ...
                     "pass@1", f"pass@{DIVERSITY_K}", f"pass@{settings.samples}", "distinct_correct@16",
                     "mean_similarity", "vendi"))])
     try:
-        pictures = plot(summary, out)
+        pictures = [*plot(summary, out), mixtures.plot(mixed, out)]
     except ImportError:
         pictures = []
-    log("\n" + table(summary, settings.samples, settings.seeds))
+    log("\n" + table(summary, settings.samples, settings.seeds) + "\n\n" + mixtures.table(mixed))
     log(f"\n{out / 'results.json'}, results.csv, {', '.join(p.name for p in pictures)} "
         f"({results['minutes']:.1f} minutes)")
     return results
@@ -334,6 +346,40 @@ def environment() -> dict[str, str]:
             **{name: installed(name) for name in ("triton", "transformers", "trl", "accelerate", "datasets")}}
 
 
+QUICK_RESULTS_FILE = Path(__file__).resolve().parent / "study_quick_results.json"
+# What a rerun must repeat exactly (the minutes and the machine may differ).
+REPRODUCED = ("settings", "targets", "summary", "mixtures")
+
+
+def committed(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` without the per-run metrics, as the committed files hold them."""
+    return {key: value for key, value in results.items() if key != "runs"}
+
+
+def differences(got: Any, want: Any, path: str = "") -> list[str]:
+    """The places (``a/b/3``) where two JSON values differ; numbers compare exactly."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        out = [f"{path}/{key}: only in one" for key in sorted(set(got) ^ set(want))]
+        return out + [line for key in sorted(set(got) & set(want))
+                      for line in differences(got[key], want[key], f"{path}/{key}")]
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return [line for index, (a, b) in enumerate(zip(got, want, strict=True))
+                for line in differences(a, b, f"{path}/{index}")]
+    same = got == want or (isinstance(got, float) and isinstance(want, float) and math.isnan(got) and math.isnan(want))
+    return [] if same else [f"{path}: {got!r} != {want!r}"]
+
+
+def compare(results: dict[str, Any], path: Path) -> list[str]:
+    """Where a run's results differ from the committed ones at ``path`` (the reproduced parts); the
+    environments are named when they differ too, since training numbers move with the versions."""
+    want = json.loads(path.read_text())
+    got = json.loads(json.dumps(committed(results)))  # the JSON round trip the committed file made
+    found = [line for key in REPRODUCED for line in differences(got.get(key), want.get(key), key)]
+    if found and got.get("environment") != want.get("environment"):
+        found.insert(0, f"environment: this run {got.get('environment')} != committed {want.get('environment')}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m divkernels study", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -344,9 +390,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=None, metavar="README",
                         help="after the run, write its table into README's study block and its results.json "
                              "to integration/study_results.json")
+    parser.add_argument("--write", type=Path, default=None, metavar="JSON",
+                        help=f"write the results (without per-run metrics) to JSON, e.g. the committed quick run "
+                             f"{QUICK_RESULTS_FILE.name} after --quick")
+    parser.add_argument("--compare", type=Path, default=None, metavar="JSON",
+                        help="exit 1 unless the numbers equal those in JSON (CI: --quick against the committed "
+                             f"{QUICK_RESULTS_FILE.name})")
     args = parser.parse_args(argv)
     results = run(args.out, QUICK if args.quick else Settings())
     if args.readme is not None:
-        RESULTS_FILE.write_text(json.dumps({key: value for key, value in results.items() if key != "runs"}, indent=1))
+        RESULTS_FILE.write_text(json.dumps(committed(results), indent=1))
         write_readme_table(args.readme, results)
+    if args.write is not None:
+        args.write.write_text(json.dumps(committed(results), indent=1))
+    if args.compare is not None:
+        found = compare(results, args.compare)
+        for line in found[:20]:
+            print(f"differs: {line}")
+        if found:
+            print(f"{len(found)} numbers differ from {args.compare}: regenerate it with the same options and "
+                  f"--write {args.compare} if the change is meant")
+            return 1
+        print(f"every number equals {args.compare}")
     return 0

@@ -241,3 +241,18 @@ def test_judge_calls_count_pairs_and_the_shortcut() -> None:
         assert calls["pairs_per_group"] == calls["calls_per_group_all"] == group * (group - 1) / 2
         short = group // 2 + group % 2  # answers 0, 2, 4, ... are short
         assert calls["calls_per_group_shortcut"] == calls["pairs_per_group"] - short * (short - 1) / 2
+
+
+def test_linear_entropy_table_is_the_committed_run() -> None:
+    """docs/benchmarks.md's entropy table is what ``linear.entropy_table`` prints of the committed CPU run."""
+    import json
+
+    from divkernels.benchmarks import linear
+
+    root = Path(__file__).resolve().parent.parent
+    newest = sorted((root / "benchmarks" / "results").glob("cpu-linear-*.json"))[-1]
+    rows = json.loads(newest.read_text())["rows"]
+    assert any(row["sweep"] == "entropy" for row in rows)
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    assert linear.entropy_table(rows) in docs
+    assert f"benchmarks/results/{newest.stem}.csv" in docs

@@ -42,6 +42,34 @@ def test_summary_table_and_readme_block() -> None:
     assert summary["SFT"]["pass@k"] == pytest.approx([0.3, 0.6])
     text = study.table(summary, samples=2, seeds=2)
     assert "| SFT | 0.300 ± 0.141 |" in text
-    results = {"settings": {"seeds": 2, "samples": 2}, "minutes": 1.0, "machine": "x", "summary": summary}
+    from test_mixtures import analysis_of_synthetic_samples
+
+    report = analysis_of_synthetic_samples()
+    results = {"settings": {"seeds": 2, "samples": 2}, "minutes": 1.0, "machine": "x", "summary": summary,
+               "mixtures": report}
     block = study.readme_block(results)
     assert block.startswith(study.README_BEGIN) and block.endswith(study.README_END)
+    assert mixtures_table_in(block, report)
+
+
+def mixtures_table_in(block: str, report: dict) -> bool:
+    from divkernels.integration import mixtures
+
+    return mixtures.table(report) in block
+
+
+def test_compare_names_every_number_that_moved(tmp_path) -> None:
+    """``--compare``: exact equality after the JSON round trip; a moved number is named by its path, and the
+    environments are named when they differ."""
+    import json
+
+    results = {"settings": {"seeds": 1}, "targets": [6], "summary": {"SFT": {"pass@1": {"mean": 0.1, "std": 0.0}}},
+               "mixtures": {"ks": [4]}, "environment": {"torch": "a"}, "runs": {"SFT": []}}
+    path = tmp_path / "committed.json"
+    path.write_text(json.dumps(study.committed(results)))
+    assert study.compare(results, path) == []
+    moved = json.loads(json.dumps(results))
+    moved["summary"]["SFT"]["pass@1"]["mean"] = 0.1 + 1e-15
+    moved["environment"]["torch"] = "b"
+    found = study.compare(moved, path)
+    assert found[0].startswith("environment:") and found[1].startswith("summary/SFT/pass@1/mean:")
