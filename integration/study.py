@@ -343,7 +343,23 @@ def environment() -> dict[str, str]:
             return "not installed"
 
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": str(torch.get_num_threads()),
-            **{name: installed(name) for name in ("triton", "transformers", "trl", "accelerate", "datasets")}}
+            **{name: installed(name) for name in ("triton", "transformers", "trl", "accelerate", "datasets")},
+            "commit": source_commit()}
+
+
+def source_commit() -> str:
+    """The checkout's commit (``+changes`` when the tree differs from it), or ``unknown`` outside a git clone."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
 
 
 QUICK_RESULTS_FILE = Path(__file__).resolve().parent / "study_quick_results.json"
