@@ -310,13 +310,20 @@ def plot(report: dict[str, Any], out: Path) -> Path:
         label = "best single model" if size == 1 else f"best mixture of {size}"
         axis.plot(ks, [report["best_by_size"][str(k)][str(size)] for k in ks], marker="o", label=label)
     axis.plot(ks, [report["best"][str(k)]["sft_pass"]["mean"] for k in ks], linestyle="--", marker="o", label="SFT")
+    return save_pass_at_k_plot(figure, axis, "k (samples per prompt; a mixture of m draws k / m from each)",
+                               out / "mixtures.png")
+
+
+def save_pass_at_k_plot(figure: Any, axis: Any, xlabel: str, target: Path) -> Path:
+    """Finish a pass@k-against-k figure (log2 k, grid, legend) and write it to ``target``."""
+    import matplotlib.pyplot as plt
+
     axis.set_xscale("log", base=2)
-    axis.set_xlabel("k (samples per prompt; a mixture of m draws k / m from each)")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel("pass@k (unbiased, mean over seeds)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    target = out / "mixtures.png"
     figure.savefig(target, dpi=110)
     plt.close(figure)
     return target

@@ -247,15 +247,7 @@ def plot(summary: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     for method, entry in summary.items():
         curve = entry["pass@k"]
         axis.plot(range(1, len(curve) + 1), curve, label=method, linestyle="--" if method == "SFT" else "-")
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("k (samples per prompt)")
-    axis.set_ylabel("pass@k (unbiased, mean over seeds)")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    curves = out / "passk.png"
-    figure.savefig(curves, dpi=110)
-    plt.close(figure)
+    curves = mixtures.save_pass_at_k_plot(figure, axis, "k (samples per prompt)", out / "passk.png")
 
     figure, axis = plt.subplots(figsize=(5.5, 4.2))
     for method, entry in summary.items():

@@ -529,7 +529,7 @@ MUTANTS = [
            "lower = binomial_ratio(rank, k_group - 2, log_subsets)",
            "lower = binomial_ratio(rank, k_group - 1, log_subsets)",
            ("tests/test_passk.py", "-k", "reference or closed or unbiased")),
-    Mutant("reference: pass@k ties counted as above", "divkernels/reference/passk.py",
+    Mutant("reference: ranks count a response below itself (pass@k, DivPO)", "divkernels/reference/losses.py",
            "& (index[None, :] < index[:, None])[None])", "& (index[None, :] <= index[:, None])[None])",
            ("tests/test_passk.py", "-k", "reference")),
     Mutant("reference: a group smaller than k keeps k", "divkernels/reference/passk.py",

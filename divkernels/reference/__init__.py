@@ -95,7 +95,7 @@ from divkernels.reference.losses import (  # noqa: F401
     quality_threshold,
     reward_ranks,
 )
-from divkernels.reference.passk import PASSK_ESTIMATORS, ascending_ranks, passk_advantages  # noqa: F401
+from divkernels.reference.passk import PASSK_ESTIMATORS, passk_advantages  # noqa: F401
 from divkernels.reference.similarity import (  # noqa: F401
     pairwise_similarity,
 )

@@ -33,18 +33,10 @@ from __future__ import annotations
 import torch
 
 from divkernels.reference.common import PASSK_STD_EPS, compute_dtype
+from divkernels.reference.losses import reward_ranks
 
 # Estimators of divkernels.types.ADVANTAGE_ESTIMATORS that transform the whole group.
 PASSK_ESTIMATORS = ("passk_analytic", "pkpo", "best_minus_second")
-
-
-def ascending_ranks(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[B, G]`` 0-based rank of each valid reward in its group, ascending, ties broken by index."""
-    group = rewards.shape[1]
-    index = torch.arange(group, device=rewards.device)
-    below = (rewards[:, None, :] < rewards[:, :, None]) | ((rewards[:, None, :] == rewards[:, :, None])
-                                                           & (index[None, :] < index[:, None])[None])
-    return (below & valid[:, None, :]).sum(-1)
 
 
 def log_binomial(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
@@ -70,7 +62,7 @@ def passk_advantages(shaped: torch.Tensor, valid: torch.Tensor, estimator: str, 
     if estimator == "best_minus_second":
         return best_minus_second(g, valid, n, scale)
     k_group = torch.clamp(torch.full_like(n, k), max=n).clamp_min(1)
-    rank = ascending_ranks(g, valid)
+    rank = reward_ranks(g, valid)  # ascending, ties by index
     low = torch.where(valid, g, torch.inf).amin(-1, keepdim=True)
     d = torch.where(valid, g - torch.where(n > 0, low, 0.0), 0.0)
     below = (rank[:, None, :] < rank[:, :, None]) & valid[:, None, :] & valid[:, :, None]  # [b, p, q]: q below p
