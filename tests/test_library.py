@@ -58,9 +58,12 @@ def test_opcheck_forward_only_ops(generator: torch.Generator) -> None:
     torch.library.opcheck(partition_op, (None, labels, mask, 0.9, 0.1, False))
     for diversity in ("none", "darling", "dqo", "deviation"):
         torch.library.opcheck(advantages_op, (rewards, emb, None, mask, diversity, 0.1, 0.3, 1.0, "std", 0.1,
-                                              True, "raw"))
+                                              True, "raw", "grpo", 1))
     torch.library.opcheck(advantages_op, (rewards, emb, None, mask, "darling", 0.1, 0.3, 1.0, "none", 0.1, True,
-                                          "minmax"))
+                                          "minmax", "grpo", 1))
+    for estimator, k in (("passk_analytic", 2), ("pkpo", 3), ("best_minus_second", rewards.shape[1])):
+        torch.library.opcheck(advantages_op, (rewards, None, None, mask, "none", 0.1, 0.3, 1.0, "std", 0.1, True,
+                                              "raw", estimator, k))
 
 
 @pytest.mark.parametrize("config", [

@@ -287,7 +287,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path: Path) 
 @pytest.mark.slow
 def test_linear_row_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
     """The LM-head row kernels at a vocabulary larger than one tile (8192-wide tiles, 16 warps), bf16 and
-    fp32 logits, with and without the statistics, forward and backward: they compile for sm_90 with
+    fp32 logits, with and without the statistics, forward and backward (with the entropy's gradient too):
+    they compile for sm_90 with
     every Triton under test and keep their registers (no local-memory stack)."""
     recorder = resources.LaunchRecorder()
     generator = torch.Generator().manual_seed(0)
@@ -300,6 +301,9 @@ def test_linear_row_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> N
             dk.linear_logps(hidden, weight, targets, backend="triton", check_inputs=False).sum().backward()
             linear_token_logps(hidden.detach(), weight.detach(), targets, stats=True, backend="triton",
                                check_inputs=False)
+            logps, entropy = dk.linear_logps(hidden, weight, targets, backend="triton", check_inputs=False,
+                                             return_entropy=True)  # the backward with the entropy's gradient
+            (logps.sum() + entropy.sum()).backward()
     names = sorted({launch["name"] for launch in recorder.launches})
     assert names == ["_token_backward_kernel", "_token_forward_kernel"], names
     assert {launch["kwargs"]["num_warps"] for launch in recorder.launches} == {16}
