@@ -285,8 +285,9 @@ def triton_rows(recorded: dict, reports: list[dict]) -> list[dict]:
 
 CUDA_SOURCES = {"group_loss_forward_kernel": ("group_loss.cu", "forward"),
                 "similarity_backward_kernel": ("similarity_backward.cu", "backward"),
-                "partition_kernel": ("partition.cu", "forward")}
-CUDA_PARTITION_THREADS = 128  # partition.cu's launcher
+                "partition_kernel": ("partition.cu", "forward"),
+                "advantages_kernel": ("advantages.cu", "forward")}
+CUDA_PARTITION_THREADS = 128  # partition.cu's and advantages.cu's launchers
 CUDA_DTYPES = {"float": "float32", "double": "float64", "c10::Half": "float16", "c10::BFloat16": "bfloat16"}
 CUDA_BACKWARD_THREADS = 256
 
@@ -295,7 +296,7 @@ def _cuda_threads(kernel: str, group: int) -> int:
     """Block size of each CUDA launcher (group_loss.cu: threads_for; similarity_backward.cu: 256)."""
     if kernel == "similarity_backward_kernel":
         return CUDA_BACKWARD_THREADS
-    if kernel == "partition_kernel":
+    if kernel in ("partition_kernel", "advantages_kernel"):
         return CUDA_PARTITION_THREADS
     return 64 if group <= 32 else 128 if group <= 64 else 256
 
@@ -362,8 +363,8 @@ def cuda_rows(archs: tuple[int, ...], groups: tuple[int, ...], dtypes: tuple[str
             if match is None:
                 continue
             acc, emb = match.groups()
-            if emb is None:  # partition_kernel<Label>: links in, float32 out, no emb
-                acc, emb = "float", "float"
+            if emb is None:  # partition_kernel<Label>: links in, float32 out; advantages_kernel<T>: T in and out
+                acc = emb = acc if kernel == "advantages_kernel" else "float"
             dtype = CUDA_DTYPES[emb]
             if dtype not in dtypes:
                 continue
