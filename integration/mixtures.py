@@ -273,7 +273,7 @@ def table(report: dict[str, Any]) -> str:
     mixtures above their best member; the rank correlations (at k = 16)."""
     lines = ["| k | best mixture (size 2-4) | its pass@k | gain over its best member [95% CI, prompts] | "
              "best single model | its pass@k | SFT | mixtures above their best member | their mean gain "
-             "[95% CI] |", "|---" * 10 + "|"]
+             "[95% CI] |", "|---" * 9 + "|"]
     for k in report["ks"]:
         best, beats = report["best"][str(k)], report["beats_best_member"][str(k)]
         low, high = best["gain_interval"]
