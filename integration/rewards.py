@@ -57,6 +57,12 @@ class _GroupDiversity:
                                  f"out each prompt's num_generations={size} completions consecutively; check "
                                  "num_generations")
 
+    @staticmethod
+    def local_rows(count: int) -> slice:
+        """This process's ``count`` rows in the global batch (the processes' rows come in rank order)."""
+        start = sum(gather_objects([count])[:process_rank()])
+        return slice(start, start + count)
+
     def groups(self, prompts: Sequence[Any], completions: Sequence[Any]) -> tuple[torch.Tensor, slice, list[int]]:
         """``(emb [B, G, D] of the global batch, slice of this process's rows in B * G, every
         process's row count)``."""
@@ -120,9 +126,7 @@ class DarlingReward(_GroupDiversity):
             div = dk.partition_diversity(emb, tau=self.tau, min_diversity=self.min_diversity, backend=self.backend)
         else:
             texts = gather_objects([completion_text(completion) for completion in completions])
-            local = len(completions)
-            start = sum(gather_objects([local])[:process_rank()])
-            rows = slice(start, start + local)
+            rows = self.local_rows(len(completions))
             self.check_layout(prompts, len(texts))
             quality = torch.tensor(gather_objects([float(value) for value in quality]), dtype=torch.float32)
             links = self.judged_links(texts, kwargs)
@@ -216,9 +220,9 @@ class PasskReward(_GroupDiversity):
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         quality = self.quality_func(prompts=prompts, completions=completions, **kwargs)
         values = gather_objects([float(value) for value in quality])
-        start = sum(gather_objects([len(completions)])[:process_rank()])
+        rows = self.local_rows(len(completions))
         self.check_layout(prompts, len(values))
         rewards = torch.tensor(values, dtype=torch.float64).view(-1, self.num_generations)
         advantages = dk.group_advantages(rewards, estimator=self.estimator, k=self.k, scale=self.scale,
                                          backend=self.backend)
-        return advantages.flatten()[start:start + len(completions)].tolist()
+        return advantages.flatten()[rows].tolist()

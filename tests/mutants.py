@@ -554,7 +554,7 @@ MUTANTS = [
            "advantage = ws.g[p] / T(n);", "advantage = ws.g[p];",
            ("tests/test_passk.py", "-k", "kernels_equal and cuda")),
     Mutant("rewards: PasskReward returns its rows reversed", "integration/rewards.py",
-           "return advantages.flatten()[start:start + len(completions)].tolist()",
+           "return advantages.flatten()[rows].tolist()",
            "return advantages.flatten()[:len(completions)][::-1].tolist()",
            ("tests/test_integration.py", "-k", "passk_reward")),
     # ------------------------------------------------------------------ listwise DPO, entropy without logits
